@@ -1,0 +1,313 @@
+//! Copy-on-write B+tree block maps with reference-counted nodes (Rodeh's scheme).
+//!
+//! A tree is named by its root unit (0 = empty tree). Taking a second reference to a tree is
+//! one increment of its root's count; the first change below a shared node copies that node
+//! and moves the sharing one level down (see [`Store::shadow`]). Dropping a reference frees
+//! only what no other tree still reaches, so delete costs what it frees.
+
+pub(crate) mod node;
+
+use crate::error::{Error, Result};
+use crate::store::Store;
+pub(crate) use node::Mapping;
+use node::{Node, BRANCH_MAX, LEAF_MAX};
+
+/// A mapping found by a range lookup, with whether any node on its path is shared with
+/// another tree (then the block is shared too, whatever its own count says).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Found {
+    pub map: Mapping,
+    pub path_shared: bool,
+}
+
+/// Index of the child of a branch that covers `key` (the first child for keys below all).
+fn child_index(children: &[(u64, u64)], key: u64) -> usize {
+    children.partition_point(|c| c.0 <= key).saturating_sub(1)
+}
+
+impl Store {
+    /// Every mapping with `lo <= key < hi`, in key order.
+    pub(crate) fn lookup_range(&mut self, root: u64, lo: u64, hi: u64, out: &mut Vec<Found>) -> Result<()> {
+        if root == 0 || lo >= hi {
+            return Ok(());
+        }
+        self.walk_range(root, lo, hi, false, out, 0)
+    }
+
+    fn walk_range(
+        &mut self,
+        loc: u64,
+        lo: u64,
+        hi: u64,
+        shared_above: bool,
+        out: &mut Vec<Found>,
+        depth: u32,
+    ) -> Result<()> {
+        if depth > 32 {
+            return Err(Error::corrupt("block map node", loc, "tree deeper than 32 levels (cycle?)"));
+        }
+        let shared = shared_above || self.sm.get(loc)? > 1;
+        let children: Vec<u64> = match self.node(loc)? {
+            Node::Leaf(v) => {
+                let start = v.partition_point(|m| m.key < lo);
+                out.extend(v[start..].iter().take_while(|m| m.key < hi).map(|m| Found {
+                    map: *m,
+                    path_shared: shared,
+                }));
+                return Ok(());
+            }
+            Node::Branch(v) => {
+                let start = child_index(v, lo);
+                v[start..].iter().take_while(|c| c.0 < hi).map(|c| c.1).collect()
+            }
+        };
+        for c in children {
+            self.walk_range(c, lo, hi, shared, out, depth + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Maps `m.key` to `m`; returns the new root and the mapping it replaced.
+    pub(crate) fn insert(&mut self, root: u64, m: Mapping) -> Result<(u64, Option<Mapping>)> {
+        if root == 0 {
+            return Ok((self.alloc_node(Node::Leaf(vec![m]))?, None));
+        }
+        let root = self.shadow(root)?;
+        let (old, split) = self.insert_into(root, m)?;
+        match split {
+            None => Ok((root, old)),
+            Some((key, right)) => {
+                let first = self.node(root)?.first_key().min(m.key);
+                let new_root = self.alloc_node(Node::Branch(vec![(first, root), (key, right)]))?;
+                Ok((new_root, old))
+            }
+        }
+    }
+
+    /// Inserts into the owned node `loc`; returns the replaced mapping and, when the node
+    /// split, the first key and unit of the new right sibling.
+    fn insert_into(&mut self, loc: u64, m: Mapping) -> Result<(Option<Mapping>, Option<(u64, u64)>)> {
+        let (idx, child) = match self.node_mut(loc) {
+            Node::Leaf(v) => {
+                let old = match v.binary_search_by_key(&m.key, |e| e.key) {
+                    Ok(i) => Some(std::mem::replace(&mut v[i], m)),
+                    Err(i) => {
+                        v.insert(i, m);
+                        None
+                    }
+                };
+                if v.len() <= LEAF_MAX {
+                    return Ok((old, None));
+                }
+                let right = v.split_off(v.len() / 2);
+                let key = right[0].key;
+                let r = self.alloc_node(Node::Leaf(right))?;
+                return Ok((old, Some((key, r))));
+            }
+            Node::Branch(v) => {
+                let i = child_index(v, m.key);
+                if m.key < v[0].0 {
+                    v[0].0 = m.key;
+                }
+                (i, v[i].1)
+            }
+        };
+        let new_child = self.shadow(child)?;
+        if new_child != child {
+            branch(self.node_mut(loc))[idx].1 = new_child;
+        }
+        let (old, split) = self.insert_into(new_child, m)?;
+        let Some((key, right)) = split else {
+            return Ok((old, None));
+        };
+        let v = branch(self.node_mut(loc));
+        v.insert(idx + 1, (key, right));
+        if v.len() <= BRANCH_MAX {
+            return Ok((old, None));
+        }
+        let r = v.split_off(v.len() / 2);
+        let key = r[0].0;
+        let r = self.alloc_node(Node::Branch(r))?;
+        Ok((old, Some((key, r))))
+    }
+
+    /// Removes the mapping of `key`; returns the new root (0 when the tree became empty) and
+    /// the removed mapping. A missing key changes nothing (no needless copying).
+    pub(crate) fn remove(&mut self, root: u64, key: u64) -> Result<(u64, Option<Mapping>)> {
+        let mut probe = Vec::new();
+        self.lookup_range(root, key, key + 1, &mut probe)?;
+        if probe.is_empty() {
+            return Ok((root, None));
+        }
+        let root = self.shadow(root)?;
+        let (old, empty) = self.remove_from(root, key)?;
+        if empty {
+            self.sm.dec(root, 1)?;
+            self.release_node(root);
+            return Ok((0, old));
+        }
+        // A branch left with one child hands its reference to that child.
+        if let Node::Branch(v) = self.node(root)? {
+            if v.len() == 1 {
+                let only = v[0].1;
+                self.sm.dec(root, 1)?;
+                self.release_node(root);
+                return Ok((only, old));
+            }
+        }
+        Ok((root, old))
+    }
+
+    fn remove_from(&mut self, loc: u64, key: u64) -> Result<(Option<Mapping>, bool)> {
+        let (idx, child) = match self.node_mut(loc) {
+            Node::Leaf(v) => {
+                let old = match v.binary_search_by_key(&key, |e| e.key) {
+                    Ok(i) => Some(v.remove(i)),
+                    Err(_) => None,
+                };
+                return Ok((old, v.is_empty()));
+            }
+            Node::Branch(v) => {
+                let i = child_index(v, key);
+                (i, v[i].1)
+            }
+        };
+        let new_child = self.shadow(child)?;
+        if new_child != child {
+            branch(self.node_mut(loc))[idx].1 = new_child;
+        }
+        let (old, child_empty) = self.remove_from(new_child, key)?;
+        if child_empty {
+            self.sm.dec(new_child, 1)?;
+            self.release_node(new_child);
+            let v = branch(self.node_mut(loc));
+            v.remove(idx);
+            return Ok((old, v.is_empty()));
+        }
+        Ok((old, false))
+    }
+
+    /// Adds a reference to a whole tree: what a snapshot or clone costs.
+    pub(crate) fn share_tree(&mut self, root: u64) -> Result<()> {
+        if root != 0 {
+            self.sm.inc(root)?;
+        }
+        Ok(())
+    }
+
+    /// Drops a reference to a tree, freeing every node and block nothing else reaches.
+    pub(crate) fn drop_tree(&mut self, root: u64) -> Result<()> {
+        if root == 0 {
+            return Ok(());
+        }
+        let mut stack = vec![root];
+        while let Some(loc) = stack.pop() {
+            // Read before dropping the reference: a freed page's contents are still intact
+            // (freed units are not reused before the commit), but the cache entry goes.
+            let node = self.node(loc)?.clone();
+            if self.sm.dec(loc, 1)? > 0 {
+                continue;
+            }
+            self.release_node(loc);
+            match node {
+                Node::Leaf(v) => {
+                    for m in v {
+                        self.dec_block(m.unit)?;
+                    }
+                }
+                Node::Branch(v) => stack.extend(v.iter().map(|c| c.1)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn branch(n: &mut Node) -> &mut Vec<(u64, u64)> {
+    match n {
+        Node::Branch(v) => v,
+        Node::Leaf(_) => unreachable!("child_index came from a branch"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::MemoryDevice;
+    use crate::space::SpaceMap;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    fn store(units: u64) -> Store {
+        let dev = Arc::new(MemoryDevice::new(units * 4096));
+        let sm = SpaceMap::create(dev.clone(), units);
+        Store::new(dev, sm, 1, 4096)
+    }
+
+    fn all(s: &mut Store, root: u64) -> Vec<(u64, u64)> {
+        let mut v = Vec::new();
+        s.lookup_range(root, 0, u64::MAX, &mut v).unwrap();
+        v.iter().map(|f| (f.map.key, f.map.unit)).collect()
+    }
+
+    #[test]
+    fn insert_remove_against_btreemap_with_sharing() {
+        let mut s = store(1 << 16);
+        let mut model = BTreeMap::new();
+        let mut root = 0;
+        let mut x = 12345u64;
+        let mut snaps = Vec::new();
+        for i in 0..20000u64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let key = (x >> 33) % 5000;
+            if x % 7 == 0 {
+                let (r, old) = s.remove(root, key).unwrap();
+                root = r;
+                assert_eq!(old.map(|m| m.unit), model.remove(&key));
+                if let Some(m) = old {
+                    s.dec_block(m.unit).unwrap();
+                }
+            } else {
+                let unit = s.alloc_block("t").unwrap();
+                let (r, old) = s.insert(root, Mapping { key, unit, birth: 1 }).unwrap();
+                root = r;
+                assert_eq!(old.map(|m| m.unit), model.insert(key, unit));
+                if let Some(m) = old {
+                    s.dec_block(m.unit).unwrap();
+                }
+            }
+            if i % 5000 == 0 {
+                // A snapshot: a second reference to the root, frozen from here on.
+                s.share_tree(root).unwrap();
+                snaps.push((root, model.clone()));
+            }
+        }
+        assert_eq!(all(&mut s, root), model.into_iter().collect::<Vec<_>>());
+        for (r, m) in &snaps {
+            assert_eq!(&all(&mut s, *r), &m.clone().into_iter().collect::<Vec<_>>());
+        }
+        // Dropping every tree returns every unit.
+        s.drop_tree(root).unwrap();
+        for (r, _) in snaps {
+            s.drop_tree(r).unwrap();
+        }
+        assert_eq!(s.sm.used_units(), 2);
+    }
+
+    #[test]
+    fn range_lookup_reports_shared_paths() {
+        let mut s = store(4096);
+        let mut root = 0;
+        for key in 0..1000 {
+            let unit = s.alloc_block("t").unwrap();
+            root = s.insert(root, Mapping { key, unit, birth: 1 }).unwrap().0;
+        }
+        let mut v = Vec::new();
+        s.lookup_range(root, 10, 20, &mut v).unwrap();
+        assert_eq!(v.len(), 10);
+        assert!(v.iter().all(|f| !f.path_shared));
+        s.share_tree(root).unwrap();
+        v.clear();
+        s.lookup_range(root, 10, 20, &mut v).unwrap();
+        assert!(v.iter().all(|f| f.path_shared));
+    }
+}

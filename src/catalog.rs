@@ -1,0 +1,277 @@
+//! The catalog: volumes, snapshots and the roots of their block maps. Small (a few hundred
+//! bytes per entry), so it is rewritten whole, copy-on-write, into a chain of catalog pages in
+//! the commits that change it.
+
+use crate::error::{Error, Result};
+use crate::format::{self, HEADER_LEN, PAGE_SIZE};
+
+/// Catalog payload bytes per page (after the header and the next-page pointer).
+pub(crate) const PAYLOAD: usize = PAGE_SIZE - HEADER_LEN - 8;
+const CATALOG_VERSION: u32 = 1;
+/// Longest volume or snapshot name in bytes.
+pub const MAX_NAME: usize = 200;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct VolumeRec {
+    pub id: u128,
+    pub name: String,
+    pub size: u64,
+    pub root: u64,
+    pub created: u64,
+    /// Snapshot or volume this one was cloned from.
+    pub origin: Option<u128>,
+    /// Generation of the newest snapshot or clone taken of this volume: blocks born at or
+    /// before it may be in a snapshot, so they are never overwritten in place.
+    pub frozen_gen: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SnapshotRec {
+    pub id: u128,
+    pub volume: u128,
+    /// The volume's name when the snapshot was taken (kept if the volume is deleted).
+    pub volume_name: String,
+    pub name: String,
+    pub size: u64,
+    pub root: u64,
+    pub generation: u64,
+    pub created: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Catalog {
+    pub volumes: Vec<VolumeRec>,
+    pub snapshots: Vec<SnapshotRec>,
+}
+
+/// Checks a volume or snapshot name: non-empty, at most [`MAX_NAME`] bytes, none of the
+/// separators `@ # /`, no control characters.
+pub(crate) fn validate_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        "empty"
+    } else if name.len() > MAX_NAME {
+        "longer than 200 bytes"
+    } else if name.contains(['@', '#', '/']) {
+        "contains '@', '#' or '/'"
+    } else if name.chars().any(char::is_control) {
+        "contains a control character"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidName {
+        name: name.to_string(),
+        reason,
+    })
+}
+
+struct Writer(Vec<u8>);
+impl Writer {
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u128(&mut self, v: u128) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        self.u32(s.len() as u32);
+        self.0.extend_from_slice(s.as_bytes());
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| Error::corrupt("catalog", 0, "truncated"))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn u128(&mut self) -> Result<u128> {
+        Ok(u128::from_le_bytes(self.take(16)?.try_into().unwrap()))
+    }
+    fn str(&mut self) -> Result<String> {
+        let n = self.u32()? as usize;
+        if n > MAX_NAME {
+            return Err(Error::corrupt("catalog", 0, format!("name of {n} bytes")));
+        }
+        String::from_utf8(self.take(n)?.to_vec())
+            .map_err(|_| Error::corrupt("catalog", 0, "name is not UTF-8"))
+    }
+}
+
+impl Catalog {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::new());
+        w.u32(CATALOG_VERSION);
+        w.u32(self.volumes.len() as u32);
+        w.u32(self.snapshots.len() as u32);
+        for v in &self.volumes {
+            w.u128(v.id);
+            w.str(&v.name);
+            w.u64(v.size);
+            w.u64(v.root);
+            w.u64(v.created);
+            w.u128(v.origin.unwrap_or(0));
+            w.u64(v.frozen_gen);
+        }
+        for s in &self.snapshots {
+            w.u128(s.id);
+            w.u128(s.volume);
+            w.str(&s.volume_name);
+            w.str(&s.name);
+            w.u64(s.size);
+            w.u64(s.root);
+            w.u64(s.generation);
+            w.u64(s.created);
+        }
+        w.0
+    }
+
+    /// Decodes and validates the catalog: every root inside the pool, ids unique.
+    pub(crate) fn decode(bytes: &[u8], total_units: u64) -> Result<Catalog> {
+        let mut r = Reader { b: bytes, at: 0 };
+        let version = r.u32()?;
+        if version != CATALOG_VERSION {
+            return Err(Error::corrupt("catalog", 0, format!("version {version}")));
+        }
+        let nv = r.u32()? as usize;
+        let ns = r.u32()? as usize;
+        // Each record takes at least 40 bytes: a count larger than the bytes is corrupt.
+        if nv.saturating_add(ns).saturating_mul(40) > bytes.len() {
+            return Err(Error::corrupt("catalog", 0, "record counts exceed its size"));
+        }
+        let root_ok = |root: u64| root == 0 || (format::SUPERBLOCK_UNITS..total_units).contains(&root);
+        let mut c = Catalog::default();
+        for _ in 0..nv {
+            let v = VolumeRec {
+                id: r.u128()?,
+                name: r.str()?,
+                size: r.u64()?,
+                root: r.u64()?,
+                created: r.u64()?,
+                origin: Some(r.u128()?).filter(|&o| o != 0),
+                frozen_gen: r.u64()?,
+            };
+            if !root_ok(v.root) {
+                return Err(Error::corrupt("catalog", 0, format!("volume {:?} root {}", v.name, v.root)));
+            }
+            c.volumes.push(v);
+        }
+        for _ in 0..ns {
+            let s = SnapshotRec {
+                id: r.u128()?,
+                volume: r.u128()?,
+                volume_name: r.str()?,
+                name: r.str()?,
+                size: r.u64()?,
+                root: r.u64()?,
+                generation: r.u64()?,
+                created: r.u64()?,
+            };
+            if !root_ok(s.root) {
+                return Err(Error::corrupt("catalog", 0, format!("snapshot {:?} root {}", s.name, s.root)));
+            }
+            c.snapshots.push(s);
+        }
+        Ok(c)
+    }
+
+    pub(crate) fn volume(&self, name: &str) -> Result<&VolumeRec> {
+        self.volumes
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))
+    }
+
+    pub(crate) fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeRec> {
+        self.volumes
+            .iter_mut()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))
+    }
+
+    pub(crate) fn volume_by_id(&self, id: u128) -> Option<&VolumeRec> {
+        self.volumes.iter().find(|v| v.id == id)
+    }
+
+    pub(crate) fn volume_by_id_mut(&mut self, id: u128) -> Option<&mut VolumeRec> {
+        self.volumes.iter_mut().find(|v| v.id == id)
+    }
+
+    /// Finds `vol@snap`: a snapshot of the live volume named `vol`, or else of a deleted
+    /// volume that had that name.
+    pub(crate) fn snapshot(&self, vol: &str, snap: &str) -> Result<&SnapshotRec> {
+        let live = self.volumes.iter().find(|v| v.name == vol).map(|v| v.id);
+        self.snapshots
+            .iter()
+            .find(|s| s.name == snap && Some(s.volume) == live)
+            .or_else(|| {
+                self.snapshots.iter().find(|s| {
+                    s.name == snap
+                        && s.volume_name == vol
+                        && self.volume_by_id(s.volume).is_none()
+                })
+            })
+            .ok_or_else(|| Error::SnapshotNotFound(format!("{vol}@{snap}")))
+    }
+
+    pub(crate) fn snapshot_by_id(&self, id: u128) -> Option<&SnapshotRec> {
+        self.snapshots.iter().find(|s| s.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_hostile_bytes() {
+        let c = Catalog {
+            volumes: vec![VolumeRec {
+                id: 7,
+                name: "db".into(),
+                size: 1 << 30,
+                root: 9,
+                created: 1,
+                origin: Some(3),
+                frozen_gen: 4,
+            }],
+            snapshots: vec![SnapshotRec {
+                id: 3,
+                volume: 7,
+                volume_name: "db".into(),
+                name: "before-upgrade".into(),
+                size: 1 << 30,
+                root: 10,
+                generation: 4,
+                created: 2,
+            }],
+        };
+        let bytes = c.encode();
+        assert_eq!(Catalog::decode(&bytes, 100).unwrap(), c);
+        assert!(Catalog::decode(&bytes, 10).is_err(), "root beyond the pool");
+        for cut in 0..bytes.len() {
+            assert!(Catalog::decode(&bytes[..cut], 100).is_err());
+        }
+        assert!(validate_name("a@b").is_err());
+        assert!(validate_name("").is_err());
+        assert!(validate_name(&"x".repeat(201)).is_err());
+        assert!(validate_name("pvc-1234_ok.v2").is_ok());
+    }
+}

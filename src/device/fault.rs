@@ -1,0 +1,103 @@
+//! A wrapper that fails chosen I/Os, to prove every error path returns a typed error and
+//! leaves committed data alone.
+
+use super::BlockDevice;
+use crate::error::{Error, Result};
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+/// Which kind of I/O to fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    Read,
+    Write,
+    Flush,
+}
+
+/// Fails the Nth read, write or flush (counting from 0 after [`FaultDevice::fail_nth`]), and
+/// optionally every later one of that kind.
+pub struct FaultDevice {
+    inner: Arc<dyn BlockDevice>,
+    plan: Mutex<Plan>,
+}
+
+#[derive(Default)]
+struct Plan {
+    armed: Option<(FaultKind, u64, bool)>,
+    seen: [u64; 3],
+    fired: u64,
+}
+
+impl FaultDevice {
+    /// Wraps `inner`; nothing fails until armed.
+    pub fn new(inner: Arc<dyn BlockDevice>) -> FaultDevice {
+        FaultDevice {
+            inner,
+            plan: Mutex::new(Plan::default()),
+        }
+    }
+
+    /// Fails the `n`th I/O of `kind` from now on; with `sticky`, every later one too.
+    pub fn fail_nth(&self, kind: FaultKind, n: u64, sticky: bool) {
+        let mut p = self.plan.lock();
+        p.armed = Some((kind, n, sticky));
+        p.seen = [0; 3];
+    }
+
+    /// Stops failing.
+    pub fn disarm(&self) {
+        self.plan.lock().armed = None;
+    }
+
+    /// How many injected failures fired so far.
+    pub fn fired(&self) -> u64 {
+        self.plan.lock().fired
+    }
+
+    /// I/Os of `kind` seen since the last arming.
+    pub fn seen(&self, kind: FaultKind) -> u64 {
+        self.plan.lock().seen[kind as usize]
+    }
+
+    fn gate(&self, kind: FaultKind, offset: u64) -> Result<()> {
+        let mut p = self.plan.lock();
+        let count = p.seen[kind as usize];
+        p.seen[kind as usize] += 1;
+        if let Some((k, n, sticky)) = p.armed {
+            if k == kind && (count == n || (sticky && count > n)) {
+                p.fired += 1;
+                return Err(Error::io(
+                    match kind {
+                        FaultKind::Read => "read",
+                        FaultKind::Write => "write",
+                        FaultKind::Flush => "flush",
+                    },
+                    offset,
+                    std::io::Error::other("injected fault"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for FaultDevice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.gate(FaultKind::Read, offset)?;
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.gate(FaultKind::Write, offset)?;
+        self.inner.write_at(buf, offset)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.gate(FaultKind::Flush, 0)?;
+        self.inner.flush()
+    }
+
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+}

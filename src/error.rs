@@ -1,0 +1,117 @@
+//! One error type for the whole engine. Every variant names what was wrong (which volume, which
+//! page, which check) so an operator can act on the message alone.
+
+use std::io;
+
+/// Result alias used throughout snapvol.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in snapvol.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The device failed an operation (`op` is "read", "write", "flush", "open", ...).
+    #[error("device {op} failed at byte {offset}: {source}")]
+    Io {
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A metadata page or superblock failed validation: bad checksum, wrong location,
+    /// wrong type or impossible contents. The page was not trusted.
+    #[error("corrupt {what} at page {page}: {detail}")]
+    Corrupt {
+        what: &'static str,
+        page: u64,
+        detail: String,
+    },
+
+    /// The device does not hold a snapvol pool (no valid superblock found).
+    #[error("not a snapvol pool: {0}")]
+    NotAPool(String),
+
+    /// The pool was written by a newer format version than this build understands.
+    #[error("unsupported pool format version {found} (this build reads up to {supported})")]
+    UnsupportedVersion { found: u32, supported: u32 },
+
+    /// The pool has no room for the operation. Nothing was changed.
+    #[error("pool is full: {op} needs {needed} more blocks, {free} usable blocks free")]
+    NoSpace {
+        op: &'static str,
+        needed: u64,
+        free: u64,
+    },
+
+    /// An earlier write or flush failed; the pool refuses further work until reopened.
+    #[error("pool is poisoned by an earlier I/O failure ({0}); reopen it")]
+    Poisoned(String),
+
+    /// No volume with this name or id exists.
+    #[error("no volume named {0:?}")]
+    VolumeNotFound(String),
+
+    /// No snapshot with this name or id exists.
+    #[error("no snapshot named {0:?}")]
+    SnapshotNotFound(String),
+
+    /// A volume or snapshot with this name already exists.
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+
+    /// A name is empty, too long or contains a reserved character.
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+
+    /// I/O outside the volume or snapshot.
+    #[error("{what}: range {offset}+{len} is beyond the end ({size} bytes)")]
+    OutOfRange {
+        what: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+
+    /// An argument is out of its allowed range (block size, pool size, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The target is read-only (a snapshot).
+    #[error("{0} is read-only")]
+    ReadOnly(String),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, offset: u64, source: io::Error) -> Error {
+        Error::Io { op, offset, source }
+    }
+
+    pub(crate) fn corrupt(what: &'static str, page: u64, detail: impl Into<String>) -> Error {
+        Error::Corrupt {
+            what,
+            page,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match &e {
+            Error::Io { source, .. } => source.kind(),
+            Error::Corrupt { .. } | Error::NotAPool(_) | Error::UnsupportedVersion { .. } => {
+                io::ErrorKind::InvalidData
+            }
+            Error::NoSpace { .. } => io::ErrorKind::StorageFull,
+            Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) => io::ErrorKind::NotFound,
+            Error::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
+            Error::InvalidName { .. } | Error::InvalidArgument(_) | Error::OutOfRange { .. } => {
+                io::ErrorKind::InvalidInput
+            }
+            Error::ReadOnly(_) => io::ErrorKind::PermissionDenied,
+            Error::Poisoned(_) => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}

@@ -1,0 +1,122 @@
+//! The superblock: the single commit point. Two copies alternate (slot = generation % 2);
+//! opening picks the valid one with the highest generation.
+
+use super::*;
+
+/// Everything needed to find the rest of the pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Superblock {
+    pub generation: u64,
+    pub block_size: u32,
+    pub pool_id: u128,
+    pub total_units: u64,
+    pub used_units: u64,
+    /// Root page of the space map index and its height (1 = root indexes leaves directly).
+    pub space_root: u64,
+    pub space_height: u32,
+    /// First catalog page (0 = empty catalog) and the catalog's byte length.
+    pub catalog_root: u64,
+    pub catalog_len: u64,
+    pub created_unix: u64,
+}
+
+impl Superblock {
+    pub(crate) fn slot(generation: u64) -> u64 {
+        generation % 2
+    }
+
+    pub(crate) fn encode(&self) -> Box<Page> {
+        let mut p = new_page();
+        put_u32(&mut p[..], 32, FORMAT_VERSION);
+        put_u32(&mut p[..], 36, PAGE_SIZE as u32);
+        put_u32(&mut p[..], 40, self.block_size);
+        p[48..64].copy_from_slice(&self.pool_id.to_le_bytes());
+        put_u64(&mut p[..], 64, self.total_units);
+        put_u64(&mut p[..], 72, self.used_units);
+        put_u64(&mut p[..], 80, self.space_root);
+        put_u32(&mut p[..], 88, self.space_height);
+        put_u64(&mut p[..], 96, self.catalog_root);
+        put_u64(&mut p[..], 104, self.catalog_len);
+        put_u64(&mut p[..], 112, self.created_unix);
+        let slot = Self::slot(self.generation);
+        seal(&mut p, PageKind::Superblock, slot, self.generation);
+        p
+    }
+
+    /// Decodes the superblock in `slot`, validating everything it can without other pages.
+    pub(crate) fn decode(p: &Page, slot: u64, device_len: u64) -> Result<Superblock> {
+        let (_, generation) = verify(p, &[PageKind::Superblock], slot)?;
+        let version = get_u32(&p[..], 32);
+        if version > FORMAT_VERSION || version == 0 {
+            return Err(Error::UnsupportedVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let bad = |detail: String| Error::corrupt("superblock", slot, detail);
+        if get_u32(&p[..], 36) as usize != PAGE_SIZE {
+            return Err(bad(format!("page size {}", get_u32(&p[..], 36))));
+        }
+        let block_size = get_u32(&p[..], 40);
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+            return Err(bad(format!("block size {block_size}")));
+        }
+        let sb = Superblock {
+            generation,
+            block_size,
+            pool_id: u128::from_le_bytes(p[48..64].try_into().unwrap()),
+            total_units: get_u64(&p[..], 64),
+            used_units: get_u64(&p[..], 72),
+            space_root: get_u64(&p[..], 80),
+            space_height: get_u32(&p[..], 88),
+            catalog_root: get_u64(&p[..], 96),
+            catalog_len: get_u64(&p[..], 104),
+            created_unix: get_u64(&p[..], 112),
+        };
+        let units_on_device = device_len / PAGE_SIZE as u64;
+        if sb.total_units > units_on_device || sb.total_units <= SUPERBLOCK_UNITS {
+            return Err(bad(format!(
+                "pool claims {} units, device has {units_on_device}",
+                sb.total_units
+            )));
+        }
+        if sb.used_units > sb.total_units {
+            return Err(bad(format!("{} units used of {}", sb.used_units, sb.total_units)));
+        }
+        let in_pool = |u: u64| u >= SUPERBLOCK_UNITS && u < sb.total_units;
+        if !in_pool(sb.space_root) || sb.space_height == 0 || sb.space_height > 8 {
+            return Err(bad("space map root out of range".into()));
+        }
+        if (sb.catalog_root != 0 && !in_pool(sb.catalog_root))
+            || sb.catalog_len > (sb.total_units * PAGE_SIZE as u64)
+        {
+            return Err(bad("catalog root out of range".into()));
+        }
+        Ok(sb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let sb = Superblock {
+            generation: 7,
+            block_size: 65536,
+            pool_id: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+            total_units: 1000,
+            used_units: 10,
+            space_root: 5,
+            space_height: 1,
+            catalog_root: 6,
+            catalog_len: 300,
+            created_unix: 1_700_000_000,
+        };
+        let p = sb.encode();
+        assert_eq!(Superblock::decode(&p, 1, 1000 * 4096).unwrap(), sb);
+        assert!(Superblock::decode(&p, 0, 1000 * 4096).is_err(), "slot is checked");
+        assert!(Superblock::decode(&p, 1, 999 * 4096).is_err(), "device too small");
+    }
+}

@@ -1,0 +1,513 @@
+//! The pool and its catalog operations: volumes, snapshots, clones, rollback, delete.
+//!
+//! Every catalog operation is its own transaction and is durable when it returns. Snapshots
+//! and clones add one reference to a block map root: O(1) whatever the volume holds.
+
+use crate::catalog::{validate_name, SnapshotRec, VolumeRec};
+use crate::device::{BlockDevice, FileDevice};
+use crate::error::{Error, Result};
+use crate::space::Reserve;
+use crate::txn::{now_unix, random_id, Engine};
+use crate::volume::{Snapshot, Target, Volume};
+use parking_lot::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// How to create or open a pool.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Allocation unit for data, 4 KiB to 1 MiB, power of two (used by `create` only).
+    pub block_size: u32,
+    /// Commit on its own when dirty data is this old (None: only on flush, catalog operations
+    /// and the dirty-page bound).
+    pub commit_interval: Option<Duration>,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            block_size: crate::format::DEFAULT_BLOCK_SIZE,
+            commit_interval: Some(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// A pool of thin volumes on one device. Cheap to clone; all clones share the pool.
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    engine: Mutex<Engine>,
+}
+
+/// Space used by a volume or snapshot, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Size as seen by readers.
+    pub logical: u64,
+    /// Bytes of blocks mapped.
+    pub allocated: u64,
+    /// Bytes only this volume or snapshot references: what deleting it would free.
+    pub exclusive: u64,
+    /// Bytes shared with other volumes or snapshots.
+    pub shared: u64,
+}
+
+/// A volume as listed.
+#[derive(Clone, Debug)]
+pub struct VolumeInfo {
+    pub id: u128,
+    pub name: String,
+    pub size: u64,
+    /// Snapshot or volume id this volume was cloned from.
+    pub origin: Option<u128>,
+    pub created_unix: u64,
+}
+
+/// A snapshot as listed.
+#[derive(Clone, Debug)]
+pub struct SnapshotInfo {
+    pub id: u128,
+    pub volume_id: u128,
+    pub volume_name: String,
+    pub name: String,
+    pub size: u64,
+    pub generation: u64,
+    pub created_unix: u64,
+}
+
+/// Pool-wide figures, in bytes.
+#[derive(Clone, Debug)]
+pub struct PoolStats {
+    pub id: u128,
+    pub block_size: u32,
+    pub size: u64,
+    pub used: u64,
+    pub free: u64,
+    pub volumes: usize,
+    pub snapshots: usize,
+    /// Generation of the last commit.
+    pub generation: u64,
+}
+
+impl Pool {
+    /// Formats `dev` as a new, empty pool.
+    pub fn create(dev: Arc<dyn BlockDevice>, opts: PoolOptions) -> Result<Pool> {
+        let engine = Engine::create(dev, opts.block_size)?;
+        Ok(Pool::start(engine, &opts))
+    }
+
+    /// Opens the pool on `dev` at its last commit.
+    pub fn open(dev: Arc<dyn BlockDevice>, opts: PoolOptions) -> Result<Pool> {
+        let engine = Engine::open(dev)?;
+        Ok(Pool::start(engine, &opts))
+    }
+
+    /// Creates a sparse file of `size` bytes at `path` and formats it.
+    pub fn create_file(path: impl AsRef<Path>, size: u64, opts: PoolOptions) -> Result<Pool> {
+        Pool::create(Arc::new(FileDevice::create(path, size)?), opts)
+    }
+
+    /// Opens the pool in a file or raw block device.
+    pub fn open_path(path: impl AsRef<Path>, opts: PoolOptions) -> Result<Pool> {
+        Pool::open(Arc::new(FileDevice::open(path)?), opts)
+    }
+
+    fn start(engine: Engine, opts: &PoolOptions) -> Pool {
+        let shared = Arc::new(Shared {
+            engine: Mutex::new(engine),
+        });
+        if let Some(interval) = opts.commit_interval {
+            spawn_committer(Arc::downgrade(&shared), interval);
+        }
+        Pool { shared }
+    }
+
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
+        f(&mut self.shared.engine.lock())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        self.with(|e| e.commit())
+    }
+
+    /// Commits and releases this handle. Other clones of the pool stay usable.
+    pub fn close(self) -> Result<()> {
+        self.flush()
+    }
+
+    /// Pool-wide figures.
+    pub fn stats(&self) -> PoolStats {
+        let e = self.shared.engine.lock();
+        let unit = crate::format::PAGE_SIZE as u64;
+        PoolStats {
+            id: e.sb.pool_id,
+            block_size: e.sb.block_size,
+            size: e.store.sm.total_units() * unit,
+            used: e.store.sm.used_units() * unit,
+            free: e.store.sm.free_units() * unit,
+            volumes: e.catalog.volumes.len(),
+            snapshots: e.catalog.snapshots.len(),
+            generation: e.sb.generation,
+        }
+    }
+
+    /// The pool's block size in bytes.
+    pub fn block_size(&self) -> u32 {
+        self.shared.engine.lock().sb.block_size
+    }
+
+    /// Creates a thin volume of `size` bytes (no space is used until written).
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<Volume> {
+        validate_name(name)?;
+        let id = self.with(|e| {
+            if e.catalog.volume(name).is_ok() {
+                return Err(Error::AlreadyExists {
+                    kind: "volume",
+                    name: name.into(),
+                });
+            }
+            e.catalog_op(Reserve::Keep, |e| {
+                let id = random_id();
+                e.catalog.volumes.push(VolumeRec {
+                    id,
+                    name: name.into(),
+                    size,
+                    root: 0,
+                    created: now_unix(),
+                    origin: None,
+                    frozen_gen: 0,
+                });
+                e.catalog_changed();
+                Ok(id)
+            })
+        })?;
+        Ok(self.volume_handle(id))
+    }
+
+    fn volume_handle(&self, id: u128) -> Volume {
+        Volume {
+            pool: self.clone(),
+            id,
+        }
+    }
+
+    /// Opens a volume by name.
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        let id = self.with(|e| Ok(e.catalog.volume(name)?.id))?;
+        Ok(self.volume_handle(id))
+    }
+
+    /// Opens a snapshot `vol@snap` (or a snapshot of a deleted volume that had that name).
+    pub fn snapshot_handle(&self, vol: &str, snap: &str) -> Result<Snapshot> {
+        let id = self.with(|e| Ok(e.catalog.snapshot(vol, snap)?.id))?;
+        Ok(Snapshot {
+            pool: self.clone(),
+            id,
+        })
+    }
+
+    /// Opens a snapshot by its id.
+    pub fn snapshot_by_id(&self, id: u128) -> Result<Snapshot> {
+        self.with(|e| e.target(Target::Snapshot(id)).map(|_| ()))?;
+        Ok(Snapshot {
+            pool: self.clone(),
+            id,
+        })
+    }
+
+    /// Takes a read-only snapshot `vol@name`; returns its id. Every write completed before
+    /// the call is in it; none after.
+    pub fn snapshot(&self, vol: &str, name: &str) -> Result<u128> {
+        Ok(self.snapshot_group(&[(vol, name)])?[0])
+    }
+
+    /// Snapshots several volumes in one atomic commit (a consistency group).
+    pub fn snapshot_group(&self, items: &[(&str, &str)]) -> Result<Vec<u128>> {
+        for (vol, name) in items {
+            validate_name(vol)?;
+            validate_name(name)?;
+        }
+        self.with(|e| {
+            let mut seen = Vec::new();
+            for (vol, name) in items {
+                let v = e.catalog.volume(vol)?;
+                if e.catalog.snapshot(vol, name).is_ok() || seen.contains(&(v.id, *name)) {
+                    return Err(Error::AlreadyExists {
+                        kind: "snapshot",
+                        name: format!("{vol}@{name}"),
+                    });
+                }
+                seen.push((v.id, *name));
+            }
+            e.catalog_op(Reserve::Keep, |e| {
+                let generation = e.store.generation;
+                let mut ids = Vec::new();
+                for (vol, name) in items {
+                    let v = e.catalog.volume_mut(vol)?;
+                    v.frozen_gen = generation;
+                    let rec = SnapshotRec {
+                        id: random_id(),
+                        volume: v.id,
+                        volume_name: v.name.clone(),
+                        name: name.to_string(),
+                        size: v.size,
+                        root: v.root,
+                        generation,
+                        created: now_unix(),
+                    };
+                    e.store.share_tree(rec.root)?;
+                    ids.push(rec.id);
+                    e.catalog.snapshots.push(rec);
+                }
+                e.catalog_changed();
+                Ok(ids)
+            })
+        })
+    }
+
+    /// A writable clone of snapshot `vol@snap`, sharing every block with it.
+    pub fn clone_snapshot(&self, vol: &str, snap: &str, new_name: &str) -> Result<Volume> {
+        validate_name(new_name)?;
+        let id = self.with(|e| {
+            let s = e.catalog.snapshot(vol, snap)?.clone();
+            e.new_volume_from(new_name, s.root, s.size, s.id)
+        })?;
+        Ok(self.volume_handle(id))
+    }
+
+    /// A writable clone of the live volume `vol`, frozen at this instant.
+    pub fn clone_volume(&self, vol: &str, new_name: &str) -> Result<Volume> {
+        validate_name(new_name)?;
+        let id = self.with(|e| {
+            let v = e.catalog.volume(vol)?.clone();
+            let generation = e.store.generation;
+            e.catalog.volume_mut(vol)?.frozen_gen = generation;
+            e.new_volume_from(new_name, v.root, v.size, v.id)
+        })?;
+        Ok(self.volume_handle(id))
+    }
+
+    /// Returns volume `vol` to snapshot `vol@snap` in O(1), keeping every snapshot.
+    pub fn rollback(&self, vol: &str, snap: &str) -> Result<()> {
+        self.with(|e| {
+            let v = e.catalog.volume(vol)?.clone();
+            let s = e.catalog.snapshot(vol, snap)?.clone();
+            if s.volume != v.id {
+                return Err(Error::SnapshotNotFound(format!("{vol}@{snap}")));
+            }
+            e.catalog_op(Reserve::Use, |e| {
+                e.store.share_tree(s.root)?;
+                e.store.drop_tree(v.root)?;
+                let generation = e.store.generation;
+                let rec = e.catalog.volume_by_id_mut(v.id).expect("checked above");
+                rec.root = s.root;
+                rec.size = s.size;
+                rec.frozen_gen = generation;
+                e.catalog_changed();
+                Ok(())
+            })
+        })
+    }
+
+    /// Deletes a volume, freeing the blocks nothing else references. Its snapshots stay
+    /// (addressable as before, by `oldname@snap` or id).
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        self.with(|e| {
+            let v = e.catalog.volume(name)?.clone();
+            e.catalog_op(Reserve::Use, |e| {
+                e.store.drop_tree(v.root)?;
+                e.catalog.volumes.retain(|x| x.id != v.id);
+                e.catalog_changed();
+                Ok(())
+            })
+        })
+    }
+
+    /// Deletes snapshot `vol@snap`, freeing the blocks nothing else references.
+    pub fn delete_snapshot(&self, vol: &str, snap: &str) -> Result<()> {
+        self.with(|e| {
+            let s = e.catalog.snapshot(vol, snap)?.clone();
+            e.catalog_op(Reserve::Use, |e| {
+                e.store.drop_tree(s.root)?;
+                e.catalog.snapshots.retain(|x| x.id != s.id);
+                e.catalog_changed();
+                Ok(())
+            })
+        })
+    }
+
+    /// Renames a volume; its snapshots follow it.
+    pub fn rename_volume(&self, name: &str, new_name: &str) -> Result<()> {
+        validate_name(new_name)?;
+        self.with(|e| {
+            let id = e.catalog.volume(name)?.id;
+            if e.catalog.volume(new_name).is_ok() {
+                return Err(Error::AlreadyExists {
+                    kind: "volume",
+                    name: new_name.into(),
+                });
+            }
+            e.catalog_op(Reserve::Use, |e| {
+                e.catalog.volume_by_id_mut(id).expect("checked above").name = new_name.into();
+                for s in e.catalog.snapshots.iter_mut().filter(|s| s.volume == id) {
+                    s.volume_name = new_name.into();
+                }
+                e.catalog_changed();
+                Ok(())
+            })
+        })
+    }
+
+    /// Grows or shrinks a volume. Shrinking frees the blocks past the new end; growing
+    /// adds a range that reads as zeros.
+    pub fn resize_volume(&self, name: &str, size: u64) -> Result<()> {
+        self.with(|e| {
+            let v = e.catalog.volume(name)?.clone();
+            if size >= v.size {
+                return e.catalog_op(Reserve::Keep, |e| {
+                    e.catalog.volume_by_id_mut(v.id).expect("checked").size = size;
+                    e.catalog_changed();
+                    Ok(())
+                });
+            }
+            let bs = e.store.block_size as u64;
+            // The tail of the new last block must read as zeros if the volume grows again.
+            let tail_end = size.next_multiple_of(bs).min(v.size);
+            if tail_end > size {
+                e.write(v.id, size, &vec![0u8; (tail_end - size) as usize])?;
+            }
+            e.catalog_op(Reserve::Use, |e| {
+                e.unmap(v.id, size.div_ceil(bs), v.size.div_ceil(bs))?;
+                e.catalog.volume_by_id_mut(v.id).expect("checked").size = size;
+                e.catalog_changed();
+                Ok(())
+            })
+        })
+    }
+
+    /// Every volume.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let e = self.shared.engine.lock();
+        e.catalog
+            .volumes
+            .iter()
+            .map(|v| VolumeInfo {
+                id: v.id,
+                name: v.name.clone(),
+                size: v.size,
+                origin: v.origin,
+                created_unix: v.created,
+            })
+            .collect()
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let e = self.shared.engine.lock();
+        e.catalog
+            .snapshots
+            .iter()
+            .map(|s| SnapshotInfo {
+                id: s.id,
+                volume_id: s.volume,
+                volume_name: s.volume_name.clone(),
+                name: s.name.clone(),
+                size: s.size,
+                generation: s.generation,
+                created_unix: s.created,
+            })
+            .collect()
+    }
+
+    /// Space used by a volume. Walks its block map.
+    pub fn volume_usage(&self, name: &str) -> Result<Usage> {
+        self.with(|e| {
+            let v = e.catalog.volume(name)?.clone();
+            e.usage(v.root, v.size)
+        })
+    }
+
+    /// Space used by snapshot `vol@snap`. Walks its block map.
+    pub fn snapshot_usage(&self, vol: &str, snap: &str) -> Result<Usage> {
+        self.with(|e| {
+            let s = e.catalog.snapshot(vol, snap)?.clone();
+            e.usage(s.root, s.size)
+        })
+    }
+
+    /// Walks everything and verifies it; see [`crate::CheckReport`]. Commits first, so the
+    /// check covers exactly what is on the device.
+    pub fn check(&self) -> Result<crate::CheckReport> {
+        self.with(|e| {
+            e.commit()?;
+            crate::check::check(e)
+        })
+    }
+}
+
+impl Engine {
+    fn new_volume_from(&mut self, name: &str, root: u64, size: u64, origin: u128) -> Result<u128> {
+        if self.catalog.volume(name).is_ok() {
+            return Err(Error::AlreadyExists {
+                kind: "volume",
+                name: name.into(),
+            });
+        }
+        self.catalog_op(Reserve::Keep, |e| {
+            e.store.share_tree(root)?;
+            let id = random_id();
+            e.catalog.volumes.push(VolumeRec {
+                id,
+                name: name.into(),
+                size,
+                root,
+                created: now_unix(),
+                origin: Some(origin),
+                frozen_gen: e.store.generation,
+            });
+            e.catalog_changed();
+            Ok(id)
+        })
+    }
+
+    fn usage(&mut self, root: u64, size: u64) -> Result<Usage> {
+        let mut found = Vec::new();
+        self.store.lookup_range(root, 0, u64::MAX, &mut found)?;
+        let bs = self.store.block_size as u64;
+        let mut u = Usage {
+            logical: size,
+            ..Usage::default()
+        };
+        for f in found {
+            u.allocated += bs;
+            if !f.path_shared && self.store.sm.get(f.map.unit)? == 1 {
+                u.exclusive += bs;
+            } else {
+                u.shared += bs;
+            }
+        }
+        Ok(u)
+    }
+}
+
+/// Commits dirty state older than `interval` even when nobody calls flush, so a caller that
+/// never flushes loses at most a few seconds. Ends when the pool is dropped.
+fn spawn_committer(pool: Weak<Shared>, interval: Duration) {
+    let tick = (interval / 4).max(Duration::from_millis(50));
+    let _ = std::thread::Builder::new()
+        .name("snapvol-commit".into())
+        .spawn(move || loop {
+            std::thread::sleep(tick);
+            let Some(shared) = pool.upgrade() else { return };
+            let mut e = shared.engine.lock();
+            if e.poisoned.is_none() {
+                // A failure poisons the pool; the next caller sees the error.
+                let _ = e.maybe_commit(interval);
+            }
+        });
+}

@@ -1,0 +1,169 @@
+//! The page store of one open transaction: the node cache, the space map and the rules for
+//! changing a page that the last commit (or another tree) may still reference.
+//!
+//! A node is *owned* by the open transaction when it was allocated in it (dirty) and nothing
+//! else references it (count 1): only then is it changed in place. Everything else is
+//! shadowed first: copied to a new unit, which is what keeps invariant 1 (committed metadata is
+//! never overwritten) and makes snapshots and clones O(1) (Rodeh's refcounted CoW B-trees).
+
+use crate::btree::node::Node;
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{new_page, PAGE_SIZE};
+use crate::space::{Reserve, SpaceMap};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+struct Cached {
+    node: Node,
+    dirty: bool,
+}
+
+/// Clean nodes kept in memory before the cache is trimmed (64 MiB of pages).
+const NODE_CACHE: usize = 16384;
+
+pub(crate) struct Store {
+    pub(crate) dev: Arc<dyn BlockDevice>,
+    pub(crate) sm: SpaceMap,
+    nodes: HashMap<u64, Cached>,
+    dirty: Vec<u64>,
+    /// Generation of the open transaction (the last commit's + 1).
+    pub(crate) generation: u64,
+    pub(crate) block_size: usize,
+    pub(crate) block_units: u64,
+    /// Whether allocations may use the reserve (deletes and commits may; writes may not).
+    pub(crate) reserve: Reserve,
+}
+
+impl Store {
+    pub(crate) fn new(dev: Arc<dyn BlockDevice>, sm: SpaceMap, generation: u64, block_size: usize) -> Store {
+        Store {
+            dev,
+            sm,
+            nodes: HashMap::new(),
+            dirty: Vec::new(),
+            generation,
+            block_size,
+            block_units: (block_size / PAGE_SIZE) as u64,
+            reserve: Reserve::Keep,
+        }
+    }
+
+    /// Reads a node, from the cache or the device (validated).
+    pub(crate) fn node(&mut self, loc: u64) -> Result<&Node> {
+        if !self.nodes.contains_key(&loc) {
+            let node = self.read_node(loc)?;
+            if self.nodes.len() >= NODE_CACHE {
+                self.trim_cache();
+            }
+            self.nodes.insert(loc, Cached { node, dirty: false });
+        }
+        Ok(&self.nodes[&loc].node)
+    }
+
+    /// Reads a node from the device, bypassing the cache.
+    pub(crate) fn read_node(&self, loc: u64) -> Result<Node> {
+        let total = self.sm.total_units();
+        if loc < crate::format::SUPERBLOCK_UNITS || loc >= total {
+            return Err(Error::corrupt("block map node", loc, "location outside the pool"));
+        }
+        let mut page = new_page();
+        self.dev.read_at(&mut page[..], loc * PAGE_SIZE as u64)?;
+        Node::decode(&page, loc, total)
+    }
+
+    fn trim_cache(&mut self) {
+        self.nodes.retain(|_, c| c.dirty);
+    }
+
+    pub(crate) fn node_mut(&mut self, loc: u64) -> &mut Node {
+        let c = self.nodes.get_mut(&loc).expect("owned nodes stay cached");
+        debug_assert!(c.dirty);
+        &mut c.node
+    }
+
+    /// Allocates a unit for a new node, owned by the open transaction.
+    pub(crate) fn alloc_node(&mut self, node: Node) -> Result<u64> {
+        let loc = self.sm.alloc(1, self.reserve, "block map update")?;
+        self.nodes.insert(loc, Cached { node, dirty: true });
+        self.dirty.push(loc);
+        Ok(loc)
+    }
+
+    /// Returns a location where `loc`'s node may be changed in place: `loc` itself when the
+    /// transaction owns it, else a fresh copy. Copying a shared node adds a reference to each
+    /// of its children (the copy now points at them too) and drops one from the original.
+    pub(crate) fn shadow(&mut self, loc: u64) -> Result<u64> {
+        let count = self.sm.get(loc)?;
+        self.node(loc)?;
+        let dirty = self.nodes[&loc].dirty;
+        if dirty && count == 1 {
+            return Ok(loc);
+        }
+        let node = self.nodes[&loc].node.clone();
+        if count > 1 {
+            match &node {
+                Node::Leaf(v) => {
+                    for m in v {
+                        self.sm.inc(m.unit)?;
+                    }
+                }
+                Node::Branch(v) => {
+                    for (_, c) in v {
+                        self.sm.inc(*c)?;
+                    }
+                }
+            }
+        }
+        let new = self.alloc_node(node)?;
+        if self.sm.dec(loc, 1)? == 0 {
+            self.nodes.remove(&loc);
+        }
+        Ok(new)
+    }
+
+    /// Forgets a node whose count reached zero.
+    pub(crate) fn release_node(&mut self, loc: u64) {
+        self.nodes.remove(&loc);
+    }
+
+    pub(crate) fn dec_block(&mut self, unit: u64) -> Result<u32> {
+        self.sm.dec(unit, self.block_units)
+    }
+
+    pub(crate) fn alloc_block(&mut self, op: &'static str) -> Result<u64> {
+        self.sm.alloc(self.block_units, self.reserve, op)
+    }
+
+    /// Byte offset of a unit on the device.
+    pub(crate) fn byte(unit: u64) -> u64 {
+        unit * PAGE_SIZE as u64
+    }
+
+    /// Pages changed in this transaction (drives the automatic commit).
+    pub(crate) fn dirty_pages(&self) -> usize {
+        self.dirty.len() + self.sm.dirty_pages()
+    }
+
+    /// Sealed images of every node written in this transaction and still alive.
+    pub(crate) fn dirty_node_pages(&self) -> Vec<(u64, Box<crate::format::Page>)> {
+        self.dirty
+            .iter()
+            .filter_map(|loc| {
+                let c = self.nodes.get(loc)?;
+                c.dirty.then(|| (*loc, c.node.encode(*loc, self.generation)))
+            })
+            .collect()
+    }
+
+    /// The commit is durable: every node is clean, the next transaction begins.
+    pub(crate) fn commit_done(&mut self) {
+        for loc in std::mem::take(&mut self.dirty) {
+            if let Some(c) = self.nodes.get_mut(&loc) {
+                c.dirty = false;
+            }
+        }
+        self.sm.commit_done();
+        self.generation += 1;
+    }
+}

@@ -1,0 +1,340 @@
+//! Transactions and the commit protocol.
+//!
+//! All changes of a transaction live in memory (dirty nodes, dirty space map pages, the
+//! catalog) at units that the last commit does not reference. A commit:
+//!
+//! 1. writes the catalog, dirty nodes and space map pages to their new units;
+//! 2. flushes the device (the pages, and every data block written before, are durable);
+//! 3. writes the superblock into slot `generation % 2`, the slot of the older commit;
+//! 4. flushes again. The new state exists from this point, and only then do units freed in
+//!    the transaction become allocatable.
+//!
+//! A crash before step 4 completes leaves the other slot's superblock, whose pages were never
+//! touched; a torn superblock fails its checksum and the other one is used. Nothing is replayed.
+
+use crate::catalog::{Catalog, PAYLOAD};
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::{self, new_page, PageKind, Superblock, HEADER_LEN, PAGE_SIZE, SUPERBLOCK_UNITS};
+use crate::space::{Reserve, SpaceMap};
+use crate::store::Store;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Smallest pool: room for the superblocks, the reserve and a little data.
+pub(crate) const MIN_UNITS: u64 = 256;
+
+pub(crate) struct Engine {
+    pub(crate) store: Store,
+    pub(crate) catalog: Catalog,
+    catalog_dirty: bool,
+    catalog_pages: Vec<u64>,
+    /// The last committed superblock.
+    pub(crate) sb: Superblock,
+    pub(crate) last_commit: Instant,
+    pub(crate) poisoned: Option<String>,
+    /// Dirty pages that trigger a commit on their own.
+    pub(crate) auto_commit_pages: usize,
+}
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random 128-bit id (never 0) from the standard library's randomly keyed hasher.
+pub(crate) fn random_id() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let half = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(nanos);
+        h.write_u64(salt);
+        h.finish()
+    };
+    let id = ((half(1) as u128) << 64) | half(2) as u128;
+    id.max(1)
+}
+
+impl Engine {
+    /// Formats `dev` as an empty pool.
+    pub(crate) fn create(dev: Arc<dyn BlockDevice>, block_size: u32) -> Result<Engine> {
+        if !block_size.is_power_of_two()
+            || !(format::MIN_BLOCK_SIZE..=format::MAX_BLOCK_SIZE).contains(&block_size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "block size {block_size} must be a power of two from 4 KiB to 1 MiB"
+            )));
+        }
+        let total_units = dev.len() / PAGE_SIZE as u64;
+        let block_units = block_size as u64 / PAGE_SIZE as u64;
+        if total_units < MIN_UNITS.max(64 * block_units) {
+            return Err(Error::InvalidArgument(format!(
+                "device of {} bytes is too small: a pool needs at least {} bytes",
+                dev.len(),
+                MIN_UNITS.max(64 * block_units) * PAGE_SIZE as u64
+            )));
+        }
+        // Wipe both slots so an older pool's superblock cannot win over the new one.
+        let zero = new_page();
+        for slot in 0..SUPERBLOCK_UNITS {
+            dev.write_at(&zero[..], slot * PAGE_SIZE as u64)?;
+        }
+        dev.flush()?;
+        let sm = SpaceMap::create(dev.clone(), total_units);
+        let sb = Superblock {
+            generation: 0,
+            block_size,
+            pool_id: random_id(),
+            total_units,
+            used_units: 0,
+            space_root: 0,
+            space_height: 0,
+            catalog_root: 0,
+            catalog_len: 0,
+            created_unix: now_unix(),
+        };
+        let mut engine = Engine::assemble(Store::new(dev, sm, 1, block_size as usize), Catalog::default(), Vec::new(), sb);
+        engine.catalog_dirty = true;
+        engine.commit()?;
+        Ok(engine)
+    }
+
+    fn assemble(store: Store, catalog: Catalog, catalog_pages: Vec<u64>, sb: Superblock) -> Engine {
+        let reserve = crate::space::reserve_for(sb.total_units) as usize;
+        Engine {
+            store,
+            catalog,
+            catalog_dirty: false,
+            catalog_pages,
+            sb,
+            last_commit: Instant::now(),
+            poisoned: None,
+            auto_commit_pages: (reserve / 3).clamp(8, 8192),
+        }
+    }
+
+    /// Opens the newest valid commit on `dev`: reads both superblocks, the space map index
+    /// and the catalog. Nothing else is read until used.
+    pub(crate) fn open(dev: Arc<dyn BlockDevice>) -> Result<Engine> {
+        if dev.len() < MIN_UNITS * PAGE_SIZE as u64 {
+            return Err(Error::NotAPool(format!("device of {} bytes is too small", dev.len())));
+        }
+        let mut candidates = Vec::new();
+        let mut errors = Vec::new();
+        let mut any_magic = false;
+        for slot in 0..SUPERBLOCK_UNITS {
+            let mut page = new_page();
+            dev.read_at(&mut page[..], slot * PAGE_SIZE as u64)?;
+            any_magic |= format::get_u32(&page[..], 0) == PageKind::Superblock as u32;
+            match Superblock::decode(&page, slot, dev.len()) {
+                Ok(sb) => candidates.push(sb),
+                Err(e) => errors.push(e),
+            }
+        }
+        candidates.sort_by_key(|sb| std::cmp::Reverse(sb.generation));
+        let Some(sb) = candidates.into_iter().next() else {
+            if !any_magic {
+                return Err(Error::NotAPool("no snapvol superblock in either slot".into()));
+            }
+            let pick = errors
+                .iter()
+                .position(|e| matches!(e, Error::UnsupportedVersion { .. }))
+                .unwrap_or(0);
+            return Err(errors.swap_remove(pick));
+        };
+        let sm = SpaceMap::open(dev.clone(), sb.total_units, sb.used_units, sb.space_root, sb.space_height)?;
+        let (catalog, pages) = read_catalog(&*dev, &sb)?;
+        let store = Store::new(dev, sm, sb.generation + 1, sb.block_size as usize);
+        Ok(Engine::assemble(store, catalog, pages, sb))
+    }
+
+    /// Throws away the open transaction and returns to the last commit.
+    pub(crate) fn reload(&mut self) -> Result<()> {
+        let fresh = Engine::open(self.store.dev.clone())?;
+        let auto = self.auto_commit_pages;
+        *self = fresh;
+        self.auto_commit_pages = auto;
+        Ok(())
+    }
+
+    pub(crate) fn catalog_pages(&self) -> Vec<u64> {
+        self.catalog_pages.clone()
+    }
+
+    pub(crate) fn check_usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(Error::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn catalog_changed(&mut self) {
+        self.catalog_dirty = true;
+    }
+
+    /// Runs a change that may leave memory half-updated if it fails midway: any error
+    /// poisons the pool (committed data stays intact; reopening returns to the last commit).
+    pub(crate) fn mutate<T>(&mut self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
+        self.check_usable()?;
+        let r = f(self);
+        if let Err(e) = &r {
+            self.poisoned = Some(e.to_string());
+        }
+        r
+    }
+
+    /// Runs a catalog operation as its own durable transaction: earlier writes are committed
+    /// first, and if the operation fails the pool returns to that commit (nothing is lost).
+    pub(crate) fn catalog_op<T>(&mut self, reserve: Reserve, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
+        self.commit()?;
+        self.store.reserve = reserve;
+        let r = f(self).and_then(|v| self.commit().map(|_| v));
+        self.store.reserve = Reserve::Keep;
+        if r.is_err() && self.poisoned.is_none() {
+            if let Err(e) = self.reload() {
+                self.poisoned = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    /// Commits when enough pages are dirty or enough time has passed (like ZFS's txgs).
+    pub(crate) fn maybe_commit(&mut self, max_age: std::time::Duration) -> Result<()> {
+        if self.store.dirty_pages() >= self.auto_commit_pages
+            || (self.store.dirty_pages() > 0 && self.last_commit.elapsed() >= max_age)
+        {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything done so far durable (see the module docs for the protocol).
+    pub(crate) fn commit(&mut self) -> Result<()> {
+        self.check_usable()?;
+        let saved = self.store.reserve;
+        self.store.reserve = Reserve::Use;
+        let r = self.commit_inner();
+        self.store.reserve = saved;
+        if let Err(e) = &r {
+            self.poisoned = Some(format!("commit failed: {e}"));
+        }
+        r
+    }
+
+    fn commit_inner(&mut self) -> Result<()> {
+        let dev = self.store.dev.clone();
+        if !self.catalog_dirty && self.store.dirty_pages() == 0 {
+            // Data written in place still needs the barrier.
+            dev.flush()?;
+            self.last_commit = Instant::now();
+            return Ok(());
+        }
+        let generation = self.store.generation;
+        let mut pages = Vec::new();
+        if self.catalog_dirty {
+            let bytes = self.catalog.encode();
+            for old in std::mem::take(&mut self.catalog_pages) {
+                self.store.sm.dec(old, 1)?;
+            }
+            let n = bytes.len().div_ceil(PAYLOAD);
+            let mut locs = Vec::with_capacity(n);
+            for _ in 0..n {
+                locs.push(self.store.sm.alloc(1, Reserve::Use, "commit")?);
+            }
+            for (i, chunk) in bytes.chunks(PAYLOAD).enumerate() {
+                let mut p = new_page();
+                format::put_u64(&mut p[..], HEADER_LEN, locs.get(i + 1).copied().unwrap_or(0));
+                p[HEADER_LEN + 8..HEADER_LEN + 8 + chunk.len()].copy_from_slice(chunk);
+                format::seal(&mut p, PageKind::Catalog, locs[i], generation);
+                pages.push((locs[i], p));
+            }
+            self.catalog_pages = locs;
+            self.sb.catalog_len = bytes.len() as u64;
+        }
+        pages.extend(self.store.dirty_node_pages());
+        pages.extend(self.store.sm.prepare_commit(generation)?);
+        pages.sort_by_key(|p| p.0);
+        write_runs(&*dev, &pages)?;
+        dev.flush()?;
+        let sb = Superblock {
+            generation,
+            used_units: self.store.sm.used_units(),
+            space_root: self.store.sm.root(),
+            space_height: self.store.sm.height(),
+            catalog_root: self.catalog_pages.first().copied().unwrap_or(0),
+            ..self.sb.clone()
+        };
+        let slot = Superblock::slot(generation);
+        dev.write_at(&sb.encode()[..], slot * PAGE_SIZE as u64)?;
+        dev.flush()?;
+        if dev.supports_discard() {
+            release_freed(&self.store, self.store.sm.freed().collect());
+        }
+        self.store.commit_done();
+        self.catalog_dirty = false;
+        self.sb = sb;
+        self.last_commit = Instant::now();
+        Ok(())
+    }
+}
+
+/// Writes sorted pages, one device write per run of adjacent units.
+fn write_runs(dev: &dyn BlockDevice, pages: &[(u64, Box<format::Page>)]) -> Result<()> {
+    let mut i = 0;
+    let mut buf = Vec::new();
+    while i < pages.len() {
+        let start = pages[i].0;
+        let mut j = i;
+        buf.clear();
+        while j < pages.len() && pages[j].0 == start + (j - i) as u64 {
+            buf.extend_from_slice(&pages[j].1[..]);
+            j += 1;
+        }
+        dev.write_at(&buf, start * PAGE_SIZE as u64)?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Tells the device that units freed by a durable commit hold nothing (punches holes in a
+/// sparse file). Best effort: a failure here loses nothing.
+fn release_freed(store: &Store, mut units: Vec<u64>) {
+    units.sort_unstable();
+    let mut i = 0;
+    while i < units.len() {
+        let mut j = i + 1;
+        while j < units.len() && units[j] == units[j - 1] + 1 {
+            j += 1;
+        }
+        let _ = store.dev.discard(
+            Store::byte(units[i]),
+            (j - i) as u64 * PAGE_SIZE as u64,
+        );
+        i = j;
+    }
+}
+
+fn read_catalog(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(Catalog, Vec<u64>)> {
+    let mut bytes = Vec::with_capacity(sb.catalog_len as usize);
+    let mut pages = Vec::new();
+    let mut loc = sb.catalog_root;
+    while (bytes.len() as u64) < sb.catalog_len {
+        if loc < SUPERBLOCK_UNITS || loc >= sb.total_units || pages.contains(&loc) {
+            return Err(Error::corrupt("catalog page", loc, "chain points outside the pool or loops"));
+        }
+        let mut p = new_page();
+        dev.read_at(&mut p[..], loc * PAGE_SIZE as u64)?;
+        format::verify(&p, &[PageKind::Catalog], loc)?;
+        let take = (sb.catalog_len as usize - bytes.len()).min(PAYLOAD);
+        bytes.extend_from_slice(&p[HEADER_LEN + 8..HEADER_LEN + 8 + take]);
+        pages.push(loc);
+        loc = format::get_u64(&p[..], HEADER_LEN);
+    }
+    Ok((Catalog::decode(&bytes, sb.total_units)?, pages))
+}

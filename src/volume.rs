@@ -1,0 +1,426 @@
+//! Volume I/O: block map lookups and redirect-on-write.
+//!
+//! A write to a block the volume owns alone (invariant 3: count 1, no shared node on its
+//! path, born after the volume's last snapshot or clone) goes in place with no metadata
+//! change. Any other write goes to a newly allocated block and the map is updated; the old
+//! block, possibly part of a snapshot, is never touched.
+
+use crate::btree::{Found, Mapping};
+use crate::error::{Error, Result};
+use crate::pool::Pool;
+use crate::store::Store;
+use crate::txn::Engine;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+
+/// What an I/O addresses: a writable volume or a read-only snapshot, by id.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Target {
+    Volume(u128),
+    Snapshot(u128),
+}
+
+/// A device write planned for one block of a request.
+enum Piece {
+    /// Bytes `src` of the request go to device byte `at`.
+    Direct { at: u64, src: std::ops::Range<usize> },
+    /// A whole block assembled in memory (partial write into a new block).
+    Assembled { at: u64, data: Vec<u8> },
+}
+
+impl Engine {
+    /// Root, size and display name of an I/O target.
+    pub(crate) fn target(&self, t: Target) -> Result<(u64, u64, String)> {
+        match t {
+            Target::Volume(id) => self
+                .catalog
+                .volume_by_id(id)
+                .map(|v| (v.root, v.size, v.name.clone()))
+                .ok_or_else(|| Error::VolumeNotFound(format!("id {id:032x}"))),
+            Target::Snapshot(id) => self
+                .catalog
+                .snapshot_by_id(id)
+                .map(|s| (s.root, s.size, format!("{}@{}", s.volume_name, s.name)))
+                .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}"))),
+        }
+    }
+
+    fn check_range(&self, t: Target, offset: u64, len: usize) -> Result<(u64, u64)> {
+        let (root, size, name) = self.target(t)?;
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Err(Error::OutOfRange {
+                what: name,
+                offset,
+                len: len as u64,
+                size,
+            });
+        }
+        Ok((root, size))
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; unmapped ranges read as zeros. One device read
+    /// per run of physically contiguous blocks.
+    pub(crate) fn read(&mut self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_usable()?;
+        let (root, _) = self.check_range(t, offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bs = self.store.block_size as u64;
+        let first = offset / bs;
+        let end = (offset + buf.len() as u64).div_ceil(bs);
+        let mut found = Vec::new();
+        self.store.lookup_range(root, first, end, &mut found)?;
+        buf.fill(0);
+        // Coalesce: consecutive blocks at consecutive device places become one read.
+        let mut run: Option<(u64, usize, usize)> = None; // (device byte, buf start, buf end)
+        for f in found {
+            let b = f.map.key;
+            let lo = (b * bs).max(offset);
+            let hi = ((b + 1) * bs).min(offset + buf.len() as u64);
+            let at = Store::byte(f.map.unit) + (lo - b * bs);
+            let (s, e) = ((lo - offset) as usize, (hi - offset) as usize);
+            match &mut run {
+                Some((rat, rs, re)) if *re == s && *rat + (*re - *rs) as u64 == at => *re = e,
+                _ => {
+                    if let Some((rat, rs, re)) = run.take() {
+                        self.store.dev.read_at(&mut buf[rs..re], rat)?;
+                    }
+                    run = Some((at, s, e));
+                }
+            }
+        }
+        if let Some((rat, rs, re)) = run {
+            self.store.dev.read_at(&mut buf[rs..re], rat)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` of volume `id` (see the module docs for where it lands).
+    pub(crate) fn write(&mut self, id: u128, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        let (root, _) = self.check_range(Target::Volume(id), offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let frozen = self.catalog.volume_by_id(id).map_or(u64::MAX, |v| v.frozen_gen);
+        let bs = self.store.block_size as u64;
+        let first = offset / bs;
+        let end = (offset + data.len() as u64).div_ceil(bs);
+        let mut found = Vec::new();
+        self.store.lookup_range(root, first, end, &mut found)?;
+        // Decide in place or redirect for every block before changing anything, so a full
+        // pool is reported before any state changes.
+        let mut plan: Vec<(u64, Option<Found>, bool)> = Vec::with_capacity((end - first) as usize);
+        let mut fi = found.into_iter().peekable();
+        let mut redirects = 0u64;
+        for b in first..end {
+            let f = fi.next_if(|f| f.map.key == b);
+            let in_place = match &f {
+                Some(f) => !f.path_shared && f.map.birth > frozen && self.store.sm.get(f.map.unit)? == 1,
+                None => false,
+            };
+            redirects += u64::from(!in_place);
+            plan.push((b, f, in_place));
+        }
+        if redirects > 0 {
+            let need = redirects * self.store.block_units + 16 + redirects / 4;
+            let usable = self.store.sm.usable_units();
+            if usable < need {
+                return Err(Error::NoSpace {
+                    op: "write",
+                    needed: need,
+                    free: usable,
+                });
+            }
+        }
+        self.mutate(|e| e.apply_write(id, root, offset, data, plan))?;
+        self.maybe_commit_after_io()
+    }
+
+    fn apply_write(
+        &mut self,
+        id: u128,
+        mut root: u64,
+        offset: u64,
+        data: &[u8],
+        plan: Vec<(u64, Option<Found>, bool)>,
+    ) -> Result<()> {
+        let bs = self.store.block_size as u64;
+        let end_byte = offset + data.len() as u64;
+        let mut pieces = Vec::with_capacity(plan.len());
+        for (b, f, in_place) in plan {
+            let lo = (b * bs).max(offset);
+            let hi = ((b + 1) * bs).min(end_byte);
+            let src = (lo - offset) as usize..(hi - offset) as usize;
+            let whole = hi - lo == bs;
+            if in_place {
+                let at = Store::byte(f.unwrap().map.unit) + (lo - b * bs);
+                pieces.push(Piece::Direct { at, src });
+                continue;
+            }
+            let unit = self.store.alloc_block("write")?;
+            let at = Store::byte(unit);
+            if whole {
+                pieces.push(Piece::Direct { at, src });
+            } else {
+                // A partial write into a new block carries the rest of the old one along.
+                let mut block = vec![0u8; bs as usize];
+                if let Some(f) = &f {
+                    self.store.dev.read_at(&mut block, Store::byte(f.map.unit))?;
+                }
+                let o = (lo - b * bs) as usize;
+                block[o..o + src.len()].copy_from_slice(&data[src]);
+                pieces.push(Piece::Assembled { at, data: block });
+            }
+            let m = Mapping {
+                key: b,
+                unit,
+                birth: self.store.generation,
+            };
+            let (r, old) = self.store.insert(root, m)?;
+            root = r;
+            if let Some(old) = old {
+                self.store.dec_block(old.unit)?;
+            }
+        }
+        self.write_pieces(data, &pieces)?;
+        self.set_root(id, root);
+        Ok(())
+    }
+
+    /// Issues the device writes, merging neighbours that are contiguous on both sides.
+    fn write_pieces(&self, data: &[u8], pieces: &[Piece]) -> Result<()> {
+        let dev = &self.store.dev;
+        let mut i = 0;
+        while i < pieces.len() {
+            match &pieces[i] {
+                Piece::Assembled { at, data: block } => {
+                    dev.write_at(block, *at)?;
+                    i += 1;
+                }
+                Piece::Direct { at, src } => {
+                    let (start_at, start_src) = (*at, src.start);
+                    let mut end_src = src.end;
+                    i += 1;
+                    while let Some(Piece::Direct { at, src }) = pieces.get(i) {
+                        if src.start != end_src || *at != start_at + (end_src - start_src) as u64 {
+                            break;
+                        }
+                        end_src = src.end;
+                        i += 1;
+                    }
+                    dev.write_at(&data[start_src..end_src], start_at)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn set_root(&mut self, id: u128, root: u64) {
+        if let Some(v) = self.catalog.volume_by_id_mut(id) {
+            if v.root != root {
+                v.root = root;
+                self.catalog_changed();
+            }
+        }
+    }
+
+    /// Makes `offset..offset+len` of volume `id` read as zeros, returning whole blocks to
+    /// the pool and zero-filling partial ones.
+    pub(crate) fn discard(&mut self, id: u128, offset: u64, len: u64) -> Result<()> {
+        self.check_usable()?;
+        let size = usize::try_from(len).map_err(|_| Error::InvalidArgument("length too large".into()))?;
+        self.check_range(Target::Volume(id), offset, size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.store.block_size as u64;
+        let end = offset + len;
+        let first_whole = offset.div_ceil(bs);
+        let end_whole = end / bs;
+        // Partial blocks at the edges are zero-filled through the normal write path.
+        if first_whole > end_whole {
+            return self.write(id, offset, &vec![0u8; len as usize]);
+        }
+        if offset < first_whole * bs {
+            self.write(id, offset, &vec![0u8; (first_whole * bs - offset) as usize])?;
+        }
+        if end_whole * bs < end {
+            self.write(id, end_whole * bs, &vec![0u8; (end - end_whole * bs) as usize])?;
+        }
+        self.unmap(id, first_whole, end_whole)?;
+        self.maybe_commit_after_io()
+    }
+
+    /// Removes the mappings of blocks `first..end` of volume `id`.
+    pub(crate) fn unmap(&mut self, id: u128, first: u64, end: u64) -> Result<()> {
+        let (root, _, _) = self.target(Target::Volume(id))?;
+        let mut found = Vec::new();
+        self.store.lookup_range(root, first, end, &mut found)?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        // Unmapping frees blocks, so it may use the reserve: it must work on a full pool.
+        let saved = std::mem::replace(&mut self.store.reserve, crate::space::Reserve::Use);
+        let r = self.mutate(|e| {
+            let mut root = root;
+            for f in found {
+                let (r, old) = e.store.remove(root, f.map.key)?;
+                root = r;
+                if let Some(old) = old {
+                    e.store.dec_block(old.unit)?;
+                }
+            }
+            e.set_root(id, root);
+            Ok(())
+        });
+        self.store.reserve = saved;
+        r
+    }
+
+    fn maybe_commit_after_io(&mut self) -> Result<()> {
+        self.maybe_commit(std::time::Duration::from_secs(5))
+    }
+}
+
+/// A writable thin volume. Cheap to clone; `Send + Sync`, so many threads may do I/O at once.
+#[derive(Clone)]
+pub struct Volume {
+    pub(crate) pool: Pool,
+    pub(crate) id: u128,
+}
+
+impl Volume {
+    /// The volume's stable id.
+    pub fn id(&self) -> u128 {
+        self.id
+    }
+
+    /// The volume's current name.
+    pub fn name(&self) -> Result<String> {
+        self.pool.with(|e| e.target(Target::Volume(self.id)).map(|t| t.2))
+    }
+
+    /// Logical size in bytes.
+    pub fn len(&self) -> Result<u64> {
+        self.pool.with(|e| e.target(Target::Volume(self.id)).map(|t| t.1))
+    }
+
+    /// True when the volume has size 0.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`. Never-written ranges read as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.pool.with(|e| e.read(Target::Volume(self.id), offset, buf))
+    }
+
+    /// Writes all of `data` at `offset`. Visible to reads on return; durable after `flush`.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.pool.with(|e| e.write(self.id, offset, data))
+    }
+
+    /// Makes a range read as zeros and returns its whole blocks to the pool.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.pool.with(|e| e.discard(self.id, offset, len))
+    }
+
+    /// Makes a range read as zeros (as [`Volume::discard`]: zeros need no space).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard(offset, len)
+    }
+
+    /// Makes every completed write durable (one commit).
+    pub fn flush(&self) -> Result<()> {
+        self.pool.flush()
+    }
+
+    /// A `std::io::{Read, Write, Seek}` view with its own cursor.
+    pub fn io(&self) -> VolumeIo {
+        VolumeIo {
+            vol: self.clone(),
+            pos: 0,
+        }
+    }
+}
+
+/// A read-only snapshot.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub(crate) pool: Pool,
+    pub(crate) id: u128,
+}
+
+impl Snapshot {
+    /// The snapshot's stable 128-bit id (kept across send/receive).
+    pub fn id(&self) -> u128 {
+        self.id
+    }
+
+    /// `volume@snapshot`.
+    pub fn name(&self) -> Result<String> {
+        self.pool.with(|e| e.target(Target::Snapshot(self.id)).map(|t| t.2))
+    }
+
+    /// Logical size in bytes (the volume's size when the snapshot was taken).
+    pub fn len(&self) -> Result<u64> {
+        self.pool.with(|e| e.target(Target::Snapshot(self.id)).map(|t| t.1))
+    }
+
+    /// True when the snapshot has size 0.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.pool.with(|e| e.read(Target::Snapshot(self.id), offset, buf))
+    }
+}
+
+/// `std::io` adapter for a [`Volume`].
+pub struct VolumeIo {
+    vol: Volume,
+    pos: u64,
+}
+
+impl Read for VolumeIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let len = self.vol.len()?;
+        let n = (len.saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        self.vol.read_at(&mut buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for VolumeIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let len = self.vol.len()?;
+        let n = (len.saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        if n == 0 && !buf.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "end of volume"));
+        }
+        self.vol.write_at(&buf[..n], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(self.vol.flush()?)
+    }
+}
+
+impl Seek for VolumeIo {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let len = self.vol.len()?;
+        let new = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = new.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before start"))?;
+        Ok(self.pos)
+    }
+}
