@@ -43,6 +43,17 @@ struct Shared {
     engine: Mutex<Engine>,
 }
 
+impl Drop for Shared {
+    /// The last handle going away commits what it can, as closing a file keeps its writes;
+    /// `Pool::close` is the way to see an error.
+    fn drop(&mut self) {
+        let e = self.engine.get_mut();
+        if e.poisoned.is_none() {
+            let _ = e.commit();
+        }
+    }
+}
+
 /// Space used by a volume or snapshot, in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
