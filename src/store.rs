@@ -156,14 +156,15 @@ impl Store {
             .collect()
     }
 
-    /// The commit is durable: every node is clean, the next transaction begins.
-    pub(crate) fn commit_done(&mut self) {
+    /// The commit is durable: every node is clean, the next transaction begins. Returns the
+    /// units that just became allocatable.
+    pub(crate) fn commit_done(&mut self) -> Vec<u64> {
         for loc in std::mem::take(&mut self.dirty) {
             if let Some(c) = self.nodes.get_mut(&loc) {
                 c.dirty = false;
             }
         }
-        self.sm.commit_done();
         self.generation += 1;
+        self.sm.commit_done()
     }
 }

@@ -6,8 +6,9 @@
 //! 1. writes the catalog, dirty nodes and space map pages to their new units;
 //! 2. flushes the device (the pages, and every data block written before, are durable);
 //! 3. writes the superblock into slot `generation % 2`, the slot of the older commit;
-//! 4. flushes again. The new state exists from this point, and only then do units freed in
-//!    the transaction become allocatable.
+//! 4. flushes again. The new state exists from this point. Units freed in the transaction
+//!    become allocatable (and are discarded on the device) only after the *next* commit, so
+//!    the older superblock's state stays whole too.
 //!
 //! A crash before step 4 completes leaves the other slot's superblock, whose pages were never
 //! touched; a torn superblock fails its checksum and the other one is used. Nothing is replayed.
@@ -195,6 +196,12 @@ impl Engine {
         self.commit()?;
         self.store.reserve = reserve;
         let r = f(self).and_then(|v| self.commit().map(|_| v));
+        // Operations that free space commit once more so what they freed is usable at once
+        // (freed units wait for the commit after the one that freed them).
+        let r = match (r, reserve) {
+            (Ok(v), Reserve::Use) => self.commit().map(|_| v),
+            (r, _) => r,
+        };
         self.store.reserve = Reserve::Keep;
         if r.is_err() && self.poisoned.is_none() {
             if let Err(e) = self.reload() {
@@ -229,7 +236,7 @@ impl Engine {
 
     fn commit_inner(&mut self) -> Result<()> {
         let dev = self.store.dev.clone();
-        if !self.catalog_dirty && self.store.dirty_pages() == 0 {
+        if !self.catalog_dirty && self.store.dirty_pages() == 0 && self.store.sm.cooling_units() == 0 {
             // Data written in place still needs the barrier.
             dev.flush()?;
             self.last_commit = Instant::now();
@@ -273,10 +280,10 @@ impl Engine {
         let slot = Superblock::slot(generation);
         dev.write_at(&sb.encode()[..], slot * PAGE_SIZE as u64)?;
         dev.flush()?;
+        let released = self.store.commit_done();
         if dev.supports_discard() {
-            release_freed(&self.store, self.store.sm.freed().collect());
+            release_freed(&self.store, released);
         }
-        self.store.commit_done();
         self.catalog_dirty = false;
         self.sb = sb;
         self.last_commit = Instant::now();

@@ -9,7 +9,10 @@
 //! so creating a pool writes a handful of pages whatever its size. Leaves load lazily.
 //!
 //! Invariant 2 (a block freed in a transaction is reused only after that transaction's commit
-//! is durable) is enforced here: freed units stay in `freed` until [`SpaceMap::commit_done`].
+//! is durable) is enforced here, one commit more strictly than it asks: units freed in
+//! transaction N stay out of reach (`freed`, then `cooling`) until commit N+1 is durable, so
+//! the pages of *both* superblocks' states stay intact and the fallback to the older
+//! superblock always finds a whole tree.
 
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
@@ -58,6 +61,8 @@ pub(crate) struct SpaceMap {
     dirty_leaves: Vec<usize>,
     loaded: usize,
     freed: HashSet<u64>,
+    /// Units freed by the last commit: the older superblock may still reference them.
+    cooling: HashSet<u64>,
     used: u64,
     cursor: u64,
     reserve: u64,
@@ -109,6 +114,7 @@ impl SpaceMap {
             dirty_leaves: Vec::new(),
             loaded: 0,
             freed: HashSet::new(),
+            cooling: HashSet::new(),
             used: 0,
             cursor: SUPERBLOCK_UNITS,
             reserve: reserve_for(total_units),
@@ -196,6 +202,7 @@ impl SpaceMap {
             dirty_leaves: Vec::new(),
             loaded: 0,
             freed: HashSet::new(),
+            cooling: HashSet::new(),
             used,
             cursor: SUPERBLOCK_UNITS,
             reserve: reserve_for(total_units),
@@ -214,7 +221,7 @@ impl SpaceMap {
     /// this transaction, which are not reusable yet).
     pub(crate) fn usable_units(&self) -> u64 {
         self.total_units
-            .saturating_sub(self.used + self.freed.len() as u64 + self.reserve)
+            .saturating_sub(self.used + self.held() + self.reserve)
     }
 
     /// Units free or freed (what `used` does not count).
@@ -295,7 +302,7 @@ impl SpaceMap {
 
     fn free_here(&mut self, unit: u64, n: u64) -> Result<bool> {
         for u in unit..unit + n {
-            if u >= self.total_units || self.freed.contains(&u) || self.get(u)? != 0 {
+            if u >= self.total_units || self.freed.contains(&u) || self.cooling.contains(&u) || self.get(u)? != 0 {
                 return Ok(false);
             }
         }
@@ -308,7 +315,7 @@ impl SpaceMap {
             Reserve::Keep => self.usable_units(),
             Reserve::Use => self
                 .total_units
-                .saturating_sub(self.used + self.freed.len() as u64),
+                .saturating_sub(self.used + self.held()),
         };
         if usable < n {
             return Err(Error::NoSpace {
@@ -398,9 +405,14 @@ impl SpaceMap {
         Ok(0)
     }
 
-    /// Units freed by this transaction; the commit may release them to the device.
-    pub(crate) fn freed(&self) -> impl Iterator<Item = u64> + '_ {
-        self.freed.iter().copied()
+    /// Units freed by the last commit, allocatable after the next one.
+    pub(crate) fn cooling_units(&self) -> usize {
+        self.cooling.len()
+    }
+
+    /// Free units not yet allocatable (freed by this transaction or the last commit).
+    fn held(&self) -> u64 {
+        (self.freed.len() + self.cooling.len()) as u64
     }
 
     /// Gives every dirty space map page a fresh location (copy-on-write: the committed pages
@@ -484,8 +496,10 @@ impl SpaceMap {
         self.levels[lvl][page as usize].dirty = true;
     }
 
-    /// The commit is durable: freed units become allocatable, nothing is dirty any more.
-    pub(crate) fn commit_done(&mut self) {
+    /// The commit is durable: nothing is dirty any more, this transaction's freed units start
+    /// cooling, and the ones freed by the previous commit are returned: allocatable, and
+    /// handed back to the caller to discard on the device.
+    pub(crate) fn commit_done(&mut self) -> Vec<u64> {
         for &i in &self.dirty_leaves {
             self.leaves[i].dirty = false;
             self.leaves[i].relocated = false;
@@ -495,7 +509,7 @@ impl SpaceMap {
             p.dirty = false;
             p.relocated = false;
         }
-        self.freed.clear();
+        let released = std::mem::replace(&mut self.cooling, std::mem::take(&mut self.freed));
         if self.loaded > LEAF_CACHE {
             for leaf in &mut self.leaves {
                 if leaf.counts.is_some() {
@@ -504,6 +518,7 @@ impl SpaceMap {
             }
             self.loaded = 0;
         }
+        released.into_iter().collect()
     }
 
     /// Number of dirty space map leaves (part of the auto-commit bound).
@@ -547,7 +562,7 @@ mod tests {
         assert_eq!(sm.dec(a, 1).unwrap(), 0);
         assert_eq!(sm.dec(b, 4).unwrap(), 0);
         assert!(sm.dec(a, 1).is_err(), "double free is caught");
-        // Freed units are not handed out again before the commit.
+        // Freed units are not handed out again before the next commit is durable.
         let mut seen = HashSet::new();
         for _ in 0..100 {
             let u = sm.alloc(1, Reserve::Keep, "t").unwrap();
@@ -555,6 +570,11 @@ mod tests {
             seen.insert(u);
         }
         commit(&mut sm, &dev, 1);
+        for _ in 0..100 {
+            let u = sm.alloc(1, Reserve::Keep, "t").unwrap();
+            assert!(u != a && !(b..b + 4).contains(&u), "still cooling after one commit");
+        }
+        commit(&mut sm, &dev, 2);
         let used = sm.used_units();
         let reopened = SpaceMap::open(dev.clone(), 4096, used, sm.root(), sm.height());
         let mut re = reopened.unwrap();
@@ -562,6 +582,14 @@ mod tests {
             assert_eq!(re.get(*u).unwrap(), 1);
         }
         assert_eq!(re.get(a).unwrap(), 0);
+        let mut again = false;
+        for _ in 0..5000 {
+            match sm.alloc(1, Reserve::Use, "t") {
+                Ok(u) => again |= u == a,
+                Err(_) => break,
+            }
+        }
+        assert!(again, "a unit is reusable after two commits");
     }
 
     #[test]
