@@ -387,12 +387,13 @@ impl Pool {
                 });
             }
             let bs = e.store.block_size as u64;
-            // The tail of the new last block must read as zeros if the volume grows again.
-            let tail_end = size.next_multiple_of(bs).min(v.size);
-            if tail_end > size {
-                e.write(v.id, size, &vec![0u8; (tail_end - size) as usize])?;
-            }
             e.catalog_op(Reserve::Use, |e| {
+                // The tail of the new last block must read as zeros if the volume grows
+                // again. Zeroed inside the operation so a failure leaves the volume whole.
+                let tail_end = size.next_multiple_of(bs).min(v.size);
+                if tail_end > size {
+                    e.write(v.id, size, &vec![0u8; (tail_end - size) as usize])?;
+                }
                 e.unmap(v.id, size.div_ceil(bs), v.size.div_ceil(bs))?;
                 e.catalog.volume_by_id_mut(v.id).expect("checked").size = size;
                 e.catalog_changed();

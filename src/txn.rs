@@ -36,6 +36,8 @@ pub(crate) struct Engine {
     pub(crate) poisoned: Option<String>,
     /// Dirty pages that trigger a commit on their own.
     pub(crate) auto_commit_pages: usize,
+    /// Inside a catalog operation: no automatic commit may expose half of it.
+    in_catalog_op: bool,
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -116,6 +118,7 @@ impl Engine {
             sb,
             last_commit: Instant::now(),
             poisoned: None,
+            in_catalog_op: false,
             auto_commit_pages: (reserve / 3).clamp(8, 8192),
         }
     }
@@ -195,7 +198,10 @@ impl Engine {
     pub(crate) fn catalog_op<T>(&mut self, reserve: Reserve, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
         self.commit()?;
         self.store.reserve = reserve;
-        let r = f(self).and_then(|v| self.commit().map(|_| v));
+        self.in_catalog_op = true;
+        let r = f(self);
+        self.in_catalog_op = false;
+        let r = r.and_then(|v| self.commit().map(|_| v));
         // Operations that free space commit once more so what they freed is usable at once
         // (freed units wait for the commit after the one that freed them).
         let r = match (r, reserve) {
@@ -213,6 +219,9 @@ impl Engine {
 
     /// Commits when enough pages are dirty or enough time has passed (like ZFS's txgs).
     pub(crate) fn maybe_commit(&mut self, max_age: std::time::Duration) -> Result<()> {
+        if self.in_catalog_op {
+            return Ok(());
+        }
         if self.store.dirty_pages() >= self.auto_commit_pages
             || (self.store.dirty_pages() > 0 && self.last_commit.elapsed() >= max_age)
         {

@@ -1,0 +1,131 @@
+//! The engine on real devices: a sparse file and, when run as root with losetup, a raw block
+//! device (a loop device).
+
+use snapvol::device::{BlockDevice, FileDevice};
+use snapvol::{Pool, PoolOptions};
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::sync::Arc;
+
+fn workload(pool: &Pool) -> Vec<u8> {
+    let vol = pool.create_volume("disk", 32 << 20).unwrap();
+    let data: Vec<u8> = (0..(3 << 20) + 777).map(|i| (i % 251) as u8).collect();
+    vol.write_at(&data, 4096 * 5 + 3).unwrap();
+    pool.snapshot("disk", "s").unwrap();
+    vol.write_at(&[0xEE; 8192], 4096 * 5).unwrap();
+    vol.discard(1 << 20, 1 << 20).unwrap();
+    vol.flush().unwrap();
+    data
+}
+
+fn verify(pool: &Pool, data: &[u8]) {
+    let snap = pool.snapshot_handle("disk", "s").unwrap();
+    let mut buf = vec![0u8; data.len()];
+    snap.read_at(&mut buf, 4096 * 5 + 3).unwrap();
+    assert!(buf == data, "snapshot changed");
+    let vol = pool.volume("disk").unwrap();
+    let mut head = [0u8; 8192];
+    vol.read_at(&mut head, 4096 * 5).unwrap();
+    assert_eq!(head, [0xEE; 8192]);
+    let mut hole = vec![1u8; 1 << 20];
+    vol.read_at(&mut hole, 1 << 20).unwrap();
+    assert!(hole.iter().all(|&b| b == 0), "discarded range reads zeros");
+    let report = pool.check().unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
+
+#[test]
+fn sparse_file_pool_round_trip_and_space_returns_to_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool.img");
+    let pool = Pool::create_file(&path, 1 << 30, PoolOptions::default()).unwrap();
+    let data = workload(&pool);
+    pool.close().unwrap();
+    let host_used = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(host_used < 16 << 20, "a 1 GiB pool with 3 MiB written uses {host_used} bytes");
+
+    let pool = Pool::open_path(&path, PoolOptions::default()).unwrap();
+    verify(&pool, &data);
+    // Deleting returns space to the pool and, through hole punching, to the host.
+    pool.delete_snapshot("disk", "s").unwrap();
+    pool.delete_volume("disk").unwrap();
+    pool.flush().unwrap();
+    pool.flush().unwrap();
+    let after = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(after < host_used / 2, "host usage {host_used} -> {after}");
+    assert!(pool.check().unwrap().is_clean());
+}
+
+#[test]
+fn opening_garbage_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk");
+    std::fs::write(&path, vec![0x5Au8; 4 << 20]).unwrap();
+    match Pool::open_path(&path, PoolOptions::default()) {
+        Err(snapvol::Error::NotAPool(_)) => {}
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("garbage opened as a pool"),
+    }
+    assert!(matches!(
+        Pool::open_path(dir.path().join("missing"), PoolOptions::default()),
+        Err(snapvol::Error::Io { .. })
+    ));
+    assert!(matches!(
+        Pool::create_file(dir.path().join("tiny"), 4096, PoolOptions::default()),
+        Err(snapvol::Error::InvalidArgument(_))
+    ));
+}
+
+struct Loop(String);
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn raw_block_device_on_a_loop_device() {
+    let is_root = effective_uid() == 0;
+    let have_losetup = Command::new("losetup").arg("--version").output().is_ok();
+    if !is_root || !have_losetup {
+        eprintln!("SKIPPED raw_block_device_on_a_loop_device: needs root and losetup (root={is_root}, losetup={have_losetup})");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing");
+    std::fs::File::create(&backing).unwrap().set_len(256 << 20).unwrap();
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "SKIPPED raw_block_device_on_a_loop_device: losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return;
+    }
+    let loopdev = Loop(String::from_utf8(out.stdout).unwrap().trim().to_string());
+    let dev = FileDevice::open(&loopdev.0).unwrap();
+    assert!(dev.is_block_device());
+    assert_eq!(dev.len(), 256 << 20, "size comes from the block device");
+    let pool = Pool::create(Arc::new(dev), PoolOptions::default()).unwrap();
+    let data = workload(&pool);
+    pool.close().unwrap();
+    let pool = Pool::open(Arc::new(FileDevice::open(&loopdev.0).unwrap()), PoolOptions::default()).unwrap();
+    verify(&pool, &data);
+}
+
+/// The effective uid, read from /proc so the test needs no unsafe code.
+fn effective_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .and_then(|u| u.parse().ok())
+        })
+        .unwrap_or(u32::MAX)
+}

@@ -4,6 +4,35 @@
 
 use proptest::prelude::*;
 use snapvol::{Error, Pool};
+
+/// A fixed workload touching every kind of operation, for fault and crash walks.
+pub fn fixed_workload() -> Vec<Op> {
+    use Op::*;
+    vec![
+        Create { size: 600_000 },
+        Write { vol: 0, offset: 1000, len: 200_000, seed: 1 },
+        Flush,
+        Snapshot { vol: 0 },
+        Write { vol: 0, offset: 50_000, len: 9000, seed: 2 },
+        Create { size: 300_000 },
+        Write { vol: 1, offset: 0, len: 300_000, seed: 3 },
+        GroupSnapshot { a: 0, b: 1 },
+        CloneSnapshot { snap: 0 },
+        Write { vol: 2, offset: 4095, len: 2, seed: 4 },
+        Discard { vol: 0, offset: 0, len: 100_000 },
+        Flush,
+        CloneVolume { vol: 1 },
+        Write { vol: 1, offset: 70_000, len: 70_000, seed: 5 },
+        DeleteSnapshot { snap: 0 },
+        Resize { vol: 0, size: 123_457 },
+        Rollback { vol: 1, snap: 0 },
+        Rename { vol: 2 },
+        Write { vol: 3, offset: 10, len: 5000, seed: 6 },
+        DeleteVolume { vol: 0 },
+        Write { vol: 0, offset: 0, len: 20_000, seed: 7 },
+        Flush,
+    ]
+}
 use std::collections::BTreeMap;
 
 #[derive(Clone, Debug)]
@@ -98,114 +127,129 @@ impl Model {
     }
 
     /// Applies `op` to the pool and the model. Errors the model predicts (a full pool) are
-    /// accepted; anything else is a failure. Returns the pool to keep using.
+    /// accepted; anything else is returned. Returns the pool to keep using.
     pub fn apply(&mut self, pool: Pool, op: &Op, reopen: &dyn Fn(Pool) -> Pool) -> Result<Pool, Error> {
+        if let Op::Reopen = op {
+            return Ok(reopen(pool));
+        }
+        self.step(Some(&pool), op)?;
+        Ok(pool)
+    }
+
+    /// What `op` would make of the model if it took effect (ids unknown: 0). A failed
+    /// operation may or may not have reached the media, so both states are acceptable.
+    pub fn predict(&self, op: &Op) -> Model {
+        let mut m = self.clone();
+        let _ = m.step(None, op);
+        m
+    }
+
+    fn step(&mut self, pool: Option<&Pool>, op: &Op) -> Result<(), Error> {
+        // Runs the pool call, or pretends it succeeded when there is no pool.
+        macro_rules! call {
+            ($p:ident => $e:expr, $fake:expr) => {
+                match pool {
+                    Some($p) => $e,
+                    None => Ok($fake),
+                }
+            };
+        }
+        macro_rules! tolerate_full {
+            ($r:expr, $ok:pat => $body:expr) => {
+                match $r {
+                    Ok($ok) => $body,
+                    Err(Error::NoSpace { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            };
+        }
         match op {
+            Op::Reopen | Op::Flush => {
+                call!(p => p.flush(), ())?;
+            }
             Op::Create { size } => {
                 let name = self.fresh("v");
-                pool.create_volume(&name, *size)?;
-                let id = pool.volume(&name)?.id();
+                let id = call!(p => p.create_volume(&name, *size).map(|v| v.id()), 0)?;
                 self.volumes.insert(name, (id, vec![0; *size as usize]));
             }
             Op::Write { vol, offset, len, seed } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(pool) };
+                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
                 let data = &mut self.volumes.get_mut(&name).unwrap().1;
                 let size = data.len() as u64;
                 let off = offset % size;
                 let len = (*len).min(size - off);
                 let bytes = pattern(*seed, off, len);
-                match pool.volume(&name)?.write_at(&bytes, off) {
-                    Ok(()) => data[off as usize..(off + len) as usize].copy_from_slice(&bytes),
-                    Err(Error::NoSpace { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+                let r = call!(p => p.volume(&name)?.write_at(&bytes, off), ());
+                tolerate_full!(r, () => data[off as usize..(off + len) as usize].copy_from_slice(&bytes));
             }
             Op::Discard { vol, offset, len } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(pool) };
+                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
                 let data = &mut self.volumes.get_mut(&name).unwrap().1;
                 let size = data.len() as u64;
                 let off = offset % size;
                 let len = (*len).min(size - off);
-                match pool.volume(&name)?.discard(off, len) {
-                    Ok(()) => data[off as usize..(off + len) as usize].fill(0),
-                    Err(Error::NoSpace { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+                let r = call!(p => p.volume(&name)?.discard(off, len), ());
+                tolerate_full!(r, () => data[off as usize..(off + len) as usize].fill(0));
             }
-            Op::Flush => pool.flush()?,
             Op::Snapshot { vol } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(pool) };
+                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
                 let snap = self.fresh("s");
-                match pool.snapshot(&name, &snap) {
-                    Ok(id) => {
-                        let (vid, data) = self.volumes[&name].clone();
-                        self.snapshots.push(SnapModel { id, volume: Some(vid), name: snap, data });
-                    }
-                    Err(Error::NoSpace { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+                let r = call!(p => p.snapshot(&name, &snap), 0);
+                tolerate_full!(r, id => {
+                    let (vid, data) = self.volumes[&name].clone();
+                    self.snapshots.push(SnapModel { id, volume: Some(vid), name: snap, data });
+                });
             }
             Op::GroupSnapshot { a, b } => {
-                let (Some(x), Some(y)) = (self.nth_volume(*a), self.nth_volume(*b)) else { return Ok(pool) };
+                let (Some(x), Some(y)) = (self.nth_volume(*a), self.nth_volume(*b)) else { return Ok(()) };
                 let (sx, sy) = (self.fresh("g"), self.fresh("g"));
                 if x == y {
-                    return Ok(pool);
+                    return Ok(());
                 }
-                match pool.snapshot_group(&[(&x, &sx), (&y, &sy)]) {
-                    Ok(ids) => {
-                        for (id, (v, s)) in ids.into_iter().zip([(x, sx), (y, sy)]) {
-                            let (vid, data) = self.volumes[&v].clone();
-                            self.snapshots.push(SnapModel { id, volume: Some(vid), name: s, data });
-                        }
+                let r = call!(p => p.snapshot_group(&[(&x, &sx), (&y, &sy)]), vec![0, 0]);
+                tolerate_full!(r, ids => {
+                    for (id, (v, s)) in ids.into_iter().zip([(x, sx), (y, sy)]) {
+                        let (vid, data) = self.volumes[&v].clone();
+                        self.snapshots.push(SnapModel { id, volume: Some(vid), name: s, data });
                     }
-                    Err(Error::NoSpace { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+                });
             }
             Op::CloneSnapshot { snap } => {
                 let named = self.named_snapshots();
                 if named.is_empty() {
-                    return Ok(pool);
+                    return Ok(());
                 }
                 let s = self.snapshots[named[snap % named.len()]].clone();
                 let vol = self.vol_name(s.volume.unwrap()).unwrap();
                 let new = self.fresh("c");
-                match pool.clone_snapshot(&vol, &s.name, &new) {
-                    Ok(v) => {
-                        self.volumes.insert(new, (v.id(), s.data.clone()));
-                    }
-                    Err(Error::NoSpace { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+                let r = call!(p => p.clone_snapshot(&vol, &s.name, &new).map(|v| v.id()), 0);
+                tolerate_full!(r, id => { self.volumes.insert(new, (id, s.data.clone())); });
             }
             Op::CloneVolume { vol } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(pool) };
+                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
                 let new = self.fresh("c");
-                match pool.clone_volume(&name, &new) {
-                    Ok(v) => {
-                        let data = self.volumes[&name].1.clone();
-                        self.volumes.insert(new, (v.id(), data));
-                    }
-                    Err(Error::NoSpace { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+                let r = call!(p => p.clone_volume(&name, &new).map(|v| v.id()), 0);
+                tolerate_full!(r, id => {
+                    let data = self.volumes[&name].1.clone();
+                    self.volumes.insert(new, (id, data));
+                });
             }
             Op::Rollback { vol, snap } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(pool) };
+                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
                 let vid = self.volumes[&name].0;
                 let mine: Vec<usize> = (0..self.snapshots.len())
                     .filter(|&i| self.snapshots[i].volume == Some(vid))
                     .collect();
                 if mine.is_empty() {
-                    return Ok(pool);
+                    return Ok(());
                 }
                 let s = self.snapshots[mine[snap % mine.len()]].clone();
-                pool.rollback(&name, &s.name)?;
+                call!(p => p.rollback(&name, &s.name), ())?;
                 self.volumes.get_mut(&name).unwrap().1 = s.data;
             }
             Op::DeleteVolume { vol } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(pool) };
-                pool.delete_volume(&name)?;
+                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
+                call!(p => p.delete_volume(&name), ())?;
                 let (vid, _) = self.volumes.remove(&name).unwrap();
                 for s in &mut self.snapshots {
                     if s.volume == Some(vid) {
@@ -216,32 +260,92 @@ impl Model {
             Op::DeleteSnapshot { snap } => {
                 let named = self.named_snapshots();
                 if named.is_empty() {
-                    return Ok(pool);
+                    return Ok(());
                 }
                 let i = named[snap % named.len()];
                 let s = self.snapshots[i].clone();
                 let vol = self.vol_name(s.volume.unwrap()).unwrap();
-                pool.delete_snapshot(&vol, &s.name)?;
+                call!(p => p.delete_snapshot(&vol, &s.name), ())?;
                 self.snapshots.remove(i);
             }
             Op::Resize { vol, size } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(pool) };
-                match pool.resize_volume(&name, *size) {
-                    Ok(()) => self.volumes.get_mut(&name).unwrap().1.resize(*size as usize, 0),
-                    Err(Error::NoSpace { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
+                let r = call!(p => p.resize_volume(&name, *size), ());
+                tolerate_full!(r, () => self.volumes.get_mut(&name).unwrap().1.resize(*size as usize, 0));
             }
             Op::Rename { vol } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(pool) };
+                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
                 let new = self.fresh("r");
-                pool.rename_volume(&name, &new)?;
+                call!(p => p.rename_volume(&name, &new), ())?;
                 let v = self.volumes.remove(&name).unwrap();
                 self.volumes.insert(new, v);
             }
-            Op::Reopen => return Ok(reopen(pool)),
         }
-        Ok(pool)
+        Ok(())
+    }
+
+    /// The volume and byte range a failed Write or Discard may have left undefined (a device
+    /// write that fails may land in part, as on any disk); snapshots never are.
+    pub fn undefined_range(&self, op: &Op) -> Option<(String, u64, u64)> {
+        let (vol, offset, len) = match op {
+            Op::Write { vol, offset, len, .. } | Op::Discard { vol, offset, len } => (*vol, *offset, *len),
+            _ => return None,
+        };
+        let name = self.nth_volume(vol)?;
+        let size = self.volumes[&name].1.len() as u64;
+        let off = offset % size;
+        Some((name, off, (len).min(size - off)))
+    }
+
+    /// Takes the pool's bytes for a range the model cannot predict.
+    pub fn adopt_range(&mut self, pool: &Pool, name: &str, off: u64, len: u64) {
+        if let (Some(v), Ok(vol)) = (self.volumes.get_mut(name), pool.volume(name)) {
+            let mut buf = vec![0u8; len as usize];
+            if vol.len().ok() == Some(v.1.len() as u64) && vol.read_at(&mut buf, off).is_ok() {
+                v.1[off as usize..(off + len) as usize].copy_from_slice(&buf);
+            }
+        }
+    }
+
+    /// Whether the pool holds exactly this model's volumes and snapshots.
+    pub fn matches(&self, pool: &Pool) -> Result<(), String> {
+        let mut names: Vec<String> = pool.volumes().into_iter().map(|v| v.name).collect();
+        names.sort();
+        if names != self.volumes.keys().cloned().collect::<Vec<_>>() {
+            return Err(format!("volumes {names:?}"));
+        }
+        for (name, (_, data)) in &self.volumes {
+            let vol = pool.volume(name).map_err(|e| e.to_string())?;
+            if vol.len().map_err(|e| e.to_string())? != data.len() as u64 {
+                return Err(format!("size of {name}"));
+            }
+            let mut buf = vec![0u8; data.len()];
+            vol.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
+            if buf != *data {
+                return Err(format!("contents of {name}"));
+            }
+        }
+        if pool.snapshots().len() != self.snapshots.len() {
+            return Err("snapshot count".into());
+        }
+        for s in &self.snapshots {
+            let id = if s.id != 0 {
+                s.id
+            } else {
+                // A predicted snapshot: its id is unknown, its name is unique.
+                match pool.snapshots().into_iter().find(|x| x.name == s.name) {
+                    Some(x) => x.id,
+                    None => return Err(format!("snapshot {} missing", s.name)),
+                }
+            };
+            let snap = pool.snapshot_by_id(id).map_err(|e| e.to_string())?;
+            let mut buf = vec![0u8; s.data.len()];
+            snap.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
+            if buf != s.data {
+                return Err(format!("contents of snapshot {}", s.name));
+            }
+        }
+        Ok(())
     }
 
     /// Every volume and snapshot of the pool equals the model byte for byte.

@@ -1,0 +1,113 @@
+//! Fault injection: the device fails the Nth read, write or flush, for every N a workload
+//! reaches. Each failure is a typed error, a failed write or flush poisons the pool, and
+//! reopening gives a committed state no older than the last completed durable operation,
+//! with `check()` clean.
+
+mod common;
+
+use common::{fixed_workload, Model};
+use snapvol::device::{BlockDevice, FaultDevice, FaultKind, MemoryDevice};
+use snapvol::{Error, Pool, PoolOptions};
+use std::sync::Arc;
+
+fn opts() -> PoolOptions {
+    PoolOptions {
+        block_size: 4096,
+        commit_interval: None,
+    }
+}
+
+/// Runs the workload with the `n`th I/O of `kind` failing. Returns false once `n` is past
+/// the workload's last I/O of that kind.
+fn run_with_fault(kind: FaultKind, n: u64) -> bool {
+    let mem = Arc::new(MemoryDevice::new(16 << 20));
+    let fault = Arc::new(FaultDevice::new(mem.clone()));
+    let dev: Arc<dyn BlockDevice> = fault.clone();
+    let mut pool = Pool::create(dev.clone(), opts()).unwrap();
+    fault.fail_nth(kind, n, false);
+    let mut model = Model::default();
+    // States the reopened pool may show: from the last durable point to the last success.
+    let mut candidates = vec![model.clone()];
+    let no_reopen = |p: Pool| p;
+    let mut failed = None;
+    for op in fixed_workload() {
+        let before = model.clone();
+        match model.apply(pool.clone(), &op, &no_reopen) {
+            Ok(p) => {
+                pool = p;
+                if durable(&op) {
+                    candidates.clear();
+                }
+                candidates.push(model.clone());
+            }
+            Err(e) => {
+                candidates.push(before.predict(&op));
+                assert!(
+                    matches!(e, Error::Io { .. } | Error::Poisoned(_)),
+                    "{op:?} under a {kind:?} fault gave {e}"
+                );
+                failed = Some((op.clone(), before.clone()));
+                if kind != FaultKind::Read {
+                    let err = pool.volumes().first().map(|v| {
+                        pool.volume(&v.name).unwrap().write_at(&[1], 0).unwrap_err()
+                    });
+                    if let Some(err) = err {
+                        assert!(matches!(err, Error::Poisoned(_)), "after a failed {kind:?}: {err}");
+                    }
+                }
+                break;
+            }
+        }
+    }
+    let Some((failed_op, before_failure)) = failed else {
+        assert_eq!(fault.fired(), 0);
+        return false;
+    };
+    fault.disarm();
+    drop(pool);
+    let pool = Pool::open(mem.clone(), opts()).unwrap();
+    let report = pool.check().unwrap();
+    assert!(report.is_clean(), "{kind:?} #{n}: {:?}", report.problems);
+    if let Some((name, off, len)) = before_failure.undefined_range(&failed_op) {
+        for c in &mut candidates {
+            c.adopt_range(&pool, &name, off, len);
+        }
+    }
+    let misses: Vec<String> = candidates.iter().map(|m| m.matches(&pool).err().unwrap_or_default()).collect();
+    assert!(
+        misses.iter().any(String::is_empty),
+        "{kind:?} #{n} failing {failed_op:?}: reopened pool matches no state since the last durable point: {misses:?}"
+    );
+    true
+}
+
+fn durable(op: &common::Op) -> bool {
+    !matches!(op, common::Op::Write { .. } | common::Op::Discard { .. })
+}
+
+#[test]
+fn every_write_fault() {
+    let mut n = 0;
+    while run_with_fault(FaultKind::Write, n) {
+        n += 1;
+    }
+    assert!(n > 20, "workload reached only {n} writes");
+}
+
+#[test]
+fn every_flush_fault() {
+    let mut n = 0;
+    while run_with_fault(FaultKind::Flush, n) {
+        n += 1;
+    }
+    assert!(n > 10, "workload reached only {n} flushes");
+}
+
+#[test]
+fn every_read_fault() {
+    let mut n = 0;
+    while run_with_fault(FaultKind::Read, n) {
+        n += 1;
+    }
+    assert!(n > 5, "workload reached only {n} reads");
+}
