@@ -322,7 +322,12 @@ impl Model {
             let mut buf = vec![0u8; data.len()];
             vol.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
             if buf != *data {
-                return Err(format!("contents of {name}"));
+                let at = buf.iter().zip(data.iter()).position(|(a, b)| a != b).unwrap();
+                let n = buf[at..].iter().zip(&data[at..]).take_while(|(a, b)| a != b).count();
+                return Err(format!(
+                    "contents of {name} at byte {at} for {n} bytes (pool {:#x}, model {:#x})",
+                    buf[at], data[at]
+                ));
             }
         }
         if pool.snapshots().len() != self.snapshots.len() {
