@@ -154,9 +154,14 @@ impl Catalog {
         let ns = r.u32()? as usize;
         // Each record takes at least 40 bytes: a count larger than the bytes is corrupt.
         if nv.saturating_add(ns).saturating_mul(40) > bytes.len() {
-            return Err(Error::corrupt("catalog", 0, "record counts exceed its size"));
+            return Err(Error::corrupt(
+                "catalog",
+                0,
+                "record counts exceed its size",
+            ));
         }
-        let root_ok = |root: u64| root == 0 || (format::SUPERBLOCK_UNITS..total_units).contains(&root);
+        let root_ok =
+            |root: u64| root == 0 || (format::SUPERBLOCK_UNITS..total_units).contains(&root);
         let mut c = Catalog::default();
         for _ in 0..nv {
             let v = VolumeRec {
@@ -169,7 +174,11 @@ impl Catalog {
                 frozen_gen: r.u64()?,
             };
             if !root_ok(v.root) {
-                return Err(Error::corrupt("catalog", 0, format!("volume {:?} root {}", v.name, v.root)));
+                return Err(Error::corrupt(
+                    "catalog",
+                    0,
+                    format!("volume {:?} root {}", v.name, v.root),
+                ));
             }
             c.volumes.push(v);
         }
@@ -185,7 +194,11 @@ impl Catalog {
                 created: r.u64()?,
             };
             if !root_ok(s.root) {
-                return Err(Error::corrupt("catalog", 0, format!("snapshot {:?} root {}", s.name, s.root)));
+                return Err(Error::corrupt(
+                    "catalog",
+                    0,
+                    format!("snapshot {:?} root {}", s.name, s.root),
+                ));
             }
             c.snapshots.push(s);
         }
@@ -223,9 +236,7 @@ impl Catalog {
             .find(|s| s.name == snap && Some(s.volume) == live)
             .or_else(|| {
                 self.snapshots.iter().find(|s| {
-                    s.name == snap
-                        && s.volume_name == vol
-                        && self.volume_by_id(s.volume).is_none()
+                    s.name == snap && s.volume_name == vol && self.volume_by_id(s.volume).is_none()
                 })
             })
             .ok_or_else(|| Error::SnapshotNotFound(format!("{vol}@{snap}")))

@@ -18,9 +18,17 @@ pub enum Problem {
     /// A unit has references recorded but nothing references it.
     Leaked { unit: u64, count: u32 },
     /// A unit's recorded count is higher than its references.
-    OverReferenced { unit: u64, count: u32, expected: u32 },
+    OverReferenced {
+        unit: u64,
+        count: u32,
+        expected: u32,
+    },
     /// A unit's recorded count is lower than its references (it could be reused while live).
-    UnderReferenced { unit: u64, count: u32, expected: u32 },
+    UnderReferenced {
+        unit: u64,
+        count: u32,
+        expected: u32,
+    },
     /// A block map holds a key outside the keys of its parent, or past the volume's end.
     Misplaced { page: u64, detail: String },
     /// The superblock's used-unit total disagrees with the space map.
@@ -66,7 +74,11 @@ pub(crate) fn check(e: &mut Engine) -> Result<CheckReport> {
         roots.push((v.root, v.size.div_ceil(bs), v.name.clone()));
     }
     for s in &e.catalog.snapshots {
-        roots.push((s.root, s.size.div_ceil(bs), format!("{}@{}", s.volume_name, s.name)));
+        roots.push((
+            s.root,
+            s.size.div_ceil(bs),
+            format!("{}@{}", s.volume_name, s.name),
+        ));
     }
     let mut visited: HashSet<u64> = HashSet::new();
     // (node, lowest allowed key, end of allowed keys)
@@ -156,16 +168,26 @@ pub(crate) fn check(e: &mut Engine) -> Result<CheckReport> {
             report.problems.push(if want == 0 {
                 Problem::Leaked { unit, count }
             } else if count > want && count != CONT {
-                Problem::OverReferenced { unit, count, expected: want }
+                Problem::OverReferenced {
+                    unit,
+                    count,
+                    expected: want,
+                }
             } else {
-                Problem::UnderReferenced { unit, count, expected: want }
+                Problem::UnderReferenced {
+                    unit,
+                    count,
+                    expected: want,
+                }
             });
         }
         unit += 1;
     }
     let recorded = e.store.sm.used_units();
     if recorded != counted {
-        report.problems.push(Problem::UsedMismatch { recorded, counted });
+        report
+            .problems
+            .push(Problem::UsedMismatch { recorded, counted });
     }
     Ok(report)
 }

@@ -36,7 +36,12 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    pub(crate) fn new(dev: Arc<dyn BlockDevice>, sm: SpaceMap, generation: u64, block_size: usize) -> Store {
+    pub(crate) fn new(
+        dev: Arc<dyn BlockDevice>,
+        sm: SpaceMap,
+        generation: u64,
+        block_size: usize,
+    ) -> Store {
         Store {
             dev,
             sm,
@@ -65,7 +70,11 @@ impl Store {
     pub(crate) fn read_node(&self, loc: u64) -> Result<Node> {
         let total = self.sm.total_units();
         if loc < crate::format::SUPERBLOCK_UNITS || loc >= total {
-            return Err(Error::corrupt("block map node", loc, "location outside the pool"));
+            return Err(Error::corrupt(
+                "block map node",
+                loc,
+                "location outside the pool",
+            ));
         }
         let mut page = new_page();
         self.dev.read_at(&mut page[..], loc * PAGE_SIZE as u64)?;
@@ -151,7 +160,8 @@ impl Store {
             .iter()
             .filter_map(|loc| {
                 let c = self.nodes.get(loc)?;
-                c.dirty.then(|| (*loc, c.node.encode(*loc, self.generation)))
+                c.dirty
+                    .then(|| (*loc, c.node.encode(*loc, self.generation)))
             })
             .collect()
     }

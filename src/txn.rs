@@ -16,7 +16,9 @@
 use crate::catalog::{Catalog, PAYLOAD};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{self, new_page, PageKind, Superblock, HEADER_LEN, PAGE_SIZE, SUPERBLOCK_UNITS};
+use crate::format::{
+    self, new_page, PageKind, Superblock, HEADER_LEN, PAGE_SIZE, SUPERBLOCK_UNITS,
+};
 use crate::space::{Reserve, SpaceMap};
 use crate::store::Store;
 use std::sync::Arc;
@@ -102,7 +104,12 @@ impl Engine {
             catalog_len: 0,
             created_unix: now_unix(),
         };
-        let mut engine = Engine::assemble(Store::new(dev, sm, 1, block_size as usize), Catalog::default(), Vec::new(), sb);
+        let mut engine = Engine::assemble(
+            Store::new(dev, sm, 1, block_size as usize),
+            Catalog::default(),
+            Vec::new(),
+            sb,
+        );
         engine.catalog_dirty = true;
         engine.commit()?;
         Ok(engine)
@@ -127,7 +134,10 @@ impl Engine {
     /// and the catalog. Nothing else is read until used.
     pub(crate) fn open(dev: Arc<dyn BlockDevice>) -> Result<Engine> {
         if dev.len() < MIN_UNITS * PAGE_SIZE as u64 {
-            return Err(Error::NotAPool(format!("device of {} bytes is too small", dev.len())));
+            return Err(Error::NotAPool(format!(
+                "device of {} bytes is too small",
+                dev.len()
+            )));
         }
         let mut candidates = Vec::new();
         let mut errors = Vec::new();
@@ -144,7 +154,9 @@ impl Engine {
         candidates.sort_by_key(|sb| std::cmp::Reverse(sb.generation));
         let Some(sb) = candidates.into_iter().next() else {
             if !any_magic {
-                return Err(Error::NotAPool("no snapvol superblock in either slot".into()));
+                return Err(Error::NotAPool(
+                    "no snapvol superblock in either slot".into(),
+                ));
             }
             let pick = errors
                 .iter()
@@ -152,7 +164,13 @@ impl Engine {
                 .unwrap_or(0);
             return Err(errors.swap_remove(pick));
         };
-        let sm = SpaceMap::open(dev.clone(), sb.total_units, sb.used_units, sb.space_root, sb.space_height)?;
+        let sm = SpaceMap::open(
+            dev.clone(),
+            sb.total_units,
+            sb.used_units,
+            sb.space_root,
+            sb.space_height,
+        )?;
         let (catalog, pages) = read_catalog(&*dev, &sb)?;
         let store = Store::new(dev, sm, sb.generation + 1, sb.block_size as usize);
         Ok(Engine::assemble(store, catalog, pages, sb))
@@ -195,7 +213,11 @@ impl Engine {
 
     /// Runs a catalog operation as its own durable transaction: earlier writes are committed
     /// first, and if the operation fails the pool returns to that commit (nothing is lost).
-    pub(crate) fn catalog_op<T>(&mut self, reserve: Reserve, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
+    pub(crate) fn catalog_op<T>(
+        &mut self,
+        reserve: Reserve,
+        f: impl FnOnce(&mut Engine) -> Result<T>,
+    ) -> Result<T> {
         self.commit()?;
         self.store.reserve = reserve;
         self.in_catalog_op = true;
@@ -245,7 +267,10 @@ impl Engine {
 
     fn commit_inner(&mut self) -> Result<()> {
         let dev = self.store.dev.clone();
-        if !self.catalog_dirty && self.store.dirty_pages() == 0 && self.store.sm.cooling_units() == 0 {
+        if !self.catalog_dirty
+            && self.store.dirty_pages() == 0
+            && self.store.sm.cooling_units() == 0
+        {
             // Data written in place still needs the barrier.
             dev.flush()?;
             self.last_commit = Instant::now();
@@ -265,7 +290,11 @@ impl Engine {
             }
             for (i, chunk) in bytes.chunks(PAYLOAD).enumerate() {
                 let mut p = new_page();
-                format::put_u64(&mut p[..], HEADER_LEN, locs.get(i + 1).copied().unwrap_or(0));
+                format::put_u64(
+                    &mut p[..],
+                    HEADER_LEN,
+                    locs.get(i + 1).copied().unwrap_or(0),
+                );
                 p[HEADER_LEN + 8..HEADER_LEN + 8 + chunk.len()].copy_from_slice(chunk);
                 format::seal(&mut p, PageKind::Catalog, locs[i], generation);
                 pages.push((locs[i], p));
@@ -328,10 +357,9 @@ fn release_freed(store: &Store, mut units: Vec<u64>) {
         while j < units.len() && units[j] == units[j - 1] + 1 {
             j += 1;
         }
-        let _ = store.dev.discard(
-            Store::byte(units[i]),
-            (j - i) as u64 * PAGE_SIZE as u64,
-        );
+        let _ = store
+            .dev
+            .discard(Store::byte(units[i]), (j - i) as u64 * PAGE_SIZE as u64);
         i = j;
     }
 }
@@ -342,7 +370,11 @@ fn read_catalog(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(Catalog, Vec<
     let mut loc = sb.catalog_root;
     while (bytes.len() as u64) < sb.catalog_len {
         if loc < SUPERBLOCK_UNITS || loc >= sb.total_units || pages.contains(&loc) {
-            return Err(Error::corrupt("catalog page", loc, "chain points outside the pool or loops"));
+            return Err(Error::corrupt(
+                "catalog page",
+                loc,
+                "chain points outside the pool or loops",
+            ));
         }
         let mut p = new_page();
         dev.read_at(&mut p[..], loc * PAGE_SIZE as u64)?;

@@ -22,7 +22,10 @@ pub(crate) enum Target {
 /// A device write planned for one block of a request.
 enum Piece {
     /// Bytes `src` of the request go to device byte `at`.
-    Direct { at: u64, src: std::ops::Range<usize> },
+    Direct {
+        at: u64,
+        src: std::ops::Range<usize>,
+    },
     /// A whole block assembled in memory (partial write into a new block).
     Assembled { at: u64, data: Vec<u8> },
 }
@@ -102,7 +105,10 @@ impl Engine {
         if data.is_empty() {
             return Ok(());
         }
-        let frozen = self.catalog.volume_by_id(id).map_or(u64::MAX, |v| v.frozen_gen);
+        let frozen = self
+            .catalog
+            .volume_by_id(id)
+            .map_or(u64::MAX, |v| v.frozen_gen);
         let bs = self.store.block_size as u64;
         let first = offset / bs;
         let end = (offset + data.len() as u64).div_ceil(bs);
@@ -116,7 +122,9 @@ impl Engine {
         for b in first..end {
             let f = fi.next_if(|f| f.map.key == b);
             let in_place = match &f {
-                Some(f) => !f.path_shared && f.map.birth > frozen && self.store.sm.get(f.map.unit)? == 1,
+                Some(f) => {
+                    !f.path_shared && f.map.birth > frozen && self.store.sm.get(f.map.unit)? == 1
+                }
                 None => false,
             };
             redirects += u64::from(!in_place);
@@ -166,7 +174,9 @@ impl Engine {
                 // A partial write into a new block carries the rest of the old one along.
                 let mut block = vec![0u8; bs as usize];
                 if let Some(f) = &f {
-                    self.store.dev.read_at(&mut block, Store::byte(f.map.unit))?;
+                    self.store
+                        .dev
+                        .read_at(&mut block, Store::byte(f.map.unit))?;
                 }
                 let o = (lo - b * bs) as usize;
                 block[o..o + src.len()].copy_from_slice(&data[src]);
@@ -229,7 +239,8 @@ impl Engine {
     /// the pool and zero-filling partial ones.
     pub(crate) fn discard(&mut self, id: u128, offset: u64, len: u64) -> Result<()> {
         self.check_usable()?;
-        let size = usize::try_from(len).map_err(|_| Error::InvalidArgument("length too large".into()))?;
+        let size =
+            usize::try_from(len).map_err(|_| Error::InvalidArgument("length too large".into()))?;
         self.check_range(Target::Volume(id), offset, size)?;
         if len == 0 {
             return Ok(());
@@ -246,7 +257,11 @@ impl Engine {
             self.write(id, offset, &vec![0u8; (first_whole * bs - offset) as usize])?;
         }
         if end_whole * bs < end {
-            self.write(id, end_whole * bs, &vec![0u8; (end - end_whole * bs) as usize])?;
+            self.write(
+                id,
+                end_whole * bs,
+                &vec![0u8; (end - end_whole * bs) as usize],
+            )?;
         }
         self.unmap(id, first_whole, end_whole)?;
         self.maybe_commit_after_io()
@@ -298,12 +313,14 @@ impl Volume {
 
     /// The volume's current name.
     pub fn name(&self) -> Result<String> {
-        self.pool.with(|e| e.target(Target::Volume(self.id)).map(|t| t.2))
+        self.pool
+            .with(|e| e.target(Target::Volume(self.id)).map(|t| t.2))
     }
 
     /// Logical size in bytes.
     pub fn len(&self) -> Result<u64> {
-        self.pool.with(|e| e.target(Target::Volume(self.id)).map(|t| t.1))
+        self.pool
+            .with(|e| e.target(Target::Volume(self.id)).map(|t| t.1))
     }
 
     /// True when the volume has size 0.
@@ -313,7 +330,8 @@ impl Volume {
 
     /// Reads exactly `buf.len()` bytes at `offset`. Never-written ranges read as zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.pool.with(|e| e.read(Target::Volume(self.id), offset, buf))
+        self.pool
+            .with(|e| e.read(Target::Volume(self.id), offset, buf))
     }
 
     /// Writes all of `data` at `offset`. Visible to reads on return; durable after `flush`.
@@ -360,12 +378,14 @@ impl Snapshot {
 
     /// `volume@snapshot`.
     pub fn name(&self) -> Result<String> {
-        self.pool.with(|e| e.target(Target::Snapshot(self.id)).map(|t| t.2))
+        self.pool
+            .with(|e| e.target(Target::Snapshot(self.id)).map(|t| t.2))
     }
 
     /// Logical size in bytes (the volume's size when the snapshot was taken).
     pub fn len(&self) -> Result<u64> {
-        self.pool.with(|e| e.target(Target::Snapshot(self.id)).map(|t| t.1))
+        self.pool
+            .with(|e| e.target(Target::Snapshot(self.id)).map(|t| t.1))
     }
 
     /// True when the snapshot has size 0.
@@ -375,7 +395,8 @@ impl Snapshot {
 
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.pool.with(|e| e.read(Target::Snapshot(self.id), offset, buf))
+        self.pool
+            .with(|e| e.read(Target::Snapshot(self.id), offset, buf))
     }
 }
 
@@ -420,7 +441,8 @@ impl Seek for VolumeIo {
             SeekFrom::End(d) => len.checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        self.pos = new.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before start"))?;
+        self.pos =
+            new.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before start"))?;
         Ok(self.pos)
     }
 }

@@ -59,7 +59,9 @@ fn workload(seed: u64, len: usize) -> (Arc<CrashDevice>, usize, Vec<Step>) {
     for op in ops {
         let before = model.clone();
         let events_before = dev.events();
-        pool = model.apply(pool, &op, &reopen).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+        pool = model
+            .apply(pool, &op, &reopen)
+            .unwrap_or_else(|e| panic!("{op:?}: {e}"));
         steps.push(Step {
             durable: durable(&op) && dev.events() > events_before,
             op,
@@ -98,9 +100,14 @@ fn check_image(image: Vec<u8>, pos: usize, start: usize, steps: &[Step]) {
     if pos < start {
         return;
     }
-    let pool = Pool::open(dev, opts()).unwrap_or_else(|e| panic!("crash at event {pos}: open failed: {e}"));
+    let pool = Pool::open(dev, opts())
+        .unwrap_or_else(|e| panic!("crash at event {pos}: open failed: {e}"));
     let report = pool.check().unwrap();
-    assert!(report.is_clean(), "crash at event {pos}: {:?}", report.problems);
+    assert!(
+        report.is_clean(),
+        "crash at event {pos}: {:?}",
+        report.problems
+    );
     // Writes since the last durable point may have landed in part.
     let end = (completed + 1).min(steps.len());
     for s in &steps[first..end] {

@@ -42,7 +42,10 @@ fn sparse_file_pool_round_trip_and_space_returns_to_host() {
     let data = workload(&pool);
     pool.close().unwrap();
     let host_used = std::fs::metadata(&path).unwrap().blocks() * 512;
-    assert!(host_used < 16 << 20, "a 1 GiB pool with 3 MiB written uses {host_used} bytes");
+    assert!(
+        host_used < 16 << 20,
+        "a 1 GiB pool with 3 MiB written uses {host_used} bytes"
+    );
 
     let pool = Pool::open_path(&path, PoolOptions::default()).unwrap();
     verify(&pool, &data);
@@ -93,7 +96,10 @@ fn raw_block_device_on_a_loop_device() {
     }
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("backing");
-    std::fs::File::create(&backing).unwrap().set_len(256 << 20).unwrap();
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
     let out = Command::new("losetup")
         .args(["-f", "--show"])
         .arg(&backing)
@@ -113,7 +119,11 @@ fn raw_block_device_on_a_loop_device() {
     let pool = Pool::create(Arc::new(dev), PoolOptions::default()).unwrap();
     let data = workload(&pool);
     pool.close().unwrap();
-    let pool = Pool::open(Arc::new(FileDevice::open(&loopdev.0).unwrap()), PoolOptions::default()).unwrap();
+    let pool = Pool::open(
+        Arc::new(FileDevice::open(&loopdev.0).unwrap()),
+        PoolOptions::default(),
+    )
+    .unwrap();
     verify(&pool, &data);
 }
 

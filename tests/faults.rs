@@ -48,11 +48,15 @@ fn run_with_fault(kind: FaultKind, n: u64) -> bool {
                 );
                 failed = Some((op.clone(), before.clone()));
                 if kind != FaultKind::Read {
-                    let err = pool.volumes().first().map(|v| {
-                        pool.volume(&v.name).unwrap().write_at(&[1], 0).unwrap_err()
-                    });
+                    let err = pool
+                        .volumes()
+                        .first()
+                        .map(|v| pool.volume(&v.name).unwrap().write_at(&[1], 0).unwrap_err());
                     if let Some(err) = err {
-                        assert!(matches!(err, Error::Poisoned(_)), "after a failed {kind:?}: {err}");
+                        assert!(
+                            matches!(err, Error::Poisoned(_)),
+                            "after a failed {kind:?}: {err}"
+                        );
                     }
                 }
                 break;
@@ -73,7 +77,10 @@ fn run_with_fault(kind: FaultKind, n: u64) -> bool {
             c.adopt_range(&pool, &name, off, len);
         }
     }
-    let misses: Vec<String> = candidates.iter().map(|m| m.matches(&pool).err().unwrap_or_default()).collect();
+    let misses: Vec<String> = candidates
+        .iter()
+        .map(|m| m.matches(&pool).err().unwrap_or_default())
+        .collect();
     assert!(
         misses.iter().any(String::is_empty),
         "{kind:?} #{n} failing {failed_op:?}: reopened pool matches no state since the last durable point: {misses:?}"

@@ -64,7 +64,10 @@ fn deleting_everything_returns_every_block() {
     pool.snapshot("a", "s1").unwrap();
     v.write_at(&vec![8u8; 1 << 20], 0).unwrap();
     pool.clone_snapshot("a", "s1", "b").unwrap();
-    pool.volume("b").unwrap().write_at(&[1u8; 100_000], 5).unwrap();
+    pool.volume("b")
+        .unwrap()
+        .write_at(&[1u8; 100_000], 5)
+        .unwrap();
     // Any deletion order works: origin first, then the snapshot, then the clone.
     pool.delete_volume("a").unwrap();
     assert!(pool.check().unwrap().is_clean());

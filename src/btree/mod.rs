@@ -20,6 +20,10 @@ pub(crate) struct Found {
     pub path_shared: bool,
 }
 
+/// What inserting into a node produced: the mapping it replaced, and the first key and
+/// unit of a new right sibling when the node split.
+type InsertOutcome = (Option<Mapping>, Option<(u64, u64)>);
+
 /// Index of the child of a branch that covers `key` (the first child for keys below all).
 fn child_index(children: &[(u64, u64)], key: u64) -> usize {
     children.partition_point(|c| c.0 <= key).saturating_sub(1)
@@ -27,7 +31,13 @@ fn child_index(children: &[(u64, u64)], key: u64) -> usize {
 
 impl Store {
     /// Every mapping with `lo <= key < hi`, in key order.
-    pub(crate) fn lookup_range(&mut self, root: u64, lo: u64, hi: u64, out: &mut Vec<Found>) -> Result<()> {
+    pub(crate) fn lookup_range(
+        &mut self,
+        root: u64,
+        lo: u64,
+        hi: u64,
+        out: &mut Vec<Found>,
+    ) -> Result<()> {
         if root == 0 || lo >= hi {
             return Ok(());
         }
@@ -44,7 +54,11 @@ impl Store {
         depth: u32,
     ) -> Result<()> {
         if depth > 32 {
-            return Err(Error::corrupt("block map node", loc, "tree deeper than 32 levels (cycle?)"));
+            return Err(Error::corrupt(
+                "block map node",
+                loc,
+                "tree deeper than 32 levels (cycle?)",
+            ));
         }
         let shared = shared_above || self.sm.get(loc)? > 1;
         let children: Vec<u64> = match self.node(loc)? {
@@ -58,7 +72,11 @@ impl Store {
             }
             Node::Branch(v) => {
                 let start = child_index(v, lo);
-                v[start..].iter().take_while(|c| c.0 < hi).map(|c| c.1).collect()
+                v[start..]
+                    .iter()
+                    .take_while(|c| c.0 < hi)
+                    .map(|c| c.1)
+                    .collect()
             }
         };
         for c in children {
@@ -86,7 +104,7 @@ impl Store {
 
     /// Inserts into the owned node `loc`; returns the replaced mapping and, when the node
     /// split, the first key and unit of the new right sibling.
-    fn insert_into(&mut self, loc: u64, m: Mapping) -> Result<(Option<Mapping>, Option<(u64, u64)>)> {
+    fn insert_into(&mut self, loc: u64, m: Mapping) -> Result<InsertOutcome> {
         let (idx, child) = match self.node_mut(loc) {
             Node::Leaf(v) => {
                 let old = match v.binary_search_by_key(&m.key, |e| e.key) {
@@ -257,7 +275,9 @@ mod tests {
         let mut x = 12345u64;
         let mut snaps = Vec::new();
         for i in 0..20000u64 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let key = (x >> 33) % 5000;
             if x % 7 == 0 {
                 let (r, old) = s.remove(root, key).unwrap();
@@ -268,7 +288,16 @@ mod tests {
                 }
             } else {
                 let unit = s.alloc_block("t").unwrap();
-                let (r, old) = s.insert(root, Mapping { key, unit, birth: 1 }).unwrap();
+                let (r, old) = s
+                    .insert(
+                        root,
+                        Mapping {
+                            key,
+                            unit,
+                            birth: 1,
+                        },
+                    )
+                    .unwrap();
                 root = r;
                 assert_eq!(old.map(|m| m.unit), model.insert(key, unit));
                 if let Some(m) = old {
@@ -299,7 +328,17 @@ mod tests {
         let mut root = 0;
         for key in 0..1000 {
             let unit = s.alloc_block("t").unwrap();
-            root = s.insert(root, Mapping { key, unit, birth: 1 }).unwrap().0;
+            root = s
+                .insert(
+                    root,
+                    Mapping {
+                        key,
+                        unit,
+                        birth: 1,
+                    },
+                )
+                .unwrap()
+                .0;
         }
         let mut v = Vec::new();
         s.lookup_range(root, 10, 20, &mut v).unwrap();

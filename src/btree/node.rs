@@ -71,7 +71,11 @@ impl Node {
         let (kind, _) = format::verify(p, &[PageKind::MapLeaf, PageKind::MapBranch], location)?;
         let n = format::get_u16(&p[..], 24) as usize;
         let bad = |d: String| Error::corrupt(kind.name(), location, d);
-        let max = if kind == PageKind::MapLeaf { LEAF_MAX } else { BRANCH_MAX };
+        let max = if kind == PageKind::MapLeaf {
+            LEAF_MAX
+        } else {
+            BRANCH_MAX
+        };
         if n == 0 || n > max {
             return Err(bad(format!("{n} entries")));
         }
@@ -134,7 +138,14 @@ mod tests {
             panic!("leaf decoded as branch")
         };
         assert_eq!(back.len(), LEAF_MAX);
-        assert_eq!(back[3], Mapping { key: 9, unit: 13, birth: 7 });
+        assert_eq!(
+            back[3],
+            Mapping {
+                key: 9,
+                unit: 13,
+                birth: 7
+            }
+        );
         // A pointer outside the pool is refused even with a valid checksum.
         assert!(Node::decode(&p, 5, 100).is_err());
         // Keys out of order are refused.

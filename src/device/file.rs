@@ -78,9 +78,7 @@ impl BlockDevice for FileDevice {
     }
 
     fn flush(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("flush", 0, e))
+        self.file.sync_data().map_err(|e| Error::io("flush", 0, e))
     }
 
     fn len(&self) -> u64 {
@@ -142,7 +140,10 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let blocks = std::fs::metadata(&path).unwrap().blocks();
         assert!(blocks * 512 < 1 << 20, "file should be sparse");
-        assert!(FileDevice::create(&path, 1 << 20).is_err(), "create must not clobber");
+        assert!(
+            FileDevice::create(&path, 1 << 20).is_err(),
+            "create must not clobber"
+        );
         let reopened = FileDevice::open(&path).unwrap();
         assert_eq!(reopened.len(), 8 << 20);
         assert!(!reopened.is_block_device());

@@ -2,19 +2,19 @@
 //! and never to a file or block device directly, so tests can put a crash-simulating or
 //! fault-injecting device underneath the real engine.
 
-mod file;
-mod memory;
 #[cfg(any(test, feature = "testing"))]
 mod crash;
 #[cfg(any(test, feature = "testing"))]
 mod fault;
+mod file;
+mod memory;
 
-pub use file::FileDevice;
-pub use memory::MemoryDevice;
 #[cfg(any(test, feature = "testing"))]
 pub use crash::{CrashDevice, CrashPoint, History};
 #[cfg(any(test, feature = "testing"))]
 pub use fault::{FaultDevice, FaultKind};
+pub use file::FileDevice;
+pub use memory::MemoryDevice;
 
 use crate::error::Result;
 

@@ -145,13 +145,22 @@ mod tests {
         let mut p = new_page();
         p[100] = 7;
         seal(&mut p, PageKind::MapLeaf, 42, 9);
-        assert_eq!(verify(&p, &[PageKind::MapLeaf], 42).unwrap(), (PageKind::MapLeaf, 9));
-        assert!(verify(&p, &[PageKind::MapLeaf], 43).is_err(), "wrong location");
+        assert_eq!(
+            verify(&p, &[PageKind::MapLeaf], 42).unwrap(),
+            (PageKind::MapLeaf, 9)
+        );
+        assert!(
+            verify(&p, &[PageKind::MapLeaf], 43).is_err(),
+            "wrong location"
+        );
         assert!(verify(&p, &[PageKind::Catalog], 42).is_err(), "wrong kind");
         for byte in [0usize, 4, 8, 16, 24, 100, 4095] {
             let mut q = p.clone();
             q[byte] ^= 0x10;
-            assert!(verify(&q, &[PageKind::MapLeaf], 42).is_err(), "flip at {byte}");
+            assert!(
+                verify(&q, &[PageKind::MapLeaf], 42).is_err(),
+                "flip at {byte}"
+            );
         }
     }
 }

@@ -58,7 +58,8 @@ impl Superblock {
             return Err(bad(format!("page size {}", get_u32(&p[..], 36))));
         }
         let block_size = get_u32(&p[..], 40);
-        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        {
             return Err(bad(format!("block size {block_size}")));
         }
         let sb = Superblock {
@@ -81,7 +82,10 @@ impl Superblock {
             )));
         }
         if sb.used_units > sb.total_units {
-            return Err(bad(format!("{} units used of {}", sb.used_units, sb.total_units)));
+            return Err(bad(format!(
+                "{} units used of {}",
+                sb.used_units, sb.total_units
+            )));
         }
         let in_pool = |u: u64| u >= SUPERBLOCK_UNITS && u < sb.total_units;
         if !in_pool(sb.space_root) || sb.space_height == 0 || sb.space_height > 8 {
@@ -116,7 +120,13 @@ mod tests {
         };
         let p = sb.encode();
         assert_eq!(Superblock::decode(&p, 1, 1000 * 4096).unwrap(), sb);
-        assert!(Superblock::decode(&p, 0, 1000 * 4096).is_err(), "slot is checked");
-        assert!(Superblock::decode(&p, 1, 999 * 4096).is_err(), "device too small");
+        assert!(
+            Superblock::decode(&p, 0, 1000 * 4096).is_err(),
+            "slot is checked"
+        );
+        assert!(
+            Superblock::decode(&p, 1, 999 * 4096).is_err(),
+            "device too small"
+        );
     }
 }

@@ -249,7 +249,10 @@ impl SpaceMap {
             return Err(Error::corrupt(
                 "block reference",
                 unit,
-                format!("unit {unit} is beyond the pool ({} units)", self.total_units),
+                format!(
+                    "unit {unit} is beyond the pool ({} units)",
+                    self.total_units
+                ),
             ));
         }
         let i = (unit / LEAF_ENTRIES) as usize;
@@ -302,7 +305,11 @@ impl SpaceMap {
 
     fn free_here(&mut self, unit: u64, n: u64) -> Result<bool> {
         for u in unit..unit + n {
-            if u >= self.total_units || self.freed.contains(&u) || self.cooling.contains(&u) || self.get(u)? != 0 {
+            if u >= self.total_units
+                || self.freed.contains(&u)
+                || self.cooling.contains(&u)
+                || self.get(u)? != 0
+            {
                 return Ok(false);
             }
         }
@@ -313,9 +320,7 @@ impl SpaceMap {
     pub(crate) fn alloc(&mut self, n: u64, reserve: Reserve, op: &'static str) -> Result<u64> {
         let usable = match reserve {
             Reserve::Keep => self.usable_units(),
-            Reserve::Use => self
-                .total_units
-                .saturating_sub(self.used + self.held()),
+            Reserve::Use => self.total_units.saturating_sub(self.used + self.held()),
         };
         if usable < n {
             return Err(Error::NoSpace {
@@ -477,9 +482,19 @@ impl SpaceMap {
                 let mut page = new_page();
                 let first = p * INDEX_ENTRIES as usize;
                 let children: Vec<u64> = if lvl == 0 {
-                    self.leaves.iter().skip(first).take(INDEX_ENTRIES as usize).map(|l| l.loc).collect()
+                    self.leaves
+                        .iter()
+                        .skip(first)
+                        .take(INDEX_ENTRIES as usize)
+                        .map(|l| l.loc)
+                        .collect()
                 } else {
-                    self.levels[lvl - 1].iter().skip(first).take(INDEX_ENTRIES as usize).map(|c| c.loc).collect()
+                    self.levels[lvl - 1]
+                        .iter()
+                        .skip(first)
+                        .take(INDEX_ENTRIES as usize)
+                        .map(|c| c.loc)
+                        .collect()
                 };
                 for (k, c) in children.iter().enumerate() {
                     format::put_u64(&mut page[..], HEADER_LEN + 8 * k, *c);
@@ -529,7 +544,11 @@ impl SpaceMap {
 
 fn read_page(dev: &dyn BlockDevice, loc: u64, total: u64, kind: PageKind) -> Result<Box<Page>> {
     if !(SUPERBLOCK_UNITS..total).contains(&loc) {
-        return Err(Error::corrupt(kind.name(), loc, "location outside the pool"));
+        return Err(Error::corrupt(
+            kind.name(),
+            loc,
+            "location outside the pool",
+        ));
     }
     let mut page = new_page();
     dev.read_at(&mut page[..], loc * PAGE_SIZE as u64)?;
@@ -572,7 +591,10 @@ mod tests {
         commit(&mut sm, &dev, 1);
         for _ in 0..100 {
             let u = sm.alloc(1, Reserve::Keep, "t").unwrap();
-            assert!(u != a && !(b..b + 4).contains(&u), "still cooling after one commit");
+            assert!(
+                u != a && !(b..b + 4).contains(&u),
+                "still cooling after one commit"
+            );
         }
         commit(&mut sm, &dev, 2);
         let used = sm.used_units();
@@ -601,7 +623,10 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 256 - 2 - reserve_for(256));
-        assert!(matches!(sm.alloc(1, Reserve::Keep, "t"), Err(Error::NoSpace { .. })));
+        assert!(matches!(
+            sm.alloc(1, Reserve::Keep, "t"),
+            Err(Error::NoSpace { .. })
+        ));
         assert!(sm.alloc(1, Reserve::Use, "t").is_ok());
     }
 

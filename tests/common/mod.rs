@@ -10,26 +10,68 @@ pub fn fixed_workload() -> Vec<Op> {
     use Op::*;
     vec![
         Create { size: 600_000 },
-        Write { vol: 0, offset: 1000, len: 200_000, seed: 1 },
+        Write {
+            vol: 0,
+            offset: 1000,
+            len: 200_000,
+            seed: 1,
+        },
         Flush,
         Snapshot { vol: 0 },
-        Write { vol: 0, offset: 50_000, len: 9000, seed: 2 },
+        Write {
+            vol: 0,
+            offset: 50_000,
+            len: 9000,
+            seed: 2,
+        },
         Create { size: 300_000 },
-        Write { vol: 1, offset: 0, len: 300_000, seed: 3 },
+        Write {
+            vol: 1,
+            offset: 0,
+            len: 300_000,
+            seed: 3,
+        },
         GroupSnapshot { a: 0, b: 1 },
         CloneSnapshot { snap: 0 },
-        Write { vol: 2, offset: 4095, len: 2, seed: 4 },
-        Discard { vol: 0, offset: 0, len: 100_000 },
+        Write {
+            vol: 2,
+            offset: 4095,
+            len: 2,
+            seed: 4,
+        },
+        Discard {
+            vol: 0,
+            offset: 0,
+            len: 100_000,
+        },
         Flush,
         CloneVolume { vol: 1 },
-        Write { vol: 1, offset: 70_000, len: 70_000, seed: 5 },
+        Write {
+            vol: 1,
+            offset: 70_000,
+            len: 70_000,
+            seed: 5,
+        },
         DeleteSnapshot { snap: 0 },
-        Resize { vol: 0, size: 123_457 },
+        Resize {
+            vol: 0,
+            size: 123_457,
+        },
         Rollback { vol: 1, snap: 0 },
         Rename { vol: 2 },
-        Write { vol: 3, offset: 10, len: 5000, seed: 6 },
+        Write {
+            vol: 3,
+            offset: 10,
+            len: 5000,
+            seed: 6,
+        },
         DeleteVolume { vol: 0 },
-        Write { vol: 0, offset: 0, len: 20_000, seed: 7 },
+        Write {
+            vol: 0,
+            offset: 0,
+            len: 20_000,
+            seed: 7,
+        },
         Flush,
     ]
 }
@@ -37,19 +79,51 @@ use std::collections::BTreeMap;
 
 #[derive(Clone, Debug)]
 pub enum Op {
-    Create { size: u64 },
-    Write { vol: usize, offset: u64, len: u64, seed: u8 },
-    Discard { vol: usize, offset: u64, len: u64 },
+    Create {
+        size: u64,
+    },
+    Write {
+        vol: usize,
+        offset: u64,
+        len: u64,
+        seed: u8,
+    },
+    Discard {
+        vol: usize,
+        offset: u64,
+        len: u64,
+    },
     Flush,
-    Snapshot { vol: usize },
-    GroupSnapshot { a: usize, b: usize },
-    CloneSnapshot { snap: usize },
-    CloneVolume { vol: usize },
-    Rollback { vol: usize, snap: usize },
-    DeleteVolume { vol: usize },
-    DeleteSnapshot { snap: usize },
-    Resize { vol: usize, size: u64 },
-    Rename { vol: usize },
+    Snapshot {
+        vol: usize,
+    },
+    GroupSnapshot {
+        a: usize,
+        b: usize,
+    },
+    CloneSnapshot {
+        snap: usize,
+    },
+    CloneVolume {
+        vol: usize,
+    },
+    Rollback {
+        vol: usize,
+        snap: usize,
+    },
+    DeleteVolume {
+        vol: usize,
+    },
+    DeleteSnapshot {
+        snap: usize,
+    },
+    Resize {
+        vol: usize,
+        size: u64,
+    },
+    Rename {
+        vol: usize,
+    },
     Reopen,
 }
 
@@ -116,19 +190,31 @@ impl Model {
     }
 
     fn vol_name(&self, id: u128) -> Option<String> {
-        self.volumes.iter().find(|(_, v)| v.0 == id).map(|(n, _)| n.clone())
+        self.volumes
+            .iter()
+            .find(|(_, v)| v.0 == id)
+            .map(|(n, _)| n.clone())
     }
 
     /// Snapshots reachable by `vol@name` (their volume is alive).
     fn named_snapshots(&self) -> Vec<usize> {
         (0..self.snapshots.len())
-            .filter(|&i| self.snapshots[i].volume.is_some_and(|v| self.vol_name(v).is_some()))
+            .filter(|&i| {
+                self.snapshots[i]
+                    .volume
+                    .is_some_and(|v| self.vol_name(v).is_some())
+            })
             .collect()
     }
 
     /// Applies `op` to the pool and the model. Errors the model predicts (a full pool) are
     /// accepted; anything else is returned. Returns the pool to keep using.
-    pub fn apply(&mut self, pool: Pool, op: &Op, reopen: &dyn Fn(Pool) -> Pool) -> Result<Pool, Error> {
+    pub fn apply(
+        &mut self,
+        pool: Pool,
+        op: &Op,
+        reopen: &dyn Fn(Pool) -> Pool,
+    ) -> Result<Pool, Error> {
         if let Op::Reopen = op {
             return Ok(reopen(pool));
         }
@@ -172,8 +258,15 @@ impl Model {
                 let id = call!(p => p.create_volume(&name, *size).map(|v| v.id()), 0)?;
                 self.volumes.insert(name, (id, vec![0; *size as usize]));
             }
-            Op::Write { vol, offset, len, seed } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
+            Op::Write {
+                vol,
+                offset,
+                len,
+                seed,
+            } => {
+                let Some(name) = self.nth_volume(*vol) else {
+                    return Ok(());
+                };
                 let data = &mut self.volumes.get_mut(&name).unwrap().1;
                 let size = data.len() as u64;
                 let off = offset % size;
@@ -183,7 +276,9 @@ impl Model {
                 tolerate_full!(r, () => data[off as usize..(off + len) as usize].copy_from_slice(&bytes));
             }
             Op::Discard { vol, offset, len } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
+                let Some(name) = self.nth_volume(*vol) else {
+                    return Ok(());
+                };
                 let data = &mut self.volumes.get_mut(&name).unwrap().1;
                 let size = data.len() as u64;
                 let off = offset % size;
@@ -192,7 +287,9 @@ impl Model {
                 tolerate_full!(r, () => data[off as usize..(off + len) as usize].fill(0));
             }
             Op::Snapshot { vol } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
+                let Some(name) = self.nth_volume(*vol) else {
+                    return Ok(());
+                };
                 let snap = self.fresh("s");
                 let r = call!(p => p.snapshot(&name, &snap), 0);
                 tolerate_full!(r, id => {
@@ -201,7 +298,9 @@ impl Model {
                 });
             }
             Op::GroupSnapshot { a, b } => {
-                let (Some(x), Some(y)) = (self.nth_volume(*a), self.nth_volume(*b)) else { return Ok(()) };
+                let (Some(x), Some(y)) = (self.nth_volume(*a), self.nth_volume(*b)) else {
+                    return Ok(());
+                };
                 let (sx, sy) = (self.fresh("g"), self.fresh("g"));
                 if x == y {
                     return Ok(());
@@ -226,7 +325,9 @@ impl Model {
                 tolerate_full!(r, id => { self.volumes.insert(new, (id, s.data.clone())); });
             }
             Op::CloneVolume { vol } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
+                let Some(name) = self.nth_volume(*vol) else {
+                    return Ok(());
+                };
                 let new = self.fresh("c");
                 let r = call!(p => p.clone_volume(&name, &new).map(|v| v.id()), 0);
                 tolerate_full!(r, id => {
@@ -235,7 +336,9 @@ impl Model {
                 });
             }
             Op::Rollback { vol, snap } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
+                let Some(name) = self.nth_volume(*vol) else {
+                    return Ok(());
+                };
                 let vid = self.volumes[&name].0;
                 let mine: Vec<usize> = (0..self.snapshots.len())
                     .filter(|&i| self.snapshots[i].volume == Some(vid))
@@ -248,7 +351,9 @@ impl Model {
                 self.volumes.get_mut(&name).unwrap().1 = s.data;
             }
             Op::DeleteVolume { vol } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
+                let Some(name) = self.nth_volume(*vol) else {
+                    return Ok(());
+                };
                 call!(p => p.delete_volume(&name), ())?;
                 let (vid, _) = self.volumes.remove(&name).unwrap();
                 for s in &mut self.snapshots {
@@ -269,12 +374,16 @@ impl Model {
                 self.snapshots.remove(i);
             }
             Op::Resize { vol, size } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
+                let Some(name) = self.nth_volume(*vol) else {
+                    return Ok(());
+                };
                 let r = call!(p => p.resize_volume(&name, *size), ());
                 tolerate_full!(r, () => self.volumes.get_mut(&name).unwrap().1.resize(*size as usize, 0));
             }
             Op::Rename { vol } => {
-                let Some(name) = self.nth_volume(*vol) else { return Ok(()) };
+                let Some(name) = self.nth_volume(*vol) else {
+                    return Ok(());
+                };
                 let new = self.fresh("r");
                 call!(p => p.rename_volume(&name, &new), ())?;
                 let v = self.volumes.remove(&name).unwrap();
@@ -288,7 +397,10 @@ impl Model {
     /// write that fails may land in part, as on any disk); snapshots never are.
     pub fn undefined_range(&self, op: &Op) -> Option<(String, u64, u64)> {
         let (vol, offset, len) = match op {
-            Op::Write { vol, offset, len, .. } | Op::Discard { vol, offset, len } => (*vol, *offset, *len),
+            Op::Write {
+                vol, offset, len, ..
+            }
+            | Op::Discard { vol, offset, len } => (*vol, *offset, *len),
             _ => return None,
         };
         let name = self.nth_volume(vol)?;
@@ -322,8 +434,16 @@ impl Model {
             let mut buf = vec![0u8; data.len()];
             vol.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
             if buf != *data {
-                let at = buf.iter().zip(data.iter()).position(|(a, b)| a != b).unwrap();
-                let n = buf[at..].iter().zip(&data[at..]).take_while(|(a, b)| a != b).count();
+                let at = buf
+                    .iter()
+                    .zip(data.iter())
+                    .position(|(a, b)| a != b)
+                    .unwrap();
+                let n = buf[at..]
+                    .iter()
+                    .zip(&data[at..])
+                    .take_while(|(a, b)| a != b)
+                    .count();
                 return Err(format!(
                     "contents of {name} at byte {at} for {n} bytes (pool {:#x}, model {:#x})",
                     buf[at], data[at]
