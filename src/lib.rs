@@ -48,3 +48,8 @@ pub use error::{Error, Result};
 pub use format::{DEFAULT_BLOCK_SIZE, FORMAT_VERSION, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE};
 pub use pool::{Pool, PoolOptions, PoolStats, SnapshotInfo, Usage, VolumeInfo};
 pub use volume::{Snapshot, Volume, VolumeIo};
+
+/// The README's example runs as a doctest, so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

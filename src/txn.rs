@@ -24,6 +24,11 @@ use crate::store::Store;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+/// Dirty metadata pages held in memory before a commit is forced (256 MiB): the memory
+/// bound of a transaction. Node pages already own their units, so the bound is not tied to
+/// the reserve.
+const MAX_DIRTY_PAGES: usize = 65536;
+
 /// Smallest pool: room for the superblocks, the reserve and a little data.
 pub(crate) const MIN_UNITS: u64 = 256;
 
@@ -36,8 +41,9 @@ pub(crate) struct Engine {
     pub(crate) sb: Superblock,
     pub(crate) last_commit: Instant,
     pub(crate) poisoned: Option<String>,
-    /// Dirty pages that trigger a commit on their own.
-    pub(crate) auto_commit_pages: usize,
+    /// Dirty space map pages that trigger a commit: relocating them at commit draws on the
+    /// reserve, so they stay well below it.
+    pub(crate) auto_commit_space_pages: usize,
     /// Inside a catalog operation: no automatic commit may expose half of it.
     in_catalog_op: bool,
 }
@@ -126,7 +132,7 @@ impl Engine {
             last_commit: Instant::now(),
             poisoned: None,
             in_catalog_op: false,
-            auto_commit_pages: (reserve / 3).clamp(8, 8192),
+            auto_commit_space_pages: (reserve / 3).max(8),
         }
     }
 
@@ -179,9 +185,7 @@ impl Engine {
     /// Throws away the open transaction and returns to the last commit.
     pub(crate) fn reload(&mut self) -> Result<()> {
         let fresh = Engine::open(self.store.dev.clone())?;
-        let auto = self.auto_commit_pages;
         *self = fresh;
-        self.auto_commit_pages = auto;
         Ok(())
     }
 
@@ -244,7 +248,8 @@ impl Engine {
         if self.in_catalog_op {
             return Ok(());
         }
-        if self.store.dirty_pages() >= self.auto_commit_pages
+        if self.store.dirty_pages() >= MAX_DIRTY_PAGES
+            || self.store.sm.dirty_pages() >= self.auto_commit_space_pages
             || (self.store.dirty_pages() > 0 && self.last_commit.elapsed() >= max_age)
         {
             self.commit()?;
