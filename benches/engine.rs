@@ -84,34 +84,40 @@ fn snapshot_latency(c: &mut Criterion) {
         let vol = pool.create_volume(name, gib * GIB).unwrap();
         fill(&vol, gib * GIB);
         let mut i = 0u64;
-        g.bench_function(BenchmarkId::new("snapshot", format!("{gib}GiB-written")), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    i += 1;
-                    let s = format!("s{i}");
-                    let t = Instant::now();
-                    pool.snapshot(name, &s).unwrap();
-                    total += t.elapsed();
-                    pool.delete_snapshot(name, &s).unwrap();
-                }
-                total
-            })
-        });
-        g.bench_function(BenchmarkId::new("clone", format!("{gib}GiB-written")), |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    i += 1;
-                    let s = format!("c{i}");
-                    let t = Instant::now();
-                    pool.clone_volume(name, &s).unwrap();
-                    total += t.elapsed();
-                    pool.delete_volume(&s).unwrap();
-                }
-                total
-            })
-        });
+        g.bench_function(
+            BenchmarkId::new("snapshot", format!("{gib}GiB-written")),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        i += 1;
+                        let s = format!("s{i}");
+                        let t = Instant::now();
+                        pool.snapshot(name, &s).unwrap();
+                        total += t.elapsed();
+                        pool.delete_snapshot(name, &s).unwrap();
+                    }
+                    total
+                })
+            },
+        );
+        g.bench_function(
+            BenchmarkId::new("clone", format!("{gib}GiB-written")),
+            |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        i += 1;
+                        let s = format!("c{i}");
+                        let t = Instant::now();
+                        pool.clone_volume(name, &s).unwrap();
+                        total += t.elapsed();
+                        pool.delete_volume(&s).unwrap();
+                    }
+                    total
+                })
+            },
+        );
     }
     g.finish();
 }
@@ -129,7 +135,11 @@ fn random_writes(c: &mut Criterion) {
 
     let mut rng = Rng(0x1234_5678);
     g.bench_function("plain-file-sparse", |b| {
-        b.iter(|| plain.write_all_at(&buf, (rng.next() % blocks) * 4096).unwrap())
+        b.iter(|| {
+            plain
+                .write_all_at(&buf, (rng.next() % blocks) * 4096)
+                .unwrap()
+        })
     });
 
     // (a) Unallocated: a fresh volume whenever the current one fills up.
@@ -166,7 +176,11 @@ fn random_writes(c: &mut Criterion) {
     // The baseline for (b) and (c): a plain file written whole once, like the volumes.
     fill_plain(&plain, size);
     g.bench_function("plain-file-written", |b| {
-        b.iter(|| plain.write_all_at(&buf, (rng.next() % blocks) * 4096).unwrap())
+        b.iter(|| {
+            plain
+                .write_all_at(&buf, (rng.next() % blocks) * 4096)
+                .unwrap()
+        })
     });
 
     // (b) Owned: every block written once before, no snapshot.
@@ -188,7 +202,8 @@ fn random_writes(c: &mut Criterion) {
             for _ in 0..iters {
                 if k % (blocks / 2) == 0 {
                     if snaps > 0 {
-                        pool.delete_snapshot("shared", &format!("s{snaps}")).unwrap();
+                        pool.delete_snapshot("shared", &format!("s{snaps}"))
+                            .unwrap();
                     }
                     snaps += 1;
                     pool.snapshot("shared", &format!("s{snaps}")).unwrap();
@@ -279,13 +294,24 @@ fn read_depth(c: &mut Criterion) {
     let mut g = c.benchmark_group("read-4k-random");
     g.sample_size(20).measurement_time(Duration::from_secs(8));
     g.bench_function("plain-file", |b| {
-        b.iter(|| plain.read_exact_at(&mut buf, (rng.next() % blocks) * 4096).unwrap())
+        b.iter(|| {
+            plain
+                .read_exact_at(&mut buf, (rng.next() % blocks) * 4096)
+                .unwrap()
+        })
     });
     g.bench_function("depth-1", |b| {
-        b.iter(|| shallow.read_at(&mut buf, (rng.next() % blocks) * 4096).unwrap())
+        b.iter(|| {
+            shallow
+                .read_at(&mut buf, (rng.next() % blocks) * 4096)
+                .unwrap()
+        })
     });
     g.bench_function("depth-64", |b| {
-        b.iter(|| deep.read_at(&mut buf, (rng.next() % blocks) * 4096).unwrap())
+        b.iter(|| {
+            deep.read_at(&mut buf, (rng.next() % blocks) * 4096)
+                .unwrap()
+        })
     });
     g.finish();
 }
@@ -306,7 +332,9 @@ fn write_flush(c: &mut Criterion) {
     g.sample_size(20).measurement_time(Duration::from_secs(8));
     g.bench_function("plain-file-fdatasync", |b| {
         b.iter(|| {
-            plain.write_all_at(&buf, (rng.next() % blocks) * 4096).unwrap();
+            plain
+                .write_all_at(&buf, (rng.next() % blocks) * 4096)
+                .unwrap();
             plain.sync_data().unwrap();
         })
     });

@@ -60,7 +60,9 @@ fn read_all(len: u64, read: impl Fn(&mut [u8], u64) -> Result<()>) -> Result<Vec
 /// Writes a snapshot as a raw image; blocks of zeros become holes.
 fn export(snap: &Snapshot, path: &Path) -> Result<u64> {
     let len = snap.len()?;
-    let file = File::create(path).map_err(std::io::Error::from).map_err(io_err)?;
+    let file = File::create(path)
+        .map_err(std::io::Error::from)
+        .map_err(io_err)?;
     file.set_len(len).map_err(io_err)?;
     let mut buf = vec![0u8; MIB as usize];
     let mut data = 0;
@@ -69,7 +71,8 @@ fn export(snap: &Snapshot, path: &Path) -> Result<u64> {
         snap.read_at(&mut buf[..n], off)?;
         for (i, block) in buf[..n].chunks(4096).enumerate() {
             if block.iter().any(|&b| b != 0) {
-                file.write_all_at(block, off + (i * 4096) as u64).map_err(io_err)?;
+                file.write_all_at(block, off + (i * 4096) as u64)
+                    .map_err(io_err)?;
                 data += block.len() as u64;
             }
         }
@@ -105,7 +108,8 @@ fn main() -> Result<()> {
     let (dir, _keep) = match std::env::args().nth(1) {
         Some(d) => (PathBuf::from(d), None),
         None => {
-            let t = std::env::temp_dir().join(format!("snapvol-walkthrough-{}", std::process::id()));
+            let t =
+                std::env::temp_dir().join(format!("snapvol-walkthrough-{}", std::process::id()));
             (t.clone(), Some(TempDir(t)))
         }
     };
@@ -114,16 +118,25 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_file(&path);
     println!("snapvol walkthrough in {}", dir.display());
     let pool = Pool::create_file(&path, 8 << 30, PoolOptions::default())?;
-    println!("pool: 8 GiB sparse file, block size {}", human(pool.block_size() as u64));
+    println!(
+        "pool: 8 GiB sparse file, block size {}",
+        human(pool.block_size() as u64)
+    );
 
     println!("\n1. Template volume cloned for two workers (PVC dataSource: PVC)");
     let template = step(&pool, "create volume 'template' (1 GiB, thin)", || {
         pool.create_volume("template", 1 << 30)
     })?;
-    step(&pool, "write 256 MiB into the template and flush", || fill(&template, 256 * MIB, 1))?;
+    step(&pool, "write 256 MiB into the template and flush", || {
+        fill(&template, 256 * MIB, 1)
+    })?;
     let used_before = pool.stats().used;
-    step(&pool, "clone 'template' -> 'worker-1'", || pool.clone_volume("template", "worker-1"))?;
-    step(&pool, "clone 'template' -> 'worker-2'", || pool.clone_volume("template", "worker-2"))?;
+    step(&pool, "clone 'template' -> 'worker-1'", || {
+        pool.clone_volume("template", "worker-1")
+    })?;
+    step(&pool, "clone 'template' -> 'worker-2'", || {
+        pool.clone_volume("template", "worker-2")
+    })?;
     let w1 = pool.volume("worker-1")?;
     step(&pool, "worker-1 writes 4 MiB of its own", || {
         w1.write_at(&vec![0x77; 4 * MIB as usize], 0)?;
@@ -144,20 +157,28 @@ fn main() -> Result<()> {
     );
 
     println!("\n2. Snapshot before an upgrade, then roll back (VolumeSnapshot + restore)");
-    let db = step(&pool, "create volume 'db' (512 MiB) and write 64 MiB", || {
-        let v = pool.create_volume("db", 512 * MIB)?;
-        fill(&v, 64 * MIB, 2)?;
-        Ok(v)
-    })?;
+    let db = step(
+        &pool,
+        "create volume 'db' (512 MiB) and write 64 MiB",
+        || {
+            let v = pool.create_volume("db", 512 * MIB)?;
+            fill(&v, 64 * MIB, 2)?;
+            Ok(v)
+        },
+    )?;
     let original = read_all(64 * MIB, |b, o| db.read_at(b, o))?;
-    step(&pool, "snapshot db@before-upgrade", || pool.snapshot("db", "before-upgrade"))?;
+    step(&pool, "snapshot db@before-upgrade", || {
+        pool.snapshot("db", "before-upgrade")
+    })?;
     step(&pool, "upgrade: rewrite 16 MiB, discard 8 MiB", || {
         db.write_at(&vec![0xEE; 16 * MIB as usize], 8 * MIB)?;
         db.discard(40 * MIB, 8 * MIB)?;
         db.flush()
     })?;
     assert_ne!(read_all(64 * MIB, |b, o| db.read_at(b, o))?, original);
-    step(&pool, "rollback db to db@before-upgrade", || pool.rollback("db", "before-upgrade"))?;
+    step(&pool, "rollback db to db@before-upgrade", || {
+        pool.rollback("db", "before-upgrade")
+    })?;
     let back = read_all(64 * MIB, |b, o| db.read_at(b, o))?;
     assert!(back == original, "rollback must restore the data");
     println!("     db reads exactly as before the upgrade (64 MiB compared)");
@@ -177,7 +198,9 @@ fn main() -> Result<()> {
             Ok(n)
         });
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let id = step(&pool, "snapshot app@backup while a writer runs", || pool.snapshot("app", "backup"))?;
+        let id = step(&pool, "snapshot app@backup while a writer runs", || {
+            pool.snapshot("app", "backup")
+        })?;
         std::thread::sleep(std::time::Duration::from_millis(50));
         stop.store(true, Ordering::Relaxed);
         let writes = writer.join().expect("writer thread")?;
@@ -186,18 +209,29 @@ fn main() -> Result<()> {
     })?;
     let snap = pool.snapshot_by_id(snap_id)?;
     let image = dir.join("app-backup.raw");
-    let exported = step(&pool, "export app@backup to a sparse raw image", || export(&snap, &image))?;
-    println!("     {} of data in a {} image", human(exported), human(snap.len()?));
+    let exported = step(&pool, "export app@backup to a sparse raw image", || {
+        export(&snap, &image)
+    })?;
+    println!(
+        "     {} of data in a {} image",
+        human(exported),
+        human(snap.len()?)
+    );
     let path2 = dir.join("pool2.img");
     let _ = std::fs::remove_file(&path2);
     let pool2 = Pool::create_file(&path2, 2 << 30, PoolOptions::default())?;
-    let restored = step(&pool2, "import the image into a second pool as 'app-restored'", || {
-        import(&pool2, "app-restored", &image)
-    })?;
+    let restored = step(
+        &pool2,
+        "import the image into a second pool as 'app-restored'",
+        || import(&pool2, "app-restored", &image),
+    )?;
     let a = read_all(snap.len()?, |b, o| snap.read_at(b, o))?;
     let b = read_all(restored.len()?, |b, o| restored.read_at(b, o))?;
     assert!(a == b, "restored volume must equal the snapshot");
-    println!("     app-restored equals app@backup byte for byte ({})", human(a.len() as u64));
+    println!(
+        "     app-restored equals app@backup byte for byte ({})",
+        human(a.len() as u64)
+    );
 
     let t = Instant::now();
     let report = pool.check()?;

@@ -40,6 +40,7 @@ mod pool;
 mod space;
 mod store;
 mod txn;
+mod unit_hash;
 mod volume;
 
 pub use catalog::MAX_NAME;

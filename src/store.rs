@@ -11,7 +11,7 @@ use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{new_page, PAGE_SIZE};
 use crate::space::{Reserve, SpaceMap};
-use std::collections::HashMap;
+use crate::unit_hash::UnitMap;
 use std::sync::Arc;
 
 struct Cached {
@@ -25,7 +25,7 @@ const NODE_CACHE: usize = 16384;
 pub(crate) struct Store {
     pub(crate) dev: Arc<dyn BlockDevice>,
     pub(crate) sm: SpaceMap,
-    nodes: HashMap<u64, Cached>,
+    nodes: UnitMap<Cached>,
     dirty: Vec<u64>,
     /// Generation of the open transaction (the last commit's + 1).
     pub(crate) generation: u64,
@@ -45,7 +45,7 @@ impl Store {
         Store {
             dev,
             sm,
-            nodes: HashMap::new(),
+            nodes: UnitMap::default(),
             dirty: Vec::new(),
             generation,
             block_size,
@@ -93,7 +93,7 @@ impl Store {
 
     /// Allocates a unit for a new node, owned by the open transaction.
     pub(crate) fn alloc_node(&mut self, node: Node) -> Result<u64> {
-        let loc = self.sm.alloc(1, self.reserve, "block map update")?;
+        let loc = self.sm.alloc_page(self.reserve, "block map update")?;
         self.nodes.insert(loc, Cached { node, dirty: true });
         self.dirty.push(loc);
         Ok(loc)

@@ -291,7 +291,7 @@ impl Engine {
             let n = bytes.len().div_ceil(PAYLOAD);
             let mut locs = Vec::with_capacity(n);
             for _ in 0..n {
-                locs.push(self.store.sm.alloc(1, Reserve::Use, "commit")?);
+                locs.push(self.store.sm.alloc_page(Reserve::Use, "commit")?);
             }
             for (i, chunk) in bytes.chunks(PAYLOAD).enumerate() {
                 let mut p = new_page();

@@ -48,10 +48,14 @@ impl Engine {
     }
 
     fn check_range(&self, t: Target, offset: u64, len: usize) -> Result<(u64, u64)> {
-        let (root, size, name) = self.target(t)?;
+        let (root, size) = match t {
+            Target::Volume(id) => self.catalog.volume_by_id(id).map(|v| (v.root, v.size)),
+            Target::Snapshot(id) => self.catalog.snapshot_by_id(id).map(|s| (s.root, s.size)),
+        }
+        .ok_or_else(|| self.target(t).unwrap_err())?;
         if offset.checked_add(len as u64).is_none_or(|end| end > size) {
             return Err(Error::OutOfRange {
-                what: name,
+                what: self.target(t)?.2,
                 offset,
                 len: len as u64,
                 size,
@@ -72,10 +76,12 @@ impl Engine {
         let first = offset / bs;
         let end = (offset + buf.len() as u64).div_ceil(bs);
         let mut found = Vec::new();
-        self.store.lookup_range(root, first, end, &mut found)?;
-        buf.fill(0);
-        // Coalesce: consecutive blocks at consecutive device places become one read.
+        self.store
+            .lookup_range_for_read(root, first, end, &mut found)?;
+        // Coalesce: consecutive blocks at consecutive device places become one read. Bytes
+        // no read covers (unmapped blocks) are zeroed.
         let mut run: Option<(u64, usize, usize)> = None; // (device byte, buf start, buf end)
+        let mut covered = 0usize;
         for f in found {
             let b = f.map.key;
             let lo = (b * bs).max(offset);
@@ -86,15 +92,20 @@ impl Engine {
                 Some((rat, rs, re)) if *re == s && *rat + (*re - *rs) as u64 == at => *re = e,
                 _ => {
                     if let Some((rat, rs, re)) = run.take() {
+                        buf[covered..rs].fill(0);
                         self.store.dev.read_at(&mut buf[rs..re], rat)?;
+                        covered = re;
                     }
                     run = Some((at, s, e));
                 }
             }
         }
         if let Some((rat, rs, re)) = run {
+            buf[covered..rs].fill(0);
             self.store.dev.read_at(&mut buf[rs..re], rat)?;
+            covered = re;
         }
+        buf[covered..].fill(0);
         Ok(())
     }
 

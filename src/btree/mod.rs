@@ -44,6 +44,27 @@ impl Store {
         self.walk_range(root, lo, hi, false, out, 0)
     }
 
+    /// As [`Store::lookup_range`] for readers, who do not care about sharing: skips the
+    /// reference count lookups (`path_shared` is always false).
+    pub(crate) fn lookup_range_for_read(
+        &mut self,
+        root: u64,
+        lo: u64,
+        hi: u64,
+        out: &mut Vec<Found>,
+    ) -> Result<()> {
+        if root == 0 || lo >= hi {
+            return Ok(());
+        }
+        // Marking the root as shared makes the walk skip the count lookups below it.
+        let from = out.len();
+        self.walk_range(root, lo, hi, true, out, 0)?;
+        for f in &mut out[from..] {
+            f.path_shared = false;
+        }
+        Ok(())
+    }
+
     fn walk_range(
         &mut self,
         loc: u64,
@@ -60,8 +81,9 @@ impl Store {
                 "tree deeper than 32 levels (cycle?)",
             ));
         }
+        // Short-circuit: below a shared node everything is shared, no need to look.
         let shared = shared_above || self.sm.get(loc)? > 1;
-        let children: Vec<u64> = match self.node(loc)? {
+        let (start, end) = match self.node(loc)? {
             Node::Leaf(v) => {
                 let start = v.partition_point(|m| m.key < lo);
                 out.extend(v[start..].iter().take_while(|m| m.key < hi).map(|m| Found {
@@ -72,15 +94,19 @@ impl Store {
             }
             Node::Branch(v) => {
                 let start = child_index(v, lo);
-                v[start..]
-                    .iter()
-                    .take_while(|c| c.0 < hi)
-                    .map(|c| c.1)
-                    .collect()
+                (
+                    start,
+                    start + v[start..].iter().take_while(|c| c.0 < hi).count(),
+                )
             }
         };
-        for c in children {
-            self.walk_range(c, lo, hi, shared, out, depth + 1)?;
+        for i in start..end {
+            // Looked up again per child: the recursion needs the store mutably.
+            let Node::Branch(v) = self.node(loc)? else {
+                unreachable!("a branch stays a branch during a lookup")
+            };
+            let child = v[i].1;
+            self.walk_range(child, lo, hi, shared, out, depth + 1)?;
         }
         Ok(())
     }
@@ -107,17 +133,17 @@ impl Store {
     fn insert_into(&mut self, loc: u64, m: Mapping) -> Result<InsertOutcome> {
         let (idx, child) = match self.node_mut(loc) {
             Node::Leaf(v) => {
-                let old = match v.binary_search_by_key(&m.key, |e| e.key) {
-                    Ok(i) => Some(std::mem::replace(&mut v[i], m)),
+                let (old, at) = match v.binary_search_by_key(&m.key, |e| e.key) {
+                    Ok(i) => (Some(std::mem::replace(&mut v[i], m)), i),
                     Err(i) => {
                         v.insert(i, m);
-                        None
+                        (None, i)
                     }
                 };
                 if v.len() <= LEAF_MAX {
                     return Ok((old, None));
                 }
-                let right = v.split_off(v.len() / 2);
+                let right = v.split_off(split_point(at, v.len()));
                 let key = right[0].key;
                 let r = self.alloc_node(Node::Leaf(right))?;
                 return Ok((old, Some((key, r))));
@@ -143,7 +169,7 @@ impl Store {
         if v.len() <= BRANCH_MAX {
             return Ok((old, None));
         }
-        let r = v.split_off(v.len() / 2);
+        let r = v.split_off(split_point(idx + 1, v.len()));
         let key = r[0].0;
         let r = self.alloc_node(Node::Branch(r))?;
         Ok((old, Some((key, r))))
@@ -237,6 +263,17 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+/// Where an overfull node of `len` entries splits after an insert at `at`: appending at the
+/// end (sequential writes) leaves the left node full and starts a new one, so a volume
+/// written front to back gets full leaves; any other insert splits in the middle.
+fn split_point(at: usize, len: usize) -> usize {
+    if at + 1 == len {
+        len - 1
+    } else {
+        len / 2
     }
 }
 

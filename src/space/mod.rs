@@ -17,7 +17,7 @@
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{self, new_page, Page, PageKind, HEADER_LEN, PAGE_SIZE, SUPERBLOCK_UNITS};
-use std::collections::HashSet;
+use crate::unit_hash::UnitSet;
 use std::sync::Arc;
 
 /// Counts per space map leaf page.
@@ -60,11 +60,14 @@ pub(crate) struct SpaceMap {
     levels: Vec<Vec<IndexPage>>,
     dirty_leaves: Vec<usize>,
     loaded: usize,
-    freed: HashSet<u64>,
+    freed: UnitSet,
     /// Units freed by the last commit: the older superblock may still reference them.
-    cooling: HashSet<u64>,
+    cooling: UnitSet,
     used: u64,
-    cursor: u64,
+    /// Where the next search starts: [metadata, data]. Data starts further in, so data
+    /// blocks written together stay physically contiguous (one device I/O for a run)
+    /// instead of being interleaved with map pages.
+    cursors: [u64; 2],
     reserve: u64,
 }
 
@@ -74,6 +77,10 @@ fn level_sizes(leaves: u64) -> Vec<u64> {
         v.push(v.last().unwrap().div_ceil(INDEX_ENTRIES));
     }
     v
+}
+
+fn initial_cursors(total_units: u64) -> [u64; 2] {
+    [SUPERBLOCK_UNITS, (total_units / 16).max(SUPERBLOCK_UNITS)]
 }
 
 /// Units held back from ordinary allocations so deletes and commits work on a full pool.
@@ -113,10 +120,10 @@ impl SpaceMap {
             levels,
             dirty_leaves: Vec::new(),
             loaded: 0,
-            freed: HashSet::new(),
-            cooling: HashSet::new(),
+            freed: UnitSet::default(),
+            cooling: UnitSet::default(),
             used: 0,
-            cursor: SUPERBLOCK_UNITS,
+            cursors: initial_cursors(total_units),
             reserve: reserve_for(total_units),
         };
         for u in 0..SUPERBLOCK_UNITS {
@@ -201,10 +208,10 @@ impl SpaceMap {
             levels,
             dirty_leaves: Vec::new(),
             loaded: 0,
-            freed: HashSet::new(),
-            cooling: HashSet::new(),
+            freed: UnitSet::default(),
+            cooling: UnitSet::default(),
             used,
-            cursor: SUPERBLOCK_UNITS,
+            cursors: initial_cursors(total_units),
             reserve: reserve_for(total_units),
         })
     }
@@ -279,6 +286,13 @@ impl SpaceMap {
 
     /// The raw count of a unit (0 free, [`CONT`] tail of a data block).
     pub(crate) fn get(&mut self, unit: u64) -> Result<u32> {
+        // Fast path: the leaf is loaded (the common case on every I/O).
+        if unit < self.total_units {
+            let i = (unit / LEAF_ENTRIES) as usize;
+            if let Some(counts) = &self.leaves[i].counts {
+                return Ok(counts[(unit % LEAF_ENTRIES) as usize]);
+            }
+        }
         let leaf = self.leaf(unit)?;
         Ok(leaf.counts.as_ref().unwrap()[(unit % LEAF_ENTRIES) as usize])
     }
@@ -316,8 +330,17 @@ impl SpaceMap {
         Ok(true)
     }
 
-    /// Allocates an aligned run of `n` units (a power of two) with count 1.
+    /// Allocates one unit for a metadata page, with count 1.
+    pub(crate) fn alloc_page(&mut self, reserve: Reserve, op: &'static str) -> Result<u64> {
+        self.alloc_from(0, 1, reserve, op)
+    }
+
+    /// Allocates an aligned run of `n` units (a power of two) for a data block, count 1.
     pub(crate) fn alloc(&mut self, n: u64, reserve: Reserve, op: &'static str) -> Result<u64> {
+        self.alloc_from(1, n, reserve, op)
+    }
+
+    fn alloc_from(&mut self, cursor: usize, n: u64, reserve: Reserve, op: &'static str) -> Result<u64> {
         let usable = match reserve {
             Reserve::Keep => self.usable_units(),
             Reserve::Use => self.total_units.saturating_sub(self.used + self.held()),
@@ -329,7 +352,7 @@ impl SpaceMap {
                 free: usable,
             });
         }
-        let start = self.cursor.next_multiple_of(n);
+        let start = self.cursors[cursor].next_multiple_of(n);
         let found = match self.scan(start, self.total_units, n)? {
             Some(u) => Some(u),
             None => self.scan(SUPERBLOCK_UNITS.next_multiple_of(n), start, n)?,
@@ -346,7 +369,7 @@ impl SpaceMap {
             self.set(t, CONT)?;
         }
         self.used += n;
-        self.cursor = u + n;
+        self.cursors[cursor] = u + n;
         Ok(u)
     }
 
@@ -434,7 +457,7 @@ impl SpaceMap {
                     continue;
                 }
                 self.leaves[i].relocated = true;
-                let new = self.alloc(1, Reserve::Use, "commit")?;
+                let new = self.alloc_page(Reserve::Use, "commit")?;
                 let old = std::mem::replace(&mut self.leaves[i].loc, new);
                 if old != 0 {
                     self.dec(old, 1)?;
@@ -449,7 +472,7 @@ impl SpaceMap {
                         continue;
                     }
                     self.levels[lvl][p].relocated = true;
-                    let new = self.alloc(1, Reserve::Use, "commit")?;
+                    let new = self.alloc_page(Reserve::Use, "commit")?;
                     let old = std::mem::replace(&mut self.levels[lvl][p].loc, new);
                     if old != 0 {
                         self.dec(old, 1)?;
@@ -582,7 +605,7 @@ mod tests {
         assert_eq!(sm.dec(b, 4).unwrap(), 0);
         assert!(sm.dec(a, 1).is_err(), "double free is caught");
         // Freed units are not handed out again before the next commit is durable.
-        let mut seen = HashSet::new();
+        let mut seen = std::collections::HashSet::new();
         for _ in 0..100 {
             let u = sm.alloc(1, Reserve::Keep, "t").unwrap();
             assert!(u != a && !(b..b + 4).contains(&u));
@@ -637,7 +660,7 @@ mod tests {
         let dev = Arc::new(MemoryDevice::new(total * 4096));
         let mut sm = SpaceMap::create(dev.clone(), total);
         assert_eq!(sm.height(), 2);
-        sm.cursor = total - 5;
+        sm.cursors[1] = total - 5;
         let u = sm.alloc(1, Reserve::Keep, "t").unwrap();
         assert!(u >= total - 5);
         commit(&mut sm, &dev, 1);
