@@ -60,9 +60,7 @@ fn read_all(len: u64, read: impl Fn(&mut [u8], u64) -> Result<()>) -> Result<Vec
 /// Writes a snapshot as a raw image; blocks of zeros become holes.
 fn export(snap: &Snapshot, path: &Path) -> Result<u64> {
     let len = snap.len()?;
-    let file = File::create(path)
-        .map_err(std::io::Error::from)
-        .map_err(io_err)?;
+    let file = File::create(path).map_err(io_err)?;
     file.set_len(len).map_err(io_err)?;
     let mut buf = vec![0u8; MIB as usize];
     let mut data = 0;

@@ -340,7 +340,13 @@ impl SpaceMap {
         self.alloc_from(1, n, reserve, op)
     }
 
-    fn alloc_from(&mut self, cursor: usize, n: u64, reserve: Reserve, op: &'static str) -> Result<u64> {
+    fn alloc_from(
+        &mut self,
+        cursor: usize,
+        n: u64,
+        reserve: Reserve,
+        op: &'static str,
+    ) -> Result<u64> {
         let usable = match reserve {
             Reserve::Keep => self.usable_units(),
             Reserve::Use => self.total_units.saturating_sub(self.used + self.held()),
