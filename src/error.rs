@@ -44,6 +44,10 @@ pub enum Error {
         free: u64,
     },
 
+    /// Another handle or process has the device open.
+    #[error("{0} is in use by another pool handle or process")]
+    InUse(String),
+
     /// An earlier write or flush failed; the pool refuses further work until reopened.
     #[error("pool is poisoned by an earlier I/O failure ({0}); reopen it")]
     Poisoned(String),
@@ -111,6 +115,7 @@ impl From<Error> for io::Error {
             }
             Error::ReadOnly(_) => io::ErrorKind::PermissionDenied,
             Error::Poisoned(_) => io::ErrorKind::Other,
+            Error::InUse(_) => io::ErrorKind::ResourceBusy,
         };
         io::Error::new(kind, e)
     }

@@ -452,6 +452,18 @@ impl Pool {
         })
     }
 
+    /// Space used by a snapshot, by id. Walks its block map.
+    pub fn snapshot_usage_by_id(&self, id: u128) -> Result<Usage> {
+        self.with(|e| {
+            let s = e
+                .catalog
+                .snapshot_by_id(id)
+                .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}")))?
+                .clone();
+            e.usage(s.root, s.size)
+        })
+    }
+
     /// Walks everything and verifies it; see [`crate::CheckReport`]. Commits first, so the
     /// check covers exactly what is on the device.
     pub fn check(&self) -> Result<crate::CheckReport> {

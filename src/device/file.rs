@@ -25,6 +25,7 @@ impl FileDevice {
             .write(true)
             .open(path)
             .map_err(|e| Error::io("open", 0, e))?;
+        lock(&file, path)?;
         let meta = file.metadata().map_err(|e| Error::io("open", 0, e))?;
         let block_device = meta.file_type().is_block_device();
         let len = if block_device {
@@ -48,6 +49,7 @@ impl FileDevice {
             .create_new(true)
             .open(path.as_ref())
             .map_err(|e| Error::io("create", 0, e))?;
+        lock(&file, path.as_ref())?;
         file.set_len(len).map_err(|e| Error::io("create", 0, e))?;
         Ok(FileDevice {
             file,
@@ -123,6 +125,21 @@ impl BlockDevice for FileDevice {
     }
 }
 
+/// Takes an exclusive advisory lock so two processes never open one pool: each would
+/// allocate from its own idea of free space and overwrite the other's blocks.
+fn lock(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: flock takes the fd of a file that stays open for the call; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(Error::InUse(path.display().to_string()));
+    }
+    Err(Error::io("lock", 0, err))
+}
+
 /// `_IO(0x12, 119)` from linux/fs.h.
 const BLKDISCARD: libc::c_ulong = 0x1277;
 
@@ -144,6 +161,11 @@ mod tests {
             FileDevice::create(&path, 1 << 20).is_err(),
             "create must not clobber"
         );
+        assert!(
+            matches!(FileDevice::open(&path), Err(Error::InUse(_))),
+            "a second opener is refused while the first holds the device"
+        );
+        drop(dev);
         let reopened = FileDevice::open(&path).unwrap();
         assert_eq!(reopened.len(), 8 << 20);
         assert!(!reopened.is_block_device());

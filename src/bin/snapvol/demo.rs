@@ -1,36 +1,30 @@
-//! The seed's three workflows end to end on sparse file pools, with timings and space:
+//! `snapvol demo`: the seed's three workflows end to end on sparse file pools, with timings
+//! and space used at each step:
 //!
 //! 1. a template volume cloned for two workers (clones share every block);
 //! 2. a snapshot before an "upgrade", the upgrade, a rollback, the data as before;
 //! 3. a consistent snapshot taken while writes go on, exported to a raw image, imported
 //!    into a second pool and verified byte for byte.
-//!
-//! `cargo run --release --example walkthrough [DIR]` (a temporary directory by default).
 
-use snapvol::{Pool, PoolOptions, Result, Snapshot, Volume};
-use std::fs::File;
+use crate::image::{export, import, Source};
+use crate::units::human;
+use snapvol::{Pool, PoolOptions, Volume};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
 const MIB: u64 = 1 << 20;
 
-fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", units[u])
-}
-
-fn step<T>(pool: &Pool, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+fn step<T, E: Into<Box<dyn std::error::Error>>>(
+    pool: &Pool,
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<T> {
     let t = Instant::now();
-    let r = f()?;
+    let r = f().map_err(Into::into)?;
     println!(
         "  {what:<58} {:>9.2} ms   pool used {}",
         t.elapsed().as_secs_f64() * 1e3,
@@ -39,7 +33,7 @@ fn step<T>(pool: &Pool, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> 
     Ok(r)
 }
 
-fn fill(vol: &Volume, bytes: u64, seed: u8) -> Result<()> {
+fn fill(vol: &Volume, bytes: u64, seed: u8) -> snapvol::Result<()> {
     let mut chunk = vec![0u8; MIB as usize];
     for (i, b) in chunk.iter_mut().enumerate() {
         *b = (i as u8).wrapping_mul(13).wrapping_add(seed);
@@ -51,67 +45,26 @@ fn fill(vol: &Volume, bytes: u64, seed: u8) -> Result<()> {
     vol.flush()
 }
 
-fn read_all(len: u64, read: impl Fn(&mut [u8], u64) -> Result<()>) -> Result<Vec<u8>> {
+fn read_all(len: u64, read: impl Fn(&mut [u8], u64) -> snapvol::Result<()>) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     read(&mut buf, 0)?;
     Ok(buf)
 }
 
-/// Writes a snapshot as a raw image; blocks of zeros become holes.
-fn export(snap: &Snapshot, path: &Path) -> Result<u64> {
-    let len = snap.len()?;
-    let file = File::create(path).map_err(io_err)?;
-    file.set_len(len).map_err(io_err)?;
-    let mut buf = vec![0u8; MIB as usize];
-    let mut data = 0;
-    for off in (0..len).step_by(buf.len()) {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        snap.read_at(&mut buf[..n], off)?;
-        for (i, block) in buf[..n].chunks(4096).enumerate() {
-            if block.iter().any(|&b| b != 0) {
-                file.write_all_at(block, off + (i * 4096) as u64)
-                    .map_err(io_err)?;
-                data += block.len() as u64;
-            }
-        }
-    }
-    file.sync_all().map_err(io_err)?;
-    Ok(data)
+pub fn run(dir: Option<PathBuf>) -> std::result::Result<(), String> {
+    run_inner(dir).map_err(|e| e.to_string())
 }
 
-/// Reads a raw image into a new volume; blocks of zeros stay unallocated.
-fn import(pool: &Pool, name: &str, path: &Path) -> Result<Volume> {
-    let file = File::open(path).map_err(io_err)?;
-    let len = file.metadata().map_err(io_err)?.len();
-    let vol = pool.create_volume(name, len)?;
-    let mut buf = vec![0u8; MIB as usize];
-    for off in (0..len).step_by(buf.len()) {
-        let n = (len - off).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], off).map_err(io_err)?;
-        for (i, block) in buf[..n].chunks(4096).enumerate() {
-            if block.iter().any(|&b| b != 0) {
-                vol.write_at(block, off + (i * 4096) as u64)?;
-            }
-        }
-    }
-    vol.flush()?;
-    Ok(vol)
-}
-
-fn io_err(e: std::io::Error) -> snapvol::Error {
-    snapvol::Error::InvalidArgument(format!("image file: {e}"))
-}
-
-fn main() -> Result<()> {
-    let (dir, _keep) = match std::env::args().nth(1) {
-        Some(d) => (PathBuf::from(d), None),
+fn run_inner(dir: Option<PathBuf>) -> Result<()> {
+    let (dir, _keep) = match dir {
+        Some(d) => (d, None),
         None => {
             let t =
                 std::env::temp_dir().join(format!("snapvol-walkthrough-{}", std::process::id()));
             (t.clone(), Some(TempDir(t)))
         }
     };
-    std::fs::create_dir_all(&dir).map_err(io_err)?;
+    std::fs::create_dir_all(&dir)?;
     let path = dir.join("pool.img");
     let _ = std::fs::remove_file(&path);
     println!("snapvol walkthrough in {}", dir.display());
@@ -161,7 +114,7 @@ fn main() -> Result<()> {
         || {
             let v = pool.create_volume("db", 512 * MIB)?;
             fill(&v, 64 * MIB, 2)?;
-            Ok(v)
+            Ok::<_, snapvol::Error>(v)
         },
     )?;
     let original = read_all(64 * MIB, |b, o| db.read_at(b, o))?;
@@ -186,7 +139,7 @@ fn main() -> Result<()> {
     fill(&app, 32 * MIB, 3)?;
     let stop = AtomicBool::new(false);
     let snap_id = std::thread::scope(|s| -> Result<u128> {
-        let writer = s.spawn(|| -> Result<u64> {
+        let writer = s.spawn(|| -> snapvol::Result<u64> {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let off = (n * 7919 * 4096) % (256 * MIB - 65536);
@@ -207,8 +160,9 @@ fn main() -> Result<()> {
     })?;
     let snap = pool.snapshot_by_id(snap_id)?;
     let image = dir.join("app-backup.raw");
+    let source = Source::Snapshot(snap.clone());
     let exported = step(&pool, "export app@backup to a sparse raw image", || {
-        export(&snap, &image)
+        export(&source, &image, 4096)
     })?;
     println!(
         "     {} of data in a {} image",
@@ -221,7 +175,10 @@ fn main() -> Result<()> {
     let restored = step(
         &pool2,
         "import the image into a second pool as 'app-restored'",
-        || import(&pool2, "app-restored", &image),
+        || {
+            import(&pool2, "app-restored", &image)?;
+            pool2.volume("app-restored").map_err(|e| e.to_string())
+        },
     )?;
     let a = read_all(snap.len()?, |b, o| snap.read_at(b, o))?;
     let b = read_all(restored.len()?, |b, o| restored.read_at(b, o))?;

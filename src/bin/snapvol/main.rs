@@ -1,0 +1,572 @@
+//! `snapvol`: drive pools, volumes and snapshots from a shell, as zfs, rbd or qemu-img do.
+
+mod demo;
+mod image;
+mod json;
+mod units;
+
+use clap::{Parser, Subcommand};
+use json::Value;
+use snapvol::device::FileDevice;
+use snapvol::{Pool, PoolOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use units::{human, parse_size};
+
+#[derive(Parser)]
+#[command(
+    name = "snapvol",
+    version,
+    about = "Copy-on-write snapshot storage: thin volumes, snapshots, clones"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct Output {
+    /// Print JSON (stable field names, sizes in bytes).
+    #[arg(long)]
+    json: bool,
+    /// Print sizes in bytes instead of human units.
+    #[arg(long)]
+    bytes: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Pool-wide commands.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Create a thin volume.
+    Create {
+        path: PathBuf,
+        vol: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Grow or shrink a volume.
+    Resize {
+        path: PathBuf,
+        vol: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Rename a volume (its snapshots follow).
+    Rename {
+        path: PathBuf,
+        vol: String,
+        new_name: String,
+    },
+    /// Delete a volume or a snapshot (VOL@SNAP).
+    Destroy { path: PathBuf, target: String },
+    /// List volumes and snapshots with their space.
+    List {
+        path: PathBuf,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Take snapshots; several VOL@SNAP arguments are one atomic group snapshot.
+    Snapshot {
+        path: PathBuf,
+        #[arg(required = true)]
+        targets: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clone a volume (frozen now) or a snapshot (VOL@SNAP) into a new writable volume.
+    Clone {
+        path: PathBuf,
+        source: String,
+        new_vol: String,
+    },
+    /// Return a volume to one of its snapshots, keeping every snapshot.
+    Rollback { path: PathBuf, target: String },
+    /// Create a volume from a raw image; runs of zeros stay unallocated.
+    Import {
+        path: PathBuf,
+        vol: String,
+        file: PathBuf,
+    },
+    /// Write a volume or snapshot to a raw image; unallocated ranges become holes.
+    Export {
+        path: PathBuf,
+        source: String,
+        file: PathBuf,
+    },
+    /// Write FILE's bytes into a volume at an offset.
+    Write {
+        path: PathBuf,
+        vol: String,
+        file: PathBuf,
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        offset: u64,
+    },
+    /// Read bytes from a volume or snapshot (to stdout, or -o FILE).
+    Read {
+        path: PathBuf,
+        source: String,
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        offset: u64,
+        #[arg(long, value_parser = parse_size)]
+        length: u64,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// Run the seed's three workflows end to end on sparse file pools in DIR (or a
+    /// temporary directory): template clones, snapshot and rollback around an upgrade,
+    /// a consistent snapshot under load exported and imported into a second pool.
+    Demo { dir: Option<PathBuf> },
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Create a pool on a file (created sparse) or a raw block device.
+    Create {
+        path: PathBuf,
+        /// Pool size for a file (a block device's size is its own).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+    },
+    /// Show pool-wide figures.
+    Info {
+        path: PathBuf,
+        #[command(flatten)]
+        out: Output,
+    },
+    /// Verify every page and reference count; exit status 1 on any problem.
+    Check {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What a command reports: success, or the problem that stopped it.
+type CmdResult = Result<ExitCode, String>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("snapvol: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn opts() -> PoolOptions {
+    PoolOptions::default()
+}
+
+fn open(path: &Path) -> Result<Pool, String> {
+    Pool::open_path(path, opts()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `vol@snap` -> (vol, Some(snap)); `vol` -> (vol, None).
+fn split_target(t: &str) -> (&str, Option<&str>) {
+    match t.split_once('@') {
+        Some((v, s)) => (v, Some(s)),
+        None => (t, None),
+    }
+}
+
+fn need_snapshot(t: &str) -> Result<(&str, &str), String> {
+    match split_target(t) {
+        (v, Some(s)) => Ok((v, s)),
+        _ => Err(format!("{t:?} is not a snapshot: expected VOL@SNAP")),
+    }
+}
+
+fn size_str(bytes: u64, out: Output) -> String {
+    if out.bytes {
+        bytes.to_string()
+    } else {
+        human(bytes)
+    }
+}
+
+fn done(pool: Pool) -> CmdResult {
+    pool.close().map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(cmd: Cmd) -> CmdResult {
+    let e = |err: snapvol::Error| err.to_string();
+    match cmd {
+        Cmd::Pool(PoolCmd::Create {
+            path,
+            size,
+            block_size,
+        }) => {
+            let mut o = opts();
+            if let Some(bs) = block_size {
+                o.block_size =
+                    u32::try_from(bs).map_err(|_| format!("block size {bs} is too large"))?;
+            }
+            let is_block = std::fs::metadata(&path)
+                .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+                .unwrap_or(false);
+            let pool = if is_block {
+                let dev =
+                    FileDevice::open(&path).map_err(|err| format!("{}: {err}", path.display()))?;
+                Pool::create(Arc::new(dev), o)
+            } else {
+                let size = size.ok_or("--size is required for a pool in a file")?;
+                if path.exists() {
+                    return Err(format!("{}: already exists", path.display()));
+                }
+                Pool::create_file(&path, size, o)
+            }
+            .map_err(|err| format!("{}: {err}", path.display()))?;
+            let st = pool.stats();
+            println!(
+                "created pool {} ({}, block size {})",
+                path.display(),
+                human(st.size),
+                human(u64::from(st.block_size))
+            );
+            done(pool)
+        }
+        Cmd::Pool(PoolCmd::Info { path, out }) => {
+            let pool = open(&path)?;
+            let st = pool.stats();
+            if out.json {
+                println!(
+                    "{}",
+                    Value::Obj(vec![
+                        ("id", json::id(st.id)),
+                        ("block_size", Value::Num(u64::from(st.block_size))),
+                        ("size", Value::Num(st.size)),
+                        ("used", Value::Num(st.used)),
+                        ("free", Value::Num(st.free)),
+                        ("volumes", Value::Num(st.volumes as u64)),
+                        ("snapshots", Value::Num(st.snapshots as u64)),
+                        ("generation", Value::Num(st.generation)),
+                    ])
+                    .render()
+                );
+            } else {
+                println!("pool        {}", path.display());
+                println!("id          {:032x}", st.id);
+                println!("block size  {}", size_str(u64::from(st.block_size), out));
+                println!("size        {}", size_str(st.size, out));
+                println!("used        {}", size_str(st.used, out));
+                println!("free        {}", size_str(st.free, out));
+                println!("volumes     {}", st.volumes);
+                println!("snapshots   {}", st.snapshots);
+                println!("generation  {}", st.generation);
+            }
+            done(pool)
+        }
+        Cmd::Pool(PoolCmd::Check { path, json }) => {
+            let pool = open(&path)?;
+            let pb = image::progress(0, "check");
+            pb.enable_steady_tick(std::time::Duration::from_millis(200));
+            let report = pool
+                .check()
+                .map_err(|err| format!("{}: {err}", path.display()))?;
+            pb.finish_and_clear();
+            let problems: Vec<String> = report.problems.iter().map(|p| format!("{p:?}")).collect();
+            if json {
+                println!(
+                    "{}",
+                    Value::Obj(vec![
+                        ("clean", Value::Bool(report.is_clean())),
+                        ("nodes", Value::Num(report.nodes)),
+                        ("blocks", Value::Num(report.blocks)),
+                        ("units", Value::Num(report.units)),
+                        (
+                            "problems",
+                            Value::Arr(problems.iter().cloned().map(Value::Str).collect())
+                        ),
+                    ])
+                    .render()
+                );
+            } else {
+                println!(
+                    "{}: {} map pages, {} block references, {} units checked, {} problems",
+                    path.display(),
+                    report.nodes,
+                    report.blocks,
+                    report.units,
+                    problems.len()
+                );
+                for p in &problems {
+                    println!("  {p}");
+                }
+            }
+            let clean = report.is_clean();
+            pool.close().map_err(e)?;
+            Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Create { path, vol, size } => {
+            let pool = open(&path)?;
+            pool.create_volume(&vol, size).map_err(e)?;
+            println!("created volume {vol} ({})", human(size));
+            done(pool)
+        }
+        Cmd::Resize { path, vol, size } => {
+            let pool = open(&path)?;
+            pool.resize_volume(&vol, size).map_err(e)?;
+            println!("resized volume {vol} to {}", human(size));
+            done(pool)
+        }
+        Cmd::Rename {
+            path,
+            vol,
+            new_name,
+        } => {
+            let pool = open(&path)?;
+            pool.rename_volume(&vol, &new_name).map_err(e)?;
+            println!("renamed volume {vol} to {new_name}");
+            done(pool)
+        }
+        Cmd::Destroy { path, target } => {
+            let pool = open(&path)?;
+            match split_target(&target) {
+                (v, Some(s)) => pool.delete_snapshot(v, s).map_err(e)?,
+                (v, None) => pool.delete_volume(v).map_err(e)?,
+            }
+            println!("destroyed {target}");
+            done(pool)
+        }
+        Cmd::List { path, out } => {
+            let pool = open(&path)?;
+            list(&pool, out)?;
+            done(pool)
+        }
+        Cmd::Snapshot {
+            path,
+            targets,
+            json,
+        } => {
+            let pool = open(&path)?;
+            let pairs = targets
+                .iter()
+                .map(|t| need_snapshot(t))
+                .collect::<Result<Vec<_>, _>>()?;
+            let ids = pool.snapshot_group(&pairs).map_err(e)?;
+            if json {
+                let items = targets
+                    .iter()
+                    .zip(&ids)
+                    .map(|(t, id)| {
+                        Value::Obj(vec![("name", Value::Str(t.clone())), ("id", json::id(*id))])
+                    })
+                    .collect();
+                println!("{}", Value::Arr(items).render());
+            } else {
+                for (t, id) in targets.iter().zip(&ids) {
+                    println!("snapshot {t} id {id:032x}");
+                }
+            }
+            done(pool)
+        }
+        Cmd::Clone {
+            path,
+            source,
+            new_vol,
+        } => {
+            let pool = open(&path)?;
+            match split_target(&source) {
+                (v, Some(s)) => pool.clone_snapshot(v, s, &new_vol).map_err(e)?,
+                (v, None) => pool.clone_volume(v, &new_vol).map_err(e)?,
+            };
+            println!("cloned {source} to {new_vol}");
+            done(pool)
+        }
+        Cmd::Rollback { path, target } => {
+            let pool = open(&path)?;
+            let (v, s) = need_snapshot(&target)?;
+            pool.rollback(v, s).map_err(e)?;
+            println!("rolled {v} back to {target}");
+            done(pool)
+        }
+        Cmd::Import { path, vol, file } => {
+            let pool = open(&path)?;
+            let data = image::import(&pool, &vol, &file)?;
+            println!(
+                "imported {} into {vol} ({} of data)",
+                file.display(),
+                human(data)
+            );
+            done(pool)
+        }
+        Cmd::Export { path, source, file } => {
+            let pool = open(&path)?;
+            let src = source_of(&pool, &source)?;
+            let data = image::export(&src, &file, pool.block_size() as usize)?;
+            println!(
+                "exported {source} to {} ({} of data)",
+                file.display(),
+                human(data)
+            );
+            drop(src);
+            done(pool)
+        }
+        Cmd::Write {
+            path,
+            vol,
+            file,
+            offset,
+        } => {
+            let pool = open(&path)?;
+            let bytes = std::fs::read(&file).map_err(|err| format!("{}: {err}", file.display()))?;
+            let v = pool.volume(&vol).map_err(e)?;
+            v.write_at(&bytes, offset).map_err(e)?;
+            v.flush().map_err(e)?;
+            println!("wrote {} bytes to {vol} at {offset}", bytes.len());
+            drop(v);
+            done(pool)
+        }
+        Cmd::Read {
+            path,
+            source,
+            offset,
+            length,
+            output,
+        } => {
+            let pool = open(&path)?;
+            let src = source_of(&pool, &source)?;
+            let len = usize::try_from(length).map_err(|_| "length too large".to_string())?;
+            let mut buf = vec![0u8; len];
+            src.read_at(&mut buf, offset).map_err(e)?;
+            match output {
+                Some(f) => {
+                    std::fs::write(&f, &buf).map_err(|err| format!("{}: {err}", f.display()))?
+                }
+                None => std::io::stdout()
+                    .write_all(&buf)
+                    .map_err(|err| format!("stdout: {err}"))?,
+            }
+            drop(src);
+            done(pool)
+        }
+        Cmd::Demo { dir } => demo::run(dir).map(|_| ExitCode::SUCCESS),
+    }
+}
+
+fn source_of(pool: &Pool, source: &str) -> Result<image::Source, String> {
+    Ok(match split_target(source) {
+        (v, Some(s)) => {
+            image::Source::Snapshot(pool.snapshot_handle(v, s).map_err(|e| e.to_string())?)
+        }
+        (v, None) => image::Source::Volume(pool.volume(v).map_err(|e| e.to_string())?),
+    })
+}
+
+fn list(pool: &Pool, out: Output) -> Result<(), String> {
+    let e = |err: snapvol::Error| err.to_string();
+    let vols = pool.volumes();
+    let snaps = pool.snapshots();
+    let mut vrows = Vec::new();
+    for v in &vols {
+        vrows.push((v, pool.volume_usage(&v.name).map_err(e)?));
+    }
+    let mut srows = Vec::new();
+    for s in &snaps {
+        let u = pool.snapshot_usage_by_id(s.id).map_err(e)?;
+        srows.push((s, u));
+    }
+    if out.json {
+        let origin = |o: Option<u128>| o.map_or(Value::Null, json::id);
+        let volumes = vrows
+            .iter()
+            .map(|(v, u)| {
+                Value::Obj(vec![
+                    ("id", json::id(v.id)),
+                    ("name", Value::Str(v.name.clone())),
+                    ("origin", origin(v.origin)),
+                    ("size", Value::Num(u.logical)),
+                    ("allocated", Value::Num(u.allocated)),
+                    ("exclusive", Value::Num(u.exclusive)),
+                    ("shared", Value::Num(u.shared)),
+                    ("created", Value::Num(v.created_unix)),
+                ])
+            })
+            .collect();
+        let snapshots = srows
+            .iter()
+            .map(|(s, u)| {
+                Value::Obj(vec![
+                    ("id", json::id(s.id)),
+                    ("name", Value::Str(format!("{}@{}", s.volume_name, s.name))),
+                    ("volume_id", json::id(s.volume_id)),
+                    ("size", Value::Num(u.logical)),
+                    ("allocated", Value::Num(u.allocated)),
+                    ("exclusive", Value::Num(u.exclusive)),
+                    ("shared", Value::Num(u.shared)),
+                    ("created", Value::Num(s.created_unix)),
+                    ("generation", Value::Num(s.generation)),
+                ])
+            })
+            .collect();
+        println!(
+            "{}",
+            Value::Obj(vec![
+                ("volumes", Value::Arr(volumes)),
+                ("snapshots", Value::Arr(snapshots))
+            ])
+            .render()
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<24} {:>10} {:>10} {:>10} {:>10} {:>11} ORIGIN",
+        "ID", "NAME", "SIZE", "ALLOC", "EXCL", "SHARED", "CREATED"
+    );
+    let names: std::collections::HashMap<u128, String> = vols
+        .iter()
+        .map(|v| (v.id, v.name.clone()))
+        .chain(
+            snaps
+                .iter()
+                .map(|s| (s.id, format!("{}@{}", s.volume_name, s.name))),
+        )
+        .collect();
+    for (v, u) in &vrows {
+        let origin = v
+            .origin
+            .map(|o| {
+                names
+                    .get(&o)
+                    .cloned()
+                    .unwrap_or_else(|| format!("{o:032x}"))
+            })
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:032x} {:<24} {:>10} {:>10} {:>10} {:>10} {:>11} {origin}",
+            v.id,
+            v.name,
+            size_str(u.logical, out),
+            size_str(u.allocated, out),
+            size_str(u.exclusive, out),
+            size_str(u.shared, out),
+            v.created_unix
+        );
+    }
+    for (s, u) in &srows {
+        println!(
+            "{:032x} {:<24} {:>10} {:>10} {:>10} {:>10} {:>11} -",
+            s.id,
+            format!("{}@{}", s.volume_name, s.name),
+            size_str(u.logical, out),
+            size_str(u.allocated, out),
+            size_str(u.exclusive, out),
+            size_str(u.shared, out),
+            s.created_unix
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! The real `snapvol` binary over every command and flag.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn pool(&self) -> String {
+        self.path("pool.img").display().to_string()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        out
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail; returns its one-line message.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(!err.trim().is_empty(), "{args:?} failed silently");
+        err
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed) | 1)
+        .collect()
+}
+
+#[test]
+fn pool_lifecycle_and_json() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&[
+        "pool",
+        "create",
+        &p,
+        "--size",
+        "256M",
+        "--block-size",
+        "16K",
+    ]);
+    let info = t.json(&["pool", "info", &p, "--json"]);
+    assert_eq!(info["size"], 256 << 20);
+    assert_eq!(info["block_size"], 16384);
+    assert_eq!(info["volumes"], 0);
+    assert!(t.ok(&["pool", "info", &p]).contains("256.0 MiB"));
+    assert!(t.ok(&["pool", "info", &p, "--bytes"]).contains("268435456"));
+
+    t.ok(&["create", &p, "db", "--size", "64M"]);
+    t.ok(&["snapshot", &p, "db@s1"]);
+    let ids = t.json(&["snapshot", &p, "db@s2", "--json"]);
+    assert_eq!(ids[0]["name"], "db@s2");
+    assert_eq!(ids[0]["id"].as_str().unwrap().len(), 32);
+    t.ok(&["create", &p, "logs", "--size", "1G"]);
+    // A group snapshot: several arguments, one atomic commit.
+    t.ok(&["snapshot", &p, "db@g", "logs@g"]);
+    t.ok(&["clone", &p, "db@s1", "db-clone"]);
+    t.ok(&["clone", &p, "logs", "logs-clone"]);
+    t.ok(&["rename", &p, "logs-clone", "logs2"]);
+    t.ok(&["resize", &p, "logs2", "--size", "2G"]);
+
+    let list = t.json(&["list", &p, "--json"]);
+    let vols = list["volumes"].as_array().unwrap();
+    let names: Vec<&str> = vols.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["db", "logs", "db-clone", "logs2"]);
+    let logs2 = &vols[3];
+    assert_eq!(logs2["size"], 2u64 << 30);
+    assert_eq!(logs2["origin"], vols[1]["id"], "a clone names its origin");
+    let snaps = list["snapshots"].as_array().unwrap();
+    let snames: Vec<&str> = snaps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(snames, ["db@s1", "db@s2", "db@g", "logs@g"]);
+    for key in [
+        "id",
+        "size",
+        "allocated",
+        "exclusive",
+        "shared",
+        "created",
+        "generation",
+    ] {
+        assert!(!snaps[0][key].is_null(), "snapshot field {key}");
+    }
+    assert!(t.ok(&["list", &p]).contains("db-clone"));
+
+    t.ok(&["destroy", &p, "db@s2"]);
+    t.ok(&["destroy", &p, "db"]);
+    let list = t.json(&["list", &p, "--json"]);
+    assert_eq!(list["volumes"].as_array().unwrap().len(), 3);
+    let check = t.json(&["pool", "check", &p, "--json"]);
+    assert_eq!(check["clean"], true);
+    assert!(t.ok(&["pool", "check", &p]).contains("0 problems"));
+}
+
+#[test]
+fn import_export_round_trip_keeps_holes_and_clones_are_independent() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "1G"]);
+    // A 40 MiB image with data at both ends and a 30 MiB hole between.
+    let img = t.path("in.raw");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(40 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&pattern(5 << 20, 1), 0).unwrap();
+    f.write_all_at(&pattern(3 << 20, 2), 37 << 20).unwrap();
+    drop(f);
+    t.ok(&["import", &p, "disk", img.to_str().unwrap()]);
+    let list = t.json(&["list", &p, "--json"]);
+    let alloc = list["volumes"][0]["allocated"].as_u64().unwrap();
+    assert_eq!(alloc, 8 << 20, "zeros stay unallocated");
+
+    t.ok(&["snapshot", &p, "disk@golden"]);
+    let out = t.path("out.raw");
+    t.ok(&["export", &p, "disk@golden", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+    let meta = std::fs::metadata(&out).unwrap();
+    assert!(meta.blocks() * 512 < 12 << 20, "exported image is sparse");
+
+    // Writing into a clone leaves the origin snapshot unchanged.
+    t.ok(&["clone", &p, "disk@golden", "work"]);
+    let patch = t.path("patch");
+    std::fs::write(&patch, pattern(100_000, 9)).unwrap();
+    t.ok(&[
+        "write",
+        &p,
+        "work",
+        patch.to_str().unwrap(),
+        "--offset",
+        "4K",
+    ]);
+    let back = t.path("back");
+    t.ok(&[
+        "read",
+        &p,
+        "work",
+        "--offset",
+        "4096",
+        "--length",
+        "100000",
+        "-o",
+        back.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&back).unwrap(), pattern(100_000, 9));
+    let golden = t.run(&[
+        "read",
+        &p,
+        "disk@golden",
+        "--offset",
+        "4096",
+        "--length",
+        "100000",
+    ]);
+    assert_eq!(golden.stdout, pattern(5 << 20, 1)[4096..104_096].to_vec());
+    t.ok(&["export", &p, "disk@golden", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+
+    // Rollback undoes the write.
+    t.ok(&["snapshot", &p, "work@base"]);
+    t.ok(&[
+        "write",
+        &p,
+        "work",
+        patch.to_str().unwrap(),
+        "--offset",
+        "0",
+    ]);
+    t.ok(&["rollback", &p, "work@base"]);
+    let head = t.run(&["read", &p, "work", "--length", "4096"]);
+    assert_eq!(head.stdout, pattern(5 << 20, 1)[..4096].to_vec());
+}
+
+fn assert_msg(err: &str, needle: &str) {
+    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+}
+
+#[test]
+fn bad_input_gets_one_line_and_a_failure_status() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    t.ok(&["create", &p, "vol", "--size", "1M"]);
+    assert_msg(
+        &t.fails(&["create", &p, "vol", "--size", "1M"]),
+        "already exists",
+    );
+    assert_msg(
+        &t.fails(&["resize", &p, "nope", "--size", "1M"]),
+        "no volume named \"nope\"",
+    );
+    assert_msg(
+        &t.fails(&["destroy", &p, "vol@nope"]),
+        "no snapshot named \"vol@nope\"",
+    );
+    assert_msg(&t.fails(&["rollback", &p, "vol"]), "expected VOL@SNAP");
+    assert_msg(
+        &t.fails(&["create", &p, "a@b", "--size", "1M"]),
+        "invalid name",
+    );
+    assert!(t
+        .fails(&["create", &p, "x", "--size", "12Q"])
+        .contains("unknown unit"));
+    assert!(t
+        .fails(&["create", &p, "x", "--size=-5"])
+        .contains("bad size"));
+    assert_msg(
+        &t.fails(&["read", &p, "vol", "--offset", "1M", "--length", "1"]),
+        "beyond the end",
+    );
+    // Not a pool, missing file, too small, bad block size, existing file.
+    let junk = t.path("junk");
+    std::fs::write(&junk, vec![7u8; 2 << 20]).unwrap();
+    assert_msg(
+        &t.fails(&["pool", "info", junk.to_str().unwrap()]),
+        "not a snapvol pool",
+    );
+    assert_msg(
+        &t.fails(&["list", t.path("missing").to_str().unwrap()]),
+        "No such file",
+    );
+    let small = t.path("small");
+    assert_msg(
+        &t.fails(&["pool", "create", small.to_str().unwrap(), "--size", "64K"]),
+        "too small",
+    );
+    assert_msg(
+        &t.fails(&[
+            "pool",
+            "create",
+            t.path("bs").to_str().unwrap(),
+            "--size",
+            "64M",
+            "--block-size",
+            "3000",
+        ]),
+        "block size",
+    );
+    assert_msg(
+        &t.fails(&["pool", "create", &p, "--size", "64M"]),
+        "already exists",
+    );
+    // A full pool is a clean error.
+    t.ok(&["create", &p, "big", "--size", "1G"]);
+    let big = t.path("big.raw");
+    std::fs::write(&big, pattern(80 << 20, 3)).unwrap();
+    assert_msg(
+        &t.fails(&["write", &p, "big", big.to_str().unwrap()]),
+        "pool is full",
+    );
+    assert!(t.json(&["pool", "check", &p, "--json"])["clean"] == true);
+}
+
+#[test]
+fn check_exits_1_on_a_damaged_pool() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    t.ok(&["create", &p, "vol", "--size", "8M"]);
+    let data = t.path("d");
+    std::fs::write(&data, pattern(4 << 20, 5)).unwrap();
+    t.ok(&["write", &p, "vol", data.to_str().unwrap()]);
+    // Corrupt every block map leaf in the image.
+    damage(Path::new(&p), b"SVML");
+    let out = t.run(&["pool", "check", &p]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Corrupt"));
+}
+
+fn damage(path: &Path, magic: &[u8; 4]) {
+    let mut img = std::fs::read(path).unwrap();
+    for u in 0..img.len() / 4096 {
+        if &img[u * 4096..u * 4096 + 4] == magic {
+            img[u * 4096 + 200] ^= 0xFF;
+        }
+    }
+    std::fs::write(path, img).unwrap();
+}
+
+#[test]
+fn demo_runs_the_three_workflows() {
+    let t = Env::new();
+    let out = t.ok(&["demo", t.path("demo").to_str().unwrap()]);
+    for needle in [
+        "1. Template",
+        "2. Snapshot",
+        "3. Consistent",
+        "byte for byte",
+        "0 problems",
+    ] {
+        assert!(out.contains(needle), "demo output lacks {needle:?}:\n{out}");
+    }
+}
