@@ -4,7 +4,8 @@
 //! For every image: the pool opens, `check()` is clean, and the pool equals a state of the
 //! model no older than the last completed durable operation, with every snapshot intact.
 //!
-//! `SNAPVOL_CRASH_IMAGES` sets how many images to test (default 12,000).
+//! `SNAPVOL_CRASH_IMAGES` sets how many images to test (default 12,000);
+//! `SNAPVOL_CRASH_SEED_BASE` the first workload seed (to split long runs across processes).
 
 mod common;
 
@@ -136,7 +137,12 @@ fn crash_anywhere_recovers_a_committed_state() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(12_000);
     let mut images = 0usize;
-    let mut seed = 0u64;
+    // Long runs can be split across processes by giving each its own seed range.
+    let mut seed: u64 = std::env::var("SNAPVOL_CRASH_SEED_BASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let first_seed = seed;
     while images < target {
         let (dev, start, steps) = workload(seed, 30);
         let history = dev.history();
@@ -164,5 +170,8 @@ fn crash_anywhere_recovers_a_committed_state() {
         }
         seed += 1;
     }
-    eprintln!("crash images checked: {images} from {seed} workloads");
+    eprintln!(
+        "crash images checked: {images} from {} workloads (seeds {first_seed}..{seed})",
+        seed - first_seed
+    );
 }

@@ -1,0 +1,247 @@
+//! Side-by-side comparison with plain-file I/O, for the ratios in BENCHMARKS.md.
+//!
+//! Page-cache and writeback state swing per-operation times by 10x between moments on a
+//! shared machine, so each scenario alternates rounds: a round of plain-file operations,
+//! then the same operations on a volume, repeated; the ratio of the medians is reported.
+//!
+//! `cargo bench --bench compare` (SNAPVOL_BENCH_DIR picks the filesystem, default the temp
+//! dir; SNAPVOL_BENCH_ROUNDS the rounds, default 7).
+
+use snapvol::{Pool, PoolOptions, Volume};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn rounds() -> usize {
+    std::env::var("SNAPVOL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Times `n` calls of `op`, in microseconds per call.
+fn time(n: u64, mut op: impl FnMut(u64)) -> f64 {
+    let t = Instant::now();
+    for i in 0..n {
+        op(i);
+    }
+    t.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+fn report(name: &str, base: &str, base_us: &[f64], rows: &[(&str, Vec<f64>)]) {
+    let b = median(base_us.to_vec());
+    println!("{name}: {base} {b:.2} us/op (median of {})", base_us.len());
+    for (label, us) in rows {
+        let m = median(us.clone());
+        println!("  {label:<28} {m:>9.2} us/op   ratio to {base}: {:.2}x", b / m);
+    }
+}
+
+fn fill(vol: &Volume, bytes: u64) {
+    let chunk = vec![0x5Au8; 4 * MIB as usize];
+    for off in (0..bytes).step_by(chunk.len()) {
+        vol.write_at(&chunk, off).unwrap();
+    }
+    vol.flush().unwrap();
+}
+
+fn fill_plain(f: &File, bytes: u64) {
+    let chunk = vec![0x5Au8; 4 * MIB as usize];
+    for off in (0..bytes).step_by(chunk.len()) {
+        f.write_all_at(&chunk, off).unwrap();
+    }
+    f.sync_data().unwrap();
+}
+
+fn setup(dir: &tempfile::TempDir, size: u64, pool_size: u64) -> (File, Pool) {
+    let plain = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("plain"))
+        .unwrap();
+    plain.set_len(size).unwrap();
+    let pool = Pool::create_file(dir.path().join("pool"), pool_size, PoolOptions::default()).unwrap();
+    (plain, pool)
+}
+
+fn random_writes(dir: &tempfile::TempDir) {
+    let size = 2 * GIB;
+    let blocks = size / 4096;
+    let n = 100_000;
+    let (plain, pool) = setup(dir, size, 16 * GIB);
+    fill_plain(&plain, size);
+    let owned = pool.create_volume("owned", size).unwrap();
+    fill(&owned, size);
+    let shared = pool.create_volume("shared", size).unwrap();
+    fill(&shared, size);
+    let buf = vec![0xA5u8; 4096];
+    let (mut p, mut o, mut s, mut u) = (vec![], vec![], vec![], vec![]);
+    for r in 0..rounds() {
+        let mut rng = Rng(0x9E37_79B9 + r as u64);
+        p.push(time(n, |_| plain.write_all_at(&buf, (rng.next() % blocks) * 4096).unwrap()));
+        let mut rng = Rng(0x9E37_79B9 + r as u64);
+        o.push(time(n, |_| owned.write_at(&buf, (rng.next() % blocks) * 4096).unwrap()));
+        // Every block shared again: a fresh snapshot, the previous one deleted.
+        pool.snapshot("shared", &format!("s{r}")).unwrap();
+        if r > 0 {
+            pool.delete_snapshot("shared", &format!("s{}", r - 1)).unwrap();
+        }
+        let mut rng = Rng(0x9E37_79B9 + r as u64);
+        s.push(time(n, |_| shared.write_at(&buf, (rng.next() % blocks) * 4096).unwrap()));
+        // Unallocated: a fresh volume, each block written once (a stride permutation).
+        let fresh = pool.create_volume("fresh", size).unwrap();
+        u.push(time(n, |i| {
+            let blk = i.wrapping_mul(2_654_435_761) % blocks;
+            fresh.write_at(&buf, blk * 4096).unwrap()
+        }));
+        drop(fresh);
+        pool.delete_volume("fresh").unwrap();
+    }
+    report(
+        "4 KiB random writes (2 GiB)",
+        "plain file (written once)",
+        &p,
+        &[("(a) unallocated blocks", u), ("(b) owned blocks", o), ("(c) blocks shared with a snapshot", s)],
+    );
+}
+
+fn sequential(dir: &tempfile::TempDir) {
+    let size = 2 * GIB;
+    let steps = size / MIB;
+    let (plain, pool) = setup(dir, size, 8 * GIB);
+    fill_plain(&plain, size);
+    let vol = pool.create_volume("seq", size).unwrap();
+    fill(&vol, size);
+    let chunk = vec![0x3Cu8; MIB as usize];
+    let mut out = vec![0u8; MIB as usize];
+    let n = 2 * steps;
+    let (mut pw, mut vw, mut pr, mut vr) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..rounds() {
+        pw.push(time(n, |i| plain.write_all_at(&chunk, (i % steps) * MIB).unwrap()));
+        vw.push(time(n, |i| vol.write_at(&chunk, (i % steps) * MIB).unwrap()));
+        pr.push(time(n, |i| plain.read_exact_at(&mut out, (i % steps) * MIB).unwrap()));
+        vr.push(time(n, |i| vol.read_at(&mut out, (i % steps) * MIB).unwrap()));
+    }
+    report("1 MiB sequential writes (owned blocks)", "plain file", &pw, &[("volume", vw)]);
+    report("1 MiB sequential reads", "plain file", &pr, &[("volume", vr)]);
+}
+
+fn read_depth(dir: &tempfile::TempDir) {
+    let size = GIB;
+    let blocks = size / 4096;
+    let (plain, pool) = setup(dir, size, 8 * GIB);
+    fill_plain(&plain, size);
+    let base = pool.create_volume("d0", size).unwrap();
+    fill(&base, size);
+    let buf = vec![7u8; 4096];
+    let mut rng = Rng(42);
+    // Depth 1 and depth 64 get the same number of copy-on-write writes, so their maps
+    // differ only in how deep the chain of snapshots and clones behind them is.
+    pool.snapshot("d0", "s").unwrap();
+    let shallow = pool.clone_snapshot("d0", "s", "shallow").unwrap();
+    for _ in 0..blocks {
+        shallow.write_at(&buf, (rng.next() % blocks) * 4096).unwrap();
+    }
+    let mut name = "d0".to_string();
+    for d in 1..=64 {
+        if d > 1 {
+            pool.snapshot(&name, "s").unwrap();
+        }
+        let next = format!("d{d}");
+        let v = pool.clone_snapshot(&name, "s", &next).unwrap();
+        for _ in 0..blocks / 64 {
+            v.write_at(&buf, (rng.next() % blocks) * 4096).unwrap();
+        }
+        name = next;
+    }
+    pool.flush().unwrap();
+    let deep = pool.volume(&name).unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = 200_000;
+    let (mut p, mut s1, mut s64) = (vec![], vec![], vec![]);
+    for r in 0..rounds() {
+        let mut rng = Rng(77 + r as u64);
+        p.push(time(n, |_| plain.read_exact_at(&mut out, (rng.next() % blocks) * 4096).unwrap()));
+        let mut rng = Rng(77 + r as u64);
+        s1.push(time(n, |_| shallow.read_at(&mut out, (rng.next() % blocks) * 4096).unwrap()));
+        let mut rng = Rng(77 + r as u64);
+        s64.push(time(n, |_| deep.read_at(&mut out, (rng.next() % blocks) * 4096).unwrap()));
+    }
+    let d1 = median(s1.clone());
+    let d64 = median(s64.clone());
+    report(
+        "4 KiB random reads (1 GiB)",
+        "plain file",
+        &p,
+        &[("volume at depth 1", s1), ("volume at depth 64", s64)],
+    );
+    println!("  depth 64 vs depth 1: {:.2}x", d1 / d64);
+}
+
+fn write_flush(dir: &tempfile::TempDir) {
+    let size = 256 * MIB;
+    let blocks = size / 4096;
+    let (plain, pool) = setup(dir, size, 4 * GIB);
+    fill_plain(&plain, size);
+    let vol = pool.create_volume("wf", size).unwrap();
+    fill(&vol, size);
+    let buf = vec![0x42u8; 4096];
+    let n = 2000;
+    let (mut p, mut v) = (vec![], vec![]);
+    for r in 0..rounds() {
+        let mut rng = Rng(5 + r as u64);
+        p.push(time(n, |_| {
+            plain.write_all_at(&buf, (rng.next() % blocks) * 4096).unwrap();
+            plain.sync_data().unwrap();
+        }));
+        let mut rng = Rng(5 + r as u64);
+        v.push(time(n, |_| {
+            vol.write_at(&buf, (rng.next() % blocks) * 4096).unwrap();
+            vol.flush().unwrap();
+        }));
+    }
+    report("4 KiB write + flush", "plain pwrite + fdatasync", &p, &[("volume write + flush", v)]);
+}
+
+fn main() {
+    // Ignore the arguments cargo bench passes (--bench and filters).
+    let base = std::env::var("SNAPVOL_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
+    println!("directory: {} ({} rounds per scenario)", base.display(), rounds());
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let want = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
+    let scenarios: [(&str, fn(&tempfile::TempDir)); 4] = [
+        ("random-writes", random_writes),
+        ("sequential", sequential),
+        ("read-depth", read_depth),
+        ("write-flush", write_flush),
+    ];
+    for (name, f) in scenarios {
+        if want(name) {
+            let dir = tempfile::tempdir_in(&base).unwrap();
+            f(&dir);
+        }
+    }
+}
