@@ -52,7 +52,10 @@ fn report(name: &str, base: &str, base_us: &[f64], rows: &[(&str, Vec<f64>)]) {
     println!("{name}: {base} {b:.2} us/op (median of {})", base_us.len());
     for (label, us) in rows {
         let m = median(us.clone());
-        println!("  {label:<28} {m:>9.2} us/op   ratio to {base}: {:.2}x", b / m);
+        println!(
+            "  {label:<28} {m:>9.2} us/op   ratio to {base}: {:.2}x",
+            b / m
+        );
     }
 }
 
@@ -81,7 +84,8 @@ fn setup(dir: &tempfile::TempDir, size: u64, pool_size: u64) -> (File, Pool) {
         .open(dir.path().join("plain"))
         .unwrap();
     plain.set_len(size).unwrap();
-    let pool = Pool::create_file(dir.path().join("pool"), pool_size, PoolOptions::default()).unwrap();
+    let pool =
+        Pool::create_file(dir.path().join("pool"), pool_size, PoolOptions::default()).unwrap();
     (plain, pool)
 }
 
@@ -99,16 +103,25 @@ fn random_writes(dir: &tempfile::TempDir) {
     let (mut p, mut o, mut s, mut u) = (vec![], vec![], vec![], vec![]);
     for r in 0..rounds() {
         let mut rng = Rng(0x9E37_79B9 + r as u64);
-        p.push(time(n, |_| plain.write_all_at(&buf, (rng.next() % blocks) * 4096).unwrap()));
+        p.push(time(n, |_| {
+            plain
+                .write_all_at(&buf, (rng.next() % blocks) * 4096)
+                .unwrap()
+        }));
         let mut rng = Rng(0x9E37_79B9 + r as u64);
-        o.push(time(n, |_| owned.write_at(&buf, (rng.next() % blocks) * 4096).unwrap()));
+        o.push(time(n, |_| {
+            owned.write_at(&buf, (rng.next() % blocks) * 4096).unwrap()
+        }));
         // Every block shared again: a fresh snapshot, the previous one deleted.
         pool.snapshot("shared", &format!("s{r}")).unwrap();
         if r > 0 {
-            pool.delete_snapshot("shared", &format!("s{}", r - 1)).unwrap();
+            pool.delete_snapshot("shared", &format!("s{}", r - 1))
+                .unwrap();
         }
         let mut rng = Rng(0x9E37_79B9 + r as u64);
-        s.push(time(n, |_| shared.write_at(&buf, (rng.next() % blocks) * 4096).unwrap()));
+        s.push(time(n, |_| {
+            shared.write_at(&buf, (rng.next() % blocks) * 4096).unwrap()
+        }));
         // Unallocated: a fresh volume, each block written once (a stride permutation).
         let fresh = pool.create_volume("fresh", size).unwrap();
         u.push(time(n, |i| {
@@ -122,7 +135,11 @@ fn random_writes(dir: &tempfile::TempDir) {
         "4 KiB random writes (2 GiB)",
         "plain file (written once)",
         &p,
-        &[("(a) unallocated blocks", u), ("(b) owned blocks", o), ("(c) blocks shared with a snapshot", s)],
+        &[
+            ("(a) unallocated blocks", u),
+            ("(b) owned blocks", o),
+            ("(c) blocks shared with a snapshot", s),
+        ],
     );
 }
 
@@ -138,13 +155,31 @@ fn sequential(dir: &tempfile::TempDir) {
     let n = 2 * steps;
     let (mut pw, mut vw, mut pr, mut vr) = (vec![], vec![], vec![], vec![]);
     for _ in 0..rounds() {
-        pw.push(time(n, |i| plain.write_all_at(&chunk, (i % steps) * MIB).unwrap()));
-        vw.push(time(n, |i| vol.write_at(&chunk, (i % steps) * MIB).unwrap()));
-        pr.push(time(n, |i| plain.read_exact_at(&mut out, (i % steps) * MIB).unwrap()));
-        vr.push(time(n, |i| vol.read_at(&mut out, (i % steps) * MIB).unwrap()));
+        pw.push(time(n, |i| {
+            plain.write_all_at(&chunk, (i % steps) * MIB).unwrap()
+        }));
+        vw.push(time(n, |i| {
+            vol.write_at(&chunk, (i % steps) * MIB).unwrap()
+        }));
+        pr.push(time(n, |i| {
+            plain.read_exact_at(&mut out, (i % steps) * MIB).unwrap()
+        }));
+        vr.push(time(n, |i| {
+            vol.read_at(&mut out, (i % steps) * MIB).unwrap()
+        }));
     }
-    report("1 MiB sequential writes (owned blocks)", "plain file", &pw, &[("volume", vw)]);
-    report("1 MiB sequential reads", "plain file", &pr, &[("volume", vr)]);
+    report(
+        "1 MiB sequential writes (owned blocks)",
+        "plain file",
+        &pw,
+        &[("volume", vw)],
+    );
+    report(
+        "1 MiB sequential reads",
+        "plain file",
+        &pr,
+        &[("volume", vr)],
+    );
 }
 
 fn read_depth(dir: &tempfile::TempDir) {
@@ -161,7 +196,9 @@ fn read_depth(dir: &tempfile::TempDir) {
     pool.snapshot("d0", "s").unwrap();
     let shallow = pool.clone_snapshot("d0", "s", "shallow").unwrap();
     for _ in 0..blocks {
-        shallow.write_at(&buf, (rng.next() % blocks) * 4096).unwrap();
+        shallow
+            .write_at(&buf, (rng.next() % blocks) * 4096)
+            .unwrap();
     }
     let mut name = "d0".to_string();
     for d in 1..=64 {
@@ -182,11 +219,22 @@ fn read_depth(dir: &tempfile::TempDir) {
     let (mut p, mut s1, mut s64) = (vec![], vec![], vec![]);
     for r in 0..rounds() {
         let mut rng = Rng(77 + r as u64);
-        p.push(time(n, |_| plain.read_exact_at(&mut out, (rng.next() % blocks) * 4096).unwrap()));
+        p.push(time(n, |_| {
+            plain
+                .read_exact_at(&mut out, (rng.next() % blocks) * 4096)
+                .unwrap()
+        }));
         let mut rng = Rng(77 + r as u64);
-        s1.push(time(n, |_| shallow.read_at(&mut out, (rng.next() % blocks) * 4096).unwrap()));
+        s1.push(time(n, |_| {
+            shallow
+                .read_at(&mut out, (rng.next() % blocks) * 4096)
+                .unwrap()
+        }));
         let mut rng = Rng(77 + r as u64);
-        s64.push(time(n, |_| deep.read_at(&mut out, (rng.next() % blocks) * 4096).unwrap()));
+        s64.push(time(n, |_| {
+            deep.read_at(&mut out, (rng.next() % blocks) * 4096)
+                .unwrap()
+        }));
     }
     let d1 = median(s1.clone());
     let d64 = median(s64.clone());
@@ -212,7 +260,9 @@ fn write_flush(dir: &tempfile::TempDir) {
     for r in 0..rounds() {
         let mut rng = Rng(5 + r as u64);
         p.push(time(n, |_| {
-            plain.write_all_at(&buf, (rng.next() % blocks) * 4096).unwrap();
+            plain
+                .write_all_at(&buf, (rng.next() % blocks) * 4096)
+                .unwrap();
             plain.sync_data().unwrap();
         }));
         let mut rng = Rng(5 + r as u64);
@@ -221,7 +271,12 @@ fn write_flush(dir: &tempfile::TempDir) {
             vol.flush().unwrap();
         }));
     }
-    report("4 KiB write + flush", "plain pwrite + fdatasync", &p, &[("volume write + flush", v)]);
+    report(
+        "4 KiB write + flush",
+        "plain pwrite + fdatasync",
+        &p,
+        &[("volume write + flush", v)],
+    );
 }
 
 fn main() {
@@ -229,8 +284,15 @@ fn main() {
     let base = std::env::var("SNAPVOL_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir());
-    println!("directory: {} ({} rounds per scenario)", base.display(), rounds());
-    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    println!(
+        "directory: {} ({} rounds per scenario)",
+        base.display(),
+        rounds()
+    );
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let want = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
     let scenarios: [(&str, fn(&tempfile::TempDir)); 4] = [
         ("random-writes", random_writes),

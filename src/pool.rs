@@ -392,7 +392,7 @@ impl Pool {
                 // again. Zeroed inside the operation so a failure leaves the volume whole.
                 let tail_end = size.next_multiple_of(bs).min(v.size);
                 if tail_end > size {
-                    e.write(v.id, size, &vec![0u8; (tail_end - size) as usize])?;
+                    e.write_with(v.id, size, &vec![0u8; (tail_end - size) as usize], true)?;
                 }
                 e.unmap(v.id, size.div_ceil(bs), v.size.div_ceil(bs))?;
                 e.catalog.volume_by_id_mut(v.id).expect("checked").size = size;

@@ -111,6 +111,19 @@ impl Engine {
 
     /// Writes `data` at `offset` of volume `id` (see the module docs for where it lands).
     pub(crate) fn write(&mut self, id: u128, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_with(id, offset, data, false)
+    }
+
+    /// As [`Engine::write`]; with `redirect_all`, no block is written in place, so the write
+    /// becomes visible only with the next commit. Catalog operations that write (resize
+    /// zeroing the tail of its new last block) use it to stay atomic across a crash.
+    pub(crate) fn write_with(
+        &mut self,
+        id: u128,
+        offset: u64,
+        data: &[u8],
+        redirect_all: bool,
+    ) -> Result<()> {
         self.check_usable()?;
         let (root, _) = self.check_range(Target::Volume(id), offset, data.len())?;
         if data.is_empty() {
@@ -133,6 +146,7 @@ impl Engine {
         for b in first..end {
             let f = fi.next_if(|f| f.map.key == b);
             let in_place = match &f {
+                Some(_) if redirect_all => false,
                 Some(f) => {
                     !f.path_shared && f.map.birth > frozen && self.store.sm.get(f.map.unit)? == 1
                 }
