@@ -294,7 +294,8 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let want = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
-    let scenarios: [(&str, fn(&tempfile::TempDir)); 4] = [
+    type Scenario = (&'static str, fn(&tempfile::TempDir));
+    let scenarios: [Scenario; 4] = [
         ("random-writes", random_writes),
         ("sequential", sequential),
         ("read-depth", read_depth),

@@ -46,6 +46,8 @@ pub(crate) struct Engine {
     pub(crate) auto_commit_space_pages: usize,
     /// Inside a catalog operation: no automatic commit may expose half of it.
     in_catalog_op: bool,
+    /// Reused lookup buffer for reads (saves an allocation per I/O).
+    pub(crate) scratch: Vec<crate::btree::Found>,
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -132,6 +134,7 @@ impl Engine {
             last_commit: Instant::now(),
             poisoned: None,
             in_catalog_op: false,
+            scratch: Vec::new(),
             auto_commit_space_pages: (reserve / 3).max(8),
         }
     }

@@ -75,14 +75,15 @@ impl Engine {
         let bs = self.store.block_size as u64;
         let first = offset / bs;
         let end = (offset + buf.len() as u64).div_ceil(bs);
-        let mut found = Vec::new();
+        let mut found = std::mem::take(&mut self.scratch);
+        found.clear();
         self.store
             .lookup_range_for_read(root, first, end, &mut found)?;
         // Coalesce: consecutive blocks at consecutive device places become one read. Bytes
         // no read covers (unmapped blocks) are zeroed.
         let mut run: Option<(u64, usize, usize)> = None; // (device byte, buf start, buf end)
         let mut covered = 0usize;
-        for f in found {
+        for f in found.drain(..) {
             let b = f.map.key;
             let lo = (b * bs).max(offset);
             let hi = ((b + 1) * bs).min(offset + buf.len() as u64);
@@ -106,6 +107,7 @@ impl Engine {
             covered = re;
         }
         buf[covered..].fill(0);
+        self.scratch = found;
         Ok(())
     }
 

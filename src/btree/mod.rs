@@ -67,37 +67,43 @@ impl Store {
 
     fn walk_range(
         &mut self,
-        loc: u64,
+        mut loc: u64,
         lo: u64,
         hi: u64,
-        shared_above: bool,
+        mut shared: bool,
         out: &mut Vec<Found>,
-        depth: u32,
+        mut depth: u32,
     ) -> Result<()> {
-        if depth > 32 {
-            return Err(Error::corrupt(
-                "block map node",
-                loc,
-                "tree deeper than 32 levels (cycle?)",
-            ));
-        }
-        // Short-circuit: below a shared node everything is shared, no need to look.
-        let shared = shared_above || self.sm.get(loc)? > 1;
-        let (start, end) = match self.node(loc)? {
-            Node::Leaf(v) => {
-                let start = v.partition_point(|m| m.key < lo);
-                out.extend(v[start..].iter().take_while(|m| m.key < hi).map(|m| Found {
-                    map: *m,
-                    path_shared: shared,
-                }));
-                return Ok(());
+        // Descend in a loop while a single child covers the range (every lookup of one block),
+        // recursing only where the range spans several children.
+        let (start, end) = loop {
+            if depth > 32 {
+                return Err(Error::corrupt(
+                    "block map node",
+                    loc,
+                    "tree deeper than 32 levels (cycle?)",
+                ));
             }
-            Node::Branch(v) => {
-                let start = child_index(v, lo);
-                (
-                    start,
-                    start + v[start..].iter().take_while(|c| c.0 < hi).count(),
-                )
+            // Below a shared node everything is shared: no need to look at counts.
+            shared = shared || self.sm.get(loc)? > 1;
+            match self.node(loc)? {
+                Node::Leaf(v) => {
+                    let start = v.partition_point(|m| m.key < lo);
+                    out.extend(v[start..].iter().take_while(|m| m.key < hi).map(|m| Found {
+                        map: *m,
+                        path_shared: shared,
+                    }));
+                    return Ok(());
+                }
+                Node::Branch(v) => {
+                    let start = child_index(v, lo);
+                    let end = start + v[start..].iter().take_while(|c| c.0 < hi).count();
+                    if end - start != 1 {
+                        break (start, end);
+                    }
+                    loc = v[start].1;
+                    depth += 1;
+                }
             }
         };
         for i in start..end {
