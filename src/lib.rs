@@ -34,6 +34,7 @@ mod btree;
 mod catalog;
 mod check;
 pub mod device;
+mod diff;
 mod error;
 mod format;
 mod pool;
@@ -45,6 +46,7 @@ mod volume;
 
 pub use catalog::MAX_NAME;
 pub use check::{CheckReport, Problem};
+pub use diff::{DiffTarget, Extent, ExtentKind, ExtentPage, TupleLength};
 pub use error::{Error, Result};
 pub use format::{DEFAULT_BLOCK_SIZE, FORMAT_VERSION, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE};
 pub use pool::{Pool, PoolOptions, PoolStats, SnapshotInfo, Usage, VolumeInfo};

@@ -32,10 +32,12 @@ fn run_with_fault(kind: FaultKind, n: u64) -> bool {
     let mut failed = None;
     for op in fixed_workload() {
         let before = model.clone();
+        let flushes = fault.seen(FaultKind::Flush);
         match model.apply(pool.clone(), &op, &no_reopen) {
             Ok(p) => {
                 pool = p;
-                if durable(&op) {
+                // Durable only if it really committed (a no-op catalog call flushes nothing).
+                if durable(&op) && fault.seen(FaultKind::Flush) > flushes {
                     candidates.clear();
                 }
                 candidates.push(model.clone());

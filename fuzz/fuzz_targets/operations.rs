@@ -68,9 +68,11 @@ fuzz_target!(|data: &[u8]| {
         drop(p);
         Pool::open(dev.clone(), opts()).unwrap()
     };
+    let mut log: Vec<String> = Vec::new();
     for step in decode(data) {
         let op = match step {
             Step::Fault(kind, n) => {
+                log.push(format!("fault {kind:?} #{n}"));
                 fault.fail_nth(kind, n, false);
                 continue;
             }
@@ -78,10 +80,13 @@ fuzz_target!(|data: &[u8]| {
             Step::Op(op) => op,
         };
         let before = model.clone();
+        log.push(format!("{op:?}"));
+        let flushes = fault.seen(FaultKind::Flush);
         match model.apply(pool.clone(), &op, &reopen) {
             Ok(p) => {
                 pool = p;
-                if durable(&op) {
+                // Durable only if it really committed (a no-op catalog call flushes nothing).
+                if durable(&op) && fault.seen(FaultKind::Flush) > flushes {
                     candidates.clear();
                 }
                 candidates.push(model.clone());
@@ -99,11 +104,10 @@ fuzz_target!(|data: &[u8]| {
                         c.adopt_range(&pool, &name, off, len);
                     }
                 }
-                let m = candidates
-                    .iter()
-                    .find(|m| m.matches(&pool).is_ok())
-                    .expect("reopened pool matches no allowed state")
-                    .clone();
+                let Some(m) = candidates.iter().find(|m| m.matches(&pool).is_ok()).cloned() else {
+                    let why: Vec<String> = candidates.iter().map(|m| m.matches(&pool).unwrap_err()).collect();
+                    panic!("after {op:?} failed with {e}: reopened pool matches no allowed state: {why:?}\nlog: {log:?}");
+                };
                 model = m;
                 candidates = vec![model.clone()];
             }

@@ -5,7 +5,10 @@
 //! and moves the sharing one level down (see [`Store::shadow`]). Dropping a reference frees
 //! only what no other tree still reaches, so delete costs what it frees.
 
+mod diff;
 pub(crate) mod node;
+
+pub(crate) use diff::Change;
 
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -25,7 +28,7 @@ pub(crate) struct Found {
 type InsertOutcome = (Option<Mapping>, Option<(u64, u64)>);
 
 /// Index of the child of a branch that covers `key` (the first child for keys below all).
-fn child_index(children: &[(u64, u64)], key: u64) -> usize {
+pub(crate) fn child_index(children: &[(u64, u64)], key: u64) -> usize {
     children.partition_point(|c| c.0 <= key).saturating_sub(1)
 }
 
