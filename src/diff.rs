@@ -80,7 +80,11 @@ impl Engine {
     ) -> Result<ExtentPage> {
         let bs = self.store.block_size as u64;
         let end_key = size.div_ceil(bs);
-        let limit = if max_results == 0 { usize::MAX } else { max_results };
+        let limit = if max_results == 0 {
+            usize::MAX
+        } else {
+            max_results
+        };
         let mut extents: Vec<Extent> = Vec::new();
         let mut key = starting_offset / bs;
         let mut blocks = Vec::new();
@@ -93,7 +97,11 @@ impl Engine {
                 let offset = k * bs;
                 let length = bs.min(size - offset);
                 match extents.last_mut() {
-                    Some(e) if tuples == TupleLength::Variable && e.kind == kind && e.offset + e.length == offset => {
+                    Some(e)
+                        if tuples == TupleLength::Variable
+                            && e.kind == kind
+                            && e.offset + e.length == offset =>
+                    {
                         e.length += length;
                     }
                     _ => {
@@ -102,7 +110,11 @@ impl Engine {
                             complete = true;
                             break;
                         }
-                        extents.push(Extent { offset, length, kind });
+                        extents.push(Extent {
+                            offset,
+                            length,
+                            kind,
+                        });
                     }
                 }
             }
@@ -139,12 +151,18 @@ impl Pool {
             e.check_usable()?;
             let (root, size) = e.diff_target(target)?;
             let mut found: Vec<Found> = Vec::new();
-            e.page(size, starting_offset, max_results, tuples, |e, lo, hi, out| {
-                found.clear();
-                e.store.lookup_range_for_read(root, lo, hi, &mut found)?;
-                out.extend(found.iter().map(|f| (f.map.key, ExtentKind::Data)));
-                Ok(())
-            })
+            e.page(
+                size,
+                starting_offset,
+                max_results,
+                tuples,
+                |e, lo, hi, out| {
+                    found.clear();
+                    e.store.lookup_range_for_read(root, lo, hi, &mut found)?;
+                    out.extend(found.iter().map(|f| (f.map.key, ExtentKind::Data)));
+                    Ok(())
+                },
+            )
         })
     }
 
@@ -165,15 +183,25 @@ impl Pool {
             let (base_root, _) = e.diff_target(DiffTarget::Snapshot(base))?;
             let (root, size) = e.diff_target(target)?;
             let mut changes: Vec<Change> = Vec::new();
-            e.page(size, starting_offset, max_results, tuples, |e, lo, hi, out| {
-                changes.clear();
-                e.store.diff_maps(base_root, root, lo, hi, &mut changes)?;
-                out.extend(changes.iter().map(|c| {
-                    let kind = if c.now.is_some() { ExtentKind::Data } else { ExtentKind::Zero };
-                    (c.key, kind)
-                }));
-                Ok(())
-            })
+            e.page(
+                size,
+                starting_offset,
+                max_results,
+                tuples,
+                |e, lo, hi, out| {
+                    changes.clear();
+                    e.store.diff_maps(base_root, root, lo, hi, &mut changes)?;
+                    out.extend(changes.iter().map(|c| {
+                        let kind = if c.now.is_some() {
+                            ExtentKind::Data
+                        } else {
+                            ExtentKind::Zero
+                        };
+                        (c.key, kind)
+                    }));
+                    Ok(())
+                },
+            )
         })
     }
 }

@@ -44,6 +44,16 @@ pub enum Error {
         free: u64,
     },
 
+    /// A send stream is malformed, truncated, corrupt or of an unknown version or record type.
+    /// The receiving pool is unchanged.
+    #[error("invalid stream: {0}")]
+    BadStream(String),
+
+    /// An incremental stream does not apply: its base is not the volume's newest snapshot, or
+    /// the volume changed since then. The receiving pool is unchanged.
+    #[error("stream does not apply to volume {volume:?}: {reason}")]
+    WrongBase { volume: String, reason: String },
+
     /// Another handle or process has the device open.
     #[error("{0} is in use by another pool handle or process")]
     InUse(String),
@@ -104,15 +114,17 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match &e {
             Error::Io { source, .. } => source.kind(),
-            Error::Corrupt { .. } | Error::NotAPool(_) | Error::UnsupportedVersion { .. } => {
-                io::ErrorKind::InvalidData
-            }
+            Error::Corrupt { .. }
+            | Error::NotAPool(_)
+            | Error::UnsupportedVersion { .. }
+            | Error::BadStream(_) => io::ErrorKind::InvalidData,
             Error::NoSpace { .. } => io::ErrorKind::StorageFull,
             Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) => io::ErrorKind::NotFound,
             Error::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
-            Error::InvalidName { .. } | Error::InvalidArgument(_) | Error::OutOfRange { .. } => {
-                io::ErrorKind::InvalidInput
-            }
+            Error::InvalidName { .. }
+            | Error::InvalidArgument(_)
+            | Error::OutOfRange { .. }
+            | Error::WrongBase { .. } => io::ErrorKind::InvalidInput,
             Error::ReadOnly(_) => io::ErrorKind::PermissionDenied,
             Error::Poisoned(_) => io::ErrorKind::Other,
             Error::InUse(_) => io::ErrorKind::ResourceBusy,

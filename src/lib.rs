@@ -40,6 +40,7 @@ mod format;
 mod pool;
 mod space;
 mod store;
+mod stream;
 mod txn;
 mod unit_hash;
 mod volume;
@@ -50,6 +51,7 @@ pub use diff::{DiffTarget, Extent, ExtentKind, ExtentPage, TupleLength};
 pub use error::{Error, Result};
 pub use format::{DEFAULT_BLOCK_SIZE, FORMAT_VERSION, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE};
 pub use pool::{Pool, PoolOptions, PoolStats, SnapshotInfo, Usage, VolumeInfo};
+pub use stream::{ReceiveStats, SendStats};
 pub use volume::{Snapshot, Volume, VolumeIo};
 
 /// The README's example runs as a doctest, so it stays true.

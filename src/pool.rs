@@ -114,7 +114,10 @@ impl Pool {
     /// Opens the pool on `dev` at its last commit.
     pub fn open(dev: Arc<dyn BlockDevice>, opts: PoolOptions) -> Result<Pool> {
         let engine = Engine::open(dev)?;
-        Ok(Pool::start(engine, &opts))
+        let pool = Pool::start(engine, &opts);
+        // A receive interrupted by a crash leaves a hidden volume: remove it.
+        pool.with(|e| e.drop_hidden())?;
+        Ok(pool)
     }
 
     /// Creates a sparse file of `size` bytes at `path` and formats it.
@@ -408,6 +411,7 @@ impl Pool {
         e.catalog
             .volumes
             .iter()
+            .filter(|v| !v.name.starts_with(crate::stream::HIDDEN_PREFIX))
             .map(|v| VolumeInfo {
                 id: v.id,
                 name: v.name.clone(),

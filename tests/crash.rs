@@ -221,3 +221,59 @@ fn resize_shrink_is_atomic_at_every_crash_point() {
     ]);
     assert!(images > 100);
 }
+
+/// A receive is atomic across crashes too: at every crash point the pool opens clean with
+/// either no trace of the stream or the whole received snapshot.
+#[test]
+fn receive_is_atomic_at_every_crash_point() {
+    let src = Pool::create(Arc::new(MemoryDevice::new(16 << 20)), opts()).unwrap();
+    let v = src.create_volume("db", 1_200_000).unwrap();
+    for i in 0..9u64 {
+        v.write_at(&vec![i as u8 + 1; 50_000], i * 130_000).unwrap();
+    }
+    let id = src.snapshot("db", "s").unwrap();
+    let mut stream = Vec::new();
+    src.send(id, None, &mut stream).unwrap();
+    let want = {
+        let s = src.snapshot_by_id(id).unwrap();
+        let mut b = vec![0u8; s.len().unwrap() as usize];
+        s.read_at(&mut b, 0).unwrap();
+        b
+    };
+    let dev = Arc::new(CrashDevice::new(8 << 20));
+    let shared: Arc<dyn BlockDevice> = dev.clone();
+    let pool = Pool::create(shared, opts()).unwrap();
+    let start = dev.events();
+    pool.receive(&mut &stream[..], None).unwrap();
+    drop(pool);
+    let history = dev.history();
+    let mut cursor = history.start();
+    let (mut none, mut whole) = (0, 0);
+    for p in start..=history.len() {
+        cursor.advance_to(p);
+        for seed in 0..4 {
+            let img = Arc::new(MemoryDevice::from_image(
+                cursor.crash_image(p as u64 * 10 + seed),
+            ));
+            let pool = Pool::open(img, opts()).unwrap();
+            let report = pool.check().unwrap();
+            assert!(report.is_clean(), "crash at {p}: {:?}", report.problems);
+            match pool.snapshot_by_id(id) {
+                Ok(s) => {
+                    let mut b = vec![0u8; s.len().unwrap() as usize];
+                    s.read_at(&mut b, 0).unwrap();
+                    assert!(b == want, "crash at {p}: received snapshot differs");
+                    whole += 1;
+                }
+                Err(_) => {
+                    assert!(
+                        pool.volumes().is_empty(),
+                        "crash at {p}: a partial receive is visible"
+                    );
+                    none += 1;
+                }
+            }
+        }
+    }
+    assert!(none > 0 && whole > 0, "{none} empty, {whole} whole");
+}

@@ -46,7 +46,13 @@ fn read(pool: &Pool, target: DiffTarget) -> Vec<u8> {
     }
 }
 
-fn all_pages(pool: &Pool, base: Option<u128>, target: DiffTarget, max: usize, tuples: TupleLength) -> Vec<Extent> {
+fn all_pages(
+    pool: &Pool,
+    base: Option<u128>,
+    target: DiffTarget,
+    max: usize,
+    tuples: TupleLength,
+) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::new();
     let mut from = 0;
     loop {
@@ -56,12 +62,19 @@ fn all_pages(pool: &Pool, base: Option<u128>, target: DiffTarget, max: usize, tu
         };
         assert!(max == 0 || page.extents.len() <= max);
         if let Some(first) = page.extents.first() {
-            assert!(first.offset + first.length > from, "first extent ends after starting_offset");
+            assert!(
+                first.offset + first.length > from,
+                "first extent ends after starting_offset"
+            );
         }
         // Glue: a variable-length extent split across pages joins back.
         for e in page.extents {
             match out.last_mut() {
-                Some(l) if tuples == TupleLength::Variable && l.kind == e.kind && l.offset + l.length == e.offset => {
+                Some(l)
+                    if tuples == TupleLength::Variable
+                        && l.kind == e.kind
+                        && l.offset + l.length == e.offset =>
+                {
                     l.length += e.length
                 }
                 _ => out.push(e),
@@ -76,7 +89,10 @@ fn all_pages(pool: &Pool, base: Option<u128>, target: DiffTarget, max: usize, tu
 
 fn check_order(ext: &[Extent]) {
     for w in ext.windows(2) {
-        assert!(w[0].offset + w[0].length <= w[1].offset, "strictly increasing, no overlap");
+        assert!(
+            w[0].offset + w[0].length <= w[1].offset,
+            "strictly increasing, no overlap"
+        );
     }
 }
 
@@ -87,7 +103,9 @@ fn run(block_size: u32, first: Vec<Change>, second: Vec<Change>, max: usize) {
         for c in changes {
             let size = v.len().unwrap();
             match *c {
-                Change::Write(o, l, s) if o < size => v.write_at(&vec![s | 1; l.min(size - o) as usize], o).unwrap(),
+                Change::Write(o, l, s) if o < size => v
+                    .write_at(&vec![s | 1; l.min(size - o) as usize], o)
+                    .unwrap(),
                 Change::Discard(o, l) if o < size => v.discard(o, l.min(size - o)).unwrap(),
                 Change::Resize(n) => pool.resize_volume("v", n).unwrap(),
                 _ => {}
@@ -104,7 +122,10 @@ fn run(block_size: u32, first: Vec<Change>, second: Vec<Change>, max: usize) {
         let new = read(&pool, target);
         let whole = all_pages(&pool, Some(base), target, 0, TupleLength::Variable);
         check_order(&whole);
-        assert_eq!(whole, all_pages(&pool, Some(base), target, max, TupleLength::Variable));
+        assert_eq!(
+            whole,
+            all_pages(&pool, Some(base), target, max, TupleLength::Variable)
+        );
         // Every block that differs is covered; applying the delta to the base gives the target.
         let mut rebuilt = old.clone();
         rebuilt.resize(new.len(), 0);
@@ -119,15 +140,25 @@ fn run(block_size: u32, first: Vec<Change>, second: Vec<Change>, max: usize) {
         // Fixed-length tuples: one per block, same coverage.
         let fixed = all_pages(&pool, Some(base), target, max, TupleLength::Fixed);
         check_order(&fixed);
-        assert!(fixed.iter().all(|e| e.length == bs || e.offset + e.length == new.len() as u64));
-        assert_eq!(fixed.iter().map(|e| e.length).sum::<u64>(), whole.iter().map(|e| e.length).sum::<u64>());
+        assert!(fixed
+            .iter()
+            .all(|e| e.length == bs || e.offset + e.length == new.len() as u64));
+        assert_eq!(
+            fixed.iter().map(|e| e.length).sum::<u64>(),
+            whole.iter().map(|e| e.length).sum::<u64>()
+        );
         // Allocated: exactly the blocks holding non-zero data are inside Data extents.
         let alloc = all_pages(&pool, None, target, max, TupleLength::Variable);
         check_order(&alloc);
         for (i, chunk) in new.chunks(bs as usize).enumerate() {
             if chunk.iter().any(|&b| b != 0) {
                 let off = i as u64 * bs;
-                assert!(alloc.iter().any(|e| e.offset <= off && off < e.offset + e.length), "block {i} missing");
+                assert!(
+                    alloc
+                        .iter()
+                        .any(|e| e.offset <= off && off < e.offset + e.length),
+                    "block {i} missing"
+                );
             }
         }
     }
@@ -160,8 +191,13 @@ fn delta_of_a_large_sparse_change_touches_few_nodes() {
     for i in 0..100u64 {
         v.write_at(&[2u8; 10], i * 40_000_000).unwrap();
     }
-    let page = pool.delta(base, DiffTarget::Volume("v"), 0, 0, TupleLength::Variable).unwrap();
+    let page = pool
+        .delta(base, DiffTarget::Volume("v"), 0, 0, TupleLength::Variable)
+        .unwrap();
     assert_eq!(page.extents.len(), 100);
-    assert!(page.extents.iter().all(|e| e.kind == ExtentKind::Data && e.length == 65536));
+    assert!(page
+        .extents
+        .iter()
+        .all(|e| e.kind == ExtentKind::Data && e.length == 65536));
     assert_eq!(page.next_offset, None);
 }

@@ -19,7 +19,14 @@ pub(crate) struct Change {
 impl Store {
     /// Every key in `lo..hi` whose mapping differs between the maps rooted at `base` and
     /// `target` (0 = empty map), in key order.
-    pub(crate) fn diff_maps(&mut self, base: u64, target: u64, lo: u64, hi: u64, out: &mut Vec<Change>) -> Result<()> {
+    pub(crate) fn diff_maps(
+        &mut self,
+        base: u64,
+        target: u64,
+        lo: u64,
+        hi: u64,
+        out: &mut Vec<Change>,
+    ) -> Result<()> {
         let mut heights = UnitMap::default();
         self.diff_rec(base, target, lo, hi, out, &mut heights, 0)
     }
@@ -36,7 +43,11 @@ impl Store {
             cur = v[0].1;
             h += 1;
             if h > 32 {
-                return Err(Error::corrupt("block map node", loc, "tree deeper than 32 levels"));
+                return Err(Error::corrupt(
+                    "block map node",
+                    loc,
+                    "tree deeper than 32 levels",
+                ));
             }
         }
         memo.insert(loc, h);
@@ -91,7 +102,11 @@ impl Store {
             return Ok(());
         }
         if depth > 80 {
-            return Err(Error::corrupt("block map node", b, "diff recursion too deep"));
+            return Err(Error::corrupt(
+                "block map node",
+                b,
+                "diff recursion too deep",
+            ));
         }
         let (ha, hb) = (self.height(a, memo)?, self.height(b, memo)?);
         if ha == 0 && hb == 0 {
@@ -102,21 +117,33 @@ impl Store {
                 match (ea.get(i), eb.get(j)) {
                     (Some(x), Some(y)) if x.key == y.key => {
                         if x.unit != y.unit {
-                            out.push(Change { key: y.key, now: Some(*y) });
+                            out.push(Change {
+                                key: y.key,
+                                now: Some(*y),
+                            });
                         }
                         i += 1;
                         j += 1;
                     }
                     (Some(x), Some(y)) if x.key < y.key => {
-                        out.push(Change { key: x.key, now: None });
+                        out.push(Change {
+                            key: x.key,
+                            now: None,
+                        });
                         i += 1;
                     }
                     (Some(x), None) => {
-                        out.push(Change { key: x.key, now: None });
+                        out.push(Change {
+                            key: x.key,
+                            now: None,
+                        });
                         i += 1;
                     }
                     (_, Some(y)) => {
-                        out.push(Change { key: y.key, now: Some(*y) });
+                        out.push(Change {
+                            key: y.key,
+                            now: Some(*y),
+                        });
                         j += 1;
                     }
                     (None, None) => break,
@@ -156,7 +183,17 @@ mod tests {
         let mut model = BTreeMap::new();
         for key in 0..20_000u64 {
             let unit = s.alloc_block("t").unwrap();
-            root = s.insert(root, Mapping { key, unit, birth: 1 }).unwrap().0;
+            root = s
+                .insert(
+                    root,
+                    Mapping {
+                        key,
+                        unit,
+                        birth: 1,
+                    },
+                )
+                .unwrap()
+                .0;
             model.insert(key, unit);
         }
         s.share_tree(root).unwrap();
@@ -175,7 +212,16 @@ mod tests {
                 model.remove(&key);
             } else {
                 let unit = s.alloc_block("t").unwrap();
-                let (r, old) = s.insert(root, Mapping { key, unit, birth: 2 }).unwrap();
+                let (r, old) = s
+                    .insert(
+                        root,
+                        Mapping {
+                            key,
+                            unit,
+                            birth: 2,
+                        },
+                    )
+                    .unwrap();
                 root = r;
                 if let Some(m) = old {
                     s.dec_block(m.unit).unwrap();
@@ -193,13 +239,17 @@ mod tests {
         }
         let mut got = Vec::new();
         s.diff_maps(base, root, 0, u64::MAX, &mut got).unwrap();
-        let got: Vec<(u64, Option<u64>)> = got.iter().map(|c| (c.key, c.now.map(|m| m.unit))).collect();
+        let got: Vec<(u64, Option<u64>)> =
+            got.iter().map(|c| (c.key, c.now.map(|m| m.unit))).collect();
         assert_eq!(got, want);
         // A window gives exactly the changes inside it.
         let mut win = Vec::new();
         s.diff_maps(base, root, 5000, 9000, &mut win).unwrap();
         assert!(win.iter().all(|c| (5000..9000).contains(&c.key)));
-        assert_eq!(win.len(), want.iter().filter(|w| (5000..9000).contains(&w.0)).count());
+        assert_eq!(
+            win.len(),
+            want.iter().filter(|w| (5000..9000).contains(&w.0)).count()
+        );
         // Identical maps: nothing.
         let mut none = Vec::new();
         s.diff_maps(base, base, 0, u64::MAX, &mut none).unwrap();

@@ -2,6 +2,8 @@
 //! both the model and a real pool. Shared by the model, crash and fault tests.
 #![allow(dead_code)]
 
+pub mod ops_fuzz;
+
 use proptest::prelude::*;
 use snapvol::{Error, Pool};
 

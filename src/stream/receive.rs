@@ -1,0 +1,401 @@
+use super::{DATA, END, HIDDEN_PREFIX, MAGIC, MAX_DATA, VERSION, ZERO};
+use crate::catalog::{validate_name, SnapshotRec, VolumeRec, MAX_NAME};
+use crate::error::{Error, Result};
+use crate::pool::Pool;
+use crate::space::Reserve;
+use crate::txn::{now_unix, random_id, Engine};
+use crate::volume::Volume;
+use std::io::Read;
+
+/// What a receive created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiveStats {
+    pub volume: String,
+    pub snapshot: String,
+    pub snapshot_id: u128,
+    /// The base snapshot id of an incremental stream.
+    pub base_id: Option<u128>,
+    pub data_bytes: u64,
+    pub zero_records: u64,
+}
+
+/// Reads from the stream, keeping the running CRC.
+struct Src<'a> {
+    r: &'a mut dyn Read,
+    crc: crc32fast::Hasher,
+    at: u64,
+}
+
+impl Src<'_> {
+    fn take(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.r.read_exact(buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::BadStream(format!("truncated at byte {}", self.at))
+            } else {
+                Error::io("stream read", self.at, e)
+            }
+        })?;
+        self.crc.update(buf);
+        self.at += buf.len() as u64;
+        Ok(())
+    }
+    fn u8(&mut self) -> Result<u8> {
+        let mut b = [0u8; 1];
+        self.take(&mut b)?;
+        Ok(b[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        let mut b = [0u8; 2];
+        self.take(&mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        let mut b = [0u8; 4];
+        self.take(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.take(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn u128(&mut self) -> Result<u128> {
+        let mut b = [0u8; 16];
+        self.take(&mut b)?;
+        Ok(u128::from_le_bytes(b))
+    }
+}
+
+struct Header {
+    size: u64,
+    target: u128,
+    base: u128,
+    volume: String,
+    snapshot: String,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::BadStream(msg.into())
+}
+
+fn read_header(src: &mut Src) -> Result<Header> {
+    let mut magic = [0u8; 8];
+    src.take(&mut magic)?;
+    if &magic != MAGIC {
+        return Err(bad("not a snapvol stream (bad magic)"));
+    }
+    let version = src.u32()?;
+    if version != VERSION {
+        return Err(bad(format!(
+            "stream format version {version}; this build reads version {VERSION}"
+        )));
+    }
+    let _block_size = src.u32()?;
+    let size = src.u64()?;
+    let target = src.u128()?;
+    let base = src.u128()?;
+    let n = src.u16()? as usize;
+    if n > 2 * MAX_NAME + 1 {
+        return Err(bad(format!("name of {n} bytes")));
+    }
+    let mut name = vec![0u8; n];
+    src.take(&mut name)?;
+    let computed = src.crc.clone().finalize();
+    let mut c = [0u8; 4];
+    src.r
+        .read_exact(&mut c)
+        .map_err(|_| bad("truncated header"))?;
+    src.crc.update(&c);
+    src.at += 4;
+    if u32::from_le_bytes(c) != computed {
+        return Err(bad("header checksum mismatch"));
+    }
+    if target == 0 || target == base {
+        return Err(bad("target snapshot id is 0 or equals the base"));
+    }
+    let name = String::from_utf8(name).map_err(|_| bad("target name is not UTF-8"))?;
+    let (volume, snapshot) = name
+        .split_once('@')
+        .ok_or_else(|| bad(format!("target name {name:?} is not volume@snapshot")))?;
+    validate_name(volume).map_err(|e| bad(e.to_string()))?;
+    validate_name(snapshot).map_err(|e| bad(e.to_string()))?;
+    Ok(Header {
+        size,
+        target,
+        base,
+        volume: volume.into(),
+        snapshot: snapshot.into(),
+    })
+}
+
+impl Engine {
+    /// The newest snapshot of a volume (by generation).
+    fn newest_snapshot(&self, volume: u128) -> Option<&SnapshotRec> {
+        self.catalog
+            .snapshots
+            .iter()
+            .filter(|s| s.volume == volume)
+            .max_by_key(|s| s.generation)
+    }
+
+    /// Adds a hidden volume with the given map root (shared) and size.
+    fn add_hidden(&mut self, root: u64, size: u64) -> Result<u128> {
+        self.catalog_op(Reserve::Keep, |e| {
+            e.store.share_tree(root)?;
+            let id = random_id();
+            e.catalog.volumes.push(VolumeRec {
+                id,
+                name: format!("{HIDDEN_PREFIX}{id:032x}"),
+                size,
+                root,
+                created: now_unix(),
+                origin: None,
+                frozen_gen: e.store.generation,
+            });
+            e.catalog_changed();
+            Ok(id)
+        })
+    }
+
+    /// Deletes every hidden volume (an interrupted or failed receive).
+    pub(crate) fn drop_hidden(&mut self) -> Result<()> {
+        let hidden: Vec<u128> = self
+            .catalog
+            .volumes
+            .iter()
+            .filter(|v| v.name.starts_with(HIDDEN_PREFIX))
+            .map(|v| v.id)
+            .collect();
+        if hidden.is_empty() {
+            return Ok(());
+        }
+        self.catalog_op(Reserve::Use, |e| {
+            for id in hidden {
+                let root = e.catalog.volume_by_id(id).map_or(0, |v| v.root);
+                e.store.drop_tree(root)?;
+                e.catalog.volumes.retain(|v| v.id != id);
+            }
+            e.catalog_changed();
+            Ok(())
+        })
+    }
+}
+
+impl Pool {
+    /// Applies a stream (see docs/stream-format.md). A full stream creates volume `volume`
+    /// (default: the stream's volume name) and its snapshot; an incremental stream applies
+    /// onto the volume whose newest snapshot is the stream's base, by id. Either way the
+    /// received snapshot keeps the sender's id. Atomic: on any error the pool is unchanged.
+    pub fn receive(&self, input: &mut dyn Read, volume: Option<&str>) -> Result<ReceiveStats> {
+        let mut src = Src {
+            r: input,
+            crc: crc32fast::Hasher::new(),
+            at: 0,
+        };
+        let h = read_header(&mut src)?;
+        let name = volume.unwrap_or(&h.volume).to_string();
+        validate_name(&name)?;
+        if self.snapshot_by_id(h.target).is_ok() {
+            return Err(Error::AlreadyExists {
+                kind: "snapshot id",
+                name: format!("{:032x}", h.target),
+            });
+        }
+        let hidden = self.with(|e| {
+            if h.base == 0 {
+                if e.catalog.volume(&name).is_ok() {
+                    return Err(Error::AlreadyExists {
+                        kind: "volume",
+                        name: name.clone(),
+                    });
+                }
+                return e.add_hidden(0, h.size);
+            }
+            let vol = e.catalog.volume(&name)?.clone();
+            let newest = e.newest_snapshot(vol.id).cloned();
+            let wrong = |reason: String| Error::WrongBase {
+                volume: name.clone(),
+                reason,
+            };
+            let Some(base) = newest.filter(|s| s.id == h.base) else {
+                return Err(wrong(format!(
+                    "its newest snapshot is not the stream's base {:032x}",
+                    h.base
+                )));
+            };
+            if vol.root != base.root || vol.size != base.size {
+                return Err(wrong(format!(
+                    "it changed since {}@{}; roll back first",
+                    name, base.name
+                )));
+            }
+            e.add_hidden(base.root, base.size)
+        })?;
+        let vol = Volume {
+            pool: self.clone(),
+            id: hidden,
+        };
+        let applied = self.apply_records(&mut src, &h, &vol);
+        let result = applied.and_then(|(data_bytes, zero_records)| {
+            self.finish_receive(&h, &name, hidden)
+                .map(|_| ReceiveStats {
+                    volume: name.clone(),
+                    snapshot: h.snapshot.clone(),
+                    snapshot_id: h.target,
+                    base_id: (h.base != 0).then_some(h.base),
+                    data_bytes,
+                    zero_records,
+                })
+        });
+        if result.is_err() {
+            // Leave the pool as it was; if even that fails the next open cleans up.
+            let _ = self.with(|e| {
+                if e.poisoned.is_none() {
+                    e.drop_hidden()
+                } else {
+                    Ok(())
+                }
+            });
+        }
+        result
+    }
+
+    fn apply_records(&self, src: &mut Src, h: &Header, vol: &Volume) -> Result<(u64, u64)> {
+        if vol.len()? != h.size {
+            self.resize_hidden(vol.id, h.size)?;
+        }
+        let mut buf = vec![0u8; MAX_DATA];
+        let (mut data_records, mut zero_records, mut data_bytes) = (0u64, 0u64, 0u64);
+        let mut pos = 0u64;
+        loop {
+            let at = src.at;
+            // The END record's CRC covers every byte before it.
+            let crc_before_record = src.crc.clone().finalize();
+            let kind = src.u8()?;
+            match kind {
+                DATA => {
+                    let off = src.u64()?;
+                    let len = src.u32()? as usize;
+                    let crc = src.u32()?;
+                    if len == 0 || len > MAX_DATA {
+                        return Err(bad(format!("DATA record at byte {at}: length {len}")));
+                    }
+                    check_range(at, off, len as u64, pos, h.size)?;
+                    src.take(&mut buf[..len])?;
+                    if crc32fast::hash(&buf[..len]) != crc {
+                        return Err(bad(format!("DATA record at byte {at}: checksum mismatch")));
+                    }
+                    vol.write_at(&buf[..len], off)?;
+                    pos = off + len as u64;
+                    data_records += 1;
+                    data_bytes += len as u64;
+                }
+                ZERO => {
+                    let off = src.u64()?;
+                    let len = src.u64()?;
+                    let crc = src.u32()?;
+                    let mut fields = [0u8; 16];
+                    fields[..8].copy_from_slice(&off.to_le_bytes());
+                    fields[8..].copy_from_slice(&len.to_le_bytes());
+                    if crc32fast::hash(&fields) != crc {
+                        return Err(bad(format!("ZERO record at byte {at}: checksum mismatch")));
+                    }
+                    if len == 0 {
+                        return Err(bad(format!("ZERO record at byte {at}: length 0")));
+                    }
+                    check_range(at, off, len, pos, h.size)?;
+                    vol.discard(off, len)?;
+                    pos = off + len;
+                    zero_records += 1;
+                }
+                END => {
+                    let d = src.u64()?;
+                    let z = src.u64()?;
+                    let b = src.u64()?;
+                    let c = src.u32()?;
+                    if (d, z, b) != (data_records, zero_records, data_bytes) {
+                        return Err(bad(format!(
+                            "END record counts {d}/{z}/{b} do not match the stream ({data_records}/{zero_records}/{data_bytes})"
+                        )));
+                    }
+                    if c != crc_before_record {
+                        return Err(bad("stream checksum mismatch"));
+                    }
+                    let mut extra = [0u8; 1];
+                    match src.r.read(&mut extra) {
+                        Ok(0) => {}
+                        Ok(_) => return Err(bad("bytes after the END record")),
+                        Err(e) => return Err(Error::io("stream read", src.at, e)),
+                    }
+                    return Ok((data_bytes, zero_records));
+                }
+                other => return Err(bad(format!("unknown record type {other} at byte {at}"))),
+            }
+        }
+    }
+
+    fn resize_hidden(&self, id: u128, size: u64) -> Result<()> {
+        let name = self.with(|e| e.target(crate::volume::Target::Volume(id)).map(|t| t.2))?;
+        self.resize_volume(&name, size)
+    }
+
+    /// One commit makes the received volume and snapshot visible.
+    fn finish_receive(&self, h: &Header, name: &str, hidden: u128) -> Result<()> {
+        self.with(|e| {
+            e.catalog_op(Reserve::Use, |e| {
+                let tmp = e.catalog.volume_by_id(hidden).cloned().ok_or_else(|| {
+                    Error::VolumeNotFound(format!("{HIDDEN_PREFIX}{hidden:032x}"))
+                })?;
+                let generation = e.store.generation;
+                let vol_id = if h.base == 0 {
+                    let v = e.catalog.volume_by_id_mut(hidden).expect("checked");
+                    v.name = name.to_string();
+                    v.frozen_gen = generation;
+                    hidden
+                } else {
+                    // The volume keeps its id and name and takes the received map; the hidden
+                    // volume's reference to that map moves with it.
+                    let v = e.catalog.volume_mut(name)?;
+                    let old_root = std::mem::replace(&mut v.root, tmp.root);
+                    v.size = tmp.size;
+                    v.frozen_gen = generation;
+                    let id = v.id;
+                    e.catalog.volumes.retain(|x| x.id != hidden);
+                    e.store.drop_tree(old_root)?;
+                    id
+                };
+                let v = e.catalog.volume_by_id(vol_id).expect("present").clone();
+                e.store.share_tree(v.root)?;
+                e.catalog.snapshots.push(SnapshotRec {
+                    id: h.target,
+                    volume: v.id,
+                    volume_name: v.name.clone(),
+                    name: h.snapshot.clone(),
+                    size: v.size,
+                    root: v.root,
+                    generation,
+                    created: now_unix(),
+                });
+                e.catalog_changed();
+                Ok(())
+            })
+        })
+    }
+}
+
+fn check_range(at: u64, off: u64, len: u64, pos: u64, size: u64) -> Result<()> {
+    let end = off
+        .checked_add(len)
+        .ok_or_else(|| bad(format!("record at byte {at}: range overflows")))?;
+    if off < pos {
+        return Err(bad(format!(
+            "record at byte {at}: offset {off} overlaps or precedes the previous record"
+        )));
+    }
+    if end > size {
+        return Err(bad(format!(
+            "record at byte {at}: range {off}+{len} is beyond the volume ({size} bytes)"
+        )));
+    }
+    Ok(())
+}

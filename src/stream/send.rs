@@ -1,0 +1,134 @@
+use super::{DATA, END, MAGIC, MAX_DATA, VERSION, ZERO};
+use crate::diff::{DiffTarget, ExtentKind, TupleLength};
+use crate::error::{Error, Result};
+use crate::pool::Pool;
+use std::io::Write;
+
+/// What a send wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SendStats {
+    pub data_records: u64,
+    pub zero_records: u64,
+    pub data_bytes: u64,
+    pub stream_bytes: u64,
+}
+
+/// Writes through to `out`, keeping the running CRC and byte count of the stream.
+struct Tee<'a> {
+    out: &'a mut dyn Write,
+    crc: crc32fast::Hasher,
+    bytes: u64,
+}
+
+impl Tee<'_> {
+    fn put(&mut self, b: &[u8]) -> Result<()> {
+        self.crc.update(b);
+        self.bytes += b.len() as u64;
+        self.out
+            .write_all(b)
+            .map_err(|e| Error::io("stream write", self.bytes, e))
+    }
+}
+
+impl Pool {
+    /// Writes snapshot `snapshot` to `out` as a stream: whole, or with `base` (an earlier
+    /// snapshot of the same lineage) only what changed since it. See docs/stream-format.md.
+    pub fn send(
+        &self,
+        snapshot: u128,
+        base: Option<u128>,
+        out: &mut dyn Write,
+    ) -> Result<SendStats> {
+        let info = self
+            .snapshots()
+            .into_iter()
+            .find(|s| s.id == snapshot)
+            .ok_or_else(|| Error::SnapshotNotFound(format!("id {snapshot:032x}")))?;
+        if let Some(b) = base {
+            if b == snapshot {
+                return Err(Error::InvalidArgument(
+                    "base and target are the same snapshot".into(),
+                ));
+            }
+            self.snapshot_by_id(b)?;
+        }
+        let handle = self.snapshot_by_id(snapshot)?;
+        let name = format!("{}@{}", info.volume_name, info.name);
+        let mut tee = Tee {
+            out,
+            crc: crc32fast::Hasher::new(),
+            bytes: 0,
+        };
+        let mut header = Vec::new();
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        header.extend_from_slice(&self.block_size().to_le_bytes());
+        header.extend_from_slice(&info.size.to_le_bytes());
+        header.extend_from_slice(&snapshot.to_le_bytes());
+        header.extend_from_slice(&base.unwrap_or(0).to_le_bytes());
+        header.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        header.extend_from_slice(name.as_bytes());
+        let hcrc = crc32fast::hash(&header);
+        header.extend_from_slice(&hcrc.to_le_bytes());
+        tee.put(&header)?;
+
+        let mut stats = SendStats::default();
+        let mut buf = vec![0u8; MAX_DATA];
+        let mut from = 0;
+        loop {
+            let target = DiffTarget::Snapshot(snapshot);
+            let page = match base {
+                Some(b) => self.delta(b, target, from, 4096, TupleLength::Variable)?,
+                None => self.allocated(target, from, 4096, TupleLength::Variable)?,
+            };
+            for e in &page.extents {
+                match e.kind {
+                    ExtentKind::Data => {
+                        let mut off = e.offset;
+                        let end = e.offset + e.length;
+                        while off < end {
+                            let n = (end - off).min(MAX_DATA as u64) as usize;
+                            handle.read_at(&mut buf[..n], off)?;
+                            let mut rec = Vec::with_capacity(17);
+                            rec.push(DATA);
+                            rec.extend_from_slice(&off.to_le_bytes());
+                            rec.extend_from_slice(&(n as u32).to_le_bytes());
+                            rec.extend_from_slice(&crc32fast::hash(&buf[..n]).to_le_bytes());
+                            tee.put(&rec)?;
+                            tee.put(&buf[..n])?;
+                            stats.data_records += 1;
+                            stats.data_bytes += n as u64;
+                            off += n as u64;
+                        }
+                    }
+                    ExtentKind::Zero => {
+                        let mut fields = Vec::with_capacity(16);
+                        fields.extend_from_slice(&e.offset.to_le_bytes());
+                        fields.extend_from_slice(&e.length.to_le_bytes());
+                        let mut rec = vec![ZERO];
+                        rec.extend_from_slice(&fields);
+                        rec.extend_from_slice(&crc32fast::hash(&fields).to_le_bytes());
+                        tee.put(&rec)?;
+                        stats.zero_records += 1;
+                    }
+                }
+            }
+            match page.next_offset {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        let mut end = vec![END];
+        end.extend_from_slice(&stats.data_records.to_le_bytes());
+        end.extend_from_slice(&stats.zero_records.to_le_bytes());
+        end.extend_from_slice(&stats.data_bytes.to_le_bytes());
+        let crc = tee.crc.clone().finalize();
+        end.extend_from_slice(&crc.to_le_bytes());
+        tee.put(&end)?;
+        tee.out
+            .flush()
+            .map_err(|e| Error::io("stream write", tee.bytes, e))?;
+        stats.stream_bytes = tee.bytes;
+        Ok(stats)
+    }
+}

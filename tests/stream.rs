@@ -1,0 +1,220 @@
+//! Send/receive across two pools: full and incremental round trips keep ids and bytes; wrong
+//! bases, truncated, corrupted and hostile streams are refused with typed errors and leave the
+//! receiving pool exactly as it was.
+
+use snapvol::device::MemoryDevice;
+use snapvol::{Error, Pool, PoolOptions};
+use std::sync::Arc;
+
+fn pool(size: u64, block_size: u32) -> Pool {
+    Pool::create(
+        Arc::new(MemoryDevice::new(size)),
+        PoolOptions {
+            block_size,
+            commit_interval: None,
+        },
+    )
+    .unwrap()
+}
+
+fn snap_bytes(p: &Pool, id: u128) -> Vec<u8> {
+    let s = p.snapshot_by_id(id).unwrap();
+    let mut b = vec![0u8; s.len().unwrap() as usize];
+    s.read_at(&mut b, 0).unwrap();
+    b
+}
+
+fn send(p: &Pool, id: u128, base: Option<u128>) -> Vec<u8> {
+    let mut out = Vec::new();
+    p.send(id, base, &mut out).unwrap();
+    out
+}
+
+/// What must not change when a receive fails: the volumes, the snapshots, and the space
+/// used, up to the space map pages that now exist (one per 4 MiB of pool at most).
+#[derive(Debug)]
+struct State(Vec<String>, Vec<u128>, u64, u64);
+
+impl PartialEq for State {
+    fn eq(&self, o: &State) -> bool {
+        let slack = self.3 / (1016 * 4096) * 4096 + 4096;
+        self.0 == o.0 && self.1 == o.1 && self.2.abs_diff(o.2) <= slack
+    }
+}
+
+fn state(p: &Pool) -> State {
+    let mut v: Vec<String> = p.volumes().into_iter().map(|v| v.name).collect();
+    v.sort();
+    let mut s: Vec<u128> = p.snapshots().into_iter().map(|s| s.id).collect();
+    s.sort();
+    let st = p.stats();
+    State(v, s, st.used, st.size)
+}
+
+#[test]
+fn full_then_incremental_chain_round_trips() {
+    let a = pool(64 << 20, 4096);
+    let b = pool(64 << 20, 16384);
+    let v = a.create_volume("db", 5_000_000).unwrap();
+    v.write_at(&vec![1u8; 1_000_000], 12345).unwrap();
+    let s1 = a.snapshot("db", "s1").unwrap();
+    let st = b.receive(&mut &send(&a, s1, None)[..], None).unwrap();
+    assert_eq!((st.volume.as_str(), st.snapshot_id), ("db", s1));
+    assert_eq!(snap_bytes(&b, s1), snap_bytes(&a, s1));
+    let mut prev = s1;
+    for i in 0..5u8 {
+        v.write_at(&vec![i + 2; 70_000], u64::from(i) * 900_000)
+            .unwrap();
+        v.discard(4_000_000 - u64::from(i) * 100_000, 50_000)
+            .unwrap();
+        if i == 3 {
+            a.resize_volume("db", 6_000_000).unwrap();
+        }
+        let s = a.snapshot("db", &format!("s{}", i + 2)).unwrap();
+        let stream = send(&a, s, Some(prev));
+        let full = send(&a, s, None);
+        assert!(
+            stream.len() < full.len() / 3,
+            "incremental carries only the change"
+        );
+        let st = b.receive(&mut &stream[..], None).unwrap();
+        assert_eq!(st.base_id, Some(prev));
+        assert_eq!(snap_bytes(&b, s), snap_bytes(&a, s), "snapshot {i} differs");
+        prev = s;
+    }
+    // The receiving volume reads like the last snapshot; everything is consistent.
+    let rv = b.volume("db").unwrap();
+    let mut buf = vec![0u8; rv.len().unwrap() as usize];
+    rv.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, snap_bytes(&a, prev));
+    assert!(b.check().unwrap().is_clean());
+    // Receiving the same snapshot id twice is refused.
+    let again = b
+        .receive(&mut &send(&a, prev, None)[..], Some("other"))
+        .unwrap_err();
+    assert!(matches!(again, Error::AlreadyExists { .. }), "{again}");
+}
+
+#[test]
+fn wrong_base_and_changed_volume_are_refused() {
+    let a = pool(32 << 20, 4096);
+    let b = pool(32 << 20, 4096);
+    let v = a.create_volume("v", 1 << 20).unwrap();
+    v.write_at(&[1u8; 5000], 0).unwrap();
+    let s1 = a.snapshot("v", "s1").unwrap();
+    v.write_at(&[2u8; 5000], 0).unwrap();
+    let s2 = a.snapshot("v", "s2").unwrap();
+    v.write_at(&[3u8; 5000], 0).unwrap();
+    let s3 = a.snapshot("v", "s3").unwrap();
+    // No base on the receiver at all.
+    let before = state(&b);
+    let e = b
+        .receive(&mut &send(&a, s2, Some(s1))[..], None)
+        .unwrap_err();
+    assert!(matches!(e, Error::VolumeNotFound(_)), "{e}");
+    assert_eq!(state(&b), before);
+    b.receive(&mut &send(&a, s1, None)[..], None).unwrap();
+    // s3 from s2, but the receiver's newest is s1: lineage is checked by id.
+    let before = state(&b);
+    let e = b
+        .receive(&mut &send(&a, s3, Some(s2))[..], None)
+        .unwrap_err();
+    assert!(matches!(e, Error::WrongBase { .. }), "{e}");
+    assert_eq!(state(&b), before);
+    // The receiver's volume changed since s1: refused until rolled back.
+    b.volume("v").unwrap().write_at(&[9u8; 10], 0).unwrap();
+    let e = b
+        .receive(&mut &send(&a, s2, Some(s1))[..], None)
+        .unwrap_err();
+    assert!(matches!(e, Error::WrongBase { .. }), "{e}");
+    b.rollback("v", "s1").unwrap();
+    b.receive(&mut &send(&a, s2, Some(s1))[..], None).unwrap();
+    assert_eq!(snap_bytes(&b, s2), snap_bytes(&a, s2));
+    assert!(b.check().unwrap().is_clean());
+}
+
+#[test]
+fn damaged_streams_leave_the_receiver_unchanged() {
+    let a = pool(32 << 20, 4096);
+    let v = a.create_volume("v", 2 << 20).unwrap();
+    for i in 0..20u64 {
+        v.write_at(&[i as u8 + 1; 30_000], i * 100_000).unwrap();
+    }
+    let s1 = a.snapshot("v", "s1").unwrap();
+    v.discard(0, 300_000).unwrap();
+    v.write_at(&[0xEE; 9_000], 1_500_000).unwrap();
+    let s2 = a.snapshot("v", "s2").unwrap();
+    let full = send(&a, s1, None);
+    let incr = send(&a, s2, Some(s1));
+
+    let b = pool(32 << 20, 4096);
+    // Truncation anywhere.
+    for cut in (0..full.len())
+        .step_by(full.len() / 97 + 1)
+        .chain([full.len() - 1])
+    {
+        let before = state(&b);
+        let e = b.receive(&mut &full[..cut], None).unwrap_err();
+        assert!(matches!(e, Error::BadStream(_)), "cut {cut}: {e}");
+        assert_eq!(state(&b), before, "cut {cut} changed the pool");
+    }
+    // A flipped byte anywhere.
+    for at in (0..full.len()).step_by(full.len() / 131 + 1) {
+        let mut bad = full.clone();
+        bad[at] ^= 0x40;
+        let before = state(&b);
+        match b.receive(&mut &bad[..], None) {
+            Err(Error::BadStream(_)) | Err(Error::InvalidName { .. }) => {}
+            Err(e) => panic!("flip at {at}: {e}"),
+            // A flip in the volume name bytes makes a valid stream for another name.
+            Ok(st) => {
+                assert_eq!(snap_bytes(&b, s1), snap_bytes(&a, s1));
+                b.delete_snapshot(&st.volume, &st.snapshot).unwrap();
+                b.delete_volume(&st.volume).unwrap();
+                continue;
+            }
+        }
+        assert_eq!(state(&b), before, "flip at {at} changed the pool");
+    }
+    // Trailing garbage, a newer version, an unknown record type.
+    let mut extra = full.clone();
+    extra.push(0);
+    assert!(matches!(
+        b.receive(&mut &extra[..], None),
+        Err(Error::BadStream(_))
+    ));
+    let mut newer = full.clone();
+    newer[8] = 2;
+    let e = b.receive(&mut &newer[..], None).unwrap_err();
+    assert!(e.to_string().contains("version 2"), "{e}");
+    let header_len = 8 + 4 + 4 + 8 + 16 + 16 + 2 + "v@s1".len() + 4;
+    let mut unknown = full.clone();
+    unknown[header_len] = 9;
+    let e = b.receive(&mut &unknown[..], None).unwrap_err();
+    assert!(e.to_string().contains("unknown record type 9"), "{e}");
+    assert!(b.check().unwrap().is_clean());
+    // Then the real streams still apply.
+    b.receive(&mut &full[..], None).unwrap();
+    let cut = &incr[..incr.len() - 3];
+    let before = state(&b);
+    assert!(b.receive(&mut &cut[..], None).is_err());
+    assert_eq!(state(&b), before);
+    b.receive(&mut &incr[..], None).unwrap();
+    assert_eq!(snap_bytes(&b, s2), snap_bytes(&a, s2));
+    assert!(b.check().unwrap().is_clean());
+}
+
+#[test]
+fn a_full_receiver_fails_cleanly() {
+    let a = pool(64 << 20, 4096);
+    let v = a.create_volume("big", 16 << 20).unwrap();
+    v.write_at(&vec![5u8; 12 << 20], 0).unwrap();
+    let s = a.snapshot("big", "s").unwrap();
+    let stream = send(&a, s, None);
+    let b = pool(8 << 20, 4096);
+    let before = state(&b);
+    let e = b.receive(&mut &stream[..], None).unwrap_err();
+    assert!(matches!(e, Error::NoSpace { .. }), "{e}");
+    assert_eq!(state(&b), before);
+    assert!(b.check().unwrap().is_clean());
+}
