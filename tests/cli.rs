@@ -328,3 +328,80 @@ fn demo_runs_the_three_workflows() {
         assert!(out.contains(needle), "demo output lacks {needle:?}:\n{out}");
     }
 }
+
+#[test]
+fn diff_send_receive_between_pools() {
+    let t = Env::new();
+    let a = t.pool();
+    let b = t.path("b.img").display().to_string();
+    t.ok(&["pool", "create", &a, "--size", "256M"]);
+    t.ok(&["pool", "create", &b, "--size", "256M"]);
+    t.ok(&["create", &a, "vol", "--size", "16M"]);
+    let d1 = t.path("d1");
+    std::fs::write(&d1, pattern(3 << 20, 1)).unwrap();
+    t.ok(&["write", &a, "vol", d1.to_str().unwrap(), "--offset", "1M"]);
+    t.ok(&["snapshot", &a, "vol@s1"]);
+    let d2 = t.path("d2");
+    std::fs::write(&d2, pattern(8192, 2)).unwrap();
+    t.ok(&["write", &a, "vol", d2.to_str().unwrap(), "--offset", "8M"]);
+    t.ok(&["snapshot", &a, "vol@s2"]);
+
+    let diff = t.json(&["diff", &a, "vol@s1", "vol@s2", "--json"]);
+    let ext = diff["extents"].as_array().unwrap();
+    assert_eq!(ext.len(), 1);
+    assert_eq!(ext[0]["offset"], 8 << 20);
+    assert_eq!(ext[0]["length"], 8192);
+    assert_eq!(ext[0]["kind"], "data");
+    assert!(t.ok(&["diff", &a, "vol@s1", "vol"]).contains("1 extents"));
+
+    // Full stream through a file, incremental through a pipe.
+    let full = t.path("full.stream");
+    t.ok(&["send", &a, "vol@s1", "-o", full.to_str().unwrap()]);
+    let got = t.json(&["receive", &b, "-i", full.to_str().unwrap(), "--json"]);
+    assert_eq!(got["snapshot"], "vol@s1");
+    let sent = t.run(&["send", &a, "vol@s2", "--from", "vol@s1"]);
+    assert!(sent.status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(["receive", &b])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&sent.stdout).unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+
+    let ids = |p: &str| -> Vec<String> {
+        t.json(&["list", p, "--json"])["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&a), ids(&b), "received snapshots keep their ids");
+    let ea = t.path("ea");
+    let eb = t.path("eb");
+    t.ok(&["export", &a, "vol@s2", ea.to_str().unwrap()]);
+    t.ok(&["export", &b, "vol@s2", eb.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&ea).unwrap(), std::fs::read(&eb).unwrap());
+    // A damaged stream is refused and leaves the pool as it was.
+    let mut bad = std::fs::read(&full).unwrap();
+    let n = bad.len();
+    bad[n / 2] ^= 1;
+    let badf = t.path("bad.stream");
+    std::fs::write(&badf, &bad).unwrap();
+    let c = t.path("c.img").display().to_string();
+    t.ok(&["pool", "create", &c, "--size", "64M"]);
+    assert_msg(
+        &t.fails(&["receive", &c, "-i", badf.to_str().unwrap()]),
+        "invalid stream",
+    );
+    assert!(ids(&c).is_empty());
+    assert_eq!(t.json(&["pool", "check", &c, "--json"])["clean"], true);
+    // The same snapshot id twice is refused.
+    assert_msg(
+        &t.fails(&["receive", &b, "other", "-i", full.to_str().unwrap()]),
+        "already exists",
+    );
+}
