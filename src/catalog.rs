@@ -23,6 +23,21 @@ pub(crate) struct VolumeRec {
     /// Generation of the newest snapshot or clone taken of this volume: blocks born at or
     /// before it may be in a snapshot, so they are never overwritten in place.
     pub frozen_gen: u64,
+    /// Rollbacks as (generation done, generation of the snapshot returned to): a bookmark
+    /// older than such a return no longer describes an ancestor of the volume.
+    pub rollbacks: Vec<(u64, u64)>,
+}
+
+/// What is left of a deleted snapshot for incremental sends: its id and generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BookmarkRec {
+    pub id: u128,
+    pub volume: u128,
+    pub volume_name: String,
+    pub name: String,
+    pub size: u64,
+    pub generation: u64,
+    pub created: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +57,7 @@ pub(crate) struct SnapshotRec {
 pub(crate) struct Catalog {
     pub volumes: Vec<VolumeRec>,
     pub snapshots: Vec<SnapshotRec>,
+    pub bookmarks: Vec<BookmarkRec>,
 }
 
 /// Checks a volume or snapshot name: non-empty, at most [`MAX_NAME`] bytes, none of the
@@ -121,6 +137,7 @@ impl Catalog {
         w.u32(CATALOG_VERSION);
         w.u32(self.volumes.len() as u32);
         w.u32(self.snapshots.len() as u32);
+        w.u32(self.bookmarks.len() as u32);
         for v in &self.volumes {
             w.u128(v.id);
             w.str(&v.name);
@@ -129,6 +146,11 @@ impl Catalog {
             w.u64(v.created);
             w.u128(v.origin.unwrap_or(0));
             w.u64(v.frozen_gen);
+            w.u32(v.rollbacks.len() as u32);
+            for (at, to) in &v.rollbacks {
+                w.u64(*at);
+                w.u64(*to);
+            }
         }
         for s in &self.snapshots {
             w.u128(s.id);
@@ -139,6 +161,15 @@ impl Catalog {
             w.u64(s.root);
             w.u64(s.generation);
             w.u64(s.created);
+        }
+        for b in &self.bookmarks {
+            w.u128(b.id);
+            w.u128(b.volume);
+            w.str(&b.volume_name);
+            w.str(&b.name);
+            w.u64(b.size);
+            w.u64(b.generation);
+            w.u64(b.created);
         }
         w.0
     }
@@ -152,8 +183,9 @@ impl Catalog {
         }
         let nv = r.u32()? as usize;
         let ns = r.u32()? as usize;
+        let nb = r.u32()? as usize;
         // Each record takes at least 40 bytes: a count larger than the bytes is corrupt.
-        if nv.saturating_add(ns).saturating_mul(40) > bytes.len() {
+        if nv.saturating_add(ns).saturating_add(nb).saturating_mul(40) > bytes.len() {
             return Err(Error::corrupt(
                 "catalog",
                 0,
@@ -172,7 +204,20 @@ impl Catalog {
                 created: r.u64()?,
                 origin: Some(r.u128()?).filter(|&o| o != 0),
                 frozen_gen: r.u64()?,
+                rollbacks: Vec::new(),
             };
+            let n = r.u32()? as usize;
+            if n.saturating_mul(16) > bytes.len() {
+                return Err(Error::corrupt(
+                    "catalog",
+                    0,
+                    "rollback count exceeds its size",
+                ));
+            }
+            let mut v = v;
+            for _ in 0..n {
+                v.rollbacks.push((r.u64()?, r.u64()?));
+            }
             if !root_ok(v.root) {
                 return Err(Error::corrupt(
                     "catalog",
@@ -201,6 +246,17 @@ impl Catalog {
                 ));
             }
             c.snapshots.push(s);
+        }
+        for _ in 0..nb {
+            c.bookmarks.push(BookmarkRec {
+                id: r.u128()?,
+                volume: r.u128()?,
+                volume_name: r.str()?,
+                name: r.str()?,
+                size: r.u64()?,
+                generation: r.u64()?,
+                created: r.u64()?,
+            });
         }
         Ok(c)
     }
@@ -262,6 +318,7 @@ mod tests {
                 created: 1,
                 origin: Some(3),
                 frozen_gen: 4,
+                rollbacks: vec![(9, 2)],
             }],
             snapshots: vec![SnapshotRec {
                 id: 3,
@@ -272,6 +329,15 @@ mod tests {
                 root: 10,
                 generation: 4,
                 created: 2,
+            }],
+            bookmarks: vec![BookmarkRec {
+                id: 5,
+                volume: 7,
+                volume_name: "db".into(),
+                name: "old".into(),
+                size: 10,
+                generation: 3,
+                created: 1,
             }],
         };
         let bytes = c.encode();

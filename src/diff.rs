@@ -180,28 +180,95 @@ impl Pool {
     ) -> Result<ExtentPage> {
         self.with(|e| {
             e.check_usable()?;
-            let (base_root, _) = e.diff_target(DiffTarget::Snapshot(base))?;
             let (root, size) = e.diff_target(target)?;
-            let mut changes: Vec<Change> = Vec::new();
+            if let Some(base_root) = e.catalog.snapshot_by_id(base).map(|s| s.root) {
+                let mut changes: Vec<Change> = Vec::new();
+                return e.page(
+                    size,
+                    starting_offset,
+                    max_results,
+                    tuples,
+                    |e, lo, hi, out| {
+                        changes.clear();
+                        e.store.diff_maps(base_root, root, lo, hi, &mut changes)?;
+                        out.extend(changes.iter().map(|c| {
+                            let kind = if c.now.is_some() {
+                                ExtentKind::Data
+                            } else {
+                                ExtentKind::Zero
+                            };
+                            (c.key, kind)
+                        }));
+                        Ok(())
+                    },
+                );
+            }
+            let since = e.bookmark_base(base, target)?;
+            // From a bookmark the base map is gone: blocks born after it are data; blocks the
+            // target does not map may have been discarded since, so all of them are reported
+            // as zeros (conservative; the cost is the target's map, not the change).
+            let mut found: Vec<Found> = Vec::new();
             e.page(
                 size,
                 starting_offset,
                 max_results,
                 tuples,
                 |e, lo, hi, out| {
-                    changes.clear();
-                    e.store.diff_maps(base_root, root, lo, hi, &mut changes)?;
-                    out.extend(changes.iter().map(|c| {
-                        let kind = if c.now.is_some() {
-                            ExtentKind::Data
-                        } else {
-                            ExtentKind::Zero
-                        };
-                        (c.key, kind)
-                    }));
+                    found.clear();
+                    e.store.lookup_range_for_read(root, lo, hi, &mut found)?;
+                    let mut next = lo;
+                    for f in &found {
+                        out.extend((next..f.map.key).map(|k| (k, ExtentKind::Zero)));
+                        if f.map.birth > since {
+                            out.push((f.map.key, ExtentKind::Data));
+                        }
+                        next = f.map.key + 1;
+                    }
+                    out.extend((next..hi).map(|k| (k, ExtentKind::Zero)));
                     Ok(())
                 },
             )
         })
+    }
+}
+
+impl Engine {
+    /// Checks that bookmark `id` describes an ancestor of `target`; returns its generation.
+    fn bookmark_base(&self, id: u128, target: DiffTarget) -> Result<u64> {
+        let bm = self
+            .catalog
+            .bookmarks
+            .iter()
+            .find(|b| b.id == id)
+            .ok_or_else(|| Error::SnapshotNotFound(format!("snapshot or bookmark id {id:032x}")))?;
+        let (volume, at) = match target {
+            DiffTarget::Snapshot(s) => {
+                let s = self
+                    .catalog
+                    .snapshot_by_id(s)
+                    .expect("checked by diff_target");
+                (s.volume, s.generation)
+            }
+            DiffTarget::Volume(name) => (self.catalog.volume(name)?.id, u64::MAX),
+        };
+        let not_ancestor = |why: &str| {
+            Error::InvalidArgument(format!(
+                "bookmark {}#{} is not an ancestor of the target: {why}",
+                bm.volume_name, bm.name
+            ))
+        };
+        if volume != bm.volume || at < bm.generation {
+            return Err(not_ancestor("another volume, or an older state"));
+        }
+        let vol = self.catalog.volume_by_id(volume);
+        let rolled_past = vol.is_some_and(|v| {
+            v.rollbacks
+                .iter()
+                .any(|&(done, to)| done > bm.generation && done <= at && to < bm.generation)
+        });
+        if rolled_past {
+            return Err(not_ancestor("the volume was rolled back past it"));
+        }
+        Ok(bm.generation)
     }
 }

@@ -3,7 +3,7 @@
 //! Every catalog operation is its own transaction and is durable when it returns. Snapshots
 //! and clones add one reference to a block map root: O(1) whatever the volume holds.
 
-use crate::catalog::{validate_name, SnapshotRec, VolumeRec};
+use crate::catalog::{validate_name, BookmarkRec, SnapshotRec, VolumeRec};
 use crate::device::{BlockDevice, FileDevice};
 use crate::error::{Error, Result};
 use crate::space::Reserve;
@@ -81,6 +81,19 @@ pub struct VolumeInfo {
 /// A snapshot as listed.
 #[derive(Clone, Debug)]
 pub struct SnapshotInfo {
+    pub id: u128,
+    pub volume_id: u128,
+    pub volume_name: String,
+    pub name: String,
+    pub size: u64,
+    pub generation: u64,
+    pub created_unix: u64,
+}
+
+/// A bookmark as listed: what is kept of a snapshot for incremental sends.
+#[derive(Clone, Debug)]
+pub struct BookmarkInfo {
+    /// The id of the snapshot it was made from.
     pub id: u128,
     pub volume_id: u128,
     pub volume_name: String,
@@ -195,6 +208,7 @@ impl Pool {
                     created: now_unix(),
                     origin: None,
                     frozen_gen: 0,
+                    rollbacks: Vec::new(),
                 });
                 e.catalog_changed();
                 Ok(id)
@@ -322,6 +336,7 @@ impl Pool {
                 rec.root = s.root;
                 rec.size = s.size;
                 rec.frozen_gen = generation;
+                rec.rollbacks.push((generation, s.generation));
                 e.catalog_changed();
                 Ok(())
             })
@@ -355,6 +370,76 @@ impl Pool {
         })
     }
 
+    /// Keeps snapshot `vol@snap`'s id and generation as bookmark `vol#snap`, so incremental
+    /// sends and deltas can start from it after the snapshot is deleted (ZFS's idea). Costs
+    /// one catalog entry and no space.
+    pub fn bookmark(&self, vol: &str, snap: &str) -> Result<u128> {
+        self.with(|e| {
+            let s = e.catalog.snapshot(vol, snap)?.clone();
+            if e.catalog.bookmarks.iter().any(|b| b.id == s.id) {
+                return Err(Error::AlreadyExists {
+                    kind: "bookmark",
+                    name: format!("{vol}#{snap}"),
+                });
+            }
+            e.catalog_op(Reserve::Keep, |e| {
+                e.catalog.bookmarks.push(BookmarkRec {
+                    id: s.id,
+                    volume: s.volume,
+                    volume_name: s.volume_name.clone(),
+                    name: s.name.clone(),
+                    size: s.size,
+                    generation: s.generation,
+                    created: now_unix(),
+                });
+                e.catalog_changed();
+                Ok(s.id)
+            })
+        })
+    }
+
+    /// Finds bookmark `vol#name`; returns its id.
+    pub fn bookmark_id(&self, vol: &str, name: &str) -> Result<u128> {
+        self.with(|e| {
+            e.catalog
+                .bookmarks
+                .iter()
+                .find(|b| b.volume_name == vol && b.name == name)
+                .map(|b| b.id)
+                .ok_or_else(|| Error::SnapshotNotFound(format!("{vol}#{name}")))
+        })
+    }
+
+    /// Deletes bookmark `vol#name`.
+    pub fn delete_bookmark(&self, vol: &str, name: &str) -> Result<()> {
+        let id = self.bookmark_id(vol, name)?;
+        self.with(|e| {
+            e.catalog_op(Reserve::Use, |e| {
+                e.catalog.bookmarks.retain(|b| b.id != id);
+                e.catalog_changed();
+                Ok(())
+            })
+        })
+    }
+
+    /// Every bookmark.
+    pub fn bookmarks(&self) -> Vec<BookmarkInfo> {
+        let e = self.shared.engine.lock();
+        e.catalog
+            .bookmarks
+            .iter()
+            .map(|b| BookmarkInfo {
+                id: b.id,
+                volume_id: b.volume,
+                volume_name: b.volume_name.clone(),
+                name: b.name.clone(),
+                size: b.size,
+                generation: b.generation,
+                created_unix: b.created,
+            })
+            .collect()
+    }
+
     /// Renames a volume; its snapshots follow it.
     pub fn rename_volume(&self, name: &str, new_name: &str) -> Result<()> {
         validate_name(new_name)?;
@@ -370,6 +455,9 @@ impl Pool {
                 e.catalog.volume_by_id_mut(id).expect("checked above").name = new_name.into();
                 for s in e.catalog.snapshots.iter_mut().filter(|s| s.volume == id) {
                     s.volume_name = new_name.into();
+                }
+                for b in e.catalog.bookmarks.iter_mut().filter(|b| b.volume == id) {
+                    b.volume_name = new_name.into();
                 }
                 e.catalog_changed();
                 Ok(())
@@ -497,6 +585,7 @@ impl Engine {
                 created: now_unix(),
                 origin: Some(origin),
                 frozen_gen: e.store.generation,
+                rollbacks: Vec::new(),
             });
             e.catalog_changed();
             Ok(id)

@@ -405,3 +405,46 @@ fn diff_send_receive_between_pools() {
         "already exists",
     );
 }
+
+#[test]
+fn bookmark_then_incremental_after_deleting_the_base() {
+    let t = Env::new();
+    let a = t.pool();
+    let b = t.path("b.img").display().to_string();
+    t.ok(&["pool", "create", &a, "--size", "64M"]);
+    t.ok(&["pool", "create", &b, "--size", "64M"]);
+    t.ok(&["create", &a, "v", "--size", "4M"]);
+    let d = t.path("d");
+    std::fs::write(&d, pattern(1 << 20, 4)).unwrap();
+    t.ok(&["write", &a, "v", d.to_str().unwrap()]);
+    t.ok(&["snapshot", &a, "v@base"]);
+    let full = t.path("full");
+    t.ok(&["send", &a, "v@base", "-o", full.to_str().unwrap()]);
+    t.ok(&["receive", &b, "-i", full.to_str().unwrap()]);
+    t.ok(&["bookmark", &a, "v@base"]);
+    t.ok(&["destroy", &a, "v@base"]);
+    let list = t.json(&["list", &a, "--json"]);
+    assert_eq!(list["bookmarks"][0]["name"], "v#base");
+    t.ok(&["write", &a, "v", d.to_str().unwrap(), "--offset", "2M"]);
+    t.ok(&["snapshot", &a, "v@next"]);
+    let inc = t.path("inc");
+    t.ok(&[
+        "send",
+        &a,
+        "v@next",
+        "--from",
+        "v#base",
+        "-o",
+        inc.to_str().unwrap(),
+    ]);
+    t.ok(&["receive", &b, "-i", inc.to_str().unwrap()]);
+    let (ea, eb) = (t.path("ea"), t.path("eb"));
+    t.ok(&["export", &a, "v@next", ea.to_str().unwrap()]);
+    t.ok(&["export", &b, "v@next", eb.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&ea).unwrap(), std::fs::read(&eb).unwrap());
+    t.ok(&["destroy", &a, "v#base"]);
+    assert!(t.json(&["list", &a, "--json"])["bookmarks"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}

@@ -218,3 +218,55 @@ fn a_full_receiver_fails_cleanly() {
     assert_eq!(state(&b), before);
     assert!(b.check().unwrap().is_clean());
 }
+
+#[test]
+fn incremental_from_a_bookmark_after_the_base_is_deleted() {
+    let a = pool(32 << 20, 4096);
+    let b = pool(32 << 20, 4096);
+    let v = a.create_volume("v", 3_000_000).unwrap();
+    v.write_at(&vec![1u8; 2_000_000], 0).unwrap();
+    let s1 = a.snapshot("v", "s1").unwrap();
+    b.receive(&mut &send(&a, s1, None)[..], None).unwrap();
+    assert_eq!(a.bookmark("v", "s1").unwrap(), s1);
+    a.delete_snapshot("v", "s1").unwrap();
+    v.write_at(&[7u8; 10_000], 500_000).unwrap();
+    v.discard(1_000_000, 300_000).unwrap();
+    let s2 = a.snapshot("v", "s2").unwrap();
+    // The delta from the bookmark covers what changed; zeros are reported conservatively.
+    let page = a
+        .delta(
+            s1,
+            snapvol::DiffTarget::Snapshot(s2),
+            0,
+            0,
+            snapvol::TupleLength::Variable,
+        )
+        .unwrap();
+    let data: u64 = page
+        .extents
+        .iter()
+        .filter(|e| e.kind == snapvol::ExtentKind::Data)
+        .map(|e| e.length)
+        .sum();
+    // Three rewritten blocks and the two partly discarded edge blocks.
+    assert_eq!(data, 5 * 4096, "only the rewritten blocks are data");
+    let stream = send(&a, s2, Some(s1));
+    b.receive(&mut &stream[..], None).unwrap();
+    assert_eq!(snap_bytes(&b, s2), snap_bytes(&a, s2));
+    assert!(b.check().unwrap().is_clean());
+    // A rollback past the bookmark breaks the lineage: refused, not silently wrong.
+    let s0 = a.snapshot("v", "s3").unwrap();
+    let _ = s0;
+    a.create_volume("w", 1 << 20).unwrap();
+    let w = a.volume("w").unwrap();
+    w.write_at(&[1u8; 4096], 0).unwrap();
+    a.snapshot("w", "old").unwrap();
+    w.write_at(&[2u8; 4096], 0).unwrap();
+    let wb = a.snapshot("w", "mark").unwrap();
+    a.bookmark("w", "mark").unwrap();
+    a.delete_snapshot("w", "mark").unwrap();
+    a.rollback("w", "old").unwrap();
+    let later = a.snapshot("w", "later").unwrap();
+    let e = a.send(later, Some(wb), &mut Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("rolled back past it"), "{e}");
+}

@@ -151,6 +151,7 @@ impl Engine {
                 created: now_unix(),
                 origin: None,
                 frozen_gen: e.store.generation,
+                rollbacks: Vec::new(),
             });
             e.catalog_changed();
             Ok(id)

@@ -32,7 +32,8 @@ impl Tee<'_> {
 
 impl Pool {
     /// Writes snapshot `snapshot` to `out` as a stream: whole, or with `base` (an earlier
-    /// snapshot of the same lineage) only what changed since it. See docs/stream-format.md.
+    /// snapshot or bookmark of the same lineage) only what changed since it. See
+    /// docs/stream-format.md.
     pub fn send(
         &self,
         snapshot: u128,
@@ -50,7 +51,11 @@ impl Pool {
                     "base and target are the same snapshot".into(),
                 ));
             }
-            self.snapshot_by_id(b)?;
+            if self.snapshot_by_id(b).is_err() && !self.bookmarks().iter().any(|x| x.id == b) {
+                return Err(Error::SnapshotNotFound(format!(
+                    "snapshot or bookmark id {b:032x}"
+                )));
+            }
         }
         let handle = self.snapshot_by_id(snapshot)?;
         let name = format!("{}@{}", info.volume_name, info.name);

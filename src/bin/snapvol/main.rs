@@ -128,7 +128,7 @@ enum Cmd {
     Send {
         path: PathBuf,
         snapshot: String,
-        /// Base snapshot VOL@SNAP for an incremental stream.
+        /// Base snapshot VOL@SNAP or bookmark VOL#BOOKMARK for an incremental stream.
         #[arg(long)]
         from: Option<String>,
         #[arg(short = 'o', long)]
@@ -143,6 +143,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Keep VOL@SNAP's id as bookmark VOL#SNAP: incremental sends can start from it after
+    /// the snapshot is deleted.
+    Bookmark { path: PathBuf, snapshot: String },
     /// Run the seed's three workflows end to end on sparse file pools in DIR (or a
     /// temporary directory): template clones, snapshot and rollback around an upgrade,
     /// a consistent snapshot under load exported and imported into a second pool.
@@ -361,9 +364,10 @@ fn run(cmd: Cmd) -> CmdResult {
         }
         Cmd::Destroy { path, target } => {
             let pool = open(&path)?;
-            match split_target(&target) {
-                (v, Some(s)) => pool.delete_snapshot(v, s).map_err(e)?,
-                (v, None) => pool.delete_volume(v).map_err(e)?,
+            match (target.split_once('#'), split_target(&target)) {
+                (Some((v, b)), _) => pool.delete_bookmark(v, b).map_err(e)?,
+                (None, (v, Some(s))) => pool.delete_snapshot(v, s).map_err(e)?,
+                (None, (v, None)) => pool.delete_volume(v).map_err(e)?,
             }
             println!("destroyed {target}");
             done(pool)
@@ -554,10 +558,13 @@ fn run(cmd: Cmd) -> CmdResult {
             let (v, s) = need_snapshot(&snapshot)?;
             let id = pool.snapshot_handle(v, s).map_err(e)?.id();
             let base = match &from {
-                Some(b) => {
-                    let (bv, bs) = need_snapshot(b)?;
-                    Some(pool.snapshot_handle(bv, bs).map_err(e)?.id())
-                }
+                Some(b) => Some(match b.split_once('#') {
+                    Some((bv, bn)) => pool.bookmark_id(bv, bn).map_err(e)?,
+                    None => {
+                        let (bv, bs) = need_snapshot(b)?;
+                        pool.snapshot_handle(bv, bs).map_err(e)?.id()
+                    }
+                }),
                 None => None,
             };
             let stats = match &output {
@@ -628,6 +635,13 @@ fn run(cmd: Cmd) -> CmdResult {
             }
             done(pool)
         }
+        Cmd::Bookmark { path, snapshot } => {
+            let pool = open(&path)?;
+            let (v, s) = need_snapshot(&snapshot)?;
+            let id = pool.bookmark(v, s).map_err(e)?;
+            println!("bookmark {v}#{s} id {id:032x}");
+            done(pool)
+        }
         Cmd::Demo { dir } => demo::run(dir).map(|_| ExitCode::SUCCESS),
     }
 }
@@ -687,11 +701,26 @@ fn list(pool: &Pool, out: Output) -> Result<(), String> {
                 ])
             })
             .collect();
+        let bookmarks = pool
+            .bookmarks()
+            .iter()
+            .map(|b| {
+                Value::Obj(vec![
+                    ("id", json::id(b.id)),
+                    ("name", Value::Str(format!("{}#{}", b.volume_name, b.name))),
+                    ("volume_id", json::id(b.volume_id)),
+                    ("size", Value::Num(b.size)),
+                    ("created", Value::Num(b.created_unix)),
+                    ("generation", Value::Num(b.generation)),
+                ])
+            })
+            .collect();
         println!(
             "{}",
             Value::Obj(vec![
                 ("volumes", Value::Arr(volumes)),
-                ("snapshots", Value::Arr(snapshots))
+                ("snapshots", Value::Arr(snapshots)),
+                ("bookmarks", Value::Arr(bookmarks)),
             ])
             .render()
         );
@@ -729,6 +758,18 @@ fn list(pool: &Pool, out: Output) -> Result<(), String> {
             size_str(u.exclusive, out),
             size_str(u.shared, out),
             v.created_unix
+        );
+    }
+    for b in pool.bookmarks() {
+        println!(
+            "{:032x} {:<24} {:>10} {:>10} {:>10} {:>10} {:>11} -",
+            b.id,
+            format!("{}#{}", b.volume_name, b.name),
+            size_str(b.size, out),
+            "-",
+            "-",
+            "-",
+            b.created_unix
         );
     }
     for (s, u) in &srows {
