@@ -279,6 +279,64 @@ fn write_flush(dir: &tempfile::TempDir) {
     );
 }
 
+/// Send throughput against a sequential raw-file read of the same bytes, and receive
+/// throughput against a sequential raw-file write.
+fn stream(dir: &tempfile::TempDir) {
+    let size = GIB;
+    let (plain, pool) = setup(dir, size, 4 * GIB);
+    fill_plain(&plain, size);
+    let vol = pool.create_volume("src", size).unwrap();
+    fill(&vol, size);
+    let snap = pool.snapshot("src", "s").unwrap();
+    let mut stream = Vec::with_capacity(size as usize + (64 << 20));
+    pool.send(snap, None, &mut stream).unwrap();
+    let dest = Pool::create_file(dir.path().join("dest"), 4 * GIB, PoolOptions::default()).unwrap();
+    let mut out = vec![0u8; MIB as usize];
+    let (mut pr, mut sr, mut pw, mut rw) = (vec![], vec![], vec![], vec![]);
+    let chunk = vec![0x5Au8; MIB as usize];
+    for r in 0..rounds() {
+        pr.push(
+            time(size / MIB, |i| {
+                plain.read_exact_at(&mut out, i * MIB).unwrap()
+            }) * (size / MIB) as f64,
+        );
+        sr.push(time(1, |_| {
+            pool.send(snap, None, &mut std::io::sink()).unwrap();
+        }));
+        pw.push(
+            time(size / MIB, |i| plain.write_all_at(&chunk, i * MIB).unwrap())
+                * (size / MIB) as f64,
+        );
+        rw.push(time(1, |_| {
+            dest.receive(&mut &stream[..], Some(&format!("r{r}")))
+                .map(|_| ())
+                .unwrap_or_else(|e| {
+                    // Each round needs a fresh snapshot id: delete the previous copy first.
+                    panic!("{e}")
+                });
+        }));
+        let rs = dest
+            .snapshots()
+            .into_iter()
+            .find(|s| s.volume_name == format!("r{r}"))
+            .unwrap();
+        dest.delete_snapshot(&rs.volume_name, &rs.name).unwrap();
+        dest.delete_volume(&format!("r{r}")).unwrap();
+    }
+    report(
+        "send 1 GiB snapshot (full stream, to a sink)",
+        "plain sequential read",
+        &pr,
+        &[("send", sr)],
+    );
+    report(
+        "receive 1 GiB full stream (from memory)",
+        "plain sequential write",
+        &pw,
+        &[("receive", rw)],
+    );
+}
+
 fn main() {
     // Ignore the arguments cargo bench passes (--bench and filters).
     let base = std::env::var("SNAPVOL_BENCH_DIR")
@@ -295,11 +353,12 @@ fn main() {
         .collect();
     let want = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
     type Scenario = (&'static str, fn(&tempfile::TempDir));
-    let scenarios: [Scenario; 4] = [
+    let scenarios: [Scenario; 5] = [
         ("random-writes", random_writes),
         ("sequential", sequential),
         ("read-depth", read_depth),
         ("write-flush", write_flush),
+        ("stream", stream),
     ];
     for (name, f) in scenarios {
         if want(name) {
