@@ -177,7 +177,12 @@ impl Pool {
             size: e.store.sm.total_units() * unit,
             used: e.store.sm.used_units() * unit,
             free: e.store.sm.free_units() * unit,
-            volumes: e.catalog.volumes.len(),
+            volumes: e
+                .catalog
+                .volumes
+                .iter()
+                .filter(|v| !v.name.starts_with(crate::stream::HIDDEN_PREFIX))
+                .count(),
             snapshots: e.catalog.snapshots.len(),
             generation: e.sb.generation,
         }
