@@ -292,7 +292,7 @@ fn stream(dir: &tempfile::TempDir) {
     pool.send(snap, None, &mut stream).unwrap();
     let dest = Pool::create_file(dir.path().join("dest"), 4 * GIB, PoolOptions::default()).unwrap();
     let mut out = vec![0u8; MIB as usize];
-    let (mut pr, mut sr, mut pw, mut rw) = (vec![], vec![], vec![], vec![]);
+    let (mut pr, mut sr, mut pw, mut pws, mut rw) = (vec![], vec![], vec![], vec![], vec![]);
     let chunk = vec![0x5Au8; MIB as usize];
     for r in 0..rounds() {
         pr.push(
@@ -307,6 +307,13 @@ fn stream(dir: &tempfile::TempDir) {
             time(size / MIB, |i| plain.write_all_at(&chunk, i * MIB).unwrap())
                 * (size / MIB) as f64,
         );
+        // A receive is durable when it returns, so it is also compared with write + fdatasync.
+        pws.push(time(1, |_| {
+            for i in 0..size / MIB {
+                plain.write_all_at(&chunk, i * MIB).unwrap();
+            }
+            plain.sync_data().unwrap();
+        }));
         rw.push(time(1, |_| {
             dest.receive(&mut &stream[..], Some(&format!("r{r}")))
                 .map(|_| ())
@@ -333,6 +340,12 @@ fn stream(dir: &tempfile::TempDir) {
         "receive 1 GiB full stream (from memory)",
         "plain sequential write",
         &pw,
+        &[("receive", rw.clone())],
+    );
+    report(
+        "receive 1 GiB full stream (from memory), durable on return",
+        "plain sequential write + fdatasync",
+        &pws,
         &[("receive", rw)],
     );
 }
