@@ -567,19 +567,29 @@ fn run(cmd: Cmd) -> CmdResult {
                 }),
                 None => None,
             };
+            let pb = image::stream_progress("send");
             let stats = match &output {
                 Some(f) => {
                     let file = std::fs::File::create(f)
                         .map_err(|err| format!("{}: {err}", f.display()))?;
-                    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+                    let inner = std::io::BufWriter::with_capacity(1 << 20, file);
+                    let mut w = image::Counted {
+                        inner,
+                        pb: pb.clone(),
+                    };
                     pool.send(id, base, &mut w).map_err(e)?
                 }
                 None => {
                     let stdout = std::io::stdout();
-                    let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+                    let inner = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+                    let mut w = image::Counted {
+                        inner,
+                        pb: pb.clone(),
+                    };
                     pool.send(id, base, &mut w).map_err(e)?
                 }
             };
+            pb.finish_and_clear();
             eprintln!(
                 "sent {snapshot}{}: {} of data, {} zero ranges, {} stream",
                 from.map(|f| format!(" from {f}")).unwrap_or_default(),
@@ -596,19 +606,29 @@ fn run(cmd: Cmd) -> CmdResult {
             json,
         } => {
             let pool = open(&path)?;
+            let pb = image::stream_progress("receive");
             let stats = match &input {
                 Some(f) => {
                     let file =
                         std::fs::File::open(f).map_err(|err| format!("{}: {err}", f.display()))?;
-                    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+                    let inner = std::io::BufReader::with_capacity(1 << 20, file);
+                    let mut r = image::Counted {
+                        inner,
+                        pb: pb.clone(),
+                    };
                     pool.receive(&mut r, vol.as_deref()).map_err(e)?
                 }
                 None => {
                     let stdin = std::io::stdin();
-                    let mut r = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
+                    let inner = std::io::BufReader::with_capacity(1 << 20, stdin.lock());
+                    let mut r = image::Counted {
+                        inner,
+                        pb: pb.clone(),
+                    };
                     pool.receive(&mut r, vol.as_deref()).map_err(e)?
                 }
             };
+            pb.finish_and_clear();
             if json {
                 println!(
                     "{}",
