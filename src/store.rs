@@ -33,6 +33,8 @@ pub(crate) struct Store {
     pub(crate) block_units: u64,
     /// Whether allocations may use the reserve (deletes and commits may; writes may not).
     pub(crate) reserve: Reserve,
+    /// The leaf the last insert went to (an owned leaf; see `Store::insert_at_hint`).
+    pub(crate) insert_hint: Option<crate::btree::InsertHint>,
 }
 
 impl Store {
@@ -51,6 +53,7 @@ impl Store {
             block_size,
             block_units: (block_size / PAGE_SIZE) as u64,
             reserve: Reserve::Keep,
+            insert_hint: None,
         }
     }
 
@@ -131,6 +134,12 @@ impl Store {
         Ok(new)
     }
 
+    /// True when `loc` was written in this transaction and nothing else references it.
+    pub(crate) fn is_owned(&mut self, loc: u64) -> Result<bool> {
+        let dirty = self.nodes.get(&loc).is_some_and(|c| c.dirty);
+        Ok(dirty && self.sm.get(loc)? == 1)
+    }
+
     /// Forgets a node whose count reached zero.
     pub(crate) fn release_node(&mut self, loc: u64) {
         self.nodes.remove(&loc);
@@ -175,6 +184,8 @@ impl Store {
             }
         }
         self.generation += 1;
+        // Nothing is owned after a commit.
+        self.insert_hint = None;
         self.sm.commit_done()
     }
 }

@@ -27,6 +27,15 @@ pub(crate) struct Found {
 /// unit of a new right sibling when the node split.
 type InsertOutcome = (Option<Mapping>, Option<(u64, u64)>);
 
+/// Where the last insert landed (see [`Store::insert_at_hint`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct InsertHint {
+    root: u64,
+    leaf: u64,
+    lo: u64,
+    hi: u64,
+}
+
 /// Index of the child of a branch that covers `key` (the first child for keys below all).
 pub(crate) fn child_index(children: &[(u64, u64)], key: u64) -> usize {
     children.partition_point(|c| c.0 <= key).saturating_sub(1)
@@ -122,19 +131,78 @@ impl Store {
 
     /// Maps `m.key` to `m`; returns the new root and the mapping it replaced.
     pub(crate) fn insert(&mut self, root: u64, m: Mapping) -> Result<(u64, Option<Mapping>)> {
-        if root == 0 {
-            return Ok((self.alloc_node(Node::Leaf(vec![m]))?, None));
+        if let Some(old) = self.insert_at_hint(root, m)? {
+            return Ok((root, old));
         }
-        let root = self.shadow(root)?;
-        let (old, split) = self.insert_into(root, m)?;
-        match split {
-            None => Ok((root, old)),
-            Some((key, right)) => {
-                let first = self.node(root)?.first_key().min(m.key);
-                let new_root = self.alloc_node(Node::Branch(vec![(first, root), (key, right)]))?;
-                Ok((new_root, old))
+        let (new_root, old) = if root == 0 {
+            (self.alloc_node(Node::Leaf(vec![m]))?, None)
+        } else {
+            let root = self.shadow(root)?;
+            let (old, split) = self.insert_into(root, m)?;
+            match split {
+                None => (root, old),
+                Some((key, right)) => {
+                    let first = self.node(root)?.first_key().min(m.key);
+                    let new_root =
+                        self.alloc_node(Node::Branch(vec![(first, root), (key, right)]))?;
+                    (new_root, old)
+                }
+            }
+        };
+        self.remember_leaf(new_root, m.key)?;
+        Ok((new_root, old))
+    }
+
+    /// Fast path for runs of inserts (sequential writes, receive): when the key falls in the
+    /// key range of the leaf the last insert went to, and that leaf is owned by this
+    /// transaction and has room, insert there without descending. An owned leaf's ancestors
+    /// are owned too (sharing a map commits first), so nothing else can see the change.
+    /// Returns Some(replaced mapping) when it inserted.
+    fn insert_at_hint(&mut self, root: u64, m: Mapping) -> Result<Option<Option<Mapping>>> {
+        let Some(h) = self.insert_hint else {
+            return Ok(None);
+        };
+        if h.root != root || m.key < h.lo || m.key >= h.hi || !self.is_owned(h.leaf)? {
+            return Ok(None);
+        }
+        let Node::Leaf(v) = self.node_mut(h.leaf) else {
+            return Ok(None);
+        };
+        match v.binary_search_by_key(&m.key, |e| e.key) {
+            Ok(i) => Ok(Some(Some(std::mem::replace(&mut v[i], m)))),
+            Err(i) if v.len() < LEAF_MAX => {
+                v.insert(i, m);
+                Ok(Some(None))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Records which leaf of `root` holds `key`, and the key range that leaf may hold.
+    fn remember_leaf(&mut self, root: u64, key: u64) -> Result<()> {
+        let (mut loc, mut lo, mut hi) = (root, 0u64, u64::MAX);
+        loop {
+            match self.node(loc)? {
+                Node::Leaf(_) => break,
+                Node::Branch(v) => {
+                    let i = child_index(v, key);
+                    if i > 0 {
+                        lo = v[i].0;
+                    }
+                    if let Some(n) = v.get(i + 1) {
+                        hi = n.0;
+                    }
+                    loc = v[i].1;
+                }
             }
         }
+        self.insert_hint = Some(InsertHint {
+            root,
+            leaf: loc,
+            lo,
+            hi,
+        });
+        Ok(())
     }
 
     /// Inserts into the owned node `loc`; returns the replaced mapping and, when the node
@@ -187,6 +255,7 @@ impl Store {
     /// Removes the mapping of `key`; returns the new root (0 when the tree became empty) and
     /// the removed mapping. A missing key changes nothing (no needless copying).
     pub(crate) fn remove(&mut self, root: u64, key: u64) -> Result<(u64, Option<Mapping>)> {
+        self.insert_hint = None;
         let mut probe = Vec::new();
         self.lookup_range(root, key, key + 1, &mut probe)?;
         if probe.is_empty() {
@@ -242,6 +311,7 @@ impl Store {
 
     /// Adds a reference to a whole tree: what a snapshot or clone costs.
     pub(crate) fn share_tree(&mut self, root: u64) -> Result<()> {
+        self.insert_hint = None;
         if root != 0 {
             self.sm.inc(root)?;
         }
@@ -250,6 +320,7 @@ impl Store {
 
     /// Drops a reference to a tree, freeing every node and block nothing else reaches.
     pub(crate) fn drop_tree(&mut self, root: u64) -> Result<()> {
+        self.insert_hint = None;
         if root == 0 {
             return Ok(());
         }
