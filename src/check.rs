@@ -69,27 +69,28 @@ pub(crate) fn check(e: &mut Engine) -> Result<CheckReport> {
     for u in e.catalog_pages() {
         bump(&mut expected, u);
     }
-    let mut roots: Vec<(u64, u64, String)> = Vec::new();
-    for v in &e.catalog.volumes {
-        roots.push((v.root, v.size.div_ceil(bs), v.name.clone()));
-    }
-    for s in &e.catalog.snapshots {
-        roots.push((
-            s.root,
-            s.size.div_ceil(bs),
-            format!("{}@{}", s.volume_name, s.name),
-        ));
-    }
+    // Every map root with the number of blocks its volume or snapshot may map.
+    let roots: Vec<(u64, u64)> = e
+        .catalog
+        .volumes
+        .iter()
+        .map(|v| (v.root, v.size.div_ceil(bs)))
+        .chain(
+            e.catalog
+                .snapshots
+                .iter()
+                .map(|s| (s.root, s.size.div_ceil(bs))),
+        )
+        .collect();
     let mut visited: HashSet<u64> = HashSet::new();
     // (node, lowest allowed key, end of allowed keys)
     let mut stack: Vec<(u64, u64, u64)> = Vec::new();
-    for (root, blocks, name) in &roots {
-        if *root == 0 {
+    for &(root, blocks) in &roots {
+        if root == 0 {
             continue;
         }
-        bump(&mut expected, *root);
-        stack.push((*root, 0, *blocks));
-        let _ = name;
+        bump(&mut expected, root);
+        stack.push((root, 0, blocks));
     }
     while let Some((loc, lo, hi)) = stack.pop() {
         let node = match e.store.read_node(loc) {
