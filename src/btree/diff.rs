@@ -168,32 +168,18 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil::{put, store, unmap};
     use super::*;
-    use crate::device::MemoryDevice;
-    use crate::space::SpaceMap;
     use std::collections::BTreeMap;
-    use std::sync::Arc;
 
     #[test]
     fn diff_equals_brute_force_and_skips_shared_subtrees() {
-        let dev = Arc::new(MemoryDevice::new(1 << 30));
-        let sm = SpaceMap::create(dev.clone(), 1 << 18);
-        let mut s = Store::new(dev, sm, 1, 4096);
+        let mut s = store(1 << 18);
         let mut root = 0;
         let mut model = BTreeMap::new();
         for key in 0..20_000u64 {
-            let unit = s.alloc_block("t").unwrap();
-            root = s
-                .insert(
-                    root,
-                    Mapping {
-                        key,
-                        unit,
-                        birth: 1,
-                    },
-                )
-                .unwrap()
-                .0;
+            let (r, unit, _) = put(&mut s, root, key, 1);
+            root = r;
             model.insert(key, unit);
         }
         s.share_tree(root).unwrap();
@@ -204,28 +190,11 @@ mod tests {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
             let key = (x >> 33) % 25_000;
             if x % 3 == 0 {
-                let (r, old) = s.remove(root, key).unwrap();
-                root = r;
-                if let Some(m) = old {
-                    s.dec_block(m.unit).unwrap();
-                }
+                root = unmap(&mut s, root, key).0;
                 model.remove(&key);
             } else {
-                let unit = s.alloc_block("t").unwrap();
-                let (r, old) = s
-                    .insert(
-                        root,
-                        Mapping {
-                            key,
-                            unit,
-                            birth: 2,
-                        },
-                    )
-                    .unwrap();
+                let (r, unit, _) = put(&mut s, root, key, 2);
                 root = r;
-                if let Some(m) = old {
-                    s.dec_block(m.unit).unwrap();
-                }
                 model.insert(key, unit);
             }
         }

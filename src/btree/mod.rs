@@ -364,19 +364,45 @@ fn branch(n: &mut Node) -> &mut Vec<(u64, u64)> {
     }
 }
 
+/// Helpers shared by the map tests here and in diff.rs.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testutil {
     use super::*;
     use crate::device::MemoryDevice;
     use crate::space::SpaceMap;
-    use std::collections::BTreeMap;
     use std::sync::Arc;
 
-    fn store(units: u64) -> Store {
+    pub(crate) fn store(units: u64) -> Store {
         let dev = Arc::new(MemoryDevice::new(units * 4096));
         let sm = SpaceMap::create(dev.clone(), units);
         Store::new(dev, sm, 1, 4096)
     }
+
+    /// Maps `key` to a fresh block (as a write does); returns the new root and the unit.
+    pub(crate) fn put(s: &mut Store, root: u64, key: u64, birth: u64) -> (u64, u64, Option<u64>) {
+        let unit = s.alloc_block("t").unwrap();
+        let (r, old) = s.insert(root, Mapping { key, unit, birth }).unwrap();
+        if let Some(m) = old {
+            s.dec_block(m.unit).unwrap();
+        }
+        (r, unit, old.map(|m| m.unit))
+    }
+
+    /// Unmaps `key` (as a discard does); returns the new root and the unit it had.
+    pub(crate) fn unmap(s: &mut Store, root: u64, key: u64) -> (u64, Option<u64>) {
+        let (r, old) = s.remove(root, key).unwrap();
+        if let Some(m) = old {
+            s.dec_block(m.unit).unwrap();
+        }
+        (r, old.map(|m| m.unit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::{put, store, unmap};
+    use super::*;
+    use std::collections::BTreeMap;
 
     fn all(s: &mut Store, root: u64) -> Vec<(u64, u64)> {
         let mut v = Vec::new();
@@ -397,29 +423,13 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             let key = (x >> 33) % 5000;
             if x % 7 == 0 {
-                let (r, old) = s.remove(root, key).unwrap();
+                let (r, old) = unmap(&mut s, root, key);
                 root = r;
-                assert_eq!(old.map(|m| m.unit), model.remove(&key));
-                if let Some(m) = old {
-                    s.dec_block(m.unit).unwrap();
-                }
+                assert_eq!(old, model.remove(&key));
             } else {
-                let unit = s.alloc_block("t").unwrap();
-                let (r, old) = s
-                    .insert(
-                        root,
-                        Mapping {
-                            key,
-                            unit,
-                            birth: 1,
-                        },
-                    )
-                    .unwrap();
+                let (r, unit, old) = put(&mut s, root, key, 1);
                 root = r;
-                assert_eq!(old.map(|m| m.unit), model.insert(key, unit));
-                if let Some(m) = old {
-                    s.dec_block(m.unit).unwrap();
-                }
+                assert_eq!(old, model.insert(key, unit));
             }
             if i % 5000 == 0 {
                 // A snapshot: a second reference to the root, frozen from here on.
@@ -444,18 +454,7 @@ mod tests {
         let mut s = store(4096);
         let mut root = 0;
         for key in 0..1000 {
-            let unit = s.alloc_block("t").unwrap();
-            root = s
-                .insert(
-                    root,
-                    Mapping {
-                        key,
-                        unit,
-                        birth: 1,
-                    },
-                )
-                .unwrap()
-                .0;
+            root = put(&mut s, root, key, 1).0;
         }
         let mut v = Vec::new();
         s.lookup_range(root, 10, 20, &mut v).unwrap();
