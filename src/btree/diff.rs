@@ -169,7 +169,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::super::testutil::{put, store, unmap};
-    use super::*;
     use std::collections::BTreeMap;
 
     #[test]
