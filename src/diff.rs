@@ -70,13 +70,14 @@ impl Engine {
 
     /// Runs `collect(lo, hi, out)` over key windows from `starting_offset`, turning the
     /// changed blocks it reports into extents, until `max_results` extents are complete.
+    /// `collect` returns the first key at or after `hi` that may matter.
     fn page(
         &mut self,
         size: u64,
         starting_offset: u64,
         max_results: usize,
         tuples: TupleLength,
-        mut collect: impl FnMut(&mut Engine, u64, u64, &mut Vec<(u64, ExtentKind)>) -> Result<()>,
+        mut collect: impl FnMut(&mut Engine, u64, u64, &mut Vec<(u64, ExtentKind)>) -> Result<u64>,
     ) -> Result<ExtentPage> {
         let bs = self.store.block_size as u64;
         let end_key = size.div_ceil(bs);
@@ -92,7 +93,9 @@ impl Engine {
         while key < end_key {
             let hi = key.saturating_add(WINDOW).min(end_key);
             blocks.clear();
-            collect(self, key, hi, &mut blocks)?;
+            // `collect` says where the next block of interest may be, so empty stretches of a
+            // huge sparse volume are skipped in one step instead of window by window.
+            let next = collect(self, key, hi, &mut blocks)?.max(hi);
             for &(k, kind) in &blocks {
                 let offset = k * bs;
                 let length = bs.min(size - offset);
@@ -121,7 +124,7 @@ impl Engine {
             if complete {
                 break;
             }
-            key = hi;
+            key = next;
         }
         let next_offset = if complete {
             extents.last().map(|e| e.offset + e.length)
@@ -160,7 +163,7 @@ impl Pool {
                     found.clear();
                     e.store.lookup_range_for_read(root, lo, hi, &mut found)?;
                     out.extend(found.iter().map(|f| (f.map.key, ExtentKind::Data)));
-                    Ok(())
+                    Ok(e.store.next_key(root, hi)?.unwrap_or(u64::MAX))
                 },
             )
         })
@@ -199,7 +202,10 @@ impl Pool {
                             };
                             (c.key, kind)
                         }));
-                        Ok(())
+                        // Nothing can differ where neither map has an entry.
+                        let a = e.store.next_key(base_root, hi)?.unwrap_or(u64::MAX);
+                        let b = e.store.next_key(root, hi)?.unwrap_or(u64::MAX);
+                        Ok(a.min(b))
                     },
                 );
             }
@@ -225,7 +231,7 @@ impl Pool {
                         next = f.map.key + 1;
                     }
                     out.extend((next..hi).map(|k| (k, ExtentKind::Zero)));
-                    Ok(())
+                    Ok(hi)
                 },
             )
         })

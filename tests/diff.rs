@@ -201,3 +201,40 @@ fn delta_of_a_large_sparse_change_touches_few_nodes() {
         .all(|e| e.kind == ExtentKind::Data && e.length == 65536));
     assert_eq!(page.next_offset, None);
 }
+
+#[test]
+fn huge_sparse_volumes_are_walked_by_their_entries_not_their_size() {
+    // 1 PiB volume, three written blocks far apart: both calls return at once.
+    let pool = Pool::create(Arc::new(MemoryDevice::new(16 << 20)), opts(4096)).unwrap();
+    let v = pool.create_volume("huge", 1 << 50).unwrap();
+    v.write_at(b"a", 0).unwrap();
+    v.write_at(b"b", 1 << 40).unwrap();
+    let base = pool.snapshot("huge", "s").unwrap();
+    v.write_at(b"c", (1 << 50) - 1).unwrap();
+    let alloc = pool
+        .allocated(DiffTarget::Volume("huge"), 0, 0, TupleLength::Variable)
+        .unwrap();
+    let offsets: Vec<u64> = alloc.extents.iter().map(|e| e.offset).collect();
+    assert_eq!(offsets, [0, 1 << 40, (1 << 50) - 4096]);
+    let delta = pool
+        .delta(
+            base,
+            DiffTarget::Volume("huge"),
+            0,
+            0,
+            TupleLength::Variable,
+        )
+        .unwrap();
+    assert_eq!(delta.extents.len(), 1);
+    assert_eq!(delta.extents[0].offset, (1 << 50) - 4096);
+    // Resuming from the middle finds the next entry.
+    let page = pool
+        .allocated(DiffTarget::Volume("huge"), 4096, 1, TupleLength::Fixed)
+        .unwrap();
+    assert_eq!(page.extents[0].offset, 1 << 40);
+    assert_eq!(
+        page.next_offset,
+        Some((1 << 40) + 4096),
+        "a further extent remains"
+    );
+}

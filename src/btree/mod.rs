@@ -129,6 +129,42 @@ impl Store {
         Ok(())
     }
 
+    /// The smallest mapped key at or after `from`.
+    pub(crate) fn next_key(&mut self, root: u64, from: u64) -> Result<Option<u64>> {
+        if root == 0 {
+            return Ok(None);
+        }
+        self.next_key_in(root, from, 0)
+    }
+
+    fn next_key_in(&mut self, loc: u64, from: u64, depth: u32) -> Result<Option<u64>> {
+        if depth > 32 {
+            return Err(Error::corrupt(
+                "block map node",
+                loc,
+                "tree deeper than 32 levels",
+            ));
+        }
+        let (start, len) = match self.node(loc)? {
+            Node::Leaf(v) => {
+                let i = v.partition_point(|m| m.key < from);
+                return Ok(v.get(i).map(|m| m.key));
+            }
+            Node::Branch(v) => (child_index(v, from), v.len()),
+        };
+        // Nodes are never empty, so the first child with keys at or after `from` answers.
+        for i in start..len {
+            let Node::Branch(v) = self.node(loc)? else {
+                unreachable!("a branch stays a branch during a lookup")
+            };
+            let child = v[i].1;
+            if let Some(k) = self.next_key_in(child, from, depth + 1)? {
+                return Ok(Some(k));
+            }
+        }
+        Ok(None)
+    }
+
     /// Maps `m.key` to `m`; returns the new root and the mapping it replaced.
     pub(crate) fn insert(&mut self, root: u64, m: Mapping) -> Result<(u64, Option<Mapping>)> {
         if let Some(old) = self.insert_at_hint(root, m)? {
