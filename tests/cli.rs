@@ -119,6 +119,11 @@ fn pool_lifecycle_and_json() {
         assert!(!snaps[0][key].is_null(), "snapshot field {key}");
     }
     assert!(t.ok(&["list", &p]).contains("db-clone"));
+    // Human sizes by default, bytes with --bytes.
+    assert!(t.ok(&["list", &p]).contains("64.0 MiB"));
+    assert!(t
+        .ok(&["list", &p, "--bytes"])
+        .contains(&(64u64 << 20).to_string()));
 
     t.ok(&["destroy", &p, "db@s2"]);
     t.ok(&["destroy", &p, "db"]);
