@@ -172,6 +172,12 @@ pub struct Model {
     counter: u64,
 }
 
+/// Where an operation's random offset and length land inside a volume of `size` bytes.
+fn clamp(size: u64, offset: u64, len: u64) -> (u64, u64) {
+    let off = offset % size;
+    (off, len.min(size - off))
+}
+
 pub fn pattern(seed: u8, offset: u64, len: u64) -> Vec<u8> {
     (0..len)
         .map(|i| ((offset + i) as u8).wrapping_mul(31).wrapping_add(seed) | 1)
@@ -270,9 +276,7 @@ impl Model {
                     return Ok(());
                 };
                 let data = &mut self.volumes.get_mut(&name).unwrap().1;
-                let size = data.len() as u64;
-                let off = offset % size;
-                let len = (*len).min(size - off);
+                let (off, len) = clamp(data.len() as u64, *offset, *len);
                 let bytes = pattern(*seed, off, len);
                 let r = call!(p => p.volume(&name)?.write_at(&bytes, off), ());
                 tolerate_full!(r, () => data[off as usize..(off + len) as usize].copy_from_slice(&bytes));
@@ -282,9 +286,7 @@ impl Model {
                     return Ok(());
                 };
                 let data = &mut self.volumes.get_mut(&name).unwrap().1;
-                let size = data.len() as u64;
-                let off = offset % size;
-                let len = (*len).min(size - off);
+                let (off, len) = clamp(data.len() as u64, *offset, *len);
                 let r = call!(p => p.volume(&name)?.discard(off, len), ());
                 tolerate_full!(r, () => data[off as usize..(off + len) as usize].fill(0));
             }
@@ -406,9 +408,8 @@ impl Model {
             _ => return None,
         };
         let name = self.nth_volume(vol)?;
-        let size = self.volumes[&name].1.len() as u64;
-        let off = offset % size;
-        Some((name, off, (len).min(size - off)))
+        let (off, len) = clamp(self.volumes[&name].1.len() as u64, offset, len);
+        Some((name, off, len))
     }
 
     /// Takes the pool's bytes for a range the model cannot predict.
