@@ -293,6 +293,7 @@ fn stream(dir: &tempfile::TempDir) {
     let dest = Pool::create_file(dir.path().join("dest"), 4 * GIB, PoolOptions::default()).unwrap();
     let mut out = vec![0u8; MIB as usize];
     let (mut pr, mut sr, mut pw, mut pws, mut rw) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut pns = vec![];
     let chunk = vec![0x5Au8; MIB as usize];
     for r in 0..rounds() {
         pr.push(
@@ -314,6 +315,17 @@ fn stream(dir: &tempfile::TempDir) {
             }
             plain.sync_data().unwrap();
         }));
+        // A receive fills blocks the pool had not used (fresh pages for the filesystem too),
+        // so the like-for-like file baseline writes a new file and makes it durable.
+        let fresh = dir.path().join("fresh");
+        pns.push(time(1, |_| {
+            let f = File::create(&fresh).unwrap();
+            for i in 0..size / MIB {
+                f.write_all_at(&chunk, i * MIB).unwrap();
+            }
+            f.sync_data().unwrap();
+        }));
+        std::fs::remove_file(&fresh).unwrap();
         rw.push(time(1, |_| {
             dest.receive(&mut &stream[..], Some(&format!("r{r}")))
                 .map(|_| ())
@@ -346,6 +358,12 @@ fn stream(dir: &tempfile::TempDir) {
         "receive 1 GiB full stream (from memory), durable on return",
         "plain sequential write + fdatasync",
         &pws,
+        &[("receive", rw.clone())],
+    );
+    report(
+        "receive 1 GiB full stream (from memory), durable on return",
+        "plain write of a new file + fdatasync",
+        &pns,
         &[("receive", rw)],
     );
 }

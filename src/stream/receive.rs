@@ -28,6 +28,22 @@ struct Src<'a> {
 
 impl Src<'_> {
     fn take(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.take_raw(buf)?;
+        self.crc.update(buf);
+        Ok(())
+    }
+
+    /// Reads record data and returns its CRC, folded into the stream CRC without hashing
+    /// the bytes twice.
+    fn take_data(&mut self, buf: &mut [u8]) -> Result<u32> {
+        self.take_raw(buf)?;
+        let crc = crc32fast::hash(buf);
+        self.crc
+            .combine(&crc32fast::Hasher::new_with_initial_len(crc, buf.len() as u64));
+        Ok(crc)
+    }
+
+    fn take_raw(&mut self, buf: &mut [u8]) -> Result<()> {
         self.r.read_exact(buf).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::BadStream(format!("truncated at byte {}", self.at))
@@ -35,7 +51,6 @@ impl Src<'_> {
                 Error::io("stream read", self.at, e)
             }
         })?;
-        self.crc.update(buf);
         self.at += buf.len() as u64;
         Ok(())
     }
@@ -282,8 +297,7 @@ impl Pool {
                         return Err(bad(format!("DATA record at byte {at}: length {len}")));
                     }
                     check_range(at, off, len as u64, pos, h.size)?;
-                    src.take(&mut buf[..len])?;
-                    if crc32fast::hash(&buf[..len]) != crc {
+                    if src.take_data(&mut buf[..len])? != crc {
                         return Err(bad(format!("DATA record at byte {at}: checksum mismatch")));
                     }
                     vol.write_at(&buf[..len], off)?;

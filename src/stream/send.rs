@@ -23,6 +23,16 @@ struct Tee<'a> {
 impl Tee<'_> {
     fn put(&mut self, b: &[u8]) -> Result<()> {
         self.crc.update(b);
+        self.put_hashed(b, None)
+    }
+
+    /// Writes `b`, whose CRC `crc` is already known: the stream CRC is combined from it
+    /// instead of hashing the bytes a second time (data is the bulk of a stream).
+    fn put_hashed(&mut self, b: &[u8], crc: Option<u32>) -> Result<()> {
+        if let Some(c) = crc {
+            self.crc
+                .combine(&crc32fast::Hasher::new_with_initial_len(c, b.len() as u64));
+        }
         self.bytes += b.len() as u64;
         self.out
             .write_all(b)
@@ -94,13 +104,14 @@ impl Pool {
                         while off < end {
                             let n = (end - off).min(MAX_DATA as u64) as usize;
                             handle.read_at(&mut buf[..n], off)?;
+                            let crc = crc32fast::hash(&buf[..n]);
                             let mut rec = Vec::with_capacity(17);
                             rec.push(DATA);
                             rec.extend_from_slice(&off.to_le_bytes());
                             rec.extend_from_slice(&(n as u32).to_le_bytes());
-                            rec.extend_from_slice(&crc32fast::hash(&buf[..n]).to_le_bytes());
+                            rec.extend_from_slice(&crc.to_le_bytes());
                             tee.put(&rec)?;
-                            tee.put(&buf[..n])?;
+                            tee.put_hashed(&buf[..n], Some(crc))?;
                             stats.data_records += 1;
                             stats.data_bytes += n as u64;
                             off += n as u64;
