@@ -4,7 +4,7 @@
 //! and clones add one reference to a block map root: O(1) whatever the volume holds.
 
 use crate::catalog::{validate_name, BookmarkRec, SnapshotRec, VolumeRec};
-use crate::device::{BlockDevice, FileDevice};
+use crate::device::{BlockDevice, FileDevice, FileOptions};
 use crate::error::{Error, Result};
 use crate::space::Reserve;
 use crate::txn::{now_unix, random_id, Engine};
@@ -22,6 +22,9 @@ pub struct PoolOptions {
     /// Commit on its own when dirty data is this old (None: only on flush, catalog operations
     /// and the dirty-page bound).
     pub commit_interval: Option<Duration>,
+    /// Open files and block devices with `O_DIRECT` (bypass the page cache) in
+    /// [`Pool::create_file`] and [`Pool::open_path`].
+    pub direct_io: bool,
 }
 
 impl Default for PoolOptions {
@@ -29,6 +32,7 @@ impl Default for PoolOptions {
         PoolOptions {
             block_size: crate::format::DEFAULT_BLOCK_SIZE,
             commit_interval: Some(Duration::from_secs(5)),
+            direct_io: false,
         }
     }
 }
@@ -135,12 +139,18 @@ impl Pool {
 
     /// Creates a sparse file of `size` bytes at `path` and formats it.
     pub fn create_file(path: impl AsRef<Path>, size: u64, opts: PoolOptions) -> Result<Pool> {
-        Pool::create(Arc::new(FileDevice::create(path, size)?), opts)
+        let fo = FileOptions {
+            direct: opts.direct_io,
+        };
+        Pool::create(Arc::new(FileDevice::create_with(path, size, fo)?), opts)
     }
 
     /// Opens the pool in a file or raw block device.
     pub fn open_path(path: impl AsRef<Path>, opts: PoolOptions) -> Result<Pool> {
-        Pool::open(Arc::new(FileDevice::open(path)?), opts)
+        let fo = FileOptions {
+            direct: opts.direct_io,
+        };
+        Pool::open(Arc::new(FileDevice::open_with(path, fo)?), opts)
     }
 
     fn start(engine: Engine, opts: &PoolOptions) -> Pool {

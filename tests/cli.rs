@@ -212,6 +212,40 @@ fn import_export_round_trip_keeps_holes_and_clones_are_independent() {
     assert_eq!(head.stdout, pattern(5 << 20, 1)[..4096].to_vec());
 }
 
+#[test]
+fn direct_flag_bypasses_the_page_cache_with_the_same_results() {
+    let t = Env::new();
+    let p = t.pool();
+    let created = t.run(&["--direct", "pool", "create", &p, "--size", "256M"]);
+    if !created.status.success() {
+        let err = String::from_utf8_lossy(&created.stderr);
+        assert!(err.contains("direct I/O"), "unexpected failure: {err}");
+        eprintln!("SKIPPED direct_flag...: {err}");
+        return;
+    }
+    t.ok(&["create", &p, "disk", "--size", "8M", "--direct"]);
+    let data = t.path("data");
+    std::fs::write(&data, pattern(70_001, 3)).unwrap();
+    t.ok(&[
+        "--direct",
+        "write",
+        &p,
+        "disk",
+        data.to_str().unwrap(),
+        "--offset",
+        "777",
+    ]);
+    // Read back with and without O_DIRECT.
+    for direct in [true, false] {
+        let mut args = vec!["read", &p, "disk", "--offset", "777", "--length", "70001"];
+        if direct {
+            args.insert(0, "--direct");
+        }
+        assert_eq!(t.run(&args).stdout, pattern(70_001, 3));
+    }
+    t.ok(&["--direct", "pool", "check", &p]);
+}
+
 fn assert_msg(err: &str, needle: &str) {
     assert!(err.contains(needle), "expected {needle:?} in {err:?}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");

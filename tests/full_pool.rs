@@ -9,6 +9,7 @@ fn opts() -> PoolOptions {
     PoolOptions {
         block_size: 4096,
         commit_interval: None,
+        ..PoolOptions::default()
     }
 }
 

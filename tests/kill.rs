@@ -29,6 +29,7 @@ fn opts() -> PoolOptions {
     PoolOptions {
         block_size: 4096,
         commit_interval: Some(Duration::from_millis(200)),
+        ..PoolOptions::default()
     }
 }
 

@@ -13,6 +13,7 @@ fn opts(block_size: u32) -> PoolOptions {
     PoolOptions {
         block_size,
         commit_interval: None,
+        ..PoolOptions::default()
     }
 }
 

@@ -12,6 +12,7 @@ fn pool(size: u64, block_size: u32) -> Pool {
         PoolOptions {
             block_size,
             commit_interval: None,
+            ..PoolOptions::default()
         },
     )
     .unwrap()

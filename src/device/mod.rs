@@ -13,7 +13,7 @@ mod memory;
 pub use crash::{CrashDevice, CrashPoint, History};
 #[cfg(any(test, feature = "testing"))]
 pub use fault::{FaultDevice, FaultKind};
-pub use file::FileDevice;
+pub use file::{FileDevice, FileOptions};
 pub use memory::MemoryDevice;
 
 use crate::error::Result;

@@ -38,8 +38,10 @@ impl Src<'_> {
     fn take_data(&mut self, buf: &mut [u8]) -> Result<u32> {
         self.take_raw(buf)?;
         let crc = crc32fast::hash(buf);
-        self.crc
-            .combine(&crc32fast::Hasher::new_with_initial_len(crc, buf.len() as u64));
+        self.crc.combine(&crc32fast::Hasher::new_with_initial_len(
+            crc,
+            buf.len() as u64,
+        ));
         Ok(crc)
     }
 

@@ -7,7 +7,7 @@ mod units;
 
 use clap::{Parser, Subcommand};
 use json::Value;
-use snapvol::device::FileDevice;
+use snapvol::device::{FileDevice, FileOptions};
 use snapvol::{Pool, PoolOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,9 +22,15 @@ use units::{human, parse_size};
     about = "Copy-on-write snapshot storage: thin volumes, snapshots, clones"
 )]
 struct Cli {
+    /// Bypass the page cache (O_DIRECT) on the pool's file or block device.
+    #[arg(long, global = true)]
+    direct: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
+
+/// `--direct`, read by every command that opens a pool.
+static DIRECT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(clap::Args, Clone, Copy)]
 struct Output {
@@ -182,6 +188,7 @@ type CmdResult = Result<ExitCode, String>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    DIRECT.store(cli.direct, std::sync::atomic::Ordering::Relaxed);
     match run(cli.cmd) {
         Ok(code) => code,
         Err(msg) => {
@@ -192,7 +199,10 @@ fn main() -> ExitCode {
 }
 
 fn opts() -> PoolOptions {
-    PoolOptions::default()
+    PoolOptions {
+        direct_io: DIRECT.load(std::sync::atomic::Ordering::Relaxed),
+        ..PoolOptions::default()
+    }
 }
 
 fn open(path: &Path) -> Result<Pool, String> {
@@ -244,8 +254,13 @@ fn run(cmd: Cmd) -> CmdResult {
                 .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
                 .unwrap_or(false);
             let pool = if is_block {
-                let dev =
-                    FileDevice::open(&path).map_err(|err| format!("{}: {err}", path.display()))?;
+                let dev = FileDevice::open_with(
+                    &path,
+                    FileOptions {
+                        direct: o.direct_io,
+                    },
+                )
+                .map_err(|err| format!("{}: {err}", path.display()))?;
                 Pool::create(Arc::new(dev), o)
             } else {
                 let size = size.ok_or("--size is required for a pool in a file")?;
