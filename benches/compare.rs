@@ -1,11 +1,12 @@
 //! Side-by-side comparison with plain-file I/O, for the ratios in BENCHMARKS.md.
 //!
 //! Page-cache and writeback state swing per-operation times by 10x between moments on a
-//! shared machine, so each scenario alternates rounds: a round of plain-file operations,
-//! then the same operations on a volume, repeated; the ratio of the medians is reported.
+//! shared machine, so each scenario alternates rounds: a round of plain-file operations and
+//! the same operations on a volume, repeated; the ratio of the medians is reported. For the
+//! write scenarios the order within a round alternates too (see `abba`).
 //!
 //! `cargo bench --bench compare` (SNAPVOL_BENCH_DIR picks the filesystem, default the temp
-//! dir; SNAPVOL_BENCH_ROUNDS the rounds, default 7).
+//! dir; SNAPVOL_BENCH_ROUNDS the rounds, default 8).
 
 use snapvol::{Pool, PoolOptions, Volume};
 use std::fs::File;
@@ -30,7 +31,7 @@ fn rounds() -> usize {
     std::env::var("SNAPVOL_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(7)
+        .unwrap_or(8)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -56,6 +57,19 @@ fn report(name: &str, base: &str, base_us: &[f64], rows: &[(&str, Vec<f64>)]) {
             "  {label:<28} {m:>9.2} us/op   ratio to {base}: {:.2}x",
             b / m
         );
+    }
+}
+
+/// Runs the plain-file side and the volume side of round `r`, plain first in even rounds and
+/// the volume first in odd ones: whichever runs second inherits the first one's dirty pages
+/// and writeback, so a fixed order biases every round the same way.
+fn abba(r: usize, plain: impl FnOnce() -> f64, vol: impl FnOnce() -> f64) -> (f64, f64) {
+    if r % 2 == 0 {
+        let p = plain();
+        (p, vol())
+    } else {
+        let v = vol();
+        (plain(), v)
     }
 }
 
@@ -102,16 +116,23 @@ fn random_writes(dir: &tempfile::TempDir) {
     let buf = vec![0xA5u8; 4096];
     let (mut p, mut o, mut s, mut u) = (vec![], vec![], vec![], vec![]);
     for r in 0..rounds() {
-        let mut rng = Rng(0x9E37_79B9 + r as u64);
-        p.push(time(n, |_| {
-            plain
-                .write_all_at(&buf, (rng.next() % blocks) * 4096)
-                .unwrap()
-        }));
-        let mut rng = Rng(0x9E37_79B9 + r as u64);
-        o.push(time(n, |_| {
-            owned.write_at(&buf, (rng.next() % blocks) * 4096).unwrap()
-        }));
+        let plain_round = || {
+            let mut rng = Rng(0x9E37_79B9 + r as u64);
+            time(n, |_| {
+                plain
+                    .write_all_at(&buf, (rng.next() % blocks) * 4096)
+                    .unwrap()
+            })
+        };
+        let owned_round = || {
+            let mut rng = Rng(0x9E37_79B9 + r as u64);
+            time(n, |_| {
+                owned.write_at(&buf, (rng.next() % blocks) * 4096).unwrap()
+            })
+        };
+        let (pt, ot) = abba(r, plain_round, owned_round);
+        p.push(pt);
+        o.push(ot);
         // Every block shared again: a fresh snapshot, the previous one deleted.
         pool.snapshot("shared", &format!("s{r}")).unwrap();
         if r > 0 {
@@ -154,19 +175,37 @@ fn sequential(dir: &tempfile::TempDir) {
     let mut out = vec![0u8; MIB as usize];
     let n = 2 * steps;
     let (mut pw, mut vw, mut pr, mut vr) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..rounds() {
-        pw.push(time(n, |i| {
-            plain.write_all_at(&chunk, (i % steps) * MIB).unwrap()
-        }));
-        vw.push(time(n, |i| {
-            vol.write_at(&chunk, (i % steps) * MIB).unwrap()
-        }));
-        pr.push(time(n, |i| {
-            plain.read_exact_at(&mut out, (i % steps) * MIB).unwrap()
-        }));
-        vr.push(time(n, |i| {
-            vol.read_at(&mut out, (i % steps) * MIB).unwrap()
-        }));
+    for r in 0..rounds() {
+        let (p, v) = abba(
+            r,
+            || {
+                time(n, |i| {
+                    plain.write_all_at(&chunk, (i % steps) * MIB).unwrap()
+                })
+            },
+            || time(n, |i| vol.write_at(&chunk, (i % steps) * MIB).unwrap()),
+        );
+        pw.push(p);
+        vw.push(v);
+        let out = std::cell::RefCell::new(&mut out);
+        let (p, v) = abba(
+            r,
+            || {
+                time(n, |i| {
+                    plain
+                        .read_exact_at(&mut out.borrow_mut()[..], (i % steps) * MIB)
+                        .unwrap()
+                })
+            },
+            || {
+                time(n, |i| {
+                    vol.read_at(&mut out.borrow_mut()[..], (i % steps) * MIB)
+                        .unwrap()
+                })
+            },
+        );
+        pr.push(p);
+        vr.push(v);
     }
     report(
         "1 MiB sequential writes (owned blocks)",

@@ -3,7 +3,7 @@
 //! cost follows the number of changed entries, not the size of the volume.
 
 use super::node::Node;
-use super::{child_index, Mapping};
+use super::{child_index, leaf_index, Mapping};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use crate::unit_hash::UnitMap;
@@ -80,7 +80,7 @@ impl Store {
         }
         match self.node(loc)? {
             Node::Leaf(v) => {
-                let s = v.partition_point(|m| m.key < lo);
+                let s = leaf_index(v, lo);
                 Ok(v[s..].iter().take_while(|m| m.key < hi).copied().collect())
             }
             Node::Branch(_) => Err(Error::corrupt("block map node", loc, "expected a leaf")),

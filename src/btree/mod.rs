@@ -13,7 +13,7 @@ pub(crate) use diff::Change;
 use crate::error::{Error, Result};
 use crate::store::Store;
 pub(crate) use node::Mapping;
-use node::{Node, BRANCH_MAX, LEAF_MAX};
+use node::{lower_bound, Node, BRANCH_MAX, LEAF_MAX};
 
 /// A mapping found by a range lookup, with whether any node on its path is shared with
 /// another tree (then the block is shared too, whatever its own count says).
@@ -38,7 +38,24 @@ pub(crate) struct InsertHint {
 
 /// Index of the child of a branch that covers `key` (the first child for keys below all).
 pub(crate) fn child_index(children: &[(u64, u64)], key: u64) -> usize {
-    children.partition_point(|c| c.0 <= key).saturating_sub(1)
+    match key.checked_add(1) {
+        Some(k) => lower_bound(children, k, |c| c.0).saturating_sub(1),
+        None => children.len().saturating_sub(1),
+    }
+}
+
+/// Index of the first mapping of a leaf at or after `key`.
+pub(crate) fn leaf_index(v: &[Mapping], key: u64) -> usize {
+    lower_bound(v, key, |m| m.key)
+}
+
+/// `Ok(i)` when the leaf maps `key` at index i, else `Err(where it would go)`.
+fn leaf_find(v: &[Mapping], key: u64) -> std::result::Result<usize, usize> {
+    let i = leaf_index(v, key);
+    match v.get(i) {
+        Some(m) if m.key == key => Ok(i),
+        _ => Err(i),
+    }
 }
 
 impl Store {
@@ -100,7 +117,7 @@ impl Store {
             shared = shared || self.sm.get(loc)? > 1;
             match self.node(loc)? {
                 Node::Leaf(v) => {
-                    let start = v.partition_point(|m| m.key < lo);
+                    let start = leaf_index(v, lo);
                     out.extend(v[start..].iter().take_while(|m| m.key < hi).map(|m| Found {
                         map: *m,
                         path_shared: shared,
@@ -147,7 +164,7 @@ impl Store {
         }
         let (start, len) = match self.node(loc)? {
             Node::Leaf(v) => {
-                let i = v.partition_point(|m| m.key < from);
+                let i = leaf_index(v, from);
                 return Ok(v.get(i).map(|m| m.key));
             }
             Node::Branch(v) => (child_index(v, from), v.len()),
@@ -204,7 +221,7 @@ impl Store {
         let Node::Leaf(v) = self.node_mut(h.leaf) else {
             return Ok(None);
         };
-        match v.binary_search_by_key(&m.key, |e| e.key) {
+        match leaf_find(v, m.key) {
             Ok(i) => Ok(Some(Some(std::mem::replace(&mut v[i], m)))),
             Err(i) if v.len() < LEAF_MAX => {
                 v.insert(i, m);
@@ -246,7 +263,7 @@ impl Store {
     fn insert_into(&mut self, loc: u64, m: Mapping) -> Result<InsertOutcome> {
         let (idx, child) = match self.node_mut(loc) {
             Node::Leaf(v) => {
-                let (old, at) = match v.binary_search_by_key(&m.key, |e| e.key) {
+                let (old, at) = match leaf_find(v, m.key) {
                     Ok(i) => (Some(std::mem::replace(&mut v[i], m)), i),
                     Err(i) => {
                         v.insert(i, m);
@@ -319,7 +336,7 @@ impl Store {
     fn remove_from(&mut self, loc: u64, key: u64) -> Result<(Option<Mapping>, bool)> {
         let (idx, child) = match self.node_mut(loc) {
             Node::Leaf(v) => {
-                let old = match v.binary_search_by_key(&key, |e| e.key) {
+                let old = match leaf_find(v, key) {
                     Ok(i) => Some(v.remove(i)),
                     Err(_) => None,
                 };

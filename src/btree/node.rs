@@ -17,6 +17,52 @@ pub(crate) struct Mapping {
     pub birth: u64,
 }
 
+/// Index of the first entry whose key is `>= key` in entries sorted by strictly increasing
+/// key (what `partition_point(|e| k(e) < key)` returns).
+///
+/// Block maps are mostly dense runs of consecutive keys, so a guess interpolated between the
+/// first and last key usually lands on the answer: one or two cache lines of a 4 KiB node
+/// instead of the eight probes of a binary search. A gallop from the guess bounds the answer
+/// when keys are uneven, so the worst case stays logarithmic.
+pub(crate) fn lower_bound<T>(v: &[T], key: u64, k: impl Fn(&T) -> u64) -> usize {
+    let n = v.len();
+    let (Some(first), Some(last)) = (v.first(), v.last()) else {
+        return 0;
+    };
+    let (first, last) = (k(first), k(last));
+    if key <= first {
+        return 0;
+    }
+    if key > last {
+        return n;
+    }
+    // first < key <= last, so n >= 2, last > first, and the guess is in 0..n.
+    let guess = ((key - first) as u128 * (n - 1) as u128 / (last - first) as u128) as usize;
+    // Find lo < hi with k(v[lo]) < key <= k(v[hi]); the answer is in lo+1..=hi.
+    let (mut lo, mut hi) = (guess, guess);
+    let mut step = 1;
+    if k(&v[guess]) < key {
+        loop {
+            hi = (lo + step).min(n - 1);
+            if k(&v[hi]) >= key {
+                break;
+            }
+            lo = hi;
+            step *= 2;
+        }
+    } else {
+        loop {
+            lo = hi.saturating_sub(step);
+            if k(&v[lo]) < key {
+                break;
+            }
+            hi = lo;
+            step *= 2;
+        }
+    }
+    lo + 1 + v[lo + 1..hi].partition_point(|e| k(e) < key)
+}
+
 #[derive(Clone, Debug)]
 pub(crate) enum Node {
     Leaf(Vec<Mapping>),
@@ -121,6 +167,49 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lower_bound_equals_partition_point() {
+        let mut x = 7u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for case in 0..2000 {
+            let n = (next() % 300) as usize;
+            // Dense runs, sparse keys and mixtures of both.
+            let mut keys = Vec::with_capacity(n);
+            let mut k = next() % 1000;
+            for _ in 0..n {
+                keys.push(k);
+                k += match case % 3 {
+                    0 => 1,
+                    1 => 1 + next() % 1000,
+                    _ => {
+                        if next() % 10 == 0 {
+                            1 + next() % 100_000
+                        } else {
+                            1
+                        }
+                    }
+                };
+            }
+            let probes = [0, 1, u64::MAX, next() % (k + 10)];
+            let extra: Vec<u64> = keys
+                .iter()
+                .flat_map(|&k| [k, k + 1, k.saturating_sub(1)])
+                .collect();
+            for &q in probes.iter().chain(extra.iter().take(60)) {
+                assert_eq!(
+                    lower_bound(&keys, q, |&k| k),
+                    keys.partition_point(|&k| k < q),
+                    "keys {keys:?} probe {q}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn round_trip_and_validation() {
