@@ -103,14 +103,25 @@ fn setup(dir: &tempfile::TempDir, size: u64, pool_size: u64) -> (File, Pool) {
     (plain, pool)
 }
 
+/// The plain file and a volume of `size` bytes, both written whole.
+fn setup_filled(
+    dir: &tempfile::TempDir,
+    size: u64,
+    pool_size: u64,
+    name: &str,
+) -> (File, Pool, Volume) {
+    let (plain, pool) = setup(dir, size, pool_size);
+    fill_plain(&plain, size);
+    let vol = pool.create_volume(name, size).unwrap();
+    fill(&vol, size);
+    (plain, pool, vol)
+}
+
 fn random_writes(dir: &tempfile::TempDir) {
     let size = 2 * GIB;
     let blocks = size / 4096;
     let n = 100_000;
-    let (plain, pool) = setup(dir, size, 16 * GIB);
-    fill_plain(&plain, size);
-    let owned = pool.create_volume("owned", size).unwrap();
-    fill(&owned, size);
+    let (plain, pool, owned) = setup_filled(dir, size, 16 * GIB, "owned");
     let shared = pool.create_volume("shared", size).unwrap();
     fill(&shared, size);
     let buf = vec![0xA5u8; 4096];
@@ -167,10 +178,7 @@ fn random_writes(dir: &tempfile::TempDir) {
 fn sequential(dir: &tempfile::TempDir) {
     let size = 2 * GIB;
     let steps = size / MIB;
-    let (plain, pool) = setup(dir, size, 8 * GIB);
-    fill_plain(&plain, size);
-    let vol = pool.create_volume("seq", size).unwrap();
-    fill(&vol, size);
+    let (plain, _pool, vol) = setup_filled(dir, size, 8 * GIB, "seq");
     let chunk = vec![0x3Cu8; MIB as usize];
     let mut out = vec![0u8; MIB as usize];
     let n = 2 * steps;
@@ -224,10 +232,7 @@ fn sequential(dir: &tempfile::TempDir) {
 fn read_depth(dir: &tempfile::TempDir) {
     let size = GIB;
     let blocks = size / 4096;
-    let (plain, pool) = setup(dir, size, 8 * GIB);
-    fill_plain(&plain, size);
-    let base = pool.create_volume("d0", size).unwrap();
-    fill(&base, size);
+    let (plain, pool, _base) = setup_filled(dir, size, 8 * GIB, "d0");
     let buf = vec![7u8; 4096];
     let mut rng = Rng(42);
     // Depth 1 and depth 64 get the same number of copy-on-write writes, so their maps
@@ -286,13 +291,75 @@ fn read_depth(dir: &tempfile::TempDir) {
     println!("  depth 64 vs depth 1: {:.2}x", d1 / d64);
 }
 
+/// Threads doing 4 KiB random reads and owned overwrites at once: the device transfers run
+/// outside the engine lock, so the volume should scale with threads as the plain file does.
+fn parallel(dir: &tempfile::TempDir) {
+    let size = GIB;
+    let blocks = size / 4096;
+    let (plain, _pool, vol) = setup_filled(dir, size, 4 * GIB, "par");
+    let n = 100_000u64;
+    let threads = 2u64;
+    // Each thread does n/threads operations; the figure is wall time per operation.
+    let run = |op: &(dyn Fn(u64, &mut [u8]) + Sync), t: u64| {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for th in 0..t {
+                s.spawn(move || {
+                    let mut rng = Rng(0xC0FFEE + th);
+                    let mut buf = vec![0x42u8; 4096];
+                    for _ in 0..n / t {
+                        op((rng.next() % blocks) * 4096, &mut buf);
+                    }
+                });
+            }
+        });
+        start.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+    let plain_read = |at: u64, b: &mut [u8]| plain.read_exact_at(b, at).unwrap();
+    let vol_read = |at: u64, b: &mut [u8]| vol.read_at(b, at).unwrap();
+    let plain_write = |at: u64, b: &mut [u8]| plain.write_all_at(b, at).unwrap();
+    let vol_write = |at: u64, b: &mut [u8]| vol.write_at(b, at).unwrap();
+    let (mut pr1, mut vr1, mut prn, mut vrn, mut pwn, mut vwn) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for r in 0..rounds() {
+        let (p, v) = abba(r, || run(&plain_read, 1), || run(&vol_read, 1));
+        pr1.push(p);
+        vr1.push(v);
+        let (p, v) = abba(r, || run(&plain_read, threads), || run(&vol_read, threads));
+        prn.push(p);
+        vrn.push(v);
+        let (p, v) = abba(
+            r,
+            || run(&plain_write, threads),
+            || run(&vol_write, threads),
+        );
+        pwn.push(p);
+        vwn.push(v);
+    }
+    let scale = |one: &[f64], many: &[f64]| median(one.to_vec()) / median(many.to_vec());
+    println!(
+        "  read scaling 1 -> {threads} threads: plain {:.2}x, volume {:.2}x",
+        scale(&pr1, &prn),
+        scale(&vr1, &vrn)
+    );
+    report(
+        "4 KiB random reads, 2 threads (1 GiB)",
+        "plain file",
+        &prn,
+        &[("volume", vrn)],
+    );
+    report(
+        "4 KiB random owned overwrites, 2 threads (1 GiB)",
+        "plain file",
+        &pwn,
+        &[("volume", vwn)],
+    );
+}
+
 fn write_flush(dir: &tempfile::TempDir) {
     let size = 256 * MIB;
     let blocks = size / 4096;
-    let (plain, pool) = setup(dir, size, 4 * GIB);
-    fill_plain(&plain, size);
-    let vol = pool.create_volume("wf", size).unwrap();
-    fill(&vol, size);
+    let (plain, _pool, vol) = setup_filled(dir, size, 4 * GIB, "wf");
     let buf = vec![0x42u8; 4096];
     let n = 2000;
     let (mut p, mut v) = (vec![], vec![]);
@@ -322,10 +389,7 @@ fn write_flush(dir: &tempfile::TempDir) {
 /// throughput against a sequential raw-file write.
 fn stream(dir: &tempfile::TempDir) {
     let size = GIB;
-    let (plain, pool) = setup(dir, size, 4 * GIB);
-    fill_plain(&plain, size);
-    let vol = pool.create_volume("src", size).unwrap();
-    fill(&vol, size);
+    let (plain, pool, _vol) = setup_filled(dir, size, 4 * GIB, "src");
     let snap = pool.snapshot("src", "s").unwrap();
     let mut stream = Vec::with_capacity(size as usize + (64 << 20));
     pool.send(snap, None, &mut stream).unwrap();
@@ -423,10 +487,11 @@ fn main() {
         .collect();
     let want = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
     type Scenario = (&'static str, fn(&tempfile::TempDir));
-    let scenarios: [Scenario; 5] = [
+    let scenarios: [Scenario; 6] = [
         ("random-writes", random_writes),
         ("sequential", sequential),
         ("read-depth", read_depth),
+        ("parallel", parallel),
         ("write-flush", write_flush),
         ("stream", stream),
     ];

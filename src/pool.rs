@@ -8,7 +8,7 @@ use crate::device::{BlockDevice, FileDevice, FileOptions};
 use crate::error::{Error, Result};
 use crate::space::Reserve;
 use crate::txn::{now_unix, random_id, Engine};
-use crate::volume::{Snapshot, Target, Volume};
+use crate::volume::{read_runs, write_runs, Snapshot, Target, Volume, WritePlan};
 use parking_lot::Mutex;
 use std::path::Path;
 use std::sync::{Arc, Weak};
@@ -45,6 +45,8 @@ pub struct Pool {
 
 struct Shared {
     engine: Mutex<Engine>,
+    /// The engine's I/O gate (see `Engine::drain_io`), reachable without the engine lock.
+    io_gate: Arc<parking_lot::RwLock<()>>,
 }
 
 impl Drop for Shared {
@@ -155,6 +157,7 @@ impl Pool {
 
     fn start(engine: Engine, opts: &PoolOptions) -> Pool {
         let shared = Arc::new(Shared {
+            io_gate: engine.io_gate.clone(),
             engine: Mutex::new(engine),
         });
         if let Some(interval) = opts.commit_interval {
@@ -165,6 +168,39 @@ impl Pool {
 
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
         f(&mut self.shared.engine.lock())
+    }
+
+    /// Reads through a plan made under the engine lock; the device reads run outside it,
+    /// holding the I/O gate so nothing they address is reused meanwhile.
+    pub(crate) fn read(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut e = self.shared.engine.lock();
+        let runs = e.plan_read(t, offset, buf.len())?;
+        let dev = e.store.dev.clone();
+        let _gate = self.shared.io_gate.read();
+        drop(e);
+        read_runs(&*dev, &runs, buf)
+    }
+
+    /// Writes; a write wholly into owned blocks runs outside the engine lock like a read.
+    /// Anything else (redirects, map changes) completes under the lock.
+    pub(crate) fn write(&self, id: u128, offset: u64, data: &[u8]) -> Result<()> {
+        let mut e = self.shared.engine.lock();
+        let WritePlan::InPlace(runs) = e.plan_write(id, offset, data)? else {
+            return Ok(());
+        };
+        let dev = e.store.dev.clone();
+        let gate = self.shared.io_gate.read();
+        drop(e);
+        let r = write_runs(&*dev, &runs, data);
+        drop(gate);
+        if let Err(err) = &r {
+            // As under the lock: a failed write poisons the pool until it is reopened.
+            let mut e = self.shared.engine.lock();
+            if e.poisoned.is_none() {
+                e.poisoned = Some(err.to_string());
+            }
+        }
+        r
     }
 
     /// Makes every completed write durable.

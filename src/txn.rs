@@ -21,6 +21,7 @@ use crate::format::{
 };
 use crate::space::{Reserve, SpaceMap};
 use crate::store::Store;
+use parking_lot::RwLock;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,6 +49,11 @@ pub(crate) struct Engine {
     in_catalog_op: bool,
     /// Reused lookup buffer for reads (saves an allocation per I/O).
     pub(crate) scratch: Vec<crate::btree::Found>,
+    /// Held shared by volume I/O running outside the engine lock (reads, in-place writes);
+    /// taken exclusively to wait for that I/O to finish before units it may address can be
+    /// reused or discarded, and before blocks it may write become shared (see
+    /// [`Engine::drain_io`]).
+    pub(crate) io_gate: Arc<RwLock<()>>,
 }
 
 pub(crate) fn now_unix() -> u64 {
@@ -135,6 +141,7 @@ impl Engine {
             poisoned: None,
             in_catalog_op: false,
             scratch: Vec::new(),
+            io_gate: Arc::new(RwLock::new(())),
             auto_commit_space_pages: (reserve / 3).max(8),
         }
     }
@@ -187,7 +194,9 @@ impl Engine {
 
     /// Throws away the open transaction and returns to the last commit.
     pub(crate) fn reload(&mut self) -> Result<()> {
-        let fresh = Engine::open(self.store.dev.clone())?;
+        let mut fresh = Engine::open(self.store.dev.clone())?;
+        // Handles hold the gate: it outlives the transaction state.
+        fresh.io_gate = self.io_gate.clone();
         *self = fresh;
         Ok(())
     }
@@ -225,6 +234,8 @@ impl Engine {
         reserve: Reserve,
         f: impl FnOnce(&mut Engine) -> Result<T>,
     ) -> Result<T> {
+        // A snapshot or clone must not share a block an in-place write is still changing.
+        self.drain_io();
         self.commit()?;
         self.store.reserve = reserve;
         self.in_catalog_op = true;
@@ -244,6 +255,12 @@ impl Engine {
             }
         }
         r
+    }
+
+    /// Waits until no volume I/O runs outside the engine lock. The caller holds the engine
+    /// lock, and I/O starts only under it, so none can start until the caller lets go.
+    pub(crate) fn drain_io(&self) {
+        drop(self.io_gate.write());
     }
 
     /// Commits when enough pages are dirty or enough time has passed (like ZFS's txgs).
@@ -326,6 +343,9 @@ impl Engine {
         let slot = Superblock::slot(generation);
         dev.write_at(&sb.encode()[..], slot * PAGE_SIZE as u64)?;
         dev.flush()?;
+        // Units freed two commits ago become allocatable (and are discarded) now: a read or
+        // in-place write planned before they were freed may still be running.
+        self.drain_io();
         let released = self.store.commit_done();
         if dev.supports_discard() {
             release_freed(&self.store, released);

@@ -6,6 +6,7 @@
 //! block, possibly part of a snapshot, is never touched.
 
 use crate::btree::{Found, Mapping};
+use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::pool::Pool;
 use crate::store::Store;
@@ -17,6 +18,38 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 pub(crate) enum Target {
     Volume(u128),
     Snapshot(u128),
+}
+
+/// One device transfer of a request: bytes `src` of the caller's buffer at device byte `at`.
+pub(crate) struct Run {
+    at: u64,
+    src: std::ops::Range<usize>,
+}
+
+/// Runs a planned read into `buf`, zero-filling what no run covers.
+pub(crate) fn read_runs(dev: &dyn BlockDevice, runs: &[Run], buf: &mut [u8]) -> Result<()> {
+    let mut covered = 0;
+    for r in runs {
+        buf[covered..r.src.start].fill(0);
+        dev.read_at(&mut buf[r.src.clone()], r.at)?;
+        covered = r.src.end;
+    }
+    buf[covered..].fill(0);
+    Ok(())
+}
+
+/// Runs planned in-place writes of `data`.
+pub(crate) fn write_runs(dev: &dyn BlockDevice, runs: &[Run], data: &[u8]) -> Result<()> {
+    for r in runs {
+        dev.write_at(&data[r.src.clone()], r.at)?;
+    }
+    Ok(())
+}
+
+/// What a write planned: done under the lock, or in-place transfers for the caller to run.
+pub(crate) enum WritePlan {
+    Done,
+    InPlace(Vec<Run>),
 }
 
 /// A device write planned for one block of a request.
@@ -64,56 +97,50 @@ impl Engine {
         Ok((root, size))
     }
 
-    /// Reads `buf.len()` bytes at `offset`; unmapped ranges read as zeros. One device read
-    /// per run of physically contiguous blocks.
-    pub(crate) fn read(&mut self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Plans a read of `len` bytes at `offset`: the device reads to make, one per run of
+    /// physically contiguous blocks, in buffer order. Bytes no run covers read as zeros.
+    pub(crate) fn plan_read(&mut self, t: Target, offset: u64, len: usize) -> Result<Vec<Run>> {
         self.check_usable()?;
-        let (root, _) = self.check_range(t, offset, buf.len())?;
-        if buf.is_empty() {
-            return Ok(());
+        let (root, _) = self.check_range(t, offset, len)?;
+        let mut runs: Vec<Run> = Vec::new();
+        if len == 0 {
+            return Ok(runs);
         }
         let bs = self.store.block_size as u64;
         let first = offset / bs;
-        let end = (offset + buf.len() as u64).div_ceil(bs);
+        let end = (offset + len as u64).div_ceil(bs);
         let mut found = std::mem::take(&mut self.scratch);
         found.clear();
-        self.store
-            .lookup_range_for_read(root, first, end, &mut found)?;
-        // Coalesce: consecutive blocks at consecutive device places become one read. Bytes
-        // no read covers (unmapped blocks) are zeroed.
-        let mut run: Option<(u64, usize, usize)> = None; // (device byte, buf start, buf end)
-        let mut covered = 0usize;
+        let r = self
+            .store
+            .lookup_range_for_read(root, first, end, &mut found);
         for f in found.drain(..) {
             let b = f.map.key;
             let lo = (b * bs).max(offset);
-            let hi = ((b + 1) * bs).min(offset + buf.len() as u64);
+            let hi = ((b + 1) * bs).min(offset + len as u64);
             let at = Store::byte(f.map.unit) + (lo - b * bs);
-            let (s, e) = ((lo - offset) as usize, (hi - offset) as usize);
-            match &mut run {
-                Some((rat, rs, re)) if *re == s && *rat + (*re - *rs) as u64 == at => *re = e,
-                _ => {
-                    if let Some((rat, rs, re)) = run.take() {
-                        buf[covered..rs].fill(0);
-                        self.store.dev.read_at(&mut buf[rs..re], rat)?;
-                        covered = re;
-                    }
-                    run = Some((at, s, e));
+            let src = (lo - offset) as usize..(hi - offset) as usize;
+            match runs.last_mut() {
+                Some(r) if r.src.end == src.start && r.at + r.src.len() as u64 == at => {
+                    r.src.end = src.end
                 }
+                _ => runs.push(Run { at, src }),
             }
         }
-        if let Some((rat, rs, re)) = run {
-            buf[covered..rs].fill(0);
-            self.store.dev.read_at(&mut buf[rs..re], rat)?;
-            covered = re;
-        }
-        buf[covered..].fill(0);
         self.scratch = found;
-        Ok(())
+        r.map(|_| runs)
     }
 
     /// Writes `data` at `offset` of volume `id` (see the module docs for where it lands).
     pub(crate) fn write(&mut self, id: u128, offset: u64, data: &[u8]) -> Result<()> {
         self.write_with(id, offset, data, false)
+    }
+
+    /// As [`Engine::write`], except that a write going wholly in place is returned as
+    /// transfers for the caller to run after letting go of the engine lock (holding the I/O
+    /// gate), so writes to owned blocks and reads proceed in parallel.
+    pub(crate) fn plan_write(&mut self, id: u128, offset: u64, data: &[u8]) -> Result<WritePlan> {
+        self.write_planned(id, offset, data, false, true)
     }
 
     /// As [`Engine::write`]; with `redirect_all`, no block is written in place, so the write
@@ -126,10 +153,24 @@ impl Engine {
         data: &[u8],
         redirect_all: bool,
     ) -> Result<()> {
+        match self.write_planned(id, offset, data, redirect_all, false)? {
+            WritePlan::Done => Ok(()),
+            WritePlan::InPlace(_) => unreachable!("in-place plans are only returned on request"),
+        }
+    }
+
+    fn write_planned(
+        &mut self,
+        id: u128,
+        offset: u64,
+        data: &[u8],
+        redirect_all: bool,
+        return_in_place: bool,
+    ) -> Result<WritePlan> {
         self.check_usable()?;
         let (root, _) = self.check_range(Target::Volume(id), offset, data.len())?;
         if data.is_empty() {
-            return Ok(());
+            return Ok(WritePlan::Done);
         }
         let frozen = self
             .catalog
@@ -157,6 +198,23 @@ impl Engine {
             redirects += u64::from(!in_place);
             plan.push((b, f, in_place));
         }
+        if redirects == 0 && return_in_place {
+            let mut runs: Vec<Run> = Vec::with_capacity(1);
+            let end_byte = offset + data.len() as u64;
+            for (b, f, _) in plan {
+                let unit = f.map_or(0, |f| f.map.unit);
+                let lo = (b * bs).max(offset);
+                let hi = ((b + 1) * bs).min(end_byte);
+                let at = Store::byte(unit) + (lo - b * bs);
+                let src = (lo - offset) as usize..(hi - offset) as usize;
+                match runs.last_mut() {
+                    Some(r) if r.at + r.src.len() as u64 == at => r.src.end = src.end,
+                    _ => runs.push(Run { at, src }),
+                }
+            }
+            self.maybe_commit_after_io()?;
+            return Ok(WritePlan::InPlace(runs));
+        }
         if redirects > 0 {
             let need = redirects * self.store.block_units + 16 + redirects / 4;
             let usable = self.store.sm.usable_units();
@@ -169,7 +227,8 @@ impl Engine {
             }
         }
         self.mutate(|e| e.apply_write(id, root, offset, data, plan))?;
-        self.maybe_commit_after_io()
+        self.maybe_commit_after_io()?;
+        Ok(WritePlan::Done)
     }
 
     fn apply_write(
@@ -357,13 +416,12 @@ impl Volume {
 
     /// Reads exactly `buf.len()` bytes at `offset`. Never-written ranges read as zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.pool
-            .with(|e| e.read(Target::Volume(self.id), offset, buf))
+        self.pool.read(Target::Volume(self.id), offset, buf)
     }
 
     /// Writes all of `data` at `offset`. Visible to reads on return; durable after `flush`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
-        self.pool.with(|e| e.write(self.id, offset, data))
+        self.pool.write(self.id, offset, data)
     }
 
     /// Makes a range read as zeros and returns its whole blocks to the pool.
@@ -422,8 +480,7 @@ impl Snapshot {
 
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.pool
-            .with(|e| e.read(Target::Snapshot(self.id), offset, buf))
+        self.pool.read(Target::Snapshot(self.id), offset, buf)
     }
 }
 

@@ -120,3 +120,141 @@ fn snapshots_are_barriers_for_concurrent_writers() {
     });
     assert!(pool.check().unwrap().is_clean());
 }
+
+/// A memory device whose next armed read or write announces itself and then stalls until
+/// released (or two seconds pass), so a test can act while that I/O is in flight outside the
+/// engine lock.
+struct Stalling {
+    inner: MemoryDevice,
+    armed: std::sync::Mutex<Option<(bool, std::sync::mpsc::Sender<()>)>>,
+    released: AtomicBool,
+}
+
+impl Stalling {
+    fn arm(&self, write: bool) -> std::sync::mpsc::Receiver<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.released.store(false, SeqCst);
+        *self.armed.lock().unwrap() = Some((write, tx));
+        rx
+    }
+
+    fn release(&self) {
+        self.released.store(true, SeqCst);
+    }
+
+    fn stall_if_armed(&self, write: bool) {
+        let mut armed = self.armed.lock().unwrap();
+        if armed.as_ref().is_some_and(|(w, _)| *w == write) {
+            let (_, tx) = armed.take().unwrap();
+            drop(armed);
+            tx.send(()).unwrap();
+            let t = std::time::Instant::now();
+            while !self.released.load(SeqCst) && t.elapsed().as_secs() < 2 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+impl snapvol::device::BlockDevice for Stalling {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> snapvol::Result<()> {
+        self.stall_if_armed(false);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> snapvol::Result<()> {
+        self.stall_if_armed(true);
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> snapvol::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+}
+
+fn stalling_pool() -> (Arc<Stalling>, Pool) {
+    let dev = Arc::new(Stalling {
+        inner: MemoryDevice::new(64 << 20),
+        armed: std::sync::Mutex::new(None),
+        released: AtomicBool::new(false),
+    });
+    let opts = PoolOptions {
+        commit_interval: None,
+        ..PoolOptions::default()
+    };
+    let pool = Pool::create(dev.clone(), opts).unwrap();
+    (dev, pool)
+}
+
+/// A read in flight outside the engine lock keeps its blocks: deleting the snapshot it reads
+/// and reusing the space must wait for it, so it never returns another volume's bytes.
+#[test]
+fn blocks_under_an_in_flight_read_are_not_reused() {
+    let (dev, pool) = stalling_pool();
+    let vol = pool.create_volume("v", 1 << 20).unwrap();
+    vol.write_at(&[0xAB; 1 << 20], 0).unwrap();
+    pool.snapshot("v", "s").unwrap();
+    let snap = pool.snapshot_handle("v", "s").unwrap();
+    let entered = dev.arm(false);
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        snap.read_at(&mut buf, 0).map(|_| buf)
+    });
+    entered.recv().unwrap();
+    // While the read stalls: free the snapshot's blocks, let two commits pass so they could
+    // be reused, and fill the pool's free space with other bytes.
+    vol.write_at(&[0x11; 1 << 20], 0).unwrap();
+    pool.delete_snapshot("v", "s").unwrap();
+    assert!(
+        reader.is_finished(),
+        "deleting the snapshot did not wait for the read in flight"
+    );
+    // Two more commits: freed units become allocatable after the commit that follows the
+    // one that freed them.
+    pool.create_volume("a", 4096).unwrap();
+    pool.create_volume("b", 4096).unwrap();
+    let other = pool.create_volume("other", 64 << 20).unwrap();
+    let mut filled = 0u64;
+    while other.write_at(&[0xCD; 65536], filled).is_ok() {
+        filled += 65536;
+    }
+    assert!(filled > 8 << 20, "the pool filled up after {filled} bytes");
+    dev.release();
+    match reader.join().unwrap() {
+        Ok(buf) => assert!(
+            buf.iter().all(|&b| b == 0xAB),
+            "an in-flight read of a snapshot returned bytes it never held"
+        ),
+        Err(e) => panic!("the read had started before the delete: {e}"),
+    }
+}
+
+/// A snapshot taken while an in-place write is in flight waits for it: the snapshot never
+/// changes after the call returns.
+#[test]
+fn snapshot_waits_for_in_flight_in_place_writes() {
+    let (dev, pool) = stalling_pool();
+    let vol = pool.create_volume("v", 1 << 20).unwrap();
+    vol.write_at(&[1u8; 65536], 0).unwrap();
+    pool.flush().unwrap();
+    let entered = dev.arm(true);
+    let writer = {
+        let vol = vol.clone();
+        std::thread::spawn(move || vol.write_at(&[2u8; 65536], 0))
+    };
+    entered.recv().unwrap();
+    pool.snapshot("v", "s").unwrap();
+    let snap = pool.snapshot_handle("v", "s").unwrap();
+    let mut first = vec![0u8; 65536];
+    snap.read_at(&mut first, 0).unwrap();
+    dev.release();
+    writer.join().unwrap().unwrap();
+    let mut again = vec![0u8; 65536];
+    snap.read_at(&mut again, 0).unwrap();
+    assert!(first == again, "the snapshot changed after it was taken");
+    assert!(
+        first.iter().all(|&b| b == 1) || first.iter().all(|&b| b == 2),
+        "the snapshot holds half a write"
+    );
+}
