@@ -271,3 +271,42 @@ fn incremental_from_a_bookmark_after_the_base_is_deleted() {
     let e = a.send(later, Some(wb), &mut Vec::new()).unwrap_err();
     assert!(e.to_string().contains("rolled back past it"), "{e}");
 }
+
+/// An output that fails after `left` bytes, as a full disk or a closed pipe does.
+struct FailingOutput {
+    left: usize,
+}
+
+impl std::io::Write for FailingOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other("disk full"));
+        }
+        let n = buf.len().min(self.left);
+        self.left -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failing_output_ends_the_send_with_an_error() {
+    let p = pool(64 << 20, 4096);
+    let v = p.create_volume("v", 16 << 20).unwrap();
+    v.write_at(&vec![7u8; 16 << 20], 0).unwrap();
+    let id = p.snapshot("v", "s").unwrap();
+    let full = send(&p, id, None).len();
+    // Fail at the header, inside the first record, and deep in the stream: each is an error
+    // naming the stream write (the reader side must not keep the send waiting).
+    for left in [0, 100, 5 << 20, full - 1] {
+        match p.send(id, None, &mut FailingOutput { left }) {
+            Err(Error::Io { .. }) => {}
+            other => panic!("failing after {left} bytes gave {other:?}"),
+        }
+    }
+    // The pool is untouched and a later send still works.
+    assert_eq!(send(&p, id, None).len(), full);
+    assert!(p.check().unwrap().is_clean());
+}

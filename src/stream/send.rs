@@ -40,7 +40,75 @@ impl Tee<'_> {
     }
 }
 
+/// Buffers of snapshot data in flight between the reader and the writer of a send.
+const PIPELINE: usize = 3;
+
+/// What the reader of a send hands to the writer, in stream order.
+enum Item {
+    /// `len` bytes of `buf` are the snapshot's data at `off`.
+    Data {
+        off: u64,
+        buf: Vec<u8>,
+        len: usize,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+    },
+}
+
 impl Pool {
+    /// Walks the extents to send and reads their data, in order, into buffers taken from
+    /// `spare`. Stops quietly when the writer has gone (it reports its own error).
+    fn read_extents(
+        &self,
+        snapshot: u128,
+        base: Option<u128>,
+        handle: &crate::volume::Snapshot,
+        items: &std::sync::mpsc::SyncSender<Result<Item>>,
+        spare: &std::sync::mpsc::Receiver<Vec<u8>>,
+    ) -> Result<()> {
+        let mut from = 0;
+        loop {
+            let target = DiffTarget::Snapshot(snapshot);
+            let page = match base {
+                Some(b) => self.delta(b, target, from, 4096, TupleLength::Variable)?,
+                None => self.allocated(target, from, 4096, TupleLength::Variable)?,
+            };
+            for e in &page.extents {
+                let item = match e.kind {
+                    ExtentKind::Zero => Item::Zero {
+                        off: e.offset,
+                        len: e.length,
+                    },
+                    ExtentKind::Data => {
+                        let mut off = e.offset;
+                        let end = e.offset + e.length;
+                        while off < end {
+                            let len = (end - off).min(MAX_DATA as u64) as usize;
+                            let Ok(mut buf) = spare.recv() else {
+                                return Ok(());
+                            };
+                            handle.read_at(&mut buf[..len], off)?;
+                            if items.send(Ok(Item::Data { off, buf, len })).is_err() {
+                                return Ok(());
+                            }
+                            off += len as u64;
+                        }
+                        continue;
+                    }
+                };
+                if items.send(Ok(item)).is_err() {
+                    return Ok(());
+                }
+            }
+            match page.next_offset {
+                Some(n) => from = n,
+                None => return Ok(()),
+            }
+        }
+    }
+
     /// Writes snapshot `snapshot` to `out` as a stream: whole, or with `base` (an earlier
     /// snapshot or bookmark of the same lineage) only what changed since it. See
     /// docs/stream-format.md.
@@ -88,39 +156,46 @@ impl Pool {
         tee.put(&header)?;
 
         let mut stats = SendStats::default();
-        let mut buf = vec![0u8; MAX_DATA];
-        let mut from = 0;
-        loop {
-            let target = DiffTarget::Snapshot(snapshot);
-            let page = match base {
-                Some(b) => self.delta(b, target, from, 4096, TupleLength::Variable)?,
-                None => self.allocated(target, from, 4096, TupleLength::Variable)?,
-            };
-            for e in &page.extents {
-                match e.kind {
-                    ExtentKind::Data => {
-                        let mut off = e.offset;
-                        let end = e.offset + e.length;
-                        while off < end {
-                            let n = (end - off).min(MAX_DATA as u64) as usize;
-                            handle.read_at(&mut buf[..n], off)?;
-                            let crc = crc32fast::hash(&buf[..n]);
-                            let mut rec = Vec::with_capacity(17);
-                            rec.push(DATA);
-                            rec.extend_from_slice(&off.to_le_bytes());
-                            rec.extend_from_slice(&(n as u32).to_le_bytes());
-                            rec.extend_from_slice(&crc.to_le_bytes());
-                            tee.put(&rec)?;
-                            tee.put_hashed(&buf[..n], Some(crc))?;
-                            stats.data_records += 1;
-                            stats.data_bytes += n as u64;
-                            off += n as u64;
-                        }
+        // Reading the snapshot and checksumming + writing the stream overlap: a reader thread
+        // walks the extents and fills buffers, this thread hashes and writes them. Memory stays
+        // bounded by the buffers in circulation.
+        let (items_tx, items_rx) = std::sync::mpsc::sync_channel::<Result<Item>>(PIPELINE);
+        let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..PIPELINE + 1 {
+            let _ = spare_tx.send(vec![0u8; MAX_DATA]);
+        }
+        let handle = &handle;
+        std::thread::scope(|scope| -> Result<()> {
+            scope.spawn(move || {
+                let r = self.read_extents(snapshot, base, handle, &items_tx, &spare_rx);
+                if let Err(e) = r {
+                    let _ = items_tx.send(Err(e));
+                }
+                drop(items_tx);
+            });
+            // Both ends are moved here so an early return drops them: the reader then stops at
+            // its next send or its wait for a spare buffer instead of blocking the scope.
+            let items_rx = items_rx;
+            let spare_tx = spare_tx;
+            for item in items_rx.iter() {
+                match item? {
+                    Item::Data { off, buf, len } => {
+                        let crc = crc32fast::hash(&buf[..len]);
+                        let mut rec = Vec::with_capacity(17);
+                        rec.push(DATA);
+                        rec.extend_from_slice(&off.to_le_bytes());
+                        rec.extend_from_slice(&(len as u32).to_le_bytes());
+                        rec.extend_from_slice(&crc.to_le_bytes());
+                        tee.put(&rec)?;
+                        tee.put_hashed(&buf[..len], Some(crc))?;
+                        stats.data_records += 1;
+                        stats.data_bytes += len as u64;
+                        let _ = spare_tx.send(buf);
                     }
-                    ExtentKind::Zero => {
+                    Item::Zero { off, len } => {
                         let mut fields = Vec::with_capacity(16);
-                        fields.extend_from_slice(&e.offset.to_le_bytes());
-                        fields.extend_from_slice(&e.length.to_le_bytes());
+                        fields.extend_from_slice(&off.to_le_bytes());
+                        fields.extend_from_slice(&len.to_le_bytes());
                         let mut rec = vec![ZERO];
                         rec.extend_from_slice(&fields);
                         rec.extend_from_slice(&crc32fast::hash(&fields).to_le_bytes());
@@ -129,11 +204,8 @@ impl Pool {
                     }
                 }
             }
-            match page.next_offset {
-                Some(n) => from = n,
-                None => break,
-            }
-        }
+            Ok(())
+        })?;
         let mut end = vec![END];
         end.extend_from_slice(&stats.data_records.to_le_bytes());
         end.extend_from_slice(&stats.zero_records.to_le_bytes());
