@@ -278,79 +278,140 @@ impl Pool {
         result
     }
 
+    /// Parses and verifies records on this thread (the stream reader need not be `Send`)
+    /// while a second thread applies them to the hidden volume, so checksumming and copying
+    /// the stream overlap with the volume writes. Memory stays bounded by the buffers in
+    /// circulation.
     fn apply_records(&self, src: &mut Src, h: &Header, vol: &Volume) -> Result<(u64, u64)> {
         if vol.len()? != h.size {
             self.resize_hidden(vol.id, h.size)?;
         }
-        let mut buf = vec![0u8; MAX_DATA];
-        let (mut data_records, mut zero_records, mut data_bytes) = (0u64, 0u64, 0u64);
-        let mut pos = 0u64;
-        loop {
-            let at = src.at;
-            // The END record's CRC covers every byte before it.
-            let crc_before_record = src.crc.clone().finalize();
-            let kind = src.u8()?;
-            match kind {
-                DATA => {
-                    let off = src.u64()?;
-                    let len = src.u32()? as usize;
-                    let crc = src.u32()?;
-                    if len == 0 || len > MAX_DATA {
-                        return Err(bad(format!("DATA record at byte {at}: length {len}")));
+        let (changes_tx, changes_rx) = std::sync::mpsc::sync_channel::<Change>(PIPELINE);
+        let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..PIPELINE + 1 {
+            let _ = spare_tx.send(vec![0u8; MAX_DATA]);
+        }
+        std::thread::scope(|scope| {
+            let applier = scope.spawn(move || -> Result<()> {
+                // Returning drops both channel ends, which stops the parser at once.
+                for change in changes_rx {
+                    match change {
+                        Change::Data { off, buf, len } => {
+                            vol.write_at(&buf[..len], off)?;
+                            let _ = spare_tx.send(buf);
+                        }
+                        Change::Zero { off, len } => vol.discard(off, len)?,
                     }
-                    check_range(at, off, len as u64, pos, h.size)?;
-                    if src.take_data(&mut buf[..len])? != crc {
-                        return Err(bad(format!("DATA record at byte {at}: checksum mismatch")));
-                    }
-                    vol.write_at(&buf[..len], off)?;
-                    pos = off + len as u64;
-                    data_records += 1;
-                    data_bytes += len as u64;
                 }
-                ZERO => {
-                    let off = src.u64()?;
-                    let len = src.u64()?;
-                    let crc = src.u32()?;
-                    let mut fields = [0u8; 16];
-                    fields[..8].copy_from_slice(&off.to_le_bytes());
-                    fields[8..].copy_from_slice(&len.to_le_bytes());
-                    if crc32fast::hash(&fields) != crc {
-                        return Err(bad(format!("ZERO record at byte {at}: checksum mismatch")));
-                    }
-                    if len == 0 {
-                        return Err(bad(format!("ZERO record at byte {at}: length 0")));
-                    }
-                    check_range(at, off, len, pos, h.size)?;
-                    vol.discard(off, len)?;
-                    pos = off + len;
-                    zero_records += 1;
+                Ok(())
+            });
+            let parsed = parse_records(src, h, &changes_tx, &spare_rx);
+            drop(changes_tx);
+            let applied = applier
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            // A parser that stopped because the applier failed reports the applier's error.
+            applied.and(parsed)
+        })
+    }
+}
+
+/// Buffers of stream data in flight between the parser and the applier of a receive.
+const PIPELINE: usize = 3;
+
+/// A verified record for the applier.
+enum Change {
+    Data { off: u64, buf: Vec<u8>, len: usize },
+    Zero { off: u64, len: u64 },
+}
+
+/// The applier stopped (its own error is the one to report).
+fn applier_gone() -> Error {
+    Error::InvalidArgument("receive stopped: the volume writes failed".into())
+}
+
+/// Reads and verifies every record up to and including END, handing each change to the
+/// applier in stream order.
+fn parse_records(
+    src: &mut Src,
+    h: &Header,
+    changes: &std::sync::mpsc::SyncSender<Change>,
+    spare: &std::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<(u64, u64)> {
+    let (mut data_records, mut zero_records, mut data_bytes) = (0u64, 0u64, 0u64);
+    let mut pos = 0u64;
+    loop {
+        let at = src.at;
+        // The END record's CRC covers every byte before it.
+        let crc_before_record = src.crc.clone().finalize();
+        let kind = src.u8()?;
+        match kind {
+            DATA => {
+                let off = src.u64()?;
+                let len = src.u32()? as usize;
+                let crc = src.u32()?;
+                if len == 0 || len > MAX_DATA {
+                    return Err(bad(format!("DATA record at byte {at}: length {len}")));
                 }
-                END => {
-                    let d = src.u64()?;
-                    let z = src.u64()?;
-                    let b = src.u64()?;
-                    let c = src.u32()?;
-                    if (d, z, b) != (data_records, zero_records, data_bytes) {
-                        return Err(bad(format!(
+                check_range(at, off, len as u64, pos, h.size)?;
+                let mut buf = spare.recv().map_err(|_| applier_gone())?;
+                if src.take_data(&mut buf[..len])? != crc {
+                    return Err(bad(format!("DATA record at byte {at}: checksum mismatch")));
+                }
+                changes
+                    .send(Change::Data { off, buf, len })
+                    .map_err(|_| applier_gone())?;
+                pos = off + len as u64;
+                data_records += 1;
+                data_bytes += len as u64;
+            }
+            ZERO => {
+                let off = src.u64()?;
+                let len = src.u64()?;
+                let crc = src.u32()?;
+                let mut fields = [0u8; 16];
+                fields[..8].copy_from_slice(&off.to_le_bytes());
+                fields[8..].copy_from_slice(&len.to_le_bytes());
+                if crc32fast::hash(&fields) != crc {
+                    return Err(bad(format!("ZERO record at byte {at}: checksum mismatch")));
+                }
+                if len == 0 {
+                    return Err(bad(format!("ZERO record at byte {at}: length 0")));
+                }
+                check_range(at, off, len, pos, h.size)?;
+                changes
+                    .send(Change::Zero { off, len })
+                    .map_err(|_| applier_gone())?;
+                pos = off + len;
+                zero_records += 1;
+            }
+            END => {
+                let d = src.u64()?;
+                let z = src.u64()?;
+                let b = src.u64()?;
+                let c = src.u32()?;
+                if (d, z, b) != (data_records, zero_records, data_bytes) {
+                    return Err(bad(format!(
                             "END record counts {d}/{z}/{b} do not match the stream ({data_records}/{zero_records}/{data_bytes})"
                         )));
-                    }
-                    if c != crc_before_record {
-                        return Err(bad("stream checksum mismatch"));
-                    }
-                    let mut extra = [0u8; 1];
-                    match src.r.read(&mut extra) {
-                        Ok(0) => {}
-                        Ok(_) => return Err(bad("bytes after the END record")),
-                        Err(e) => return Err(Error::io("stream read", src.at, e)),
-                    }
-                    return Ok((data_bytes, zero_records));
                 }
-                other => return Err(bad(format!("unknown record type {other} at byte {at}"))),
+                if c != crc_before_record {
+                    return Err(bad("stream checksum mismatch"));
+                }
+                let mut extra = [0u8; 1];
+                match src.r.read(&mut extra) {
+                    Ok(0) => {}
+                    Ok(_) => return Err(bad("bytes after the END record")),
+                    Err(e) => return Err(Error::io("stream read", src.at, e)),
+                }
+                return Ok((data_bytes, zero_records));
             }
+            other => return Err(bad(format!("unknown record type {other} at byte {at}"))),
         }
     }
+}
 
+impl Pool {
     fn resize_hidden(&self, id: u128, size: u64) -> Result<()> {
         let name = self.with(|e| e.target(crate::volume::Target::Volume(id)).map(|t| t.2))?;
         self.resize_volume(&name, size)
