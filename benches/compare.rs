@@ -60,6 +60,12 @@ fn report(name: &str, base: &str, base_us: &[f64], rows: &[(&str, Vec<f64>)]) {
     }
 }
 
+/// Lets writeback and discards from the previous step finish before the next is timed.
+fn settle() {
+    let _ = std::process::Command::new("sync").status();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+}
+
 /// Runs the plain-file side and the volume side of round `r`, plain first in even rounds and
 /// the volume first in odd ones: whichever runs second inherits the first one's dirty pages
 /// and writeback, so a fixed order biases every round the same way.
@@ -394,62 +400,82 @@ fn stream(dir: &tempfile::TempDir) {
     let mut stream = Vec::with_capacity(size as usize + (64 << 20));
     pool.send(snap, None, &mut stream).unwrap();
     let dest = Pool::create_file(dir.path().join("dest"), 4 * GIB, PoolOptions::default()).unwrap();
-    let mut out = vec![0u8; MIB as usize];
-    let (mut pr, mut sr, mut pw, mut pws, mut rw) = (vec![], vec![], vec![], vec![], vec![]);
-    let mut pns = vec![];
+    let out = std::cell::RefCell::new(vec![0u8; MIB as usize]);
+    let handle = pool.snapshot_by_id(snap).unwrap();
     let chunk = vec![0x5Au8; MIB as usize];
-    for r in 0..rounds() {
-        pr.push(
-            time(size / MIB, |i| {
-                plain.read_exact_at(&mut out, i * MIB).unwrap()
-            }) * (size / MIB) as f64,
-        );
-        sr.push(time(1, |_| {
-            pool.send(snap, None, &mut std::io::sink()).unwrap();
-        }));
-        pw.push(
-            time(size / MIB, |i| plain.write_all_at(&chunk, i * MIB).unwrap())
-                * (size / MIB) as f64,
-        );
+    let fresh = dir.path().join("fresh");
+    let round = std::cell::Cell::new(0usize);
+    let per_mib = |op: &dyn Fn(u64)| time(size / MIB, op) * (size / MIB) as f64;
+    // Each measurement of a round, run in this order in even rounds and reversed in odd ones,
+    // each after the filesystem has settled (the receive's delete punches a gigabyte of holes,
+    // whose discards would otherwise land in whatever runs next).
+    let mut steps: Vec<Box<dyn FnMut() -> f64 + '_>> = vec![
+        Box::new(|| per_mib(&|i| plain.read_exact_at(&mut out.borrow_mut(), i * MIB).unwrap())),
+        Box::new(|| {
+            time(1, |_| {
+                pool.send(snap, None, &mut std::io::sink()).unwrap();
+            })
+        }),
+        // What send adds to reading the snapshot: checksums and the record framing.
+        Box::new(|| per_mib(&|i| handle.read_at(&mut out.borrow_mut(), i * MIB).unwrap())),
+        Box::new(|| per_mib(&|i| plain.write_all_at(&chunk, i * MIB).unwrap())),
         // A receive is durable when it returns, so it is also compared with write + fdatasync.
-        pws.push(time(1, |_| {
-            for i in 0..size / MIB {
-                plain.write_all_at(&chunk, i * MIB).unwrap();
-            }
-            plain.sync_data().unwrap();
-        }));
+        Box::new(|| {
+            time(1, |_| {
+                for i in 0..size / MIB {
+                    plain.write_all_at(&chunk, i * MIB).unwrap();
+                }
+                plain.sync_data().unwrap();
+            })
+        }),
         // A receive fills blocks the pool had not used (fresh pages for the filesystem too),
         // so the like-for-like file baseline writes a new file and makes it durable.
-        let fresh = dir.path().join("fresh");
-        pns.push(time(1, |_| {
-            let f = File::create(&fresh).unwrap();
-            for i in 0..size / MIB {
-                f.write_all_at(&chunk, i * MIB).unwrap();
-            }
-            f.sync_data().unwrap();
-        }));
-        std::fs::remove_file(&fresh).unwrap();
-        rw.push(time(1, |_| {
-            dest.receive(&mut &stream[..], Some(&format!("r{r}")))
-                .map(|_| ())
-                .unwrap_or_else(|e| {
-                    // Each round needs a fresh snapshot id: delete the previous copy first.
-                    panic!("{e}")
-                });
-        }));
-        let rs = dest
-            .snapshots()
-            .into_iter()
-            .find(|s| s.volume_name == format!("r{r}"))
-            .unwrap();
-        dest.delete_snapshot(&rs.volume_name, &rs.name).unwrap();
-        dest.delete_volume(&format!("r{r}")).unwrap();
+        Box::new(|| {
+            let t = time(1, |_| {
+                let f = File::create(&fresh).unwrap();
+                for i in 0..size / MIB {
+                    f.write_all_at(&chunk, i * MIB).unwrap();
+                }
+                f.sync_data().unwrap();
+            });
+            std::fs::remove_file(&fresh).unwrap();
+            t
+        }),
+        Box::new(|| {
+            let name = format!("r{}", round.get());
+            let t = time(1, |_| {
+                dest.receive(&mut &stream[..], Some(&name)).unwrap();
+            });
+            // Each round needs a fresh snapshot id: delete the copy again.
+            let rs = dest
+                .snapshots()
+                .into_iter()
+                .find(|s| s.volume_name == name)
+                .unwrap();
+            dest.delete_snapshot(&rs.volume_name, &rs.name).unwrap();
+            dest.delete_volume(&name).unwrap();
+            t
+        }),
+    ];
+    let mut results = vec![Vec::new(); steps.len()];
+    for r in 0..rounds() {
+        round.set(r);
+        let mut order: Vec<usize> = (0..steps.len()).collect();
+        if r % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            settle();
+            results[i].push(steps[i]());
+        }
     }
+    drop(steps);
+    let [pr, sr, vr, pw, pws, pns, rw]: [Vec<f64>; 7] = results.try_into().unwrap();
     report(
         "send 1 GiB snapshot (full stream, to a sink)",
         "plain sequential read",
         &pr,
-        &[("send", sr)],
+        &[("send", sr), ("snapshot read (no stream)", vr)],
     );
     report(
         "receive 1 GiB full stream (from memory)",
