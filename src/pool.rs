@@ -516,6 +516,34 @@ impl Pool {
         })
     }
 
+    /// Grows the pool to `new_size` bytes of its device. A pool file is extended (sparse); a
+    /// block device must have been enlarged underneath first (its size is read again). The
+    /// new space is free at once; like every catalog operation this is durable on return and
+    /// atomic across a crash (before the commit the pool simply ignores the extra bytes).
+    pub fn grow(&self, new_size: u64) -> Result<()> {
+        let unit = crate::format::PAGE_SIZE as u64;
+        self.with(|e| {
+            let old = e.store.sm.total_units();
+            if new_size / unit <= old {
+                return Err(Error::InvalidArgument(format!(
+                    "the pool is {} bytes; it can only grow (asked for {new_size})",
+                    old * unit
+                )));
+            }
+            e.catalog_op(Reserve::Keep, |e| {
+                e.store.dev.grow(new_size)?;
+                let units = (new_size.min(e.store.dev.len())) / unit;
+                // The new size must be durable before a superblock counts on it.
+                e.store.dev.flush()?;
+                e.store.sm.grow(units);
+                e.sb.total_units = units;
+                e.auto_commit_space_pages = (crate::space::reserve_for(units) as usize / 3).max(8);
+                e.catalog_changed();
+                Ok(())
+            })
+        })
+    }
+
     /// Grows or shrinks a volume. Shrinking frees the blocks past the new end; growing
     /// adds a range that reads as zeros.
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<()> {

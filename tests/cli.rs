@@ -213,6 +213,23 @@ fn import_export_round_trip_keeps_holes_and_clones_are_independent() {
 }
 
 #[test]
+fn pool_grow_extends_the_file_and_refuses_to_shrink() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    let out = t.ok(&["pool", "grow", &p, "--size", "1G"]);
+    assert!(out.contains("is now 1.0 GiB"), "{out}");
+    let info = t.json(&["pool", "info", &p, "--json"]);
+    assert_eq!(info["size"], 1u64 << 30);
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 30);
+    assert_msg(
+        &t.fails(&["pool", "grow", &p, "--size", "512M"]),
+        "can only grow",
+    );
+    t.ok(&["pool", "check", &p]);
+}
+
+#[test]
 fn direct_flag_bypasses_the_page_cache_with_the_same_results() {
     let t = Env::new();
     let p = t.pool();

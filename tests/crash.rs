@@ -247,9 +247,85 @@ fn receive_is_atomic_at_every_crash_point() {
     let start = dev.events();
     pool.receive(&mut &stream[..], None).unwrap();
     drop(pool);
+    let (mut none, mut whole) = (0, 0);
+    each_crash_image(&dev, start, |p, pool| match pool.snapshot_by_id(id) {
+        Ok(s) => {
+            let mut b = vec![0u8; s.len().unwrap() as usize];
+            s.read_at(&mut b, 0).unwrap();
+            assert!(b == want, "crash at {p}: received snapshot differs");
+            whole += 1;
+        }
+        Err(_) => {
+            assert!(
+                pool.volumes().is_empty(),
+                "crash at {p}: a partial receive is visible"
+            );
+            none += 1;
+        }
+    });
+    assert!(none > 0 && whole > 0, "{none} empty, {whole} whole");
+}
+
+/// Growing a pool is atomic across crashes: at every crash point the pool opens clean at its
+/// old or its new size (the new one from the moment `grow` returned), the snapshot taken
+/// before is intact, and data written into the new space after a flush is there.
+#[test]
+fn pool_grow_is_atomic_at_every_crash_point() {
+    let a: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let b: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8 ^ 0x5A).collect();
+    let dev = Arc::new(CrashDevice::new(2 << 20));
+    let shared: Arc<dyn BlockDevice> = dev.clone();
+    let pool = Pool::create(shared, opts()).unwrap();
+    let v = pool.create_volume("v", 8 << 20).unwrap();
+    v.write_at(&a, 0).unwrap();
+    pool.snapshot("v", "s").unwrap();
+    assert!(
+        matches!(v.write_at(&b, 1 << 20), Err(snapvol::Error::NoSpace { .. })),
+        "the small pool should be full"
+    );
+    let start = dev.events();
+    pool.grow(8 << 20).unwrap();
+    let grown = dev.events();
+    v.write_at(&b, 1 << 20).unwrap();
+    pool.flush().unwrap();
+    let written = dev.events();
+    drop(v);
+    drop(pool);
+    let (mut small, mut big) = (0, 0);
+    each_crash_image(&dev, start, |p, pool| {
+        let size = pool.stats().size;
+        match size {
+            s if s == 2 << 20 => {
+                assert!(p < grown, "crash at {p}: a completed grow was lost");
+                small += 1;
+            }
+            s if s == 8 << 20 => big += 1,
+            other => panic!("crash at {p}: pool of {other} bytes"),
+        }
+        let snap = pool.snapshot_handle("v", "s").unwrap();
+        let mut back = vec![0u8; a.len()];
+        snap.read_at(&mut back, 0).unwrap();
+        assert!(back == a, "crash at {p}: the snapshot changed");
+        if p >= written {
+            let mut back = vec![0u8; b.len()];
+            pool.volume("v")
+                .unwrap()
+                .read_at(&mut back, 1 << 20)
+                .unwrap();
+            assert!(
+                back == b,
+                "crash at {p}: flushed data in the new space is lost"
+            );
+        }
+    });
+    assert!(small > 0 && big > 0, "{small} small, {big} big");
+}
+
+/// Opens four crash images at every point of `dev`'s history from event `start` on, checks
+/// each is clean and hands it to `f` with its position.
+fn each_crash_image(dev: &CrashDevice, start: usize, mut f: impl FnMut(usize, &Pool)) {
     let history = dev.history();
     let mut cursor = history.start();
-    let (mut none, mut whole) = (0, 0);
     for p in start..=history.len() {
         cursor.advance_to(p);
         for seed in 0..4 {
@@ -259,22 +335,7 @@ fn receive_is_atomic_at_every_crash_point() {
             let pool = Pool::open(img, opts()).unwrap();
             let report = pool.check().unwrap();
             assert!(report.is_clean(), "crash at {p}: {:?}", report.problems);
-            match pool.snapshot_by_id(id) {
-                Ok(s) => {
-                    let mut b = vec![0u8; s.len().unwrap() as usize];
-                    s.read_at(&mut b, 0).unwrap();
-                    assert!(b == want, "crash at {p}: received snapshot differs");
-                    whole += 1;
-                }
-                Err(_) => {
-                    assert!(
-                        pool.volumes().is_empty(),
-                        "crash at {p}: a partial receive is visible"
-                    );
-                    none += 1;
-                }
-            }
+            f(p, &pool);
         }
     }
-    assert!(none > 0 && whole > 0, "{none} empty, {whole} whole");
 }

@@ -145,11 +145,7 @@ fn raw_block_device_on_a_loop_device() {
     let pool = Pool::create(Arc::new(dev), PoolOptions::default()).unwrap();
     let data = workload(&pool);
     pool.close().unwrap();
-    let pool = Pool::open(
-        Arc::new(FileDevice::open(&loopdev.0).unwrap()),
-        PoolOptions::default(),
-    )
-    .unwrap();
+    let pool = open_device(&loopdev.0);
     verify(&pool, &data);
     pool.close().unwrap();
     // The same pool through O_DIRECT: aligned to the device's logical sector size.
@@ -161,11 +157,7 @@ fn raw_block_device_on_a_loop_device() {
     vol.write_at(&[0x77; 5000], 12345).unwrap();
     drop(vol);
     pool.close().unwrap();
-    let pool = Pool::open(
-        Arc::new(FileDevice::open(&loopdev.0).unwrap()),
-        PoolOptions::default(),
-    )
-    .unwrap();
+    let pool = open_device(&loopdev.0);
     let mut back = [0u8; 5000];
     pool.volume("disk")
         .unwrap()
@@ -173,6 +165,41 @@ fn raw_block_device_on_a_loop_device() {
         .unwrap();
     assert_eq!(back, [0x77; 5000]);
     assert!(pool.check().unwrap().is_clean());
+
+    // Growing onto a block device: refused until the device itself is larger, then the new
+    // size is read from the device again.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&backing)
+        .unwrap()
+        .set_len(384 << 20)
+        .unwrap();
+    assert!(matches!(
+        pool.grow(384 << 20),
+        Err(snapvol::Error::InvalidArgument(_))
+    ));
+    let refreshed = Command::new("losetup")
+        .args(["-c", &loopdev.0])
+        .status()
+        .unwrap();
+    assert!(refreshed.success(), "losetup -c failed");
+    pool.grow(384 << 20).unwrap();
+    assert_eq!(pool.stats().size, 384 << 20);
+    let vol = pool.volume("disk").unwrap();
+    vol.write_at(&vec![0x42; 8 << 20], 20 << 20).unwrap();
+    drop(vol);
+    pool.close().unwrap();
+    let pool = open_device(&loopdev.0);
+    assert_eq!(pool.stats().size, 384 << 20);
+    verify(&pool, &data);
+}
+
+fn open_device(path: &str) -> Pool {
+    Pool::open(
+        Arc::new(FileDevice::open(path).unwrap()),
+        PoolOptions::default(),
+    )
+    .unwrap()
 }
 
 /// The effective uid, read from /proc so the test needs no unsafe code.
@@ -186,4 +213,77 @@ fn effective_uid() -> u32 {
                 .and_then(|u| u.parse().ok())
         })
         .unwrap_or(u32::MAX)
+}
+
+/// A pool file grows in place: a full 64 MiB pool grown to 3 GiB (its space map index gains
+/// a level at 2 GiB) takes new writes at once, keeps everything it had, and reopens clean.
+#[test]
+fn pool_file_grows_across_a_space_map_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool.img");
+    let pool = Pool::create_file(&path, 64 << 20, PoolOptions::default()).unwrap();
+    let vol = pool.create_volume("disk", 4 << 30).unwrap();
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+    let mut filled = 0u64;
+    while vol.write_at(&chunk, filled).is_ok() {
+        filled += chunk.len() as u64;
+    }
+    assert!(filled >= 48 << 20, "filled only {filled} bytes");
+    let old = pool.stats();
+    assert!(matches!(
+        pool.grow(32 << 20),
+        Err(snapvol::Error::InvalidArgument(_))
+    ));
+    pool.grow(3 << 30).unwrap();
+    let st = pool.stats();
+    assert_eq!(st.size, 3 << 30);
+    assert!(st.free > old.free + (2 << 30));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 << 30);
+    // 128 MiB more, far past the old end of the pool.
+    for i in 0..128u64 {
+        vol.write_at(&chunk, filled + (i << 20)).unwrap();
+    }
+    drop(vol);
+    pool.close().unwrap();
+
+    let pool = Pool::open_path(&path, PoolOptions::default()).unwrap();
+    assert_eq!(pool.stats().size, 3 << 30);
+    let vol = pool.volume("disk").unwrap();
+    let mut back = vec![0u8; chunk.len()];
+    for off in (0..filled + (128 << 20)).step_by(chunk.len() * 7) {
+        vol.read_at(&mut back, off).unwrap();
+        assert!(back == chunk, "data at {off} after growing");
+    }
+    let report = pool.check().unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    // A device that cannot grow says so.
+    let mem = Pool::create(
+        Arc::new(FailsToGrow(snapvol::device::MemoryDevice::new(4 << 20))),
+        PoolOptions::default(),
+    )
+    .unwrap();
+    assert!(matches!(
+        mem.grow(8 << 20),
+        Err(snapvol::Error::InvalidArgument(_))
+    ));
+    assert_eq!(mem.stats().size, 4 << 20);
+    assert!(mem.check().unwrap().is_clean());
+}
+
+/// A device without the grow capability (the trait's default).
+struct FailsToGrow(snapvol::device::MemoryDevice);
+
+impl BlockDevice for FailsToGrow {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> snapvol::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> snapvol::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> snapvol::Result<()> {
+        self.0.flush()
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
 }

@@ -11,8 +11,17 @@ const SECTOR: usize = 512;
 
 #[derive(Clone)]
 enum Event {
-    Write { offset: u64, data: Vec<u8> },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     Flush,
+    /// The device became `len` bytes long. Modelled as durable at once (the engine flushes
+    /// after growing and before anything refers to the new space, so a lost size change
+    /// would only lose unreferenced zeros).
+    Grow {
+        len: u64,
+    },
 }
 
 /// Records the device's history; see the module docs.
@@ -116,6 +125,15 @@ impl BlockDevice for CrashDevice {
     fn len(&self) -> u64 {
         self.state.lock().current.len() as u64
     }
+
+    fn grow(&self, new_len: u64) -> Result<()> {
+        let mut s = self.state.lock();
+        if new_len > s.current.len() as u64 {
+            s.current.resize(new_len as usize, 0);
+            s.history.events.push(Event::Grow { len: new_len });
+        }
+        Ok(())
+    }
 }
 
 impl History {
@@ -161,6 +179,7 @@ impl CrashPoint<'_> {
                     }
                     self.pending.clear();
                 }
+                Event::Grow { len } => self.durable.resize(*len as usize, 0),
             }
             self.pos += 1;
         }

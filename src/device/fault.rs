@@ -100,4 +100,10 @@ impl BlockDevice for FaultDevice {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+
+    /// Counted as a write: it changes what the device holds.
+    fn grow(&self, new_len: u64) -> Result<()> {
+        self.gate(FaultKind::Write, new_len)?;
+        self.inner.grow(new_len)
+    }
 }

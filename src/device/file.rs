@@ -8,11 +8,13 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A pool backed by a regular file or a raw block device (`/dev/sdX`, `/dev/loopN`, ...).
 pub struct FileDevice {
     file: File,
-    len: u64,
+    /// Changes only in `grow`.
+    len: AtomicU64,
     block_device: bool,
     /// Set when opened with `O_DIRECT`: I/O must be aligned, so unaligned requests go through
     /// an aligned bounce buffer.
@@ -94,17 +96,27 @@ impl FileDevice {
         } else {
             None
         };
-        // A partial last sector cannot be written with O_DIRECT: the device ends before it.
-        let len = match &direct {
-            Some(d) => len - len % d.align as u64,
-            None => len,
-        };
-        Ok(FileDevice {
+        let mut dev = FileDevice {
             file,
-            len,
+            len: AtomicU64::new(0),
             block_device,
             direct,
-        })
+        };
+        dev.len = AtomicU64::new(dev.usable(len));
+        Ok(dev)
+    }
+
+    /// The bytes of a file or device of `len` bytes the pool may use: with O_DIRECT a partial
+    /// last sector cannot be written, so the device ends before it.
+    fn usable(&self, len: u64) -> u64 {
+        match &self.direct {
+            Some(d) => len - len % d.align as u64,
+            None => len,
+        }
+    }
+
+    fn size(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
     }
 
     /// True when this is a raw block device rather than a regular file.
@@ -241,7 +253,7 @@ impl Window {
 
 impl BlockDevice for FileDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range("read", offset, buf.len(), self.len)?;
+        check_range("read", offset, buf.len(), self.size())?;
         match &self.direct {
             Some(d) if !aligned(d, buf.as_ptr(), offset, buf.len()) => {
                 self.bounce_read(d, buf, offset)
@@ -251,7 +263,7 @@ impl BlockDevice for FileDevice {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        check_range("write", offset, buf.len(), self.len)?;
+        check_range("write", offset, buf.len(), self.size())?;
         match &self.direct {
             Some(d) => {
                 let _serial = d.writes.lock();
@@ -270,7 +282,30 @@ impl BlockDevice for FileDevice {
     }
 
     fn len(&self) -> u64 {
-        self.len
+        self.size()
+    }
+
+    /// A pool file is extended (sparse). A block device cannot be enlarged from here: its
+    /// size is read again, so a device grown underneath (LVM, a cloud disk) can be used.
+    fn grow(&self, new_len: u64) -> Result<()> {
+        let len = if self.block_device {
+            let now = block_device_size(&self.file)?;
+            if self.usable(now) < new_len {
+                return Err(Error::InvalidArgument(format!(
+                    "the block device is {now} bytes; enlarge it to {new_len} first"
+                )));
+            }
+            now
+        } else {
+            if new_len > self.size() {
+                self.file
+                    .set_len(new_len)
+                    .map_err(|e| Error::io("grow", new_len, e))?;
+            }
+            new_len.max(self.size())
+        };
+        self.len.store(self.usable(len), Ordering::Release);
+        Ok(())
     }
 
     fn supports_discard(&self) -> bool {
@@ -278,7 +313,7 @@ impl BlockDevice for FileDevice {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_range("discard", offset, len as usize, self.len)?;
+        check_range("discard", offset, len as usize, self.size())?;
         if len == 0 {
             return Ok(());
         }

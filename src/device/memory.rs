@@ -55,6 +55,14 @@ impl BlockDevice for MemoryDevice {
         true
     }
 
+    fn grow(&self, new_len: u64) -> Result<()> {
+        let mut bytes = self.bytes.write();
+        if new_len > bytes.len() as u64 {
+            bytes.resize(new_len as usize, 0);
+        }
+        Ok(())
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let mut bytes = self.bytes.write();
         check_range("discard", offset, len as usize, bytes.len() as u64)?;

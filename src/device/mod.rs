@@ -44,6 +44,13 @@ pub trait BlockDevice: Send + Sync {
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
         Ok(())
     }
+    /// Makes the device at least `new_len` bytes long; the new bytes read as zeros. A device
+    /// without the capability refuses with a typed error.
+    fn grow(&self, new_len: u64) -> Result<()> {
+        Err(crate::Error::InvalidArgument(format!(
+            "this device cannot grow (asked for {new_len} bytes)"
+        )))
+    }
 }
 
 pub(crate) fn check_range(what: &'static str, offset: u64, len: usize, size: u64) -> Result<()> {

@@ -220,6 +220,51 @@ impl SpaceMap {
         self.total_units
     }
 
+    /// Extends the map to `new_total` units; the new units are free. Every index page is
+    /// marked dirty, so the next commit writes the new child lists (and a taller radix when
+    /// the pool crossed a level) at fresh locations like any other change.
+    pub(crate) fn grow(&mut self, new_total: u64) {
+        let old_total = self.total_units;
+        if new_total <= old_total {
+            return;
+        }
+        // The old last leaf may gain units; they were never used, so they are free.
+        let base = (self.leaves.len() as u64).saturating_sub(1) * LEAF_ENTRIES;
+        if let Some(last) = self.leaves.last_mut() {
+            let old_valid = (old_total - base).min(LEAF_ENTRIES);
+            let new_valid = (new_total - base).min(LEAF_ENTRIES);
+            if let Some(f) = last.free.as_mut() {
+                *f += (new_valid - old_valid) as u32;
+            }
+        }
+        let nleaves = new_total.div_ceil(LEAF_ENTRIES);
+        while (self.leaves.len() as u64) < nleaves {
+            self.leaves.push(Leaf {
+                loc: 0,
+                counts: None,
+                dirty: false,
+                relocated: false,
+                free: None,
+            });
+        }
+        let fresh = IndexPage {
+            loc: 0,
+            dirty: true,
+            relocated: false,
+        };
+        for (lvl, n) in level_sizes(nleaves).into_iter().enumerate() {
+            if lvl == self.levels.len() {
+                self.levels.push(Vec::new());
+            }
+            self.levels[lvl].resize(n as usize, fresh.clone());
+        }
+        for p in self.levels.iter_mut().flatten() {
+            p.dirty = true;
+        }
+        self.total_units = new_total;
+        self.reserve = reserve_for(new_total);
+    }
+
     pub(crate) fn used_units(&self) -> u64 {
         self.used
     }

@@ -169,6 +169,13 @@ enum PoolCmd {
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
     },
+    /// Grow a pool: a pool file is extended; a block device must be enlarged first.
+    Grow {
+        path: PathBuf,
+        /// The new pool size.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
     /// Show pool-wide figures.
     Info {
         path: PathBuf,
@@ -276,6 +283,17 @@ fn run(cmd: Cmd) -> CmdResult {
                 path.display(),
                 human(st.size),
                 human(u64::from(st.block_size))
+            );
+            done(pool)
+        }
+        Cmd::Pool(PoolCmd::Grow { path, size }) => {
+            let pool = open(&path)?;
+            pool.grow(size)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            println!(
+                "pool {} is now {}",
+                path.display(),
+                human(pool.stats().size)
             );
             done(pool)
         }
