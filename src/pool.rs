@@ -533,8 +533,12 @@ impl Pool {
             e.catalog_op(Reserve::Keep, |e| {
                 e.store.dev.grow(new_size)?;
                 let units = (new_size.min(e.store.dev.len())) / unit;
-                // The new size must be durable before a superblock counts on it.
-                e.store.dev.flush()?;
+                // The new size must be durable before a superblock counts on it. A failed
+                // flush poisons, as everywhere: what the device kept is unknown.
+                if let Err(err) = e.store.dev.flush() {
+                    e.poisoned = Some(format!("flush failed: {err}"));
+                    return Err(err);
+                }
                 e.store.sm.grow(units);
                 e.sb.total_units = units;
                 e.auto_commit_space_pages = (crate::space::reserve_for(units) as usize / 3).max(8);

@@ -47,6 +47,7 @@ pub fn fixed_workload() -> Vec<Op> {
             len: 100_000,
         },
         Flush,
+        Grow { by: 1 << 20 },
         CloneVolume { vol: 1 },
         Write {
             vol: 1,
@@ -126,6 +127,10 @@ pub enum Op {
     Rename {
         vol: usize,
     },
+    /// Grows the pool (and its device) by this many bytes.
+    Grow {
+        by: u64,
+    },
     Reopen,
 }
 
@@ -151,6 +156,7 @@ pub fn op_strategy() -> impl Strategy<Value = Op> {
         2 => idx.clone().prop_map(|snap| Op::DeleteSnapshot { snap }),
         1 => (idx.clone(), 1u64..MAX_VOL).prop_map(|(vol, size)| Op::Resize { vol, size }),
         1 => idx.clone().prop_map(|vol| Op::Rename { vol }),
+        1 => (4096u64..2 << 20).prop_map(|by| Op::Grow { by }),
         1 => Just(Op::Reopen),
     ]
 }
@@ -393,6 +399,8 @@ impl Model {
                 let v = self.volumes.remove(&name).unwrap();
                 self.volumes.insert(new, v);
             }
+            // No volume changes; what grows is the room the other operations have.
+            Op::Grow { by } => call!(p => p.grow(p.stats().size + by), ())?,
         }
         Ok(())
     }
