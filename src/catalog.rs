@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::{self, HEADER_LEN, PAGE_SIZE};
+use std::collections::HashMap;
 
 /// Catalog payload bytes per page (after the header and the next-page pointer).
 pub(crate) const PAYLOAD: usize = PAGE_SIZE - HEADER_LEN - 8;
@@ -58,6 +59,41 @@ pub(crate) struct Catalog {
     pub volumes: Vec<VolumeRec>,
     pub snapshots: Vec<SnapshotRec>,
     pub bookmarks: Vec<BookmarkRec>,
+    /// Where each id was last found, so every I/O finds its volume or snapshot in O(1)
+    /// however many a pool holds.
+    positions: Positions,
+}
+
+/// Positions of volume and snapshot records by id. Only a hint: each use checks the record
+/// at the remembered position and scans on a miss, so the many places that add, remove and
+/// reorder records need not keep it up to date. Not part of the catalog's value.
+#[derive(Clone, Debug, Default)]
+struct Positions(std::cell::RefCell<HashMap<u128, usize>>);
+
+impl PartialEq for Positions {
+    fn eq(&self, _: &Positions) -> bool {
+        true
+    }
+}
+
+impl Eq for Positions {}
+
+impl Positions {
+    fn find<T>(&self, list: &[T], id: u128, id_of: impl Fn(&T) -> u128) -> Option<usize> {
+        if let Some(&i) = self.0.borrow().get(&id) {
+            if list.get(i).is_some_and(|r| id_of(r) == id) {
+                return Some(i);
+            }
+        }
+        let i = list.iter().position(|r| id_of(r) == id)?;
+        let mut map = self.0.borrow_mut();
+        // Ids of deleted records linger; start over before they outnumber the live ones.
+        if map.len() > 2 * list.len() + 64 {
+            map.clear();
+        }
+        map.insert(id, i);
+        Some(i)
+    }
 }
 
 /// Checks a volume or snapshot name: non-empty, at most [`MAX_NAME`] bytes, none of the
@@ -276,11 +312,13 @@ impl Catalog {
     }
 
     pub(crate) fn volume_by_id(&self, id: u128) -> Option<&VolumeRec> {
-        self.volumes.iter().find(|v| v.id == id)
+        let i = self.positions.find(&self.volumes, id, |v| v.id)?;
+        self.volumes.get(i)
     }
 
     pub(crate) fn volume_by_id_mut(&mut self, id: u128) -> Option<&mut VolumeRec> {
-        self.volumes.iter_mut().find(|v| v.id == id)
+        let i = self.positions.find(&self.volumes, id, |v| v.id)?;
+        self.volumes.get_mut(i)
     }
 
     /// Finds `vol@snap`: a snapshot of the live volume named `vol`, or else of a deleted
@@ -299,13 +337,57 @@ impl Catalog {
     }
 
     pub(crate) fn snapshot_by_id(&self, id: u128) -> Option<&SnapshotRec> {
-        self.snapshots.iter().find(|s| s.id == id)
+        let i = self.positions.find(&self.snapshots, id, |s| s.id)?;
+        self.snapshots.get(i)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vol(id: u128) -> VolumeRec {
+        VolumeRec {
+            id,
+            name: format!("v{id}"),
+            size: 4096,
+            root: 0,
+            created: 0,
+            origin: None,
+            frozen_gen: 0,
+            rollbacks: Vec::new(),
+        }
+    }
+
+    /// Lookups by id stay right while records are added, removed and reordered behind the
+    /// position hints' back.
+    #[test]
+    fn lookups_by_id_survive_any_change_to_the_lists() {
+        let mut c = Catalog::default();
+        c.volumes.extend((1..=100).map(vol));
+        for id in 1..=100 {
+            assert_eq!(c.volume_by_id(id).unwrap().id, id);
+        }
+        c.volumes.retain(|v| v.id % 3 != 0);
+        c.volumes.reverse();
+        c.volumes.push(vol(1000));
+        for id in 1..=100 {
+            assert_eq!(
+                c.volume_by_id(id).map(|v| v.id),
+                (id % 3 != 0).then_some(id)
+            );
+        }
+        c.volume_by_id_mut(1000).unwrap().size = 8192;
+        assert_eq!(c.volume_by_id(1000).unwrap().size, 8192);
+        assert!(c.volume_by_id(0).is_none());
+        // Deleted ids do not pile up in the hints forever.
+        for round in 0..50u128 {
+            c.volumes.clear();
+            c.volumes.push(vol(5000 + round));
+            assert!(c.volume_by_id(5000 + round).is_some());
+        }
+        assert!(c.positions.0.borrow().len() <= 2 + 64 + 1);
+    }
 
     #[test]
     fn round_trip_and_hostile_bytes() {
@@ -339,6 +421,7 @@ mod tests {
                 generation: 3,
                 created: 1,
             }],
+            ..Catalog::default()
         };
         let bytes = c.encode();
         assert_eq!(Catalog::decode(&bytes, 100).unwrap(), c);
