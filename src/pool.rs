@@ -38,7 +38,6 @@ impl Default for PoolOptions {
 }
 
 /// A pool of thin volumes on one device. Cheap to clone; all clones share the pool.
-#[derive(Clone)]
 pub struct Pool {
     shared: Arc<Shared>,
 }
@@ -47,6 +46,50 @@ struct Shared {
     engine: Mutex<Engine>,
     /// The engine's I/O gate (see `Engine::drain_io`), reachable without the engine lock.
     io_gate: Arc<parking_lot::RwLock<()>>,
+    /// Live `Pool` handles (volumes and snapshots hold one each). The background committer
+    /// holds the pool only for a moment at a time and is not counted.
+    handles: std::sync::atomic::AtomicUsize,
+    committer: Option<Committer>,
+}
+
+/// The background commit thread and the means to stop it.
+struct Committer {
+    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Clone for Pool {
+    fn clone(&self) -> Pool {
+        self.shared
+            .handles
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Pool {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Pool {
+    /// When the last handle goes, the committer is stopped and joined first: it may be
+    /// holding the pool at that moment, and the device (and its lock on the file) must be
+    /// released by the time the last handle is gone, so the pool can be opened again at once.
+    fn drop(&mut self) {
+        if self
+            .shared
+            .handles
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            != 1
+        {
+            return;
+        }
+        if let Some(c) = &self.shared.committer {
+            *c.stop.0.lock() = true;
+            c.stop.1.notify_all();
+            if let Some(t) = c.thread.lock().take() {
+                let _ = t.join();
+            }
+        }
+    }
 }
 
 impl Drop for Shared {
@@ -156,12 +199,18 @@ impl Pool {
     }
 
     fn start(engine: Engine, opts: &PoolOptions) -> Pool {
+        let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
         let shared = Arc::new(Shared {
             io_gate: engine.io_gate.clone(),
             engine: Mutex::new(engine),
+            handles: std::sync::atomic::AtomicUsize::new(1),
+            committer: opts.commit_interval.map(|_| Committer {
+                stop: stop.clone(),
+                thread: Mutex::new(None),
+            }),
         });
-        if let Some(interval) = opts.commit_interval {
-            spawn_committer(Arc::downgrade(&shared), interval);
+        if let (Some(interval), Some(c)) = (opts.commit_interval, &shared.committer) {
+            *c.thread.lock() = spawn_committer(Arc::downgrade(&shared), stop, interval);
         }
         Pool { shared }
     }
@@ -697,17 +746,30 @@ impl Engine {
 
 /// Commits dirty state older than `interval` even when nobody calls flush, so a caller that
 /// never flushes loses at most a few seconds. Ends when the pool is dropped.
-fn spawn_committer(pool: Weak<Shared>, interval: Duration) {
+fn spawn_committer(
+    pool: Weak<Shared>,
+    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
+    interval: Duration,
+) -> Option<std::thread::JoinHandle<()>> {
     let tick = (interval / 4).max(Duration::from_millis(50));
-    let _ = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("snapvol-commit".into())
         .spawn(move || loop {
-            std::thread::sleep(tick);
+            {
+                let mut stopped = stop.0.lock();
+                if !*stopped {
+                    stop.1.wait_for(&mut stopped, tick);
+                }
+                if *stopped {
+                    return;
+                }
+            }
             let Some(shared) = pool.upgrade() else { return };
             let mut e = shared.engine.lock();
             if e.poisoned.is_none() {
                 // A failure poisons the pool; the next caller sees the error.
                 let _ = e.maybe_commit(interval);
             }
-        });
+        })
+        .ok()
 }
