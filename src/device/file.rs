@@ -348,18 +348,33 @@ impl BlockDevice for FileDevice {
 
 /// Takes an exclusive advisory lock so two processes never open one pool: each would
 /// allocate from its own idea of free space and overwrite the other's blocks.
+///
+/// A refusal is retried for a moment before it is reported: a lock belongs to the open file,
+/// which a child process forked by this one shares until it execs, so a pool closed just as
+/// the embedding program spawns a command can look held for a few milliseconds.
 fn lock(file: &File, path: &Path) -> Result<()> {
-    // SAFETY: flock takes the fd of a file that stays open for the call; no memory is passed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
+    let mut tries = 0;
+    loop {
+        // SAFETY: flock takes the fd of a file that stays open for the call; no memory is
+        // passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Error::io("lock", 0, err));
+        }
+        tries += 1;
+        if tries == LOCK_TRIES {
+            return Err(Error::InUse(path.display().to_string()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Err(Error::InUse(path.display().to_string()));
-    }
-    Err(Error::io("lock", 0, err))
 }
+
+/// Attempts at the pool lock, 10 ms apart, before a pool is reported in use.
+const LOCK_TRIES: u32 = 30;
 
 /// `_IO(0x12, 119)` from linux/fs.h.
 const BLKDISCARD: libc::c_ulong = 0x1277;
