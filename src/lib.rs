@@ -49,7 +49,9 @@ pub use catalog::MAX_NAME;
 pub use check::{CheckReport, Problem};
 pub use diff::{DiffTarget, Extent, ExtentKind, ExtentPage, TupleLength};
 pub use error::{Error, Result};
-pub use format::{DEFAULT_BLOCK_SIZE, FORMAT_VERSION, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE};
+pub use format::{
+    DEFAULT_BLOCK_SIZE, FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_POOL_BYTES, MIN_BLOCK_SIZE, PAGE_SIZE,
+};
 pub use pool::{BookmarkInfo, Pool, PoolOptions, PoolStats, SnapshotInfo, Usage, VolumeInfo};
 pub use stream::{ReceiveStats, SendStats};
 pub use volume::{Snapshot, Volume, VolumeIo};

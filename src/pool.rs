@@ -579,6 +579,12 @@ impl Pool {
                     old * unit
                 )));
             }
+            if new_size > crate::format::MAX_POOL_BYTES {
+                return Err(Error::InvalidArgument(format!(
+                    "{new_size} bytes is more than the {} bytes a pool can use",
+                    crate::format::MAX_POOL_BYTES
+                )));
+            }
             e.catalog_op(Reserve::Keep, |e| {
                 e.store.dev.grow(new_size)?;
                 let units = (new_size.min(e.store.dev.len())) / unit;

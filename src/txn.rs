@@ -91,6 +91,13 @@ impl Engine {
             )));
         }
         let total_units = dev.len() / PAGE_SIZE as u64;
+        if total_units > format::MAX_UNITS {
+            return Err(Error::InvalidArgument(format!(
+                "device of {} bytes is larger than the {} bytes a pool can use",
+                dev.len(),
+                format::MAX_POOL_BYTES
+            )));
+        }
         let block_units = block_size as u64 / PAGE_SIZE as u64;
         if total_units < MIN_UNITS.max(64 * block_units) {
             return Err(Error::InvalidArgument(format!(

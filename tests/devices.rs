@@ -234,6 +234,13 @@ fn pool_file_grows_across_a_space_map_level() {
         pool.grow(32 << 20),
         Err(snapvol::Error::InvalidArgument(_))
     ));
+    for huge in [u64::MAX, snapvol::MAX_POOL_BYTES + 4096] {
+        assert!(matches!(
+            pool.grow(huge),
+            Err(snapvol::Error::InvalidArgument(_))
+        ));
+    }
+    assert_eq!(pool.stats().size, old.size, "a refused grow changes nothing");
     pool.grow(3 << 30).unwrap();
     let st = pool.stats();
     assert_eq!(st.size, 3 << 30);

@@ -57,9 +57,16 @@ impl BlockDevice for MemoryDevice {
 
     fn grow(&self, new_len: u64) -> Result<()> {
         let mut bytes = self.bytes.write();
-        if new_len > bytes.len() as u64 {
-            bytes.resize(new_len as usize, 0);
+        if new_len <= bytes.len() as u64 {
+            return Ok(());
         }
+        let too_big = || {
+            crate::Error::InvalidArgument(format!("cannot grow a memory device to {new_len} bytes"))
+        };
+        let more = usize::try_from(new_len).map_err(|_| too_big())? - bytes.len();
+        bytes.try_reserve_exact(more).map_err(|_| too_big())?;
+        let len = bytes.len();
+        bytes.resize(len + more, 0);
         Ok(())
     }
 

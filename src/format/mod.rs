@@ -25,6 +25,10 @@ pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 /// Default block size: 4 KiB keeps copy-on-write of a 4 KiB guest write a single 4 KiB write
 /// (see docs/architecture.md for the measurements behind the choice).
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+/// Largest pool, in bytes (64 TiB). The space map keeps a small descriptor per 4 MiB of pool
+/// in memory (about 10 MiB per TiB), so the bound keeps that memory bounded too.
+pub const MAX_POOL_BYTES: u64 = 64 << 40;
+pub(crate) const MAX_UNITS: u64 = MAX_POOL_BYTES / PAGE_SIZE as u64;
 
 /// The kind of a metadata page, stored as its magic number. The magic is part of the
 /// checksummed bytes, so a page of one kind can never validate as another.

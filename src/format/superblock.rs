@@ -75,7 +75,10 @@ impl Superblock {
             created_unix: get_u64(&p[..], 112),
         };
         let units_on_device = device_len / PAGE_SIZE as u64;
-        if sb.total_units > units_on_device || sb.total_units <= SUPERBLOCK_UNITS {
+        if sb.total_units > units_on_device
+            || sb.total_units <= SUPERBLOCK_UNITS
+            || sb.total_units > super::MAX_UNITS
+        {
             return Err(bad(format!(
                 "pool claims {} units, device has {units_on_device}",
                 sb.total_units
