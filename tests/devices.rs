@@ -240,7 +240,11 @@ fn pool_file_grows_across_a_space_map_level() {
             Err(snapvol::Error::InvalidArgument(_))
         ));
     }
-    assert_eq!(pool.stats().size, old.size, "a refused grow changes nothing");
+    assert_eq!(
+        pool.stats().size,
+        old.size,
+        "a refused grow changes nothing"
+    );
     pool.grow(3 << 30).unwrap();
     let st = pool.stats();
     assert_eq!(st.size, 3 << 30);
