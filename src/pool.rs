@@ -46,6 +46,9 @@ struct Shared {
     engine: Mutex<Engine>,
     /// The engine's I/O gate (see `Engine::drain_io`), reachable without the engine lock.
     io_gate: Arc<parking_lot::RwLock<()>>,
+    /// The engine's device (it never changes, not even on reload), for transfers outside
+    /// the engine lock.
+    dev: Arc<dyn BlockDevice>,
     /// Live `Pool` handles (volumes and snapshots hold one each). The background committer
     /// holds the pool only for a moment at a time and is not counted.
     handles: std::sync::atomic::AtomicUsize,
@@ -202,6 +205,7 @@ impl Pool {
         let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
         let shared = Arc::new(Shared {
             io_gate: engine.io_gate.clone(),
+            dev: engine.store.dev.clone(),
             engine: Mutex::new(engine),
             handles: std::sync::atomic::AtomicUsize::new(1),
             committer: opts.commit_interval.map(|_| Committer {
@@ -224,10 +228,9 @@ impl Pool {
     pub(crate) fn read(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut e = self.shared.engine.lock();
         let runs = e.plan_read(t, offset, buf.len())?;
-        let dev = e.store.dev.clone();
         let _gate = self.shared.io_gate.read();
         drop(e);
-        read_runs(&*dev, &runs, buf)
+        read_runs(&*self.shared.dev, &runs, buf)
     }
 
     /// Writes; a write wholly into owned blocks runs outside the engine lock like a read.
@@ -237,17 +240,13 @@ impl Pool {
         let WritePlan::InPlace(runs) = e.plan_write(id, offset, data)? else {
             return Ok(());
         };
-        let dev = e.store.dev.clone();
         let gate = self.shared.io_gate.read();
         drop(e);
-        let r = write_runs(&*dev, &runs, data);
+        let r = write_runs(&*self.shared.dev, &runs, data);
         drop(gate);
         if let Err(err) = &r {
             // As under the lock: a failed write poisons the pool until it is reopened.
-            let mut e = self.shared.engine.lock();
-            if e.poisoned.is_none() {
-                e.poisoned = Some(err.to_string());
-            }
+            self.shared.engine.lock().poison(err.to_string());
         }
         r
     }
@@ -591,7 +590,7 @@ impl Pool {
                 // The new size must be durable before a superblock counts on it. A failed
                 // flush poisons, as everywhere: what the device kept is unknown.
                 if let Err(err) = e.store.dev.flush() {
-                    e.poisoned = Some(format!("flush failed: {err}"));
+                    e.poison(format!("flush failed: {err}"));
                     return Err(err);
                 }
                 e.store.sm.grow(units);

@@ -223,6 +223,13 @@ impl Engine {
         self.catalog_dirty = true;
     }
 
+    /// Refuses every later change until the pool is reopened; the first reason is kept.
+    pub(crate) fn poison(&mut self, why: String) {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(why);
+        }
+    }
+
     /// Runs a change that may leave memory half-updated if it fails midway: any error
     /// poisons the pool (committed data stays intact; reopening returns to the last commit).
     pub(crate) fn mutate<T>(&mut self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
@@ -258,7 +265,7 @@ impl Engine {
         self.store.reserve = Reserve::Keep;
         if r.is_err() && self.poisoned.is_none() {
             if let Err(e) = self.reload() {
-                self.poisoned = Some(e.to_string());
+                self.poison(e.to_string());
             }
         }
         r
@@ -292,7 +299,7 @@ impl Engine {
         let r = self.commit_inner();
         self.store.reserve = saved;
         if let Err(e) = &r {
-            self.poisoned = Some(format!("commit failed: {e}"));
+            self.poison(format!("commit failed: {e}"));
         }
         r
     }

@@ -26,6 +26,22 @@ pub(crate) struct Run {
     src: std::ops::Range<usize>,
 }
 
+/// The part of a request of `len` bytes at `offset` that falls in block `b`: its offset
+/// inside the block and its range in the request's buffer.
+fn span(b: u64, bs: u64, offset: u64, len: usize) -> (u64, std::ops::Range<usize>) {
+    let lo = (b * bs).max(offset);
+    let hi = ((b + 1) * bs).min(offset + len as u64);
+    (lo - b * bs, (lo - offset) as usize..(hi - offset) as usize)
+}
+
+/// Appends a transfer, extending the last one when both sides are contiguous.
+fn push_run(runs: &mut Vec<Run>, at: u64, src: std::ops::Range<usize>) {
+    match runs.last_mut() {
+        Some(r) if r.src.end == src.start && r.at + r.src.len() as u64 == at => r.src.end = src.end,
+        _ => runs.push(Run { at, src }),
+    }
+}
+
 /// Runs a planned read into `buf`, zero-filling what no run covers.
 pub(crate) fn read_runs(dev: &dyn BlockDevice, runs: &[Run], buf: &mut [u8]) -> Result<()> {
     let mut covered = 0;
@@ -115,17 +131,8 @@ impl Engine {
             .store
             .lookup_range_for_read(root, first, end, &mut found);
         for f in found.drain(..) {
-            let b = f.map.key;
-            let lo = (b * bs).max(offset);
-            let hi = ((b + 1) * bs).min(offset + len as u64);
-            let at = Store::byte(f.map.unit) + (lo - b * bs);
-            let src = (lo - offset) as usize..(hi - offset) as usize;
-            match runs.last_mut() {
-                Some(r) if r.src.end == src.start && r.at + r.src.len() as u64 == at => {
-                    r.src.end = src.end
-                }
-                _ => runs.push(Run { at, src }),
-            }
+            let (inner, src) = span(f.map.key, bs, offset, len);
+            push_run(&mut runs, Store::byte(f.map.unit) + inner, src);
         }
         self.scratch = found;
         r.map(|_| runs)
@@ -140,7 +147,7 @@ impl Engine {
     /// transfers for the caller to run after letting go of the engine lock (holding the I/O
     /// gate), so writes to owned blocks and reads proceed in parallel.
     pub(crate) fn plan_write(&mut self, id: u128, offset: u64, data: &[u8]) -> Result<WritePlan> {
-        self.write_planned(id, offset, data, false, true)
+        self.write_planned(id, offset, data, false)
     }
 
     /// As [`Engine::write`]; with `redirect_all`, no block is written in place, so the write
@@ -153,19 +160,20 @@ impl Engine {
         data: &[u8],
         redirect_all: bool,
     ) -> Result<()> {
-        match self.write_planned(id, offset, data, redirect_all, false)? {
+        match self.write_planned(id, offset, data, redirect_all)? {
             WritePlan::Done => Ok(()),
-            WritePlan::InPlace(_) => unreachable!("in-place plans are only returned on request"),
+            WritePlan::InPlace(runs) => self.mutate(|e| write_runs(&*e.store.dev, &runs, data)),
         }
     }
 
+    /// Plans a write and carries it out, except a write wholly into owned blocks, which is
+    /// returned as device transfers (no map change) for the caller to run.
     fn write_planned(
         &mut self,
         id: u128,
         offset: u64,
         data: &[u8],
         redirect_all: bool,
-        return_in_place: bool,
     ) -> Result<WritePlan> {
         self.check_usable()?;
         let (root, _) = self.check_range(Target::Volume(id), offset, data.len())?;
@@ -198,19 +206,12 @@ impl Engine {
             redirects += u64::from(!in_place);
             plan.push((b, f, in_place));
         }
-        if redirects == 0 && return_in_place {
+        if redirects == 0 {
+            // Every block is mapped and owned (an unmapped one counts as a redirect).
             let mut runs: Vec<Run> = Vec::with_capacity(1);
-            let end_byte = offset + data.len() as u64;
-            for (b, f, _) in plan {
-                let unit = f.map_or(0, |f| f.map.unit);
-                let lo = (b * bs).max(offset);
-                let hi = ((b + 1) * bs).min(end_byte);
-                let at = Store::byte(unit) + (lo - b * bs);
-                let src = (lo - offset) as usize..(hi - offset) as usize;
-                match runs.last_mut() {
-                    Some(r) if r.at + r.src.len() as u64 == at => r.src.end = src.end,
-                    _ => runs.push(Run { at, src }),
-                }
+            for f in plan.iter().filter_map(|p| p.1) {
+                let (inner, src) = span(f.map.key, bs, offset, data.len());
+                push_run(&mut runs, Store::byte(f.map.unit) + inner, src);
             }
             self.maybe_commit_after_io()?;
             return Ok(WritePlan::InPlace(runs));
@@ -240,16 +241,15 @@ impl Engine {
         plan: Vec<(u64, Option<Found>, bool)>,
     ) -> Result<()> {
         let bs = self.store.block_size as u64;
-        let end_byte = offset + data.len() as u64;
         let mut pieces = Vec::with_capacity(plan.len());
         for (b, f, in_place) in plan {
-            let lo = (b * bs).max(offset);
-            let hi = ((b + 1) * bs).min(end_byte);
-            let src = (lo - offset) as usize..(hi - offset) as usize;
-            let whole = hi - lo == bs;
-            if in_place {
-                let at = Store::byte(f.unwrap().map.unit) + (lo - b * bs);
-                pieces.push(Piece::Direct { at, src });
+            let (inner, src) = span(b, bs, offset, data.len());
+            let whole = src.len() as u64 == bs;
+            if let (true, Some(f)) = (in_place, &f) {
+                pieces.push(Piece::Direct {
+                    at: Store::byte(f.map.unit) + inner,
+                    src,
+                });
                 continue;
             }
             let unit = self.store.alloc_block("write")?;
@@ -264,7 +264,7 @@ impl Engine {
                         .dev
                         .read_at(&mut block, Store::byte(f.map.unit))?;
                 }
-                let o = (lo - b * bs) as usize;
+                let o = inner as usize;
                 block[o..o + src.len()].copy_from_slice(&data[src]);
                 pieces.push(Piece::Assembled { at, data: block });
             }

@@ -35,10 +35,6 @@ struct Step {
     durable: bool,
 }
 
-fn durable(op: &Op) -> bool {
-    !matches!(op, Op::Write { .. } | Op::Discard { .. })
-}
-
 fn workload(seed: u64, len: usize) -> (Arc<CrashDevice>, usize, Vec<Step>) {
     let mut runner = TestRunner::new_with_rng(
         Config::default(),
@@ -69,7 +65,7 @@ fn run_ops(ops: Vec<Op>) -> (Arc<CrashDevice>, usize, Vec<Step>) {
             .apply(pool, &op, &reopen)
             .unwrap_or_else(|e| panic!("{op:?}: {e}"));
         steps.push(Step {
-            durable: durable(&op) && dev.events() > events_before,
+            durable: op.is_durable() && dev.events() > events_before,
             op,
             end: dev.events(),
             after: model.clone(),

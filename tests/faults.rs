@@ -41,7 +41,7 @@ fn run_with_fault(kind: FaultKind, n: u64) -> bool {
             Ok(p) => {
                 pool = p;
                 // Durable only if it really committed (a no-op catalog call flushes nothing).
-                if durable(&op) && fault.seen(FaultKind::Flush) > flushes {
+                if op.is_durable() && fault.seen(FaultKind::Flush) > flushes {
                     candidates.clear();
                     pending.clear();
                 }
@@ -93,10 +93,6 @@ fn run_with_fault(kind: FaultKind, n: u64) -> bool {
         "{kind:?} #{n} failing {failed_op:?}: reopened pool matches no state since the last durable point: {misses:?}"
     );
     true
-}
-
-fn durable(op: &common::Op) -> bool {
-    !matches!(op, common::Op::Write { .. } | common::Op::Discard { .. })
 }
 
 #[test]

@@ -134,6 +134,14 @@ pub enum Op {
     Reopen,
 }
 
+impl Op {
+    /// Whether a successful call makes its effect durable (every catalog operation commits;
+    /// writes and discards wait for a flush).
+    pub fn is_durable(&self) -> bool {
+        !matches!(self, Op::Write { .. } | Op::Discard { .. })
+    }
+}
+
 /// Sizes stay small so thousands of sequences run in seconds, but span several blocks and
 /// (for the 4 KiB block size) several leaves of the block map.
 pub const MAX_VOL: u64 = 3 << 20;

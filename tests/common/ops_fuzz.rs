@@ -70,10 +70,6 @@ fn decode(data: &[u8]) -> Vec<Step> {
     steps
 }
 
-fn durable(op: &Op) -> bool {
-    !matches!(op, Op::Write { .. } | Op::Discard { .. })
-}
-
 /// Runs the operations and faults `data` decodes to; panics on any violation.
 pub fn run(data: &[u8]) {
     let mem = Arc::new(MemoryDevice::new(16 << 20));
@@ -107,7 +103,7 @@ pub fn run(data: &[u8]) {
             Ok(p) => {
                 pool = p;
                 // Durable only if it really committed (a no-op catalog call flushes nothing).
-                if durable(&op) && fault.seen(FaultKind::Flush) > flushes {
+                if op.is_durable() && fault.seen(FaultKind::Flush) > flushes {
                     candidates.clear();
                     pending.clear();
                 }
