@@ -40,16 +40,29 @@ impl Tee<'_> {
     }
 }
 
-/// Buffers of snapshot data in flight between the reader and the writer of a send.
-const PIPELINE: usize = 3;
+/// Buffers each reader of a send fills while the writer drains the others.
+const BUFFERS_PER_READER: usize = 2;
 
-/// What the reader of a send hands to the writer, in stream order.
+/// Readers of a send: copying out of the page cache and checksumming cost about the same as
+/// the plain sequential read send is measured against, so they are spread over the cores.
+fn reader_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4))
+}
+
+/// One piece of the stream, in stream order, as the walker hands it to a reader.
+enum Job {
+    Data { off: u64, len: usize },
+    Zero { off: u64, len: u64 },
+}
+
+/// A piece of the stream ready to write: data read and checksummed by a reader.
 enum Item {
-    /// `len` bytes of `buf` are the snapshot's data at `off`.
+    /// `len` bytes of `buf` are the snapshot's data at `off`; `crc` is their CRC.
     Data {
         off: u64,
         buf: Vec<u8>,
         len: usize,
+        crc: u32,
     },
     Zero {
         off: u64,
@@ -58,57 +71,96 @@ enum Item {
 }
 
 impl Pool {
-    /// Walks the extents to send and reads their data, in order, into buffers taken from
-    /// `spare`. Stops quietly when the writer has gone (it reports its own error).
-    fn read_extents(
+    /// Walks the extents to send and deals them out as jobs, job `k` to reader
+    /// `k % jobs.len()`, so the writer can collect results in order without reordering.
+    /// Stops quietly when a reader has gone (the writer reports the error).
+    fn deal_extents(
         &self,
         snapshot: u128,
         base: Option<u128>,
-        handle: &crate::volume::Snapshot,
-        items: &std::sync::mpsc::SyncSender<Result<Item>>,
-        spare: &std::sync::mpsc::Receiver<Vec<u8>>,
-    ) -> Result<()> {
+        jobs: &[std::sync::mpsc::SyncSender<Result<Job>>],
+    ) {
+        let mut k = 0usize;
+        let mut deal = |job: Result<Job>| {
+            let sent = jobs[k % jobs.len()].send(job).is_ok();
+            k += 1;
+            sent
+        };
         let mut from = 0;
         loop {
             let target = DiffTarget::Snapshot(snapshot);
             let page = match base {
-                Some(b) => self.delta(b, target, from, 4096, TupleLength::Variable)?,
-                None => self.allocated(target, from, 4096, TupleLength::Variable)?,
+                Some(b) => self.delta(b, target, from, 4096, TupleLength::Variable),
+                None => self.allocated(target, from, 4096, TupleLength::Variable),
+            };
+            let page = match page {
+                Ok(p) => p,
+                Err(e) => {
+                    deal(Err(e));
+                    return;
+                }
             };
             for e in &page.extents {
-                let item = match e.kind {
-                    ExtentKind::Zero => Item::Zero {
-                        off: e.offset,
-                        len: e.length,
-                    },
+                match e.kind {
+                    ExtentKind::Zero => {
+                        if !deal(Ok(Job::Zero {
+                            off: e.offset,
+                            len: e.length,
+                        })) {
+                            return;
+                        }
+                    }
                     ExtentKind::Data => {
-                        let mut off = e.offset;
                         let end = e.offset + e.length;
+                        let mut off = e.offset;
                         while off < end {
                             let len = (end - off).min(MAX_DATA as u64) as usize;
-                            let Ok(mut buf) = spare.recv() else {
-                                return Ok(());
-                            };
-                            handle.read_at(&mut buf[..len], off)?;
-                            if items.send(Ok(Item::Data { off, buf, len })).is_err() {
-                                return Ok(());
+                            if !deal(Ok(Job::Data { off, len })) {
+                                return;
                             }
                             off += len as u64;
                         }
-                        continue;
                     }
-                };
-                if items.send(Ok(item)).is_err() {
-                    return Ok(());
                 }
             }
             match page.next_offset {
                 Some(n) => from = n,
-                None => return Ok(()),
+                None => return,
             }
         }
     }
+}
 
+/// Runs one reader's jobs in order: reads each data piece into one of its own buffers (handed
+/// back by the writer once written) and checksums it while it is still in this core's cache.
+fn read_jobs(
+    handle: &crate::volume::Snapshot,
+    jobs: std::sync::mpsc::Receiver<Result<Job>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    done: std::sync::mpsc::SyncSender<Result<Item>>,
+) {
+    for job in jobs.iter() {
+        let item = match job {
+            Err(e) => Err(e),
+            Ok(Job::Zero { off, len }) => Ok(Item::Zero { off, len }),
+            Ok(Job::Data { off, len }) => {
+                let Ok(mut buf) = spare.recv() else {
+                    return;
+                };
+                handle.read_at(&mut buf[..len], off).map(|()| {
+                    let crc = crc32fast::hash(&buf[..len]);
+                    Item::Data { off, buf, len, crc }
+                })
+            }
+        };
+        let failed = item.is_err();
+        if done.send(item).is_err() || failed {
+            return;
+        }
+    }
+}
+
+impl Pool {
     /// Writes snapshot `snapshot` to `out` as a stream: whole, or with `base` (an earlier
     /// snapshot or bookmark of the same lineage) only what changed since it. See
     /// docs/stream-format.md.
@@ -156,31 +208,44 @@ impl Pool {
         tee.put(&header)?;
 
         let mut stats = SendStats::default();
-        // Reading the snapshot and checksumming + writing the stream overlap: a reader thread
-        // walks the extents and fills buffers, this thread hashes and writes them. Memory stays
-        // bounded by the buffers in circulation.
-        let (items_tx, items_rx) = std::sync::mpsc::sync_channel::<Result<Item>>(PIPELINE);
-        let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        for _ in 0..PIPELINE + 1 {
-            let _ = spare_tx.send(vec![0u8; MAX_DATA]);
+        // A walker deals the pieces of the stream round-robin to readers, which read and
+        // checksum them in parallel; this thread collects them in the same round-robin order
+        // and writes them. Memory stays bounded by the buffers each reader owns.
+        let readers = reader_count();
+        let mut job_txs = Vec::with_capacity(readers);
+        let mut done_rxs = Vec::with_capacity(readers);
+        let mut spare_txs = Vec::with_capacity(readers);
+        let mut ends = Vec::with_capacity(readers);
+        for _ in 0..readers {
+            let (job_tx, job_rx) = std::sync::mpsc::sync_channel(BUFFERS_PER_READER);
+            let (done_tx, done_rx) = std::sync::mpsc::sync_channel(BUFFERS_PER_READER);
+            let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            for _ in 0..BUFFERS_PER_READER {
+                let _ = spare_tx.send(vec![0u8; MAX_DATA]);
+            }
+            job_txs.push(job_tx);
+            done_rxs.push(done_rx);
+            spare_txs.push(spare_tx);
+            ends.push((job_rx, spare_rx, done_tx));
         }
         let handle = &handle;
         std::thread::scope(|scope| -> Result<()> {
-            scope.spawn(move || {
-                let r = self.read_extents(snapshot, base, handle, &items_tx, &spare_rx);
-                if let Err(e) = r {
-                    let _ = items_tx.send(Err(e));
-                }
-                drop(items_tx);
-            });
-            // Both ends are moved here so an early return drops them: the reader then stops at
-            // its next send or its wait for a spare buffer instead of blocking the scope.
-            let items_rx = items_rx;
-            let spare_tx = spare_tx;
-            for item in items_rx.iter() {
+            scope.spawn(move || self.deal_extents(snapshot, base, &job_txs));
+            for (jobs, spare, done) in ends {
+                scope.spawn(move || read_jobs(handle, jobs, spare, done));
+            }
+            // The channel ends are moved here so an early return drops them: every reader and
+            // the walker then stop at their next send or wait instead of blocking the scope.
+            let done_rxs = done_rxs;
+            let spare_txs = spare_txs;
+            // Job k went to reader k % readers, and a reader with no result left has no job
+            // left: the jobs after the last one would have come to it.
+            for k in 0.. {
+                let Ok(item) = done_rxs[k % readers].recv() else {
+                    break;
+                };
                 match item? {
-                    Item::Data { off, buf, len } => {
-                        let crc = crc32fast::hash(&buf[..len]);
+                    Item::Data { off, buf, len, crc } => {
                         let mut rec = Vec::with_capacity(17);
                         rec.push(DATA);
                         rec.extend_from_slice(&off.to_le_bytes());
@@ -190,7 +255,7 @@ impl Pool {
                         tee.put_hashed(&buf[..len], Some(crc))?;
                         stats.data_records += 1;
                         stats.data_bytes += len as u64;
-                        let _ = spare_tx.send(buf);
+                        let _ = spare_txs[k % readers].send(buf);
                     }
                     Item::Zero { off, len } => {
                         let mut fields = Vec::with_capacity(16);
