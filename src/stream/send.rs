@@ -43,6 +43,10 @@ impl Tee<'_> {
 /// Buffers each reader of a send fills while the writer drains the others.
 const BUFFERS_PER_READER: usize = 2;
 
+/// Jobs the walker deals ahead to each reader (a job is a few words, not a buffer), so a
+/// reader rarely sleeps waiting for its next one.
+const JOBS_AHEAD: usize = 64;
+
 /// Readers of a send: copying out of the page cache and checksumming cost about the same as
 /// the plain sequential read send is measured against, so they are spread over the cores.
 fn reader_count() -> usize {
@@ -217,7 +221,7 @@ impl Pool {
         let mut spare_txs = Vec::with_capacity(readers);
         let mut ends = Vec::with_capacity(readers);
         for _ in 0..readers {
-            let (job_tx, job_rx) = std::sync::mpsc::sync_channel(BUFFERS_PER_READER);
+            let (job_tx, job_rx) = std::sync::mpsc::sync_channel(JOBS_AHEAD);
             let (done_tx, done_rx) = std::sync::mpsc::sync_channel(BUFFERS_PER_READER);
             let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
             for _ in 0..BUFFERS_PER_READER {
