@@ -40,128 +40,156 @@ impl Tee<'_> {
     }
 }
 
-/// Buffers each reader of a send fills while the writer drains the others.
-const BUFFERS_PER_READER: usize = 2;
+/// Buffers each helper reader of a send fills while the writer drains the others.
+const BUFFERS_PER_HELPER: usize = 2;
 
-/// Jobs the walker deals ahead to each reader (a job is a few words, not a buffer), so a
-/// reader rarely sleeps waiting for its next one.
-const JOBS_AHEAD: usize = 64;
+/// Pieces of the stream the writer plans ahead: enough that every helper always has its next
+/// job queued and rarely sleeps. A piece is a few words; only helpers' results hold buffers.
+const LOOKAHEAD: usize = 64;
 
-/// Readers of a send: copying out of the page cache and checksumming cost about the same as
-/// the plain sequential read send is measured against, so they are spread over the cores.
+/// Threads that read and checksum a send's data, the caller's own thread included: copying
+/// out of the page cache and checksumming together cost more than the plain sequential read
+/// send is measured against, so they are spread over the cores.
 fn reader_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4))
 }
 
-/// One piece of the stream, in stream order, as the walker hands it to a reader.
-enum Job {
+/// The pieces of a stream in order: the extents to send, a page at a time, with data cut
+/// into records of at most `MAX_DATA` bytes.
+struct Pieces<'a> {
+    pool: &'a Pool,
+    target: u128,
+    base: Option<u128>,
+    /// Where the next page of extents starts; `None` once the last page was fetched.
+    next_page: Option<u64>,
+    extents: std::collections::VecDeque<crate::diff::Extent>,
+}
+
+enum Piece {
     Data { off: u64, len: usize },
     Zero { off: u64, len: u64 },
 }
 
-/// A piece of the stream ready to write: data read and checksummed by a reader.
-enum Item {
-    /// `len` bytes of `buf` are the snapshot's data at `off`; `crc` is their CRC.
-    Data {
-        off: u64,
-        buf: Vec<u8>,
-        len: usize,
-        crc: u32,
-    },
+impl Pieces<'_> {
+    fn next(&mut self) -> Result<Option<Piece>> {
+        while self.extents.is_empty() {
+            let Some(from) = self.next_page else {
+                return Ok(None);
+            };
+            let target = DiffTarget::Snapshot(self.target);
+            let page = match self.base {
+                Some(b) => self
+                    .pool
+                    .delta(b, target, from, 4096, TupleLength::Variable)?,
+                None => self
+                    .pool
+                    .allocated(target, from, 4096, TupleLength::Variable)?,
+            };
+            self.next_page = page.next_offset;
+            self.extents = page.extents.into();
+        }
+        let Some(e) = self.extents.front_mut() else {
+            return Ok(None);
+        };
+        Ok(Some(match e.kind {
+            ExtentKind::Zero => {
+                let (off, len) = (e.offset, e.length);
+                self.extents.pop_front();
+                Piece::Zero { off, len }
+            }
+            ExtentKind::Data => {
+                let (off, len) = (e.offset, e.length.min(MAX_DATA as u64));
+                e.offset += len;
+                e.length -= len;
+                if e.length == 0 {
+                    self.extents.pop_front();
+                }
+                Piece::Data {
+                    off,
+                    len: len as usize,
+                }
+            }
+        }))
+    }
+}
+
+/// Where the writer finds a planned piece when its turn comes.
+enum Slot {
     Zero {
         off: u64,
         len: u64,
     },
+    /// Data this thread reads itself.
+    Own {
+        off: u64,
+        len: usize,
+    },
+    /// Data helper `h` is reading; its results arrive in the order its jobs were queued.
+    Helper(usize),
 }
 
-impl Pool {
-    /// Walks the extents to send and deals them out as jobs, job `k` to reader
-    /// `k % jobs.len()`, so the writer can collect results in order without reordering.
-    /// Stops quietly when a reader has gone (the writer reports the error).
-    fn deal_extents(
-        &self,
-        snapshot: u128,
-        base: Option<u128>,
-        jobs: &[std::sync::mpsc::SyncSender<Result<Job>>],
-    ) {
-        let mut k = 0usize;
-        let mut deal = |job: Result<Job>| {
-            let sent = jobs[k % jobs.len()].send(job).is_ok();
-            k += 1;
-            sent
-        };
-        let mut from = 0;
-        loop {
-            let target = DiffTarget::Snapshot(snapshot);
-            let page = match base {
-                Some(b) => self.delta(b, target, from, 4096, TupleLength::Variable),
-                None => self.allocated(target, from, 4096, TupleLength::Variable),
-            };
-            let page = match page {
-                Ok(p) => p,
-                Err(e) => {
-                    deal(Err(e));
-                    return;
-                }
-            };
-            for e in &page.extents {
-                match e.kind {
-                    ExtentKind::Zero => {
-                        if !deal(Ok(Job::Zero {
-                            off: e.offset,
-                            len: e.length,
-                        })) {
-                            return;
-                        }
-                    }
-                    ExtentKind::Data => {
-                        let end = e.offset + e.length;
-                        let mut off = e.offset;
-                        while off < end {
-                            let len = (end - off).min(MAX_DATA as u64) as usize;
-                            if !deal(Ok(Job::Data { off, len })) {
-                                return;
-                            }
-                            off += len as u64;
-                        }
-                    }
-                }
-            }
-            match page.next_offset {
-                Some(n) => from = n,
-                None => return,
-            }
-        }
-    }
+/// Data read and checksummed by a helper: `len` bytes of `buf` at `off`, with their CRC.
+struct Read {
+    off: u64,
+    buf: Vec<u8>,
+    len: usize,
+    crc: u32,
 }
 
-/// Runs one reader's jobs in order: reads each data piece into one of its own buffers (handed
-/// back by the writer once written) and checksums it while it is still in this core's cache.
+/// Runs one helper's jobs in order: reads each piece into one of its own buffers (handed back
+/// by the writer once written) and checksums it while it is still in this core's cache.
 fn read_jobs(
     handle: &crate::volume::Snapshot,
-    jobs: std::sync::mpsc::Receiver<Result<Job>>,
+    jobs: std::sync::mpsc::Receiver<(u64, usize)>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    done: std::sync::mpsc::SyncSender<Result<Item>>,
+    done: std::sync::mpsc::SyncSender<Result<Read>>,
 ) {
-    for job in jobs.iter() {
-        let item = match job {
-            Err(e) => Err(e),
-            Ok(Job::Zero { off, len }) => Ok(Item::Zero { off, len }),
-            Ok(Job::Data { off, len }) => {
-                let Ok(mut buf) = spare.recv() else {
-                    return;
-                };
-                handle.read_at(&mut buf[..len], off).map(|()| {
-                    let crc = crc32fast::hash(&buf[..len]);
-                    Item::Data { off, buf, len, crc }
-                })
-            }
+    for (off, len) in jobs.iter() {
+        let Ok(mut buf) = spare.recv() else {
+            return;
         };
-        let failed = item.is_err();
-        if done.send(item).is_err() || failed {
+        let read = handle.read_at(&mut buf[..len], off).map(|()| Read {
+            off,
+            crc: crc32fast::hash(&buf[..len]),
+            buf,
+            len,
+        });
+        let failed = read.is_err();
+        if done.send(read).is_err() || failed {
             return;
         }
     }
+}
+
+fn data_record(
+    tee: &mut Tee,
+    stats: &mut SendStats,
+    off: u64,
+    data: &[u8],
+    crc: u32,
+) -> Result<()> {
+    let mut rec = Vec::with_capacity(17);
+    rec.push(DATA);
+    rec.extend_from_slice(&off.to_le_bytes());
+    rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    rec.extend_from_slice(&crc.to_le_bytes());
+    tee.put(&rec)?;
+    tee.put_hashed(data, Some(crc))?;
+    stats.data_records += 1;
+    stats.data_bytes += data.len() as u64;
+    Ok(())
+}
+
+fn zero_record(tee: &mut Tee, stats: &mut SendStats, off: u64, len: u64) -> Result<()> {
+    let mut fields = Vec::with_capacity(16);
+    fields.extend_from_slice(&off.to_le_bytes());
+    fields.extend_from_slice(&len.to_le_bytes());
+    let mut rec = vec![ZERO];
+    rec.extend_from_slice(&fields);
+    rec.extend_from_slice(&crc32fast::hash(&fields).to_le_bytes());
+    tee.put(&rec)?;
+    stats.zero_records += 1;
+    Ok(())
 }
 
 impl Pool {
@@ -212,19 +240,22 @@ impl Pool {
         tee.put(&header)?;
 
         let mut stats = SendStats::default();
-        // A walker deals the pieces of the stream round-robin to readers, which read and
-        // checksum them in parallel; this thread collects them in the same round-robin order
-        // and writes them. Memory stays bounded by the buffers each reader owns.
-        let readers = reader_count();
-        let mut job_txs = Vec::with_capacity(readers);
-        let mut done_rxs = Vec::with_capacity(readers);
-        let mut spare_txs = Vec::with_capacity(readers);
-        let mut ends = Vec::with_capacity(readers);
-        for _ in 0..readers {
-            let (job_tx, job_rx) = std::sync::mpsc::sync_channel(JOBS_AHEAD);
-            let (done_tx, done_rx) = std::sync::mpsc::sync_channel(BUFFERS_PER_READER);
+        // Data pieces are dealt round-robin to this thread and to helper threads, which read
+        // and checksum them in parallel. This thread plans the stream a few dozen pieces
+        // ahead, reads its own share, and writes every piece in order. Memory stays bounded:
+        // one buffer here and two per helper.
+        let helpers = reader_count() - 1;
+        let mut job_txs = Vec::with_capacity(helpers);
+        let mut done_rxs = Vec::with_capacity(helpers);
+        let mut spare_txs = Vec::with_capacity(helpers);
+        let mut ends = Vec::with_capacity(helpers);
+        for _ in 0..helpers {
+            // Unbounded, so planning never waits on a helper that waits on this thread; the
+            // lookahead bounds what is queued.
+            let (job_tx, job_rx) = std::sync::mpsc::channel();
+            let (done_tx, done_rx) = std::sync::mpsc::sync_channel(BUFFERS_PER_HELPER);
             let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-            for _ in 0..BUFFERS_PER_READER {
+            for _ in 0..BUFFERS_PER_HELPER {
                 let _ = spare_tx.send(vec![0u8; MAX_DATA]);
             }
             job_txs.push(job_tx);
@@ -233,43 +264,62 @@ impl Pool {
             ends.push((job_rx, spare_rx, done_tx));
         }
         let handle = &handle;
+        let mut pieces = Pieces {
+            pool: self,
+            target: snapshot,
+            base,
+            next_page: Some(0),
+            extents: Default::default(),
+        };
         std::thread::scope(|scope| -> Result<()> {
-            scope.spawn(move || self.deal_extents(snapshot, base, &job_txs));
             for (jobs, spare, done) in ends {
                 scope.spawn(move || read_jobs(handle, jobs, spare, done));
             }
-            // The channel ends are moved here so an early return drops them: every reader and
-            // the walker then stop at their next send or wait instead of blocking the scope.
-            let done_rxs = done_rxs;
-            let spare_txs = spare_txs;
-            // Job k went to reader k % readers, and a reader with no result left has no job
-            // left: the jobs after the last one would have come to it.
-            for k in 0.. {
-                let Ok(item) = done_rxs[k % readers].recv() else {
+            // The channel ends are moved here so any return drops them: every helper then
+            // stops at its next wait instead of blocking the scope.
+            let (job_txs, done_rxs, spare_txs) = (job_txs, done_rxs, spare_txs);
+            let mut own = vec![0u8; MAX_DATA];
+            let mut planned = std::collections::VecDeque::with_capacity(LOOKAHEAD);
+            let mut dealt = 0usize;
+            let mut more = true;
+            loop {
+                while more && planned.len() < LOOKAHEAD {
+                    let slot = match pieces.next()? {
+                        None => {
+                            more = false;
+                            break;
+                        }
+                        Some(Piece::Zero { off, len }) => Slot::Zero { off, len },
+                        Some(Piece::Data { off, len }) => {
+                            let reader = dealt % (helpers + 1);
+                            dealt += 1;
+                            if reader == 0 {
+                                Slot::Own { off, len }
+                            } else {
+                                // A helper that has gone left its error in its results.
+                                let _ = job_txs[reader - 1].send((off, len));
+                                Slot::Helper(reader - 1)
+                            }
+                        }
+                    };
+                    planned.push_back(slot);
+                }
+                let Some(slot) = planned.pop_front() else {
                     break;
                 };
-                match item? {
-                    Item::Data { off, buf, len, crc } => {
-                        let mut rec = Vec::with_capacity(17);
-                        rec.push(DATA);
-                        rec.extend_from_slice(&off.to_le_bytes());
-                        rec.extend_from_slice(&(len as u32).to_le_bytes());
-                        rec.extend_from_slice(&crc.to_le_bytes());
-                        tee.put(&rec)?;
-                        tee.put_hashed(&buf[..len], Some(crc))?;
-                        stats.data_records += 1;
-                        stats.data_bytes += len as u64;
-                        let _ = spare_txs[k % readers].send(buf);
+                match slot {
+                    Slot::Zero { off, len } => zero_record(&mut tee, &mut stats, off, len)?,
+                    Slot::Own { off, len } => {
+                        handle.read_at(&mut own[..len], off)?;
+                        let crc = crc32fast::hash(&own[..len]);
+                        data_record(&mut tee, &mut stats, off, &own[..len], crc)?;
                     }
-                    Item::Zero { off, len } => {
-                        let mut fields = Vec::with_capacity(16);
-                        fields.extend_from_slice(&off.to_le_bytes());
-                        fields.extend_from_slice(&len.to_le_bytes());
-                        let mut rec = vec![ZERO];
-                        rec.extend_from_slice(&fields);
-                        rec.extend_from_slice(&crc32fast::hash(&fields).to_le_bytes());
-                        tee.put(&rec)?;
-                        stats.zero_records += 1;
+                    Slot::Helper(h) => {
+                        let r = done_rxs[h].recv().map_err(|_| {
+                            Error::InvalidArgument("send stopped: a reader thread ended".into())
+                        })??;
+                        data_record(&mut tee, &mut stats, r.off, &r.buf[..r.len], r.crc)?;
+                        let _ = spare_txs[h].send(r.buf);
                     }
                 }
             }
