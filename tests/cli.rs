@@ -504,3 +504,35 @@ fn bookmark_then_incremental_after_deleting_the_base() {
         .unwrap()
         .is_empty());
 }
+
+/// A send on one core (no helper threads: the caller reads every piece) writes the same
+/// stream, byte for byte, as a send spread over all cores.
+#[test]
+fn send_on_one_core_writes_the_same_stream() {
+    let t = Env::new();
+    let a = t.pool();
+    t.ok(&["pool", "create", &a, "--size", "256M"]);
+    t.ok(&["create", &a, "vol", "--size", "64M"]);
+    let d = t.path("d");
+    for (i, off) in ["0", "5M", "17M", "40M"].iter().enumerate() {
+        std::fs::write(&d, pattern((3 << 20) + 4096 * i, i as u8)).unwrap();
+        t.ok(&["write", &a, "vol", d.to_str().unwrap(), "--offset", off]);
+    }
+    t.ok(&["snapshot", &a, "vol@s"]);
+    let everywhere = t.run(&["send", &a, "vol@s"]);
+    assert!(everywhere.status.success());
+    let one_core = Command::new("taskset")
+        .args([
+            "-c",
+            "0",
+            env!("CARGO_BIN_EXE_snapvol"),
+            "send",
+            &a,
+            "vol@s",
+        ])
+        .output()
+        .unwrap();
+    assert!(one_core.status.success(), "{one_core:?}");
+    assert!(everywhere.stdout.len() > 12 << 20);
+    assert!(everywhere.stdout == one_core.stdout);
+}
