@@ -1,5 +1,6 @@
 //! Delta cost follows the change, not the volume: a 64 GiB volume with every block mapped,
-//! then 4 MiB changed in scattered 4 KiB writes, and 4 GiB changed.
+//! then 4 MiB changed in scattered 4 KiB writes, and 4 GiB changed; from the base snapshot,
+//! then from a bookmark of it once it is deleted.
 //!
 //! `cargo bench --bench delta` (SNAPVOL_BENCH_DIR picks the filesystem). The pool uses 64 KiB
 //! blocks and writes 4 KiB into each so the 64 GiB volume maps every block while the sparse
@@ -58,18 +59,25 @@ fn delta(c: &mut Criterion) {
     assert_eq!(count(b, cc), 65_536);
     let mut g = c.benchmark_group("delta-64GiB-volume");
     g.sample_size(20).measurement_time(Duration::from_secs(10));
-    g.bench_function("4MiB-changed", |bch| {
-        bch.iter(|| {
-            pool.delta(a, DiffTarget::Snapshot(b), 0, 0, TupleLength::Variable)
-                .unwrap()
-        })
-    });
-    g.bench_function("4GiB-changed", |bch| {
-        bch.iter(|| {
-            pool.delta(b, DiffTarget::Snapshot(cc), 0, 0, TupleLength::Variable)
-                .unwrap()
-        })
-    });
+    let mut bench = |name: &str, x: u128, y: u128| {
+        g.bench_function(name, |bch| {
+            bch.iter(|| {
+                pool.delta(x, DiffTarget::Snapshot(y), 0, 0, TupleLength::Variable)
+                    .unwrap()
+            })
+        });
+    };
+    bench("4MiB-changed", a, b);
+    bench("4GiB-changed", b, cc);
+    // The same deltas once the bases are bookmarks (their snapshots deleted).
+    pool.bookmark("big", "a").unwrap();
+    pool.delete_snapshot("big", "a").unwrap();
+    assert_eq!(count(a, b), 1024);
+    bench("4MiB-changed-from-bookmark", a, b);
+    pool.bookmark("big", "b").unwrap();
+    pool.delete_snapshot("big", "b").unwrap();
+    assert_eq!(count(b, cc), 65_536);
+    bench("4GiB-changed-from-bookmark", b, cc);
     g.finish();
 }
 

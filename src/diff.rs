@@ -194,14 +194,7 @@ impl Pool {
                     |e, lo, hi, out| {
                         changes.clear();
                         e.store.diff_maps(base_root, root, lo, hi, &mut changes)?;
-                        out.extend(changes.iter().map(|c| {
-                            let kind = if c.now.is_some() {
-                                ExtentKind::Data
-                            } else {
-                                ExtentKind::Zero
-                            };
-                            (c.key, kind)
-                        }));
+                        out.extend(changes.iter().map(block_kind));
                         // Nothing can differ where neither map has an entry.
                         let a = e.store.next_key(base_root, hi)?.unwrap_or(u64::MAX);
                         let b = e.store.next_key(root, hi)?.unwrap_or(u64::MAX);
@@ -210,32 +203,34 @@ impl Pool {
                 );
             }
             let since = e.bookmark_base(base, target)?;
-            // From a bookmark the base map is gone: blocks born after it are data; blocks the
-            // target does not map may have been discarded since, so all of them are reported
-            // as zeros (conservative; the cost is the target's map, not the change).
-            let mut found: Vec<Found> = Vec::new();
+            // From a bookmark the base map is gone: the target's map alone says what may have
+            // changed since (Store::changed_since). Unmapped blocks it cannot vouch for are
+            // reported as zeros, which is correct whatever the base held there.
+            let mut changes: Vec<Change> = Vec::new();
             e.page(
                 size,
                 starting_offset,
                 max_results,
                 tuples,
                 |e, lo, hi, out| {
-                    found.clear();
-                    e.store.lookup_range_for_read(root, lo, hi, &mut found)?;
-                    let mut next = lo;
-                    for f in &found {
-                        out.extend((next..f.map.key).map(|k| (k, ExtentKind::Zero)));
-                        if f.map.birth > since {
-                            out.push((f.map.key, ExtentKind::Data));
-                        }
-                        next = f.map.key + 1;
-                    }
-                    out.extend((next..hi).map(|k| (k, ExtentKind::Zero)));
+                    changes.clear();
+                    e.store.changed_since(root, since, lo, hi, &mut changes)?;
+                    out.extend(changes.iter().map(block_kind));
                     Ok(hi)
                 },
             )
         })
     }
+}
+
+/// A changed block is data where the target maps it and reads as zeros where it does not.
+fn block_kind(c: &Change) -> (u64, ExtentKind) {
+    let kind = if c.now.is_some() {
+        ExtentKind::Data
+    } else {
+        ExtentKind::Zero
+    };
+    (c.key, kind)
 }
 
 impl Engine {

@@ -17,6 +17,10 @@ use std::sync::Arc;
 struct Cached {
     node: Node,
     dirty: bool,
+    /// Generation of the commit that wrote (or will write) the node. Nodes are never changed
+    /// after their transaction commits, so a subtree written at or before generation g is
+    /// exactly as it was at g.
+    written: u64,
 }
 
 /// Clean nodes kept in memory before the cache is trimmed (64 MiB of pages).
@@ -65,20 +69,41 @@ impl Store {
 
     /// Reads a node, from the cache or the device (validated).
     pub(crate) fn node(&mut self, loc: u64) -> Result<&Node> {
+        self.cached(loc).map(|c| &c.node)
+    }
+
+    /// The generation of the commit that wrote node `loc` (the open one for a node written
+    /// in this transaction).
+    pub(crate) fn node_written(&mut self, loc: u64) -> Result<u64> {
+        self.cached(loc).map(|c| c.written)
+    }
+
+    fn cached(&mut self, loc: u64) -> Result<&Cached> {
         if !self.nodes.contains_key(&loc) {
-            let node = self.read_node(loc)?;
+            let (node, written) = self.read_node_written(loc)?;
             // Dirty nodes must stay; only clean ones count against the bound (otherwise a
             // transaction with many dirty nodes would trim on every miss).
             if self.nodes.len() >= self.cache_limit + self.dirty.len() {
                 self.trim_cache();
             }
-            self.nodes.insert(loc, Cached { node, dirty: false });
+            self.nodes.insert(
+                loc,
+                Cached {
+                    node,
+                    dirty: false,
+                    written,
+                },
+            );
         }
-        Ok(&self.nodes[&loc].node)
+        Ok(&self.nodes[&loc])
     }
 
     /// Reads a node from the device, bypassing the cache.
     pub(crate) fn read_node(&self, loc: u64) -> Result<Node> {
+        self.read_node_written(loc).map(|(node, _)| node)
+    }
+
+    fn read_node_written(&self, loc: u64) -> Result<(Node, u64)> {
         let total = self.sm.total_units();
         if loc < crate::format::SUPERBLOCK_UNITS || loc >= total {
             return Err(Error::corrupt(
@@ -112,7 +137,15 @@ impl Store {
     /// Allocates a unit for a new node, owned by the open transaction.
     pub(crate) fn alloc_node(&mut self, node: Node) -> Result<u64> {
         let loc = self.sm.alloc_page(self.reserve, "block map update")?;
-        self.nodes.insert(loc, Cached { node, dirty: true });
+        let written = self.generation;
+        self.nodes.insert(
+            loc,
+            Cached {
+                node,
+                dirty: true,
+                written,
+            },
+        );
         self.dirty.push(loc);
         Ok(loc)
     }

@@ -1,6 +1,10 @@
 //! Diffing two block maps. Both maps are walked together and any pair of identical node
 //! pointers is skipped whole: two maps of one lineage share every unchanged subtree, so the
 //! cost follows the number of changed entries, not the size of the volume.
+//!
+//! When the older map is gone (a bookmark keeps only its generation), the newer map alone
+//! still tells what stayed the same: nodes are copy-on-write and record the generation that
+//! wrote them, so a subtree written at or before the bookmark is exactly as it was then.
 
 use super::node::Node;
 use super::{child_index, leaf_index, Mapping};
@@ -164,6 +168,111 @@ impl Store {
         }
         Ok(())
     }
+}
+
+impl Store {
+    /// The keys in `lo..hi` of the map at `root` that may differ from the same lineage's map
+    /// at generation `since`, in key order, judged from this map alone: keys born after
+    /// `since` (with their mapping), and keys this map does not hold that may have been
+    /// discarded since (`now: None`; some of them may have been unmapped then too).
+    ///
+    /// A subtree written at or before `since` is unchanged within its own first..last key,
+    /// holes included, so it is skipped. Not within the range its parent's separators give
+    /// it: a leaf emptied since `since` is removed and its old range falls to a neighbour
+    /// that may be unchanged, so only the real key span counts.
+    pub(crate) fn changed_since(
+        &mut self,
+        root: u64,
+        since: u64,
+        lo: u64,
+        hi: u64,
+        out: &mut Vec<Change>,
+    ) -> Result<()> {
+        let mut settled = lo;
+        if root != 0 {
+            self.changed_rec(root, since, lo, hi, &mut settled, out, 0)?;
+        }
+        unmapped(settled, hi, out);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn changed_rec(
+        &mut self,
+        loc: u64,
+        since: u64,
+        lo: u64,
+        hi: u64,
+        settled: &mut u64,
+        out: &mut Vec<Change>,
+        depth: u32,
+    ) -> Result<()> {
+        if depth > 32 {
+            return Err(Error::corrupt(
+                "block map node",
+                loc,
+                "tree deeper than 32 levels",
+            ));
+        }
+        if self.node_written(loc)? <= since {
+            let (first, last) = self.key_span(loc)?;
+            let (a, b) = (first.max(lo), last.saturating_add(1).min(hi));
+            if a < b {
+                unmapped(*settled, a, out);
+                *settled = (*settled).max(b);
+            }
+            return Ok(());
+        }
+        if let Node::Leaf(_) = self.node(loc)? {
+            for m in self.leaf_entries(loc, lo, hi)? {
+                unmapped(*settled, m.key, out);
+                if m.birth > since {
+                    out.push(Change {
+                        key: m.key,
+                        now: Some(m),
+                    });
+                }
+                *settled = m.key + 1;
+            }
+            return Ok(());
+        }
+        for (c_lo, c_hi, child) in self.children_in(loc, lo, hi)? {
+            self.changed_rec(child, since, c_lo, c_hi, settled, out, depth + 1)?;
+        }
+        Ok(())
+    }
+
+    /// The first and last key held in the subtree at `loc`.
+    fn key_span(&mut self, loc: u64) -> Result<(u64, u64)> {
+        Ok((self.end_key(loc, false)?, self.end_key(loc, true)?))
+    }
+
+    /// The first (or, with `last`, the last) key held in the subtree at `loc`.
+    fn end_key(&mut self, mut loc: u64, last: bool) -> Result<u64> {
+        for _ in 0..=32 {
+            let empty = || Error::corrupt("block map node", loc, "no entries");
+            loc = match self.node(loc)? {
+                Node::Leaf(v) => {
+                    let m = if last { v.last() } else { v.first() };
+                    return m.map(|m| m.key).ok_or_else(empty);
+                }
+                Node::Branch(v) => {
+                    let c = if last { v.last() } else { v.first() };
+                    c.map(|c| c.1).ok_or_else(empty)?
+                }
+            };
+        }
+        Err(Error::corrupt(
+            "block map node",
+            loc,
+            "tree deeper than 32 levels",
+        ))
+    }
+}
+
+/// Keys `from..to`, none mapped, reported as possibly discarded.
+fn unmapped(from: u64, to: u64, out: &mut Vec<Change>) {
+    out.extend((from..to).map(|key| Change { key, now: None }));
 }
 
 #[cfg(test)]

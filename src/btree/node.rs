@@ -112,9 +112,11 @@ impl Node {
     }
 
     /// Decodes and validates a node page: checksum, location, entry count, strictly
-    /// increasing keys, and every pointer inside `1..total_units`.
-    pub(crate) fn decode(p: &Page, location: u64, total_units: u64) -> Result<Node> {
-        let (kind, _) = format::verify(p, &[PageKind::MapLeaf, PageKind::MapBranch], location)?;
+    /// increasing keys, and every pointer inside `1..total_units`. Returns the node and the
+    /// generation of the commit that wrote it.
+    pub(crate) fn decode(p: &Page, location: u64, total_units: u64) -> Result<(Node, u64)> {
+        let (kind, written) =
+            format::verify(p, &[PageKind::MapLeaf, PageKind::MapBranch], location)?;
         let n = format::get_u16(&p[..], 24) as usize;
         let bad = |d: String| Error::corrupt(kind.name(), location, d);
         let max = if kind == PageKind::MapLeaf {
@@ -160,7 +162,7 @@ impl Node {
         if !ordered {
             return Err(bad("keys out of order".into()));
         }
-        Ok(node)
+        Ok((node, written))
     }
 }
 
@@ -223,7 +225,7 @@ mod tests {
                 .collect(),
         );
         let p = leaf.encode(5, 1);
-        let Node::Leaf(back) = Node::decode(&p, 5, 1000).unwrap() else {
+        let (Node::Leaf(back), _) = Node::decode(&p, 5, 1000).unwrap() else {
             panic!("leaf decoded as branch")
         };
         assert_eq!(back.len(), LEAF_MAX);
