@@ -37,6 +37,8 @@ pub mod device;
 mod diff;
 mod error;
 mod format;
+#[cfg(feature = "nbd")]
+pub mod nbd;
 mod pool;
 mod space;
 mod store;

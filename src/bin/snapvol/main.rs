@@ -152,6 +152,18 @@ enum Cmd {
     /// Keep VOL@SNAP's id as bookmark VOL#SNAP: incremental sends can start from it after
     /// the snapshot is deleted.
     Bookmark { path: PathBuf, snapshot: String },
+    /// Serve the pool's volumes (read-write, export name VOL) and snapshots (read-only,
+    /// VOL@SNAP) over NBD until killed; FLUSH from a client commits the pool.
+    #[cfg(feature = "nbd")]
+    Nbd {
+        path: PathBuf,
+        /// TCP address to listen on (loopback unless you trust the network: no TLS).
+        #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
+        listen: String,
+        /// Listen on this Unix socket instead.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Run the seed's three workflows end to end on sparse file pools in DIR (or a
     /// temporary directory): template clones, snapshot and rollback around an upgrade,
     /// a consistent snapshot under load exported and imported into a second pool.
@@ -693,6 +705,35 @@ fn run(cmd: Cmd) -> CmdResult {
             let (v, s) = need_snapshot(&snapshot)?;
             let id = pool.bookmark(v, s).map_err(e)?;
             println!("bookmark {v}#{s} id {id:032x}");
+            done(pool)
+        }
+        #[cfg(feature = "nbd")]
+        Cmd::Nbd {
+            path,
+            listen,
+            socket,
+        } => {
+            let pool = open(&path)?;
+            let served = match socket {
+                Some(sock) => {
+                    let l = std::os::unix::net::UnixListener::bind(&sock)
+                        .map_err(|err| format!("{}: {err}", sock.display()))?;
+                    eprintln!(
+                        "snapvol: serving {} over NBD on {}",
+                        path.display(),
+                        sock.display()
+                    );
+                    snapvol::nbd::serve_unix(&pool, l)
+                }
+                None => {
+                    let l = std::net::TcpListener::bind(&listen)
+                        .map_err(|err| format!("{listen}: {err}"))?;
+                    let at = l.local_addr().map_err(|err| err.to_string())?;
+                    eprintln!("snapvol: serving {} over NBD on {at}", path.display());
+                    snapvol::nbd::serve_tcp(&pool, l)
+                }
+            };
+            served.map_err(|err| format!("NBD server: {err}"))?;
             done(pool)
         }
         Cmd::Demo { dir } => demo::run(dir).map(|_| ExitCode::SUCCESS),

@@ -1,0 +1,76 @@
+//! What one NBD connection serves: a volume (read-write) or a snapshot (read-only), named as
+//! on the command line: `VOL` or `VOL@SNAP`.
+
+use crate::error::{Error, Result};
+use crate::pool::Pool;
+use crate::volume::{Snapshot, Volume};
+
+pub(crate) enum Export {
+    Volume(Volume),
+    Snapshot(Snapshot),
+}
+
+impl Export {
+    /// The export called `name`; the empty name (a client that asked for none) is the
+    /// pool's only volume when it has exactly one.
+    pub(crate) fn open(pool: &Pool, name: &str) -> Option<Export> {
+        if name.is_empty() {
+            let vols = pool.volumes();
+            return match vols.as_slice() {
+                [only] => pool.volume(&only.name).ok().map(Export::Volume),
+                _ => None,
+            };
+        }
+        match name.split_once('@') {
+            Some((v, s)) => pool.snapshot_handle(v, s).ok().map(Export::Snapshot),
+            None => pool.volume(name).ok().map(Export::Volume),
+        }
+    }
+
+    /// Every export name the pool offers, volumes first.
+    pub(crate) fn names(pool: &Pool) -> Vec<String> {
+        let mut names: Vec<String> = pool.volumes().into_iter().map(|v| v.name).collect();
+        names.extend(
+            pool.snapshots()
+                .into_iter()
+                .map(|s| format!("{}@{}", s.volume_name, s.name)),
+        );
+        names
+    }
+
+    pub(crate) fn read_only(&self) -> bool {
+        matches!(self, Export::Snapshot(_))
+    }
+
+    pub(crate) fn len(&self) -> Result<u64> {
+        match self {
+            Export::Volume(v) => v.len(),
+            Export::Snapshot(s) => s.len(),
+        }
+    }
+
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self {
+            Export::Volume(v) => v.read_at(buf, offset),
+            Export::Snapshot(s) => s.read_at(buf, offset),
+        }
+    }
+
+    /// The volume to change; a snapshot export refuses (checked before any change).
+    pub(crate) fn writable(&self) -> Result<&Volume> {
+        match self {
+            Export::Volume(v) => Ok(v),
+            Export::Snapshot(_) => Err(Error::InvalidArgument(
+                "a snapshot export is read-only".into(),
+            )),
+        }
+    }
+
+    pub(crate) fn flush(&self) -> Result<()> {
+        match self {
+            Export::Volume(v) => v.flush(),
+            // Nothing of a snapshot is ever unflushed.
+            Export::Snapshot(_) => Ok(()),
+        }
+    }
+}

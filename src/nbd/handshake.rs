@@ -1,0 +1,151 @@
+//! The fixed-newstyle handshake: greeting, then options until the client picks an export
+//! (NBD_OPT_GO or NBD_OPT_EXPORT_NAME) or leaves. Every length the client sends is checked
+//! before anything is read into memory.
+
+use super::export::Export;
+use super::wire::*;
+use crate::pool::Pool;
+use std::io::{self, Read, Write};
+
+/// The export chosen, and its size as told to the client.
+pub(crate) struct Chosen {
+    pub export: Export,
+    pub size: u64,
+}
+
+/// Transmission flags for an export.
+pub(crate) fn transmission_flags(export: &Export) -> u16 {
+    let common = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
+    if export.read_only() {
+        common | TFLAG_READ_ONLY
+    } else {
+        common | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES
+    }
+}
+
+/// Runs the handshake. `None`: the client aborted, left, or asked for an export that does
+/// not exist with NBD_OPT_EXPORT_NAME (which has no way to say so but closing).
+pub(crate) fn negotiate<S: Read + Write>(pool: &Pool, s: &mut S) -> io::Result<Option<Chosen>> {
+    let mut greeting = Vec::with_capacity(18);
+    greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&greeting)?;
+    s.flush()?;
+    let client = get_u32(s)?;
+    if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        // Flags we did not offer: the protocol says to close.
+        return Ok(None);
+    }
+    let no_zeroes = client & FLAG_C_NO_ZEROES != 0;
+    loop {
+        if get_u64(s)? != IHAVEOPT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad option magic",
+            ));
+        }
+        let option = get_u32(s)?;
+        let len = get_u32(s)?;
+        if len > MAX_OPTION {
+            skip(s, len as u64)?;
+            if option == OPT_EXPORT_NAME {
+                return Ok(None);
+            }
+            option_reply(s, option, REP_ERR_TOO_BIG, b"option data too long")?;
+            s.flush()?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        match option {
+            OPT_EXPORT_NAME => {
+                let Some(export) = std::str::from_utf8(&data)
+                    .ok()
+                    .and_then(|name| Export::open(pool, name))
+                else {
+                    return Ok(None);
+                };
+                let size = export.len().map_err(io::Error::other)?;
+                let mut reply = Vec::with_capacity(134);
+                reply.extend_from_slice(&size.to_be_bytes());
+                reply.extend_from_slice(&transmission_flags(&export).to_be_bytes());
+                if !no_zeroes {
+                    reply.extend_from_slice(&[0u8; 124]);
+                }
+                s.write_all(&reply)?;
+                s.flush()?;
+                return Ok(Some(Chosen { export, size }));
+            }
+            OPT_ABORT => {
+                // The client may already have gone; its leaving is what matters.
+                let _ = option_reply(s, option, REP_ACK, &[]).and_then(|()| s.flush());
+                return Ok(None);
+            }
+            OPT_LIST if !data.is_empty() => {
+                option_reply(s, option, REP_ERR_INVALID, b"LIST takes no data")?;
+            }
+            OPT_LIST => {
+                for name in Export::names(pool) {
+                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    option_reply(s, option, REP_SERVER, &d)?;
+                }
+                option_reply(s, option, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                if let Some(chosen) = info(pool, s, option, &data)? {
+                    if option == OPT_GO {
+                        s.flush()?;
+                        return Ok(Some(chosen));
+                    }
+                }
+            }
+            _ => option_reply(s, option, REP_ERR_UNSUP, b"option not supported")?,
+        }
+        s.flush()?;
+    }
+}
+
+/// Answers NBD_OPT_INFO or NBD_OPT_GO: the export's size and flags and its block sizes, or
+/// an error reply. Returns the export when the answer was a success.
+fn info<S: Write>(pool: &Pool, s: &mut S, option: u32, data: &[u8]) -> io::Result<Option<Chosen>> {
+    // u32 name length, name, u16 count of information requests, u16 each.
+    let parsed = data.get(..4).and_then(|n| {
+        let n = u32::from_be_bytes(n.try_into().ok()?) as usize;
+        let name = data.get(4..4 + n)?;
+        let count = u16::from_be_bytes(data.get(4 + n..6 + n)?.try_into().ok()?) as usize;
+        (data.len() == 6 + n + 2 * count).then_some(name)
+    });
+    let Some(name) = parsed else {
+        option_reply(s, option, REP_ERR_INVALID, b"malformed request")?;
+        return Ok(None);
+    };
+    let Some(export) = std::str::from_utf8(name)
+        .ok()
+        .and_then(|n| Export::open(pool, n))
+    else {
+        option_reply(s, option, REP_ERR_UNKNOWN, b"no such volume or snapshot")?;
+        return Ok(None);
+    };
+    let size = match export.len() {
+        Ok(size) => size,
+        Err(e) => {
+            option_reply(s, option, REP_ERR_UNKNOWN, e.to_string().as_bytes())?;
+            return Ok(None);
+        }
+    };
+    let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+    d.extend_from_slice(&size.to_be_bytes());
+    d.extend_from_slice(&transmission_flags(&export).to_be_bytes());
+    option_reply(s, option, REP_INFO, &d)?;
+    // Any length and offset work (minimum 1); whole blocks avoid read-modify-write.
+    let preferred = pool.block_size().clamp(512, MAX_REQUEST);
+    let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    d.extend_from_slice(&1u32.to_be_bytes());
+    d.extend_from_slice(&preferred.to_be_bytes());
+    d.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+    option_reply(s, option, REP_INFO, &d)?;
+    option_reply(s, option, REP_ACK, &[])?;
+    Ok(Some(Chosen { export, size }))
+}

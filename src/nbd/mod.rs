@@ -1,0 +1,86 @@
+//! An NBD server (feature `nbd`): exports a pool's volumes read-write and its snapshots
+//! read-only to any NBD client (qemu, nbd-client, nbdkit's tools, libnbd), over TCP or a Unix
+//! socket. Export names are `VOL` and `VOL@SNAP`; the empty name is the only volume of a
+//! pool that has one.
+//!
+//! The fixed-newstyle handshake (NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_EXPORT_NAME,
+//! NBD_OPT_ABORT) and simple replies; commands READ, WRITE (with FUA), FLUSH, TRIM,
+//! WRITE_ZEROES (with NO_HOLE) and DISC. FLUSH commits the pool, so it covers every
+//! connection's completed writes and the server advertises CAN_MULTI_CONN. Structured replies
+//! and block status are not offered (clients fall back to simple replies). There is no TLS:
+//! listen on loopback or a Unix socket.
+//!
+//! ```no_run
+//! # fn main() -> std::io::Result<()> {
+//! let pool = snapvol::Pool::open_path("pool.img", snapvol::PoolOptions::default()).unwrap();
+//! let listener = std::net::TcpListener::bind("127.0.0.1:10809")?;
+//! snapvol::nbd::serve_tcp(&pool, listener)    // qemu-io nbd://127.0.0.1/VOL
+//! # }
+//! ```
+
+mod export;
+mod handshake;
+mod transmission;
+mod wire;
+
+use crate::pool::Pool;
+use std::io::{self, Read, Write};
+
+/// Serves one client on `stream` until it disconnects: the handshake, then its requests.
+/// Errors are the connection's (a client that breaks the protocol or goes away); the pool
+/// is never left inconsistent by one.
+pub fn serve_connection<S: Read + Write>(pool: &Pool, mut stream: S) -> io::Result<()> {
+    match handshake::negotiate(pool, &mut stream)? {
+        Some(chosen) => transmission::serve(&chosen, &mut stream),
+        None => Ok(()),
+    }
+}
+
+/// Accepts clients on `listener` forever, each on its own thread.
+pub fn serve_tcp(pool: &Pool, listener: std::net::TcpListener) -> io::Result<()> {
+    for stream in listener.incoming() {
+        let stream = stream?;
+        // Replies are whole messages; do not hold them back waiting for more.
+        stream.set_nodelay(true)?;
+        spawn(pool, stream);
+    }
+    Ok(())
+}
+
+/// Accepts clients on a Unix socket forever, each on its own thread.
+pub fn serve_unix(pool: &Pool, listener: std::os::unix::net::UnixListener) -> io::Result<()> {
+    for stream in listener.incoming() {
+        spawn(pool, stream?);
+    }
+    Ok(())
+}
+
+fn spawn<S: Read + Write + Send + 'static>(pool: &Pool, stream: S) {
+    let pool = pool.clone();
+    std::thread::spawn(move || {
+        // One client's protocol error or disconnect concerns only its own connection.
+        let _ = serve_connection(
+            &pool,
+            Buffered(io::BufWriter::with_capacity(64 << 10, stream)),
+        );
+    });
+}
+
+/// A connection whose writes are buffered (a reply's header and data leave in one send;
+/// every reply is flushed) and whose reads go straight to the socket.
+struct Buffered<S: Write>(io::BufWriter<S>);
+
+impl<S: Read + Write> Read for Buffered<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.get_mut().read(buf)
+    }
+}
+
+impl<S: Write> Write for Buffered<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}

@@ -1,0 +1,421 @@
+//! The NBD server against real clients (qemu-io, qemu-img, qemu-nbd) and against a raw
+//! protocol client that sends what real clients never do: unknown exports, requests outside
+//! the export, oversized and read-only writes, unknown commands, a broken header.
+
+use snapvol::device::{CrashDevice, MemoryDevice};
+use snapvol::{Pool, PoolOptions};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::Arc;
+
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// A raw client on one end of a socket pair whose other end the server serves.
+struct Client(UnixStream);
+
+impl Client {
+    fn connect(pool: &Pool) -> (Client, std::thread::JoinHandle<std::io::Result<()>>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let pool = pool.clone();
+        let server = std::thread::spawn(move || snapvol::nbd::serve_connection(&pool, b));
+        let mut c = Client(a);
+        let mut greeting = [0u8; 18];
+        c.0.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        assert_eq!(u64_at(&greeting, 8), IHAVEOPT);
+        assert_eq!(u16::from_be_bytes([greeting[16], greeting[17]]) & 3, 3);
+        c.0.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
+        (c, server)
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.0.write_all(&m).unwrap();
+    }
+
+    /// One option reply: (type, data).
+    fn option_reply(&mut self, option: u32) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(u64_at(&h, 0), REPLY_MAGIC);
+        assert_eq!(u32_at(&h, 8), option);
+        let mut data = vec![0u8; u32_at(&h, 16) as usize];
+        self.0.read_exact(&mut data).unwrap();
+        (u32_at(&h, 12), data)
+    }
+
+    /// NBD_OPT_GO; returns the export's size and flags, or the error reply type.
+    fn go(&mut self, name: &str) -> Result<(u64, u16), u32> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.option(7, &d);
+        let mut export = None;
+        loop {
+            match self.option_reply(7) {
+                (3, info) if info[..2] == [0, 0] => {
+                    export = Some((u64_at(&info, 2), u16::from_be_bytes([info[10], info[11]])))
+                }
+                (3, _) => {}
+                (1, _) => return Ok(export.unwrap()),
+                (err, _) => return Err(err),
+            }
+        }
+    }
+
+    fn request(&mut self, kind: u16, flags: u16, handle: u64, offset: u64, len: u32, data: &[u8]) {
+        let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&kind.to_be_bytes());
+        m.extend_from_slice(&handle.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(data);
+        self.0.write_all(&m).unwrap();
+    }
+
+    /// A simple reply's error, after checking its handle; `data` bytes follow a success.
+    fn reply(&mut self, handle: u64, data: &mut [u8]) -> u32 {
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(u32_at(&h, 0), 0x6744_6698);
+        assert_eq!(u64_at(&h, 8), handle);
+        let err = u32_at(&h, 4);
+        if err == 0 {
+            self.0.read_exact(data).unwrap();
+        }
+        err
+    }
+}
+
+fn memory_pool() -> Pool {
+    let pool = Pool::create(
+        Arc::new(MemoryDevice::new(64 << 20)),
+        PoolOptions::default(),
+    )
+    .unwrap();
+    let v = pool.create_volume("vm", 4 << 20).unwrap();
+    v.write_at(&[7u8; 8192], 0).unwrap();
+    pool.snapshot("vm", "s").unwrap();
+    pool
+}
+
+#[test]
+fn the_handshake_lists_refuses_and_chooses_exports() {
+    let pool = memory_pool();
+    let (mut c, server) = Client::connect(&pool);
+    // LIST: the volume and its snapshot.
+    c.option(3, &[]);
+    let mut names = Vec::new();
+    loop {
+        match c.option_reply(3) {
+            (2, d) => names.push(String::from_utf8(d[4..].to_vec()).unwrap()),
+            (1, _) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(names, ["vm", "vm@s"]);
+    // Unknown option, unknown export, malformed GO, oversized option: error replies, and
+    // the handshake goes on.
+    c.option(99, b"x");
+    assert_eq!(c.option_reply(99).0, 0x8000_0001);
+    assert_eq!(c.go("nope"), Err(0x8000_0006));
+    c.option(7, &[0, 0, 0, 9, b'v']);
+    assert_eq!(c.option_reply(7).0, 0x8000_0003);
+    c.option(7, &vec![0u8; 5000]);
+    assert_eq!(c.option_reply(7).0, 0x8000_0009);
+    let (size, flags) = c.go("vm@s").unwrap();
+    assert_eq!(size, 4 << 20);
+    assert_ne!(flags & 2, 0, "a snapshot is exported read-only");
+    c.request(2, 0, 1, 0, 0, &[]);
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_connection_goes_on() {
+    let pool = memory_pool();
+    let (mut c, server) = Client::connect(&pool);
+    let (size, flags) = c.go("vm").unwrap();
+    assert_eq!(flags & 2, 0, "a volume is exported read-write");
+    let mut buf = vec![0u8; 4096];
+    // Outside the export, past u64, longer than the server's maximum.
+    c.request(0, 0, 1, size - 100, 4096, &[]);
+    assert_eq!(c.reply(1, &mut buf), 22);
+    c.request(0, 0, 2, u64::MAX - 10, 4096, &[]);
+    assert_eq!(c.reply(2, &mut buf), 22);
+    c.request(0, 0, 3, 0, (32 << 20) + 1, &[]);
+    assert_eq!(c.reply(3, &mut buf), 22);
+    // An oversized write's payload is consumed: the next request is still understood.
+    c.request(1, 0, 4, 0, (32 << 20) + 1, &vec![1u8; (32 << 20) + 1]);
+    assert_eq!(c.reply(4, &mut []), 22);
+    c.request(1, 0, 5, size - 10, 4096, &[2u8; 4096]);
+    assert_eq!(c.reply(5, &mut []), 22);
+    c.request(6, 0, 6, size, 1, &[]);
+    assert_eq!(c.reply(6, &mut []), 22, "write zeroes past the end");
+    c.request(42, 0, 7, 0, 0, &[]);
+    assert_eq!(c.reply(7, &mut []), 22, "unknown command");
+    // Nothing above changed the volume; a good write with FUA is durable on reply.
+    let mut got = vec![0u8; 8192];
+    pool.volume("vm").unwrap().read_at(&mut got, 0).unwrap();
+    assert_eq!(got, vec![7u8; 8192]);
+    c.request(1, 1, 8, 4096, 4096, &[9u8; 4096]);
+    assert_eq!(c.reply(8, &mut []), 0);
+    c.request(0, 0, 9, 0, 8192, &[]);
+    assert_eq!(c.reply(9, &mut got), 0);
+    assert_eq!(&got[..4096], &[7u8; 4096]);
+    assert_eq!(&got[4096..], &[9u8; 4096]);
+    // TRIM and WRITE_ZEROES (punching, and NO_HOLE) read back as zeros.
+    c.request(4, 0, 10, 0, 4096, &[]);
+    assert_eq!(c.reply(10, &mut []), 0);
+    c.request(6, 2, 11, 4096, 4096, &[]);
+    assert_eq!(c.reply(11, &mut []), 0);
+    c.request(0, 0, 12, 0, 8192, &[]);
+    assert_eq!(c.reply(12, &mut got), 0);
+    assert!(got.iter().all(|&b| b == 0));
+    c.request(3, 0, 13, 0, 0, &[]);
+    assert_eq!(c.reply(13, &mut []), 0);
+    // A broken header ends the connection (the stream is out of step).
+    c.0.write_all(&[0xde, 0xad, 0xbe, 0xef]).unwrap();
+    c.0.write_all(&[0u8; 24]).unwrap();
+    assert!(server.join().unwrap().is_err());
+    assert!(pool.check().unwrap().is_clean());
+}
+
+#[test]
+fn a_snapshot_export_refuses_every_change() {
+    let pool = memory_pool();
+    let (mut c, server) = Client::connect(&pool);
+    c.go("vm@s").unwrap();
+    c.request(1, 0, 1, 0, 4096, &[1u8; 4096]);
+    assert_eq!(c.reply(1, &mut []), 1);
+    c.request(4, 0, 2, 0, 4096, &[]);
+    assert_eq!(c.reply(2, &mut []), 1);
+    c.request(6, 0, 3, 0, 4096, &[]);
+    assert_eq!(c.reply(3, &mut []), 1);
+    let mut got = vec![0u8; 8192];
+    c.request(0, 0, 4, 0, 8192, &[]);
+    assert_eq!(c.reply(4, &mut got), 0);
+    assert_eq!(got, vec![7u8; 8192]);
+    drop(c);
+    server.join().unwrap().unwrap();
+}
+
+/// `snapvol nbd` serving a pool file on a Unix socket.
+struct Server {
+    child: Child,
+    socket: std::path::PathBuf,
+}
+
+impl Server {
+    fn start(pool: &Path, socket: &Path) -> Server {
+        let child = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+            .args([
+                "nbd",
+                pool.to_str().unwrap(),
+                "--socket",
+                socket.to_str().unwrap(),
+            ])
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if UnixStream::connect(socket).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Server {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// SIGKILL: nothing gets a chance to commit.
+    fn kill(self) {}
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Also on a failed assertion, so no server outlives the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tool(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn qemu_tools_write_read_copy_and_list_and_the_pool_keeps_it_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("pool.img");
+    let snapvol = env!("CARGO_BIN_EXE_snapvol");
+    tool(
+        snapvol,
+        &["pool", "create", img.to_str().unwrap(), "--size", "256M"],
+    );
+    tool(
+        snapvol,
+        &["create", img.to_str().unwrap(), "vm", "--size", "16M"],
+    );
+    tool(snapvol, &["snapshot", img.to_str().unwrap(), "vm@empty"]);
+    let server = Server::start(&img, &dir.path().join("nbd.sock"));
+    let vm = server.uri("vm");
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &vm,
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 5M 64k",
+            "-c",
+            "write -z 512k 64k",
+            "-c",
+            "discard 5M 4k",
+            "-c",
+            "flush",
+            "-c",
+            "write -f -P 0xef 8M 4k",
+        ],
+    );
+    // What the writes above make, checked through NBD and after the server is killed.
+    let mut want = vec![0u8; 16 << 20];
+    want[..1 << 20].fill(0xab);
+    want[512 << 10..576 << 10].fill(0);
+    want[5 << 20..(5 << 20) + (64 << 10)].fill(0xcd);
+    want[5 << 20..(5 << 20) + 4096].fill(0);
+    want[8 << 20..(8 << 20) + 4096].fill(0xef);
+    let info = tool("qemu-img", &["info", "-f", "raw", &vm]);
+    assert!(info.contains("16 MiB"), "{info}");
+    let copy = dir.path().join("copy.raw");
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &vm,
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&copy).unwrap() == want,
+        "qemu-img convert copy differs"
+    );
+    // The snapshot export is listed, read-only, and unchanged.
+    let list = tool(
+        "qemu-nbd",
+        &["--list", "-k", server.socket.to_str().unwrap()],
+    );
+    assert!(
+        list.contains("export: 'vm'") && list.contains("export: 'vm@empty'"),
+        "{list}"
+    );
+    let empty = server.uri("vm@empty");
+    let refused = Command::new("qemu-io")
+        .args(["-f", "raw", &empty, "-c", "write -P 1 0 4k"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stdout).into_owned()
+        + &String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("Permission denied"),
+        "{said}"
+    );
+    tool(
+        "qemu-io",
+        &["-f", "raw", "-r", &empty, "-c", "read -P 0 0 16M"],
+    );
+    server.kill();
+
+    // What the client wrote and flushed is in the pool file after SIGKILL.
+    let export = dir.path().join("export.raw");
+    tool(
+        snapvol,
+        &[
+            "export",
+            img.to_str().unwrap(),
+            "vm",
+            export.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&export).unwrap() == want,
+        "flushed writes lost by the kill"
+    );
+}
+
+/// Durability as NBD promises it, read from the device's history: a write is not durable on
+/// its reply, FLUSH makes every completed write durable, and FUA makes its own write durable
+/// before the reply.
+#[test]
+fn flush_and_fua_make_writes_durable_before_the_reply() {
+    let dev = Arc::new(CrashDevice::new(64 << 20));
+    let opts = || PoolOptions {
+        commit_interval: None,
+        ..PoolOptions::default()
+    };
+    let pool = Pool::create(dev.clone(), opts()).unwrap();
+    pool.create_volume("vm", 4 << 20).unwrap();
+    let (mut c, server) = Client::connect(&pool);
+    c.go("vm").unwrap();
+    // The volume as a crash right now would leave it.
+    let after_crash = |off: u64| {
+        let history = dev.history();
+        let mut at = history.start();
+        at.advance_to(history.len());
+        let p = Pool::open(
+            Arc::new(CrashDevice::from_image(at.durable_image())),
+            opts(),
+        )
+        .unwrap();
+        let mut b = vec![0u8; 4096];
+        p.volume("vm").unwrap().read_at(&mut b, off).unwrap();
+        b
+    };
+    c.request(1, 0, 1, 0, 4096, &[1u8; 4096]);
+    assert_eq!(c.reply(1, &mut []), 0);
+    assert!(after_crash(0) == [0u8; 4096], "not durable before a flush");
+    c.request(3, 0, 2, 0, 0, &[]);
+    assert_eq!(c.reply(2, &mut []), 0);
+    assert!(after_crash(0) == [1u8; 4096], "durable after FLUSH");
+    c.request(1, 1, 3, 8192, 4096, &[2u8; 4096]);
+    assert_eq!(c.reply(3, &mut []), 0);
+    assert!(
+        after_crash(8192) == [2u8; 4096],
+        "durable after a FUA write"
+    );
+    c.request(6, 1, 4, 0, 4096, &[]);
+    assert_eq!(c.reply(4, &mut []), 0);
+    assert!(
+        after_crash(0) == [0u8; 4096],
+        "durable after FUA write zeroes"
+    );
+    c.request(2, 0, 5, 0, 0, &[]);
+    server.join().unwrap().unwrap();
+}
