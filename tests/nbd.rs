@@ -368,6 +368,25 @@ fn qemu_tools_write_read_copy_and_list_and_the_pool_keeps_it_after_a_kill() {
         std::fs::read(&export).unwrap() == want,
         "flushed writes lost by the kill"
     );
+    // A new server takes over the socket file the killed one left behind.
+    let again = Server::start(&img, &dir.path().join("nbd.sock"));
+    let copy2 = dir.path().join("copy2.raw");
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &again.uri("vm"),
+            copy2.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&copy2).unwrap() == want,
+        "served after a restart"
+    );
 }
 
 /// Durability as NBD promises it, read from the device's history: a write is not durable on

@@ -716,6 +716,13 @@ fn run(cmd: Cmd) -> CmdResult {
             let pool = open(&path)?;
             let served = match socket {
                 Some(sock) => {
+                    // A socket file left by a server that was killed refuses connections:
+                    // replace it. One that answers belongs to a running server: keep it.
+                    let stale = std::os::unix::net::UnixStream::connect(&sock)
+                        .is_err_and(|err| err.kind() == std::io::ErrorKind::ConnectionRefused);
+                    if stale {
+                        let _ = std::fs::remove_file(&sock);
+                    }
                     let l = std::os::unix::net::UnixListener::bind(&sock)
                         .map_err(|err| format!("{}: {err}", sock.display()))?;
                     eprintln!(
