@@ -438,3 +438,62 @@ fn flush_and_fua_make_writes_durable_before_the_reply() {
     c.request(2, 0, 5, 0, 0, &[]);
     server.join().unwrap().unwrap();
 }
+
+/// The socket path serves a connection's requests on several threads and may answer them in
+/// any order: 200 requests sent without waiting (writes, some with FUA, reads, a flush, a
+/// refused one) each get exactly one reply with their own handle and the right result.
+#[test]
+fn pipelined_requests_on_a_socket_each_get_their_reply() {
+    let pool = memory_pool();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let served = pool.clone();
+    // Runs until the test process ends.
+    std::thread::spawn(move || snapvol::nbd::serve_unix(&served, listener));
+    let mut c = Client(UnixStream::connect(&path).unwrap());
+    let mut greeting = [0u8; 18];
+    c.0.read_exact(&mut greeting).unwrap();
+    c.0.write_all(&3u32.to_be_bytes()).unwrap();
+    c.go("vm").unwrap();
+    let block = |i: u64| vec![(i % 251) as u8 + 1; 4096];
+    let mut sent = Vec::new();
+    for i in 0..100u64 {
+        c.request(1, (i % 7 == 0) as u16, i, (i + 2) * 4096, 4096, &block(i));
+        sent.push(i);
+    }
+    c.request(3, 0, 1000, 0, 0, &[]);
+    c.request(0, 0, 1001, 4 << 20, 4096, &[]);
+    let mut replies = std::collections::HashMap::new();
+    for _ in 0..102 {
+        let mut h = [0u8; 16];
+        c.0.read_exact(&mut h).unwrap();
+        assert_eq!(u32_at(&h, 0), 0x6744_6698);
+        let handle = u64_at(&h, 8);
+        assert!(
+            replies.insert(handle, u32_at(&h, 4)).is_none(),
+            "two replies to {handle}"
+        );
+    }
+    assert!(sent.iter().all(|i| replies[i] == 0));
+    assert_eq!(replies[&1000], 0);
+    assert_eq!(replies[&1001], 22, "read past the end");
+    // Every write landed: read them back, again without waiting between requests.
+    for i in 0..100u64 {
+        c.request(0, 0, 2000 + i, (i + 2) * 4096, 4096, &[]);
+    }
+    let mut seen = 0;
+    for _ in 0..100 {
+        let mut h = [0u8; 16];
+        c.0.read_exact(&mut h).unwrap();
+        assert_eq!(u32_at(&h, 4), 0);
+        let i = u64_at(&h, 8) - 2000;
+        let mut data = vec![0u8; 4096];
+        c.0.read_exact(&mut data).unwrap();
+        assert!(data == block(i), "block {i}");
+        seen += 1;
+    }
+    assert_eq!(seen, 100);
+    c.request(2, 0, 0, 0, 0, &[]);
+    assert!(pool.check().unwrap().is_clean());
+}

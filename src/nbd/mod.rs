@@ -36,7 +36,7 @@ pub fn serve_connection<S: Read + Write>(pool: &Pool, mut stream: S) -> io::Resu
     }
 }
 
-/// Accepts clients on `listener` forever, each on its own thread.
+/// Accepts clients on `listener` forever, each on its own threads.
 pub fn serve_tcp(pool: &Pool, listener: std::net::TcpListener) -> io::Result<()> {
     for stream in listener.incoming() {
         let stream = stream?;
@@ -47,7 +47,7 @@ pub fn serve_tcp(pool: &Pool, listener: std::net::TcpListener) -> io::Result<()>
     Ok(())
 }
 
-/// Accepts clients on a Unix socket forever, each on its own thread.
+/// Accepts clients on a Unix socket forever, each on its own threads.
 pub fn serve_unix(pool: &Pool, listener: std::os::unix::net::UnixListener) -> io::Result<()> {
     for stream in listener.incoming() {
         spawn(pool, stream?);
@@ -55,15 +55,46 @@ pub fn serve_unix(pool: &Pool, listener: std::os::unix::net::UnixListener) -> io
     Ok(())
 }
 
-fn spawn<S: Read + Write + Send + 'static>(pool: &Pool, stream: S) {
+/// A socket that can be split into a reading and a writing handle.
+trait Socket: Read + Write + Send + Sized + 'static {
+    fn try_clone(&self) -> io::Result<Self>;
+}
+
+impl Socket for std::net::TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        std::net::TcpStream::try_clone(self)
+    }
+}
+
+impl Socket for std::os::unix::net::UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        std::os::unix::net::UnixStream::try_clone(self)
+    }
+}
+
+/// Requests of one connection served at once: one per core, at least two so a slow request
+/// (a commit) does not hold up the rest, at most four.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+}
+
+fn spawn<S: Socket>(pool: &Pool, stream: S) {
     let pool = pool.clone();
     std::thread::spawn(move || {
         // One client's protocol error or disconnect concerns only its own connection.
-        let _ = serve_connection(
-            &pool,
-            Buffered(io::BufWriter::with_capacity(64 << 10, stream)),
-        );
+        let _ = serve_socket(&pool, stream);
     });
+}
+
+fn serve_socket<S: Socket>(pool: &Pool, stream: S) -> io::Result<()> {
+    let mut conn = Buffered(io::BufWriter::with_capacity(64 << 10, stream));
+    let Some(chosen) = handshake::negotiate(pool, &mut conn)? else {
+        return Ok(());
+    };
+    let stream = conn.0.into_inner().map_err(|e| e.into_error())?;
+    let writer = io::BufWriter::with_capacity(64 << 10, stream.try_clone()?);
+    let reader = io::BufReader::with_capacity(64 << 10, stream);
+    transmission::serve_parallel(&chosen, reader, writer, workers())
 }
 
 /// A connection whose writes are buffered (a reply's header and data leave in one send;
