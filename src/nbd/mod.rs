@@ -29,14 +29,34 @@ use std::io::{self, Read, Write};
 /// Serves one client on `stream` until it disconnects: the handshake, then its requests.
 /// Errors are the connection's (a client that breaks the protocol or goes away); the pool
 /// is never left inconsistent by one.
-pub fn serve_connection<S: Read + Write>(pool: &Pool, mut stream: S) -> io::Result<()> {
-    match handshake::negotiate(pool, &mut stream)? {
-        Some(chosen) => transmission::serve(&chosen, &mut stream),
+pub fn serve_connection<S: Read + Write>(pool: &Pool, stream: S) -> io::Result<()> {
+    let stream = std::cell::RefCell::new(stream);
+    let mut half = Half(&stream);
+    match handshake::negotiate(pool, &mut half)? {
+        Some(chosen) => transmission::serve(&chosen, &mut Half(&stream), &mut Half(&stream)),
         None => Ok(()),
     }
 }
 
-/// Accepts clients on `listener` forever, each on its own threads.
+/// One stream used as both the request side and the reply side, one call at a time.
+struct Half<'a, S>(&'a std::cell::RefCell<S>);
+
+impl<S: Read> Read for Half<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
+impl<S: Write> Write for Half<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.borrow_mut().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.borrow_mut().flush()
+    }
+}
+
+/// Accepts clients on `listener` forever, each on its own thread.
 pub fn serve_tcp(pool: &Pool, listener: std::net::TcpListener) -> io::Result<()> {
     for stream in listener.incoming() {
         let stream = stream?;
@@ -47,7 +67,7 @@ pub fn serve_tcp(pool: &Pool, listener: std::net::TcpListener) -> io::Result<()>
     Ok(())
 }
 
-/// Accepts clients on a Unix socket forever, each on its own threads.
+/// Accepts clients on a Unix socket forever, each on its own thread.
 pub fn serve_unix(pool: &Pool, listener: std::os::unix::net::UnixListener) -> io::Result<()> {
     for stream in listener.incoming() {
         spawn(pool, stream?);
@@ -72,12 +92,6 @@ impl Socket for std::os::unix::net::UnixStream {
     }
 }
 
-/// Requests of one connection served at once: one per core, at least two so a slow request
-/// (a commit) does not hold up the rest, at most four.
-fn workers() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
-}
-
 fn spawn<S: Socket>(pool: &Pool, stream: S) {
     let pool = pool.clone();
     std::thread::spawn(move || {
@@ -92,9 +106,11 @@ fn serve_socket<S: Socket>(pool: &Pool, stream: S) -> io::Result<()> {
         return Ok(());
     };
     let stream = conn.0.into_inner().map_err(|e| e.into_error())?;
-    let writer = io::BufWriter::with_capacity(64 << 10, stream.try_clone()?);
-    let reader = io::BufReader::with_capacity(64 << 10, stream);
-    transmission::serve_parallel(&chosen, reader, writer, workers())
+    // Buffered both ways: a pipelining client's requests are read many per system call, and
+    // a reply's header and data leave in one.
+    let mut writer = io::BufWriter::with_capacity(64 << 10, stream.try_clone()?);
+    let mut reader = io::BufReader::with_capacity(64 << 10, stream);
+    transmission::serve(&chosen, &mut reader, &mut writer)
 }
 
 /// A connection whose writes are buffered (a reply's header and data leave in one send;
