@@ -439,9 +439,9 @@ fn flush_and_fua_make_writes_durable_before_the_reply() {
     server.join().unwrap().unwrap();
 }
 
-/// The socket path serves a connection's requests on several threads and may answer them in
-/// any order: 200 requests sent without waiting (writes, some with FUA, reads, a flush, a
-/// refused one) each get exactly one reply with their own handle and the right result.
+/// The socket path (buffered reading, as `serve_unix` runs it): 200 requests sent without
+/// waiting (writes, some with FUA, reads, a flush, a refused one) each get exactly one reply
+/// with their own handle and the right result, matched by handle, as a client must.
 #[test]
 fn pipelined_requests_on_a_socket_each_get_their_reply() {
     let pool = memory_pool();
