@@ -168,6 +168,15 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
     assert_eq!(c.reply(6, &mut []), 22, "write zeroes past the end");
     c.request(42, 0, 7, 0, 0, &[]);
     assert_eq!(c.reply(7, &mut []), 22, "unknown command");
+    // Zero-length requests are valid and change nothing, even at the very end.
+    for (i, kind) in [0u16, 1, 4, 6].into_iter().enumerate() {
+        c.request(kind, 0, 20 + i as u64, size, 0, &[]);
+        assert_eq!(
+            c.reply(20 + i as u64, &mut []),
+            0,
+            "zero-length command {kind}"
+        );
+    }
     // Nothing above changed the volume; a good write with FUA is durable on reply.
     let mut got = vec![0u8; 8192];
     pool.volume("vm").unwrap().read_at(&mut got, 0).unwrap();
