@@ -336,6 +336,34 @@ fn qemu_tools_write_read_copy_and_list_and_the_pool_keeps_it_after_a_kill() {
         std::fs::read(&copy).unwrap() == want,
         "qemu-img convert copy differs"
     );
+    // Block status (structured replies, base:allocation) as qemu-img map reads it: data
+    // exactly where the writes left data, everything else a zero hole.
+    let map: serde_json::Value = serde_json::from_str(&tool(
+        "qemu-img",
+        &["map", "--output=json", "-f", "raw", &vm],
+    ))
+    .unwrap();
+    let mut data: Vec<(u64, u64)> = Vec::new();
+    for e in map.as_array().unwrap() {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        assert_eq!(e["data"].as_bool().unwrap(), !e["zero"].as_bool().unwrap());
+        if e["data"].as_bool().unwrap() {
+            match data.last_mut() {
+                Some(last) if last.1 == start => last.1 += len,
+                _ => data.push((start, start + len)),
+            }
+        }
+    }
+    let (k, m) = (1u64 << 10, 1u64 << 20);
+    // `write -z` without -u asks for NO_HOLE, so those zeros stay allocated data.
+    assert_eq!(
+        data,
+        [
+            (0, m),
+            (5 * m + 4 * k, 5 * m + 64 * k),
+            (8 * m, 8 * m + 4 * k)
+        ]
+    );
     // The snapshot export is listed, read-only, and unchanged.
     let list = tool(
         "qemu-nbd",
@@ -505,4 +533,125 @@ fn pipelined_requests_on_a_socket_each_get_their_reply() {
     assert_eq!(seen, 100);
     c.request(2, 0, 0, 0, 0, &[]);
     assert!(pool.check().unwrap().is_clean());
+}
+
+impl Client {
+    fn simple_ok(&mut self, option: u32, data: &[u8]) -> (u32, Vec<u8>) {
+        self.option(option, data);
+        self.option_reply(option)
+    }
+
+    /// One structured chunk: (flags, type, payload), after checking the magic and handle.
+    fn chunk(&mut self, handle: u64) -> (u16, u16, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(u32_at(&h, 0), 0x668e_33ef, "a structured chunk");
+        assert_eq!(u64_at(&h, 8), handle);
+        let mut p = vec![0u8; u32_at(&h, 16) as usize];
+        self.0.read_exact(&mut p).unwrap();
+        (
+            u16::from_be_bytes([h[4], h[5]]),
+            u16::from_be_bytes([h[6], h[7]]),
+            p,
+        )
+    }
+}
+
+fn meta_request(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+/// Structured replies and `base:allocation`: negotiation in the right order, reads answered
+/// with one data chunk (or an error chunk), and block status from the block map, whole or
+/// limited to one run.
+#[test]
+fn structured_replies_and_block_status() {
+    let pool = memory_pool(); // "vm": 4 MiB, data in 0..8192
+    pool.volume("vm")
+        .unwrap()
+        .write_at(&[5u8; 4096], 1 << 20)
+        .unwrap();
+    let (mut c, server) = Client::connect(&pool);
+    // Selecting a context needs structured replies first.
+    let (kind, _) = c.simple_ok(10, &meta_request("vm", &["base:allocation"]));
+    assert_eq!(kind, 0x8000_0003);
+    assert_eq!(c.simple_ok(8, &[]).0, 1);
+    // Listing with no query names the one context; an unknown one is not selected.
+    c.option(9, &meta_request("vm", &[]));
+    assert_eq!(
+        c.option_reply(9),
+        (4, [&1u32.to_be_bytes()[..], b"base:allocation"].concat())
+    );
+    assert_eq!(c.option_reply(9).0, 1);
+    c.option(10, &meta_request("vm", &["qemu:dirty-bitmap:x"]));
+    assert_eq!(c.option_reply(10).0, 1, "nothing selected, then ACK");
+    c.option(10, &meta_request("nope", &["base:allocation"]));
+    assert_eq!(c.option_reply(10).0, 0x8000_0006);
+    c.option(10, &meta_request("vm", &["base:allocation"]));
+    assert_eq!(c.option_reply(10).0, 4);
+    assert_eq!(c.option_reply(10).0, 1);
+    c.go("vm").unwrap();
+
+    // A read: one OFFSET_DATA chunk with the DONE flag; a bad one: one ERROR chunk.
+    c.request(0, 0, 1, 4096, 8192, &[]);
+    let (flags, kind, p) = c.chunk(1);
+    assert_eq!((flags, kind), (1, 1));
+    assert_eq!(u64_at(&p, 0), 4096);
+    assert_eq!(&p[8..8 + 4096], &[7u8; 4096]);
+    assert_eq!(&p[8 + 4096..], &[0u8; 4096]);
+    c.request(0, 0, 2, 4 << 20, 1, &[]);
+    let (flags, kind, p) = c.chunk(2);
+    assert_eq!((flags, kind), (1, 0x8001));
+    assert_eq!(u32_at(&p, 0), 22);
+    // Other commands keep simple replies.
+    c.request(3, 0, 3, 0, 0, &[]);
+    assert_eq!(c.reply(3, &mut []), 0);
+
+    // Block status of the whole volume: data, hole, data, hole.
+    c.request(7, 0, 4, 0, 4 << 20, &[]);
+    let (flags, kind, p) = c.chunk(4);
+    assert_eq!((flags, kind), (1, 5));
+    assert_eq!(u32_at(&p, 0), 1, "the base:allocation id");
+    let runs: Vec<(u32, u32)> = p[4..]
+        .chunks(8)
+        .map(|d| (u32_at(d, 0), u32_at(d, 4)))
+        .collect();
+    assert_eq!(
+        runs,
+        [
+            (8192, 0),
+            ((1 << 20) - 8192, 3),
+            (4096, 0),
+            ((3 << 20) - 4096, 3)
+        ]
+    );
+    // REQ_ONE: exactly one run, from the offset asked (mid-hole here).
+    c.request(7, 8, 5, 65536, 1 << 20, &[]);
+    let (_, _, p) = c.chunk(5);
+    assert_eq!(p.len(), 12);
+    assert_eq!((u32_at(&p, 4), u32_at(&p, 8)), ((1 << 20) - 65536, 3));
+    // Past the end, or of length 0: an error chunk.
+    c.request(7, 0, 6, 4 << 20, 1, &[]);
+    assert_eq!(c.chunk(6).1, 0x8001);
+    c.request(2, 0, 7, 0, 0, &[]);
+    server.join().unwrap().unwrap();
+}
+
+/// Without structured replies, block status is refused with a simple EINVAL.
+#[test]
+fn block_status_needs_the_context() {
+    let pool = memory_pool();
+    let (mut c, server) = Client::connect(&pool);
+    c.go("vm").unwrap();
+    c.request(7, 0, 1, 0, 4096, &[]);
+    assert_eq!(c.reply(1, &mut []), 22);
+    c.request(2, 0, 2, 0, 0, &[]);
+    server.join().unwrap().unwrap();
 }

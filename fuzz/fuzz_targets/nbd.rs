@@ -1,5 +1,6 @@
-//! Hostile NBD clients: raw bytes for the handshake, or a valid handshake choosing the volume
-//! or its snapshot followed by raw bytes as requests. Whatever a client sends, the server
+//! Hostile NBD clients: raw bytes for the handshake, or a valid handshake (with or without
+//! structured replies and `base:allocation`) choosing the volume or its snapshot, followed by
+//! raw bytes as requests. Whatever a client sends, the server
 //! answers or hangs up without panicking, and the pool stays consistent (`check()` clean);
 //! a client on the read-only snapshot export changes nothing.
 #![no_main]
@@ -28,9 +29,27 @@ impl Write for Wire<'_> {
     }
 }
 
-/// Client flags, then NBD_OPT_GO for `name` with no information requests.
-fn handshake(name: &str) -> Vec<u8> {
+fn option(m: &mut Vec<u8>, option: u32, data: &[u8]) {
+    m.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
+    m.extend_from_slice(&option.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+}
+
+/// Client flags, optionally structured replies and `base:allocation`, then NBD_OPT_GO for
+/// `name` with no information requests.
+fn handshake(name: &str, structured: bool) -> Vec<u8> {
     let mut m = 3u32.to_be_bytes().to_vec();
+    if structured {
+        option(&mut m, 8, &[]);
+        let q = "base:allocation";
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+        option(&mut m, 10, &d);
+    }
     m.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
     m.extend_from_slice(&7u32.to_be_bytes());
     m.extend_from_slice(&(name.len() as u32 + 6).to_be_bytes());
@@ -51,10 +70,12 @@ fuzz_target!(|data: &[u8]| {
     pool.snapshot("vm", "s").unwrap();
     let mut before = vec![0u8; 256 << 10];
     pool.snapshot_handle("vm", "s").unwrap().read_at(&mut before, 0).unwrap();
-    let input = match mode % 3 {
+    let input = match mode % 5 {
         0 => rest.to_vec(),
-        1 => [handshake("vm"), rest.to_vec()].concat(),
-        _ => [handshake("vm@s"), rest.to_vec()].concat(),
+        1 => [handshake("vm", false), rest.to_vec()].concat(),
+        2 => [handshake("vm@s", false), rest.to_vec()].concat(),
+        3 => [handshake("vm", true), rest.to_vec()].concat(),
+        _ => [handshake("vm@s", true), rest.to_vec()].concat(),
     };
     let _ = snapvol::nbd::serve_connection(&pool, Wire(&input));
     assert!(pool.check().unwrap().is_clean());

@@ -1,6 +1,8 @@
 //! What one NBD connection serves: a volume (read-write) or a snapshot (read-only), named as
 //! on the command line: `VOL` or `VOL@SNAP`.
 
+use super::wire::{STATE_HOLE, STATE_ZERO};
+use crate::diff::{DiffTarget, TupleLength};
 use crate::error::{Error, Result};
 use crate::pool::Pool;
 use crate::volume::{Snapshot, Volume};
@@ -72,5 +74,43 @@ impl Export {
             // Nothing of a snapshot is ever unflushed.
             Export::Snapshot(_) => Ok(()),
         }
+    }
+
+    /// NBD block status for `from..to` (non-empty, inside the export) from the block map
+    /// alone: runs of data (flags 0) and of unmapped blocks, which read as zeros (hole and
+    /// zero flags), starting at `from`. At most `max` runs; fewer than reach `to` when the
+    /// map has more extents than that (the client asks again from where they end).
+    pub(crate) fn block_status(&self, from: u64, to: u64, max: usize) -> Result<Vec<(u32, u32)>> {
+        let name;
+        let (pool, target) = match self {
+            Export::Volume(v) => {
+                name = v.name()?;
+                (&v.pool, DiffTarget::Volume(&name))
+            }
+            Export::Snapshot(s) => (&s.pool, DiffTarget::Snapshot(s.id)),
+        };
+        let page = pool.allocated(target, from, max, TupleLength::Variable)?;
+        let mut runs = Vec::new();
+        let mut at = from;
+        // Whether the map is known up to `to`: an extent starting at or past it was seen, or
+        // the page holds every extent that is left.
+        let mut known = page.next_offset.is_none();
+        for e in &page.extents {
+            let (start, end) = (e.offset.max(at), (e.offset + e.length).min(to));
+            if start >= to {
+                known = true;
+                break;
+            }
+            if start > at {
+                runs.push(((start - at) as u32, STATE_HOLE | STATE_ZERO));
+            }
+            runs.push(((end - start) as u32, 0));
+            at = end;
+        }
+        if known && at < to {
+            runs.push(((to - at) as u32, STATE_HOLE | STATE_ZERO));
+        }
+        runs.truncate(max);
+        Ok(runs)
     }
 }

@@ -7,10 +7,21 @@ use super::wire::*;
 use crate::pool::Pool;
 use std::io::{self, Read, Write};
 
-/// The export chosen, and its size as told to the client.
+/// The export chosen, its size as told to the client, and what else was agreed.
 pub(crate) struct Chosen {
     pub export: Export,
     pub size: u64,
+    /// Reads are answered with structured reply chunks (NBD_OPT_STRUCTURED_REPLY).
+    pub structured: bool,
+    /// The client selected `base:allocation`: NBD_CMD_BLOCK_STATUS reports holes.
+    pub allocation: bool,
+}
+
+/// What the options so far agreed, before an export is chosen.
+#[derive(Default)]
+struct Agreed {
+    structured: bool,
+    allocation: bool,
 }
 
 /// Transmission flags for an export.
@@ -38,6 +49,7 @@ pub(crate) fn negotiate<S: Read + Write>(pool: &Pool, s: &mut S) -> io::Result<O
         return Ok(None);
     }
     let no_zeroes = client & FLAG_C_NO_ZEROES != 0;
+    let mut agreed = Agreed::default();
     loop {
         if get_u64(s)? != IHAVEOPT {
             return Err(io::Error::new(
@@ -75,7 +87,12 @@ pub(crate) fn negotiate<S: Read + Write>(pool: &Pool, s: &mut S) -> io::Result<O
                 }
                 s.write_all(&reply)?;
                 s.flush()?;
-                return Ok(Some(Chosen { export, size }));
+                return Ok(Some(Chosen {
+                    export,
+                    size,
+                    structured: agreed.structured,
+                    allocation: agreed.allocation,
+                }));
             }
             OPT_ABORT => {
                 // The client may already have gone; its leaving is what matters.
@@ -93,8 +110,23 @@ pub(crate) fn negotiate<S: Read + Write>(pool: &Pool, s: &mut S) -> io::Result<O
                 }
                 option_reply(s, option, REP_ACK, &[])?;
             }
+            OPT_STRUCTURED_REPLY if !data.is_empty() => {
+                option_reply(
+                    s,
+                    option,
+                    REP_ERR_INVALID,
+                    b"STRUCTURED_REPLY takes no data",
+                )?;
+            }
+            OPT_STRUCTURED_REPLY => {
+                agreed.structured = true;
+                option_reply(s, option, REP_ACK, &[])?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                meta_context(pool, s, option, &data, &mut agreed)?;
+            }
             OPT_INFO | OPT_GO => {
-                if let Some(chosen) = info(pool, s, option, &data)? {
+                if let Some(chosen) = info(pool, s, option, &data, &agreed)? {
                     if option == OPT_GO {
                         s.flush()?;
                         return Ok(Some(chosen));
@@ -109,7 +141,13 @@ pub(crate) fn negotiate<S: Read + Write>(pool: &Pool, s: &mut S) -> io::Result<O
 
 /// Answers NBD_OPT_INFO or NBD_OPT_GO: the export's size and flags and its block sizes, or
 /// an error reply. Returns the export when the answer was a success.
-fn info<S: Write>(pool: &Pool, s: &mut S, option: u32, data: &[u8]) -> io::Result<Option<Chosen>> {
+fn info<S: Write>(
+    pool: &Pool,
+    s: &mut S,
+    option: u32,
+    data: &[u8],
+    agreed: &Agreed,
+) -> io::Result<Option<Chosen>> {
     // u32 name length, name, u16 count of information requests, u16 each.
     let parsed = data.get(..4).and_then(|n| {
         let n = u32::from_be_bytes(n.try_into().ok()?) as usize;
@@ -147,5 +185,64 @@ fn info<S: Write>(pool: &Pool, s: &mut S, option: u32, data: &[u8]) -> io::Resul
     d.extend_from_slice(&MAX_REQUEST.to_be_bytes());
     option_reply(s, option, REP_INFO, &d)?;
     option_reply(s, option, REP_ACK, &[])?;
-    Ok(Some(Chosen { export, size }))
+    Ok(Some(Chosen {
+        export,
+        size,
+        structured: agreed.structured,
+        allocation: agreed.allocation,
+    }))
+}
+
+/// Answers NBD_OPT_LIST_META_CONTEXT or NBD_OPT_SET_META_CONTEXT. The one context served is
+/// `base:allocation`; listing with no query, or the query `base:`, names it too. Setting
+/// needs structured replies first and replaces any earlier selection.
+fn meta_context<S: Write>(
+    pool: &Pool,
+    s: &mut S,
+    option: u32,
+    data: &[u8],
+    agreed: &mut Agreed,
+) -> io::Result<()> {
+    // u32 export name length, name, u32 query count, then each: u32 length, query.
+    let parsed = (|| {
+        let at = |o: usize| -> Option<u32> {
+            Some(u32::from_be_bytes(data.get(o..o + 4)?.try_into().ok()?))
+        };
+        let n = at(0)? as usize;
+        let name = std::str::from_utf8(data.get(4..4 + n)?).ok()?;
+        let count = at(4 + n)? as usize;
+        let mut pos = 8 + n;
+        let mut queries = Vec::new();
+        for _ in 0..count {
+            let len = at(pos)? as usize;
+            queries.push(std::str::from_utf8(data.get(pos + 4..pos + 4 + len)?).ok()?);
+            pos += 4 + len;
+        }
+        (pos == data.len()).then_some((name, queries))
+    })();
+    let Some((name, queries)) = parsed else {
+        return option_reply(s, option, REP_ERR_INVALID, b"malformed request");
+    };
+    if option == OPT_SET_META_CONTEXT && !agreed.structured {
+        return option_reply(s, option, REP_ERR_INVALID, b"structured replies first");
+    }
+    if Export::open(pool, name).is_none() {
+        return option_reply(s, option, REP_ERR_UNKNOWN, b"no such volume or snapshot");
+    }
+    let matches =
+        |q: &str| q == ALLOCATION_CONTEXT || (option == OPT_LIST_META_CONTEXT && q == "base:");
+    let selected = if queries.is_empty() {
+        option == OPT_LIST_META_CONTEXT
+    } else {
+        queries.iter().any(|q| matches(q))
+    };
+    if option == OPT_SET_META_CONTEXT {
+        agreed.allocation = selected;
+    }
+    if selected {
+        let mut d = ALLOCATION_ID.to_be_bytes().to_vec();
+        d.extend_from_slice(ALLOCATION_CONTEXT.as_bytes());
+        option_reply(s, option, REP_META_CONTEXT, &d)?;
+    }
+    option_reply(s, option, REP_ACK, &[])
 }

@@ -4,11 +4,11 @@
 //! pool that has one.
 //!
 //! The fixed-newstyle handshake (NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_EXPORT_NAME,
-//! NBD_OPT_ABORT) and simple replies; commands READ, WRITE (with FUA), FLUSH, TRIM,
-//! WRITE_ZEROES (with NO_HOLE) and DISC. FLUSH commits the pool, so it covers every
-//! connection's completed writes and the server advertises CAN_MULTI_CONN. Structured replies
-//! and block status are not offered (clients fall back to simple replies). There is no TLS:
-//! listen on loopback or a Unix socket.
+//! NBD_OPT_ABORT, NBD_OPT_STRUCTURED_REPLY, NBD_OPT_LIST/SET_META_CONTEXT with
+//! `base:allocation`); commands READ, WRITE (with FUA), FLUSH, TRIM, WRITE_ZEROES (with
+//! NO_HOLE), BLOCK_STATUS (from the block map) and DISC. FLUSH commits the pool, so it covers
+//! every connection's completed writes and the server advertises CAN_MULTI_CONN. There is no
+//! TLS: listen on loopback or a Unix socket.
 //!
 //! ```no_run
 //! # fn main() -> std::io::Result<()> {

@@ -1,4 +1,5 @@
-//! The transmission phase: requests are served in order, each answered with a simple reply.
+//! The transmission phase: requests are served in order, each answered with a simple reply,
+//! or, once structured replies were agreed, reads and block status with one structured chunk.
 //! A request outside the export, too long, or changing a read-only export gets an error reply
 //! and the connection goes on; a malformed header ends it (the stream can no longer be
 //! trusted to be in step).
@@ -29,6 +30,69 @@ fn reply(s: &mut impl Write, handle: u64, error: u32, data: &[u8]) -> io::Result
     }
     Ok(())
 }
+
+/// One structured reply chunk, the last of its request.
+fn chunk(s: &mut impl Write, handle: u64, kind: u16, payload: &[&[u8]]) -> io::Result<()> {
+    let len: usize = payload.iter().map(|p| p.len()).sum();
+    let mut h = [0u8; 20];
+    h[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    h[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    h[6..8].copy_from_slice(&kind.to_be_bytes());
+    h[8..16].copy_from_slice(&handle.to_be_bytes());
+    h[16..].copy_from_slice(&(len as u32).to_be_bytes());
+    s.write_all(&h)?;
+    for p in payload {
+        s.write_all(p)?;
+    }
+    Ok(())
+}
+
+/// What a request came to.
+enum Outcome {
+    /// Done, with this error (0: success) and nothing to return.
+    Done(u32),
+    /// A read's data.
+    Data(Vec<u8>),
+    /// Block status runs: (length, flags).
+    Status(Vec<(u32, u32)>),
+}
+
+/// Sends the reply for request `r`: structured for reads and block status when agreed
+/// (nbdkit and qemu do the same: simple replies stay valid for every other command).
+fn answer(w: &mut impl Write, chosen: &Chosen, r: &Request, outcome: Outcome) -> io::Result<()> {
+    let structured = chosen.structured && matches!(r.kind, CMD_READ | CMD_BLOCK_STATUS);
+    match (structured, outcome) {
+        (false, Outcome::Done(error)) => reply(w, r.handle, error, &[]),
+        (false, Outcome::Data(data)) => reply(w, r.handle, 0, &data),
+        // Block status is refused before it runs unless structured replies were agreed.
+        (false, Outcome::Status(_)) => reply(w, r.handle, EINVAL, &[]),
+        (true, Outcome::Done(0)) => chunk(w, r.handle, REPLY_TYPE_NONE, &[]),
+        (true, Outcome::Done(error)) => chunk(
+            w,
+            r.handle,
+            REPLY_TYPE_ERROR,
+            &[&error.to_be_bytes(), &0u16.to_be_bytes()],
+        ),
+        (true, Outcome::Data(data)) if data.is_empty() => chunk(w, r.handle, REPLY_TYPE_NONE, &[]),
+        (true, Outcome::Data(data)) => chunk(
+            w,
+            r.handle,
+            REPLY_TYPE_OFFSET_DATA,
+            &[&r.offset.to_be_bytes(), &data],
+        ),
+        (true, Outcome::Status(runs)) => {
+            let mut p = ALLOCATION_ID.to_be_bytes().to_vec();
+            for (len, flags) in runs {
+                p.extend_from_slice(&len.to_be_bytes());
+                p.extend_from_slice(&flags.to_be_bytes());
+            }
+            chunk(w, r.handle, REPLY_TYPE_BLOCK_STATUS, &[&p])
+        }
+    }
+}
+
+/// Runs reported by one block status reply at most.
+const MAX_RUNS: usize = 1024;
 
 /// A request, as read from the wire.
 struct Request {
@@ -110,8 +174,8 @@ fn in_range(chosen: &Chosen, r: &Request) -> bool {
         .is_some_and(|end| end <= chosen.size)
 }
 
-/// Carries out one request: its error (0 for success) and, for a read, the data.
-fn execute(chosen: &Chosen, job: Job) -> (u32, Vec<u8>) {
+/// Carries out one request.
+fn execute(chosen: &Chosen, job: &Job) -> Outcome {
     let (export, r) = (&chosen.export, &job.r);
     let in_range = in_range(chosen, r);
     let error = match r.kind {
@@ -119,7 +183,7 @@ fn execute(chosen: &Chosen, job: Job) -> (u32, Vec<u8>) {
         CMD_READ => {
             let mut buf = vec![0u8; r.len as usize];
             match export.read_at(&mut buf, r.offset) {
-                Ok(()) => return (0, buf),
+                Ok(()) => return Outcome::Data(buf),
                 Err(e) => errno(&e),
             }
         }
@@ -145,9 +209,22 @@ fn execute(chosen: &Chosen, job: Job) -> (u32, Vec<u8>) {
             })
         }
         CMD_WRITE_ZEROES => change(export, r.flags, |v| v.write_zeroes(r.offset, r.len as u64)),
+        CMD_BLOCK_STATUS if !chosen.allocation || r.len == 0 || !in_range => EINVAL,
+        CMD_BLOCK_STATUS => {
+            let max = if r.flags & CMD_FLAG_REQ_ONE != 0 {
+                1
+            } else {
+                MAX_RUNS
+            };
+            match export.block_status(r.offset, r.offset + r.len as u64, max) {
+                Ok(runs) if !runs.is_empty() => return Outcome::Status(runs),
+                Ok(_) => EIO,
+                Err(e) => errno(&e),
+            }
+        }
         _ => EINVAL,
     };
-    (error, Vec::new())
+    Outcome::Done(error)
 }
 
 /// Serves requests in order until the client disconnects, reading them from `r` and
@@ -162,9 +239,8 @@ fn execute(chosen: &Chosen, job: Job) -> (u32, Vec<u8>) {
 pub(crate) fn serve<R: Read, W: Write>(chosen: &Chosen, r: &mut R, w: &mut W) -> io::Result<()> {
     let served = (|| {
         while let Some(job) = next_job(chosen, r)? {
-            let handle = job.r.handle;
-            let (error, data) = execute(chosen, job);
-            reply(w, handle, error, &data)?;
+            let outcome = execute(chosen, &job);
+            answer(w, chosen, &job.r, outcome)?;
             w.flush()?;
         }
         Ok(())

@@ -8,6 +8,20 @@ pub(crate) const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub(crate) const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub(crate) const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub(crate) const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+// Structured reply chunks.
+pub(crate) const REPLY_FLAG_DONE: u16 = 1;
+pub(crate) const REPLY_TYPE_NONE: u16 = 0;
+pub(crate) const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub(crate) const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub(crate) const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+
+/// The one metadata context served, and the id it is given.
+pub(crate) const ALLOCATION_CONTEXT: &str = "base:allocation";
+pub(crate) const ALLOCATION_ID: u32 = 1;
+pub(crate) const STATE_HOLE: u32 = 1;
+pub(crate) const STATE_ZERO: u32 = 2;
 
 // Handshake flags (server) and client flags.
 pub(crate) const FLAG_FIXED_NEWSTYLE: u16 = 1;
@@ -21,11 +35,15 @@ pub(crate) const OPT_ABORT: u32 = 2;
 pub(crate) const OPT_LIST: u32 = 3;
 pub(crate) const OPT_INFO: u32 = 6;
 pub(crate) const OPT_GO: u32 = 7;
+pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
+pub(crate) const OPT_LIST_META_CONTEXT: u32 = 9;
+pub(crate) const OPT_SET_META_CONTEXT: u32 = 10;
 
 // Option replies.
 pub(crate) const REP_ACK: u32 = 1;
 pub(crate) const REP_SERVER: u32 = 2;
 pub(crate) const REP_INFO: u32 = 3;
+pub(crate) const REP_META_CONTEXT: u32 = 4;
 pub(crate) const REP_ERR_UNSUP: u32 = 0x8000_0001;
 pub(crate) const REP_ERR_INVALID: u32 = 0x8000_0003;
 pub(crate) const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
@@ -50,8 +68,10 @@ pub(crate) const CMD_DISC: u16 = 2;
 pub(crate) const CMD_FLUSH: u16 = 3;
 pub(crate) const CMD_TRIM: u16 = 4;
 pub(crate) const CMD_WRITE_ZEROES: u16 = 6;
+pub(crate) const CMD_BLOCK_STATUS: u16 = 7;
 pub(crate) const CMD_FLAG_FUA: u16 = 1;
 pub(crate) const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub(crate) const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
 // Errors (Linux errno values, as the protocol fixes them).
 pub(crate) const EPERM: u32 = 1;
