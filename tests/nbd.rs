@@ -29,14 +29,19 @@ impl Client {
         let (a, b) = UnixStream::pair().unwrap();
         let pool = pool.clone();
         let server = std::thread::spawn(move || snapvol::nbd::serve_connection(&pool, b));
-        let mut c = Client(a);
+        (Client::greet(a), server)
+    }
+
+    /// Checks the server's greeting and answers it: fixed newstyle, no zeroes.
+    fn greet(stream: UnixStream) -> Client {
+        let mut c = Client(stream);
         let mut greeting = [0u8; 18];
         c.0.read_exact(&mut greeting).unwrap();
         assert_eq!(&greeting[..8], b"NBDMAGIC");
         assert_eq!(u64_at(&greeting, 8), IHAVEOPT);
         assert_eq!(u16::from_be_bytes([greeting[16], greeting[17]]) & 3, 3);
-        c.0.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
-        (c, server)
+        c.0.write_all(&3u32.to_be_bytes()).unwrap();
+        c
     }
 
     fn option(&mut self, option: u32, data: &[u8]) {
@@ -488,10 +493,7 @@ fn pipelined_requests_on_a_socket_each_get_their_reply() {
     let served = pool.clone();
     // Runs until the test process ends.
     std::thread::spawn(move || snapvol::nbd::serve_unix(&served, listener));
-    let mut c = Client(UnixStream::connect(&path).unwrap());
-    let mut greeting = [0u8; 18];
-    c.0.read_exact(&mut greeting).unwrap();
-    c.0.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut c = Client::greet(UnixStream::connect(&path).unwrap());
     c.go("vm").unwrap();
     let block = |i: u64| vec![(i % 251) as u8 + 1; 4096];
     let mut sent = Vec::new();

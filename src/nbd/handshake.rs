@@ -34,16 +34,20 @@ pub(crate) fn transmission_flags(export: &Export) -> u16 {
     }
 }
 
-/// Runs the handshake. `None`: the client aborted, left, or asked for an export that does
+/// Runs the handshake, reading the client's options from `r` and answering on `s`. `None`: the client aborted, left, or asked for an export that does
 /// not exist with NBD_OPT_EXPORT_NAME (which has no way to say so but closing).
-pub(crate) fn negotiate<S: Read + Write>(pool: &Pool, s: &mut S) -> io::Result<Option<Chosen>> {
+pub(crate) fn negotiate(
+    pool: &Pool,
+    r: &mut impl Read,
+    s: &mut impl Write,
+) -> io::Result<Option<Chosen>> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
     greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
     s.write_all(&greeting)?;
     s.flush()?;
-    let client = get_u32(s)?;
+    let client = get_u32(r)?;
     if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         // Flags we did not offer: the protocol says to close.
         return Ok(None);
@@ -51,16 +55,16 @@ pub(crate) fn negotiate<S: Read + Write>(pool: &Pool, s: &mut S) -> io::Result<O
     let no_zeroes = client & FLAG_C_NO_ZEROES != 0;
     let mut agreed = Agreed::default();
     loop {
-        if get_u64(s)? != IHAVEOPT {
+        if get_u64(r)? != IHAVEOPT {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "bad option magic",
             ));
         }
-        let option = get_u32(s)?;
-        let len = get_u32(s)?;
+        let option = get_u32(r)?;
+        let len = get_u32(r)?;
         if len > MAX_OPTION {
-            skip(s, len as u64)?;
+            skip(r, len as u64)?;
             if option == OPT_EXPORT_NAME {
                 return Ok(None);
             }
@@ -69,7 +73,7 @@ pub(crate) fn negotiate<S: Read + Write>(pool: &Pool, s: &mut S) -> io::Result<O
             continue;
         }
         let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data)?;
+        r.read_exact(&mut data)?;
         match option {
             OPT_EXPORT_NAME => {
                 let Some(export) = std::str::from_utf8(&data)

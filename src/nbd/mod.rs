@@ -31,9 +31,9 @@ use std::io::{self, Read, Write};
 /// is never left inconsistent by one.
 pub fn serve_connection<S: Read + Write>(pool: &Pool, stream: S) -> io::Result<()> {
     let stream = std::cell::RefCell::new(stream);
-    let mut half = Half(&stream);
-    match handshake::negotiate(pool, &mut half)? {
-        Some(chosen) => transmission::serve(&chosen, &mut Half(&stream), &mut Half(&stream)),
+    let (mut r, mut w) = (Half(&stream), Half(&stream));
+    match handshake::negotiate(pool, &mut r, &mut w)? {
+        Some(chosen) => transmission::serve(&chosen, &mut r, &mut w),
         None => Ok(()),
     }
 }
@@ -101,33 +101,12 @@ fn spawn<S: Socket>(pool: &Pool, stream: S) {
 }
 
 fn serve_socket<S: Socket>(pool: &Pool, stream: S) -> io::Result<()> {
-    let mut conn = Buffered(io::BufWriter::with_capacity(64 << 10, stream));
-    let Some(chosen) = handshake::negotiate(pool, &mut conn)? else {
-        return Ok(());
-    };
-    let stream = conn.0.into_inner().map_err(|e| e.into_error())?;
     // Buffered both ways: a pipelining client's requests are read many per system call, and
-    // a reply's header and data leave in one.
+    // a reply's header and data leave in one (every reply is flushed).
     let mut writer = io::BufWriter::with_capacity(64 << 10, stream.try_clone()?);
     let mut reader = io::BufReader::with_capacity(64 << 10, stream);
-    transmission::serve(&chosen, &mut reader, &mut writer)
-}
-
-/// A connection whose writes are buffered (a reply's header and data leave in one send;
-/// every reply is flushed) and whose reads go straight to the socket.
-struct Buffered<S: Write>(io::BufWriter<S>);
-
-impl<S: Read + Write> Read for Buffered<S> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.get_mut().read(buf)
-    }
-}
-
-impl<S: Write> Write for Buffered<S> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+    match handshake::negotiate(pool, &mut reader, &mut writer)? {
+        Some(chosen) => transmission::serve(&chosen, &mut reader, &mut writer),
+        None => Ok(()),
     }
 }
