@@ -261,6 +261,13 @@ impl Catalog {
                     format!("volume {:?} root {}", v.name, v.root),
                 ));
             }
+            if v.size > format::MAX_VOLUME_BYTES {
+                return Err(Error::corrupt(
+                    "catalog",
+                    0,
+                    format!("volume {:?} size {}", v.name, v.size),
+                ));
+            }
             c.volumes.push(v);
         }
         for _ in 0..ns {
@@ -274,11 +281,11 @@ impl Catalog {
                 generation: r.u64()?,
                 created: r.u64()?,
             };
-            if !root_ok(s.root) {
+            if !root_ok(s.root) || s.size > format::MAX_VOLUME_BYTES {
                 return Err(Error::corrupt(
                     "catalog",
                     0,
-                    format!("snapshot {:?} root {}", s.name, s.root),
+                    format!("snapshot {:?} root {} size {}", s.name, s.root, s.size),
                 ));
             }
             c.snapshots.push(s);

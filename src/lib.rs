@@ -37,6 +37,7 @@ pub mod device;
 mod diff;
 mod error;
 mod format;
+pub mod image;
 #[cfg(feature = "nbd")]
 pub mod nbd;
 mod pool;
@@ -52,8 +53,10 @@ pub use check::{CheckReport, Problem};
 pub use diff::{DiffTarget, Extent, ExtentKind, ExtentPage, TupleLength};
 pub use error::{Error, Result};
 pub use format::{
-    DEFAULT_BLOCK_SIZE, FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_POOL_BYTES, MIN_BLOCK_SIZE, PAGE_SIZE,
+    DEFAULT_BLOCK_SIZE, FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_POOL_BYTES, MAX_VOLUME_BYTES,
+    MIN_BLOCK_SIZE, PAGE_SIZE,
 };
+pub use image::ImportStats;
 pub use pool::{BookmarkInfo, Pool, PoolOptions, PoolStats, SnapshotInfo, Usage, VolumeInfo};
 pub use stream::{ReceiveStats, SendStats};
 pub use volume::{Snapshot, Volume, VolumeIo};

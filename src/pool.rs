@@ -100,7 +100,9 @@ impl Drop for Shared {
     /// `Pool::close` is the way to see an error.
     fn drop(&mut self) {
         let e = self.engine.get_mut();
-        if e.poisoned.is_none() {
+        // A panic may have interrupted a change halfway (it also poisons the engine where it
+        // happened, see `Engine::mutate`): what memory holds is then not a state to commit.
+        if e.poisoned.is_none() && !std::thread::panicking() {
             let _ = e.commit();
         }
     }
@@ -186,11 +188,22 @@ impl Pool {
     }
 
     /// Creates a sparse file of `size` bytes at `path` and formats it.
+    /// Nothing is created when the size or block size is refused, and a file whose
+    /// formatting fails (a full host filesystem, say) is removed again.
     pub fn create_file(path: impl AsRef<Path>, size: u64, opts: PoolOptions) -> Result<Pool> {
+        let path = path.as_ref();
+        Engine::validate_create(size, opts.block_size)?;
         let fo = FileOptions {
             direct: opts.direct_io,
         };
-        Pool::create(Arc::new(FileDevice::create_with(path, size, fo)?), opts)
+        let dev = Arc::new(FileDevice::create_with(path, size, fo)?);
+        match Pool::create(dev, opts) {
+            Ok(pool) => Ok(pool),
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
     }
 
     /// Opens the pool in a file or raw block device.
@@ -290,6 +303,7 @@ impl Pool {
     /// Creates a thin volume of `size` bytes (no space is used until written).
     pub fn create_volume(&self, name: &str, size: u64) -> Result<Volume> {
         validate_name(name)?;
+        crate::format::check_volume_size(size)?;
         let id = self.with(|e| {
             if e.catalog.volume(name).is_ok() {
                 return Err(Error::AlreadyExists {
@@ -605,6 +619,7 @@ impl Pool {
     /// Grows or shrinks a volume. Shrinking frees the blocks past the new end; growing
     /// adds a range that reads as zeros.
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<()> {
+        crate::format::check_volume_size(size)?;
         self.with(|e| {
             let v = e.catalog.volume(name)?.clone();
             if size >= v.size {

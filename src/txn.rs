@@ -81,8 +81,9 @@ pub(crate) fn random_id() -> u128 {
 }
 
 impl Engine {
-    /// Formats `dev` as an empty pool.
-    pub(crate) fn create(dev: Arc<dyn BlockDevice>, block_size: u32) -> Result<Engine> {
+    /// Refuses a block size or a device size a pool cannot be created with, before anything
+    /// is written (or, for a pool file, created).
+    pub(crate) fn validate_create(len: u64, block_size: u32) -> Result<()> {
         if !block_size.is_power_of_two()
             || !(format::MIN_BLOCK_SIZE..=format::MAX_BLOCK_SIZE).contains(&block_size)
         {
@@ -90,11 +91,11 @@ impl Engine {
                 "block size {block_size} must be a power of two from 4 KiB to 1 MiB"
             )));
         }
-        let total_units = dev.len() / PAGE_SIZE as u64;
+        let total_units = len / PAGE_SIZE as u64;
         if total_units > format::MAX_UNITS {
             return Err(Error::InvalidArgument(format!(
                 "device of {} bytes is larger than the {} bytes a pool can use",
-                dev.len(),
+                len,
                 format::MAX_POOL_BYTES
             )));
         }
@@ -102,10 +103,17 @@ impl Engine {
         if total_units < MIN_UNITS.max(64 * block_units) {
             return Err(Error::InvalidArgument(format!(
                 "device of {} bytes is too small: a pool needs at least {} bytes",
-                dev.len(),
+                len,
                 MIN_UNITS.max(64 * block_units) * PAGE_SIZE as u64
             )));
         }
+        Ok(())
+    }
+
+    /// Formats `dev` as an empty pool.
+    pub(crate) fn create(dev: Arc<dyn BlockDevice>, block_size: u32) -> Result<Engine> {
+        Engine::validate_create(dev.len(), block_size)?;
+        let total_units = dev.len() / PAGE_SIZE as u64;
         // Wipe both slots so an older pool's superblock cannot win over the new one.
         let zero = new_page();
         for slot in 0..SUPERBLOCK_UNITS {
@@ -234,7 +242,7 @@ impl Engine {
     /// poisons the pool (committed data stays intact; reopening returns to the last commit).
     pub(crate) fn mutate<T>(&mut self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
         self.check_usable()?;
-        let r = f(self);
+        let r = self.guard_panic(f);
         if let Err(e) = &r {
             self.poisoned = Some(e.to_string());
         }
@@ -253,7 +261,7 @@ impl Engine {
         self.commit()?;
         self.store.reserve = reserve;
         self.in_catalog_op = true;
-        let r = f(self);
+        let r = self.guard_panic(f);
         self.in_catalog_op = false;
         let r = r.and_then(|v| self.commit().map(|_| v));
         // Operations that free space commit once more so what they freed is usable at once
@@ -269,6 +277,19 @@ impl Engine {
             }
         }
         r
+    }
+
+    /// Runs `f`; if it panics, the engine is poisoned before the panic goes on, so no later
+    /// commit (another thread's flush, the last handle's drop) can make a half-applied change
+    /// durable. Reopening returns to the last commit.
+    fn guard_panic<T>(&mut self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
+            Ok(r) => r,
+            Err(payload) => {
+                self.poison("a change was interrupted by a panic".into());
+                std::panic::resume_unwind(payload)
+            }
+        }
     }
 
     /// Waits until no volume I/O runs outside the engine lock. The caller holds the engine

@@ -536,3 +536,336 @@ fn send_on_one_core_writes_the_same_stream() {
     assert!(everywhere.stdout.len() > 12 << 20);
     assert!(everywhere.stdout == one_core.stdout);
 }
+
+/// Runs a command with `input` on its stdin; returns its output.
+fn run_with_stdin(args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    out
+}
+
+#[test]
+fn volume_sizes_beyond_the_engine_are_refused_and_the_largest_works_to_its_last_byte() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    for size in ["18446744073709551615", "1025P"] {
+        assert_msg(
+            &t.fails(&["create", &p, "huge", "--size", size]),
+            "larger than the largest volume",
+        );
+    }
+    // The largest volume takes a write at its very end, and nothing leaks.
+    t.ok(&["create", &p, "max", "--size", "1E"]);
+    let block = t.path("block");
+    std::fs::write(&block, pattern(4096, 9)).unwrap();
+    let last = ((1u64 << 60) - 4096).to_string();
+    t.ok(&[
+        "write",
+        &p,
+        "max",
+        block.to_str().unwrap(),
+        "--offset",
+        &last,
+    ]);
+    let back = t.path("back");
+    t.ok(&[
+        "read",
+        &p,
+        "max",
+        "--offset",
+        &last,
+        "-o",
+        back.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&back).unwrap(), pattern(4096, 9));
+    assert_msg(
+        &t.fails(&["resize", &p, "max", "--size", "2E"]),
+        "larger than the largest volume",
+    );
+    assert!(t.json(&["pool", "check", &p, "--json"])["clean"] == true);
+}
+
+#[test]
+fn import_reads_pipes_and_stdin_and_export_writes_stdout() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    // An odd length round-trips exactly: sizes are byte-granular.
+    let mut img = pattern(3 << 20, 4);
+    img.extend_from_slice(&[0u8; 1 << 20]);
+    img.extend_from_slice(&pattern(12345, 5));
+    let out = run_with_stdin(&["import", &p, "piped", "-"], &img);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = t.json(&["list", &p, "--json"]);
+    let vol = &list["volumes"][0];
+    assert_eq!(vol["name"], "piped");
+    assert_eq!(vol["size"], img.len() as u64);
+    // The zero MiB stays unallocated.
+    assert_eq!(vol["allocated"], ((3 << 20) + 16384) as u64);
+    // --size takes exactly that many bytes and refuses an input that is longer or shorter.
+    let out = run_with_stdin(
+        &["import", &p, "sized", "-", "--size", "1M"],
+        &img[..1 << 20],
+    );
+    assert!(out.status.success());
+    let out = run_with_stdin(&["import", &p, "long", "-", "--size", "1M"], &img);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("longer than"));
+    let out = run_with_stdin(&["import", &p, "short", "-", "--size", "8M"], &img);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ended after"));
+    // Neither refused import left a volume behind.
+    let names: Vec<String> = t.json(&["list", &p, "--json"])["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["piped", "sized"]);
+    // Export to stdout gives every byte, and read without --length reads to the end.
+    assert_eq!(t.run(&["export", &p, "piped", "-"]).stdout, img);
+    assert_eq!(t.run(&["read", &p, "piped"]).stdout, img);
+    assert_eq!(
+        t.run(&["read", &p, "piped", "--offset", "3M"]).stdout,
+        &img[3 << 20..]
+    );
+    // write takes stdin, too.
+    let out = run_with_stdin(&["write", &p, "sized", "-", "--offset", "4096"], b"hello");
+    assert!(out.status.success());
+    assert_eq!(
+        t.run(&["read", &p, "sized", "--offset", "4096", "--length", "5"])
+            .stdout,
+        b"hello"
+    );
+    assert_msg(
+        &t.fails(&["write", &p, "sized@x", "-"]),
+        "snapshots are read-only",
+    );
+    assert!(t.json(&["pool", "check", &p, "--json"])["clean"] == true);
+}
+
+#[test]
+fn read_streams_in_bounded_memory() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    t.ok(&["create", &p, "thin", "--size", "8G"]);
+    // With 512 MiB of address space a read that held its range in memory could not run.
+    let cmd = format!(
+        "ulimit -v 524288; exec {} read {p} thin --length 4G -o /dev/null",
+        env!("CARGO_BIN_EXE_snapvol")
+    );
+    let out = Command::new("bash").args(["-c", &cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_killed_import_leaves_no_volume() {
+    use std::io::Write as _;
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "256M"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(["import", &p, "partial", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Enough data that a background commit has made some of it durable.
+    let chunk = pattern(1 << 20, 7);
+    for _ in 0..64 {
+        stdin.write_all(&chunk).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    for _ in 0..16 {
+        stdin.write_all(&chunk).unwrap();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let list = t.json(&["list", &p, "--json"]);
+    assert_eq!(list["volumes"].as_array().unwrap().len(), 0, "{list}");
+    let check = t.json(&["pool", "check", &p, "--json"]);
+    assert!(check["clean"] == true, "{check}");
+    // The space the hidden volume held is back.
+    assert!(
+        t.json(&["pool", "info", &p, "--json"])["used"]
+            .as_u64()
+            .unwrap()
+            < 4 << 20
+    );
+}
+
+#[test]
+fn failed_commands_leave_nothing_behind() {
+    let t = Env::new();
+    // A refused pool create creates no file; a retry with good arguments works.
+    let p = t.pool();
+    assert_msg(
+        &t.fails(&[
+            "pool",
+            "create",
+            &p,
+            "--size",
+            "64M",
+            "--block-size",
+            "3000",
+        ]),
+        "block size",
+    );
+    assert!(!Path::new(&p).exists());
+    assert_msg(
+        &t.fails(&["pool", "create", &p, "--size", "64K"]),
+        "too small",
+    );
+    assert!(!Path::new(&p).exists());
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    // A send that fails midway removes the partial stream it created.
+    t.ok(&["create", &p, "v", "--size", "8M"]);
+    let data = t.path("data");
+    std::fs::write(&data, pattern(8 << 20, 1)).unwrap();
+    t.ok(&["write", &p, "v", data.to_str().unwrap()]);
+    t.ok(&["snapshot", &p, "v@s"]);
+    damage(Path::new(&p), b"SVML");
+    let stream = t.path("s.stream");
+    t.fails(&["send", &p, "v@s", "-o", stream.to_str().unwrap()]);
+    assert!(!stream.exists(), "a partial stream was left behind");
+    // A failed export leaves no partial image either.
+    let image = t.path("v.raw");
+    t.fails(&["export", &p, "v@s", image.to_str().unwrap()]);
+    assert!(!image.exists());
+}
+
+#[test]
+fn demo_refuses_a_directory_holding_its_files() {
+    let t = Env::new();
+    let existing = t.path("pool.img");
+    std::fs::write(&existing, b"someone's data").unwrap();
+    let err = t.fails(&["demo", t.dir.path().to_str().unwrap()]);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"someone's data");
+}
+
+struct Loop(String);
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A loop device over a new sparse file of `len` bytes, or why there is none.
+fn loop_device(t: &Env, name: &str, len: u64) -> Result<Loop, String> {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+        });
+    if uid.as_deref() != Some("0") {
+        return Err("needs root".into());
+    }
+    let backing = t.path(name);
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output()
+        .map_err(|e| format!("losetup: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(Loop(
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+    ))
+}
+
+#[test]
+fn block_devices_pool_create_refuses_to_destroy_and_import_export_work() {
+    let t = Env::new();
+    let (dev, img) = match (
+        loop_device(&t, "pooldev", 128 << 20),
+        loop_device(&t, "imgdev", 8 << 20),
+    ) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(why), _) | (_, Err(why)) => {
+            eprintln!("SKIPPED block_devices_pool_create_refuses_to_destroy_and_import_export_work: {why}");
+            return;
+        }
+    };
+    let d = dev.0.as_str();
+    assert_msg(
+        &t.fails(&["pool", "create", d, "--size", "64M"]),
+        "--size is for a pool file",
+    );
+    t.ok(&["pool", "create", d]);
+    t.ok(&["create", d, "keep", "--size", "1M"]);
+    // A device holding a pool, or a filesystem, is not reformatted without --force.
+    assert_msg(&t.fails(&["pool", "create", d]), "holds a snapvol pool");
+    assert_eq!(t.json(&["list", d, "--json"])["volumes"][0]["name"], "keep");
+    let i = img.0.as_str();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(i).unwrap();
+        f.write_all_at(&[0x53, 0xef], 1080).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_msg(&t.fails(&["pool", "create", i]), "ext2/3/4 filesystem");
+    // Import from a block device takes its whole size; export to one overwrites every byte.
+    let data = pattern(8 << 20, 2);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(i).unwrap();
+        f.write_all_at(&data, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    t.ok(&["import", d, "fromdev", i]);
+    assert_eq!(
+        t.json(&["list", d, "--json"])["volumes"][1]["size"],
+        8u64 << 20
+    );
+    t.ok(&["create", d, "blank", "--size", "8M"]);
+    t.ok(&["export", d, "blank", i]);
+    assert_eq!(std::fs::read(i).unwrap(), vec![0u8; 8 << 20]);
+    t.ok(&["export", d, "fromdev", i]);
+    assert_eq!(std::fs::read(i).unwrap(), data);
+    t.ok(&["create", d, "toobig", "--size", "9M"]);
+    assert_msg(&t.fails(&["export", d, "toobig", i]), "too small");
+    t.ok(&["pool", "create", d, "--force"]);
+    assert_eq!(
+        t.json(&["list", d, "--json"])["volumes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}

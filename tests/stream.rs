@@ -4,6 +4,7 @@
 
 use snapvol::device::MemoryDevice;
 use snapvol::{Error, Pool, PoolOptions};
+use std::io::Read as _;
 use std::sync::Arc;
 
 fn pool(size: u64, block_size: u32) -> Pool {
@@ -308,5 +309,93 @@ fn a_failing_output_ends_the_send_with_an_error() {
     }
     // The pool is untouched and a later send still works.
     assert_eq!(send(&p, id, None).len(), full);
+    assert!(p.check().unwrap().is_clean());
+}
+
+#[test]
+fn a_stream_claiming_a_volume_beyond_the_largest_is_refused() {
+    let a = pool(32 << 20, 4096);
+    a.create_volume("v", 1 << 20).unwrap();
+    let id = a.snapshot("v", "s").unwrap();
+    let mut s = send(&a, id, None);
+    // The header's size field, then its checksum, made consistent again: only the size is
+    // wrong, and it must be refused as such before anything is created.
+    let name_len = u16::from_le_bytes([s[56], s[57]]) as usize;
+    let crc_at = 58 + name_len;
+    s[16..24].copy_from_slice(&(snapvol::MAX_VOLUME_BYTES + 4096).to_le_bytes());
+    let crc = crc32fast::hash(&s[..crc_at]);
+    s[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+    let b = pool(32 << 20, 4096);
+    let before = state(&b);
+    match b.receive(&mut &s[..], None) {
+        Err(Error::BadStream(why)) => assert!(why.contains("largest volume"), "{why}"),
+        other => panic!("expected BadStream, got {other:?}"),
+    }
+    assert_eq!(state(&b), before);
+}
+
+/// A reader that yields `ok` bytes of a pattern, then fails.
+struct Failing {
+    ok: usize,
+    at: usize,
+}
+
+impl std::io::Read for Failing {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at >= self.ok {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "source went away",
+            ));
+        }
+        let n = buf.len().min(self.ok - self.at).min(100_000);
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = ((self.at + i) % 251) as u8 | 1;
+        }
+        self.at += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn an_import_that_fails_midway_or_fills_the_pool_leaves_the_pool_unchanged() {
+    let p = pool(32 << 20, 4096);
+    p.create_volume("other", 1 << 20).unwrap();
+    let before = state(&p);
+    match p.import("img", &mut Failing { ok: 3 << 20, at: 0 }, None) {
+        Err(Error::Io { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::ConnectionReset)
+        }
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    assert_eq!(state(&p), before);
+    assert!(matches!(p.volume("img"), Err(Error::VolumeNotFound(_))));
+    // More data than the pool holds: NoSpace, and nothing remains.
+    match p.import(
+        "img",
+        &mut Failing {
+            ok: 64 << 20,
+            at: 0,
+        },
+        Some(64 << 20),
+    ) {
+        Err(Error::NoSpace { .. }) => {}
+        other => panic!("expected NoSpace, got {other:?}"),
+    }
+    assert_eq!(state(&p), before);
+    // A good import afterwards works, with the image's length as its size.
+    let st = p
+        .import(
+            "img",
+            &mut Failing {
+                ok: 1_000_001,
+                at: 0,
+            }
+            .take(1_000_001),
+            None,
+        )
+        .unwrap();
+    assert_eq!(st.size, 1_000_001);
+    assert_eq!(p.volume("img").unwrap().len().unwrap(), 1_000_001);
     assert!(p.check().unwrap().is_clean());
 }

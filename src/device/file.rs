@@ -66,7 +66,8 @@ impl FileDevice {
         FileDevice::assemble(file, len, block_device, opts)
     }
 
-    /// Creates a new sparse file of `len` bytes; fails if `path` exists.
+    /// Creates a new sparse file of `len` bytes; fails if `path` exists. A file it created
+    /// but could not size is removed again.
     pub fn create(path: impl AsRef<Path>, len: u64) -> Result<FileDevice> {
         FileDevice::create_with(path, len, FileOptions::default())
     }
@@ -77,9 +78,14 @@ impl FileDevice {
             .create_new(true)
             .open(path.as_ref())
             .map_err(|e| open_error("create", opts, e))?;
-        lock(&file, path.as_ref())?;
-        file.set_len(len).map_err(|e| Error::io("create", 0, e))?;
-        FileDevice::assemble(file, len, false, opts)
+        // The file is new: if it cannot be made into a device, it goes again.
+        let made = lock(&file, path.as_ref())
+            .and_then(|_| file.set_len(len).map_err(|e| Error::io("create", 0, e)))
+            .and_then(|_| FileDevice::assemble(file, len, false, opts));
+        if made.is_err() {
+            let _ = std::fs::remove_file(path.as_ref());
+        }
+        made
     }
 
     fn assemble(file: File, len: u64, block_device: bool, opts: FileOptions) -> Result<FileDevice> {

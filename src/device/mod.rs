@@ -8,6 +8,7 @@ mod crash;
 mod fault;
 mod file;
 mod memory;
+mod probe;
 
 #[cfg(any(test, feature = "testing"))]
 pub use crash::{CrashDevice, CrashPoint, History};
@@ -15,6 +16,7 @@ pub use crash::{CrashDevice, CrashPoint, History};
 pub use fault::{FaultDevice, FaultKind};
 pub use file::{FileDevice, FileOptions};
 pub use memory::MemoryDevice;
+pub use probe::existing_format;
 
 use crate::error::Result;
 

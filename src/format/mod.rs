@@ -29,6 +29,23 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// in memory (about 10 MiB per TiB), so the bound keeps that memory bounded too.
 pub const MAX_POOL_BYTES: u64 = 64 << 40;
 pub(crate) const MAX_UNITS: u64 = MAX_POOL_BYTES / PAGE_SIZE as u64;
+/// Largest volume, in bytes (1 EiB). Volumes are thin, so this is far above any pool; the
+/// bound exists so that every byte and block computation on offsets inside a volume (block
+/// number + 1, times the block size; offset + length) fits in a `u64` with room to spare,
+/// and so that every NBD client (which keep sizes as signed 64-bit numbers) can address it.
+/// Sizes need not be multiples of 512: the engine is byte-granular, so an image of any
+/// length imports and exports unchanged; NBD advertises the exact size.
+pub const MAX_VOLUME_BYTES: u64 = 1 << 60;
+
+/// Refuses a volume size the engine cannot address (see [`MAX_VOLUME_BYTES`]).
+pub(crate) fn check_volume_size(size: u64) -> Result<()> {
+    if size > MAX_VOLUME_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "volume size {size} bytes is larger than the largest volume, {MAX_VOLUME_BYTES} bytes (1 EiB)"
+        )));
+    }
+    Ok(())
+}
 
 /// The kind of a metadata page, stored as its magic number. The magic is part of the
 /// checksummed bytes, so a page of one kind can never validate as another.

@@ -127,6 +127,12 @@ fn read_header(src: &mut Src) -> Result<Header> {
     if u32::from_le_bytes(c) != computed {
         return Err(bad("header checksum mismatch"));
     }
+    if size > crate::format::MAX_VOLUME_BYTES {
+        return Err(bad(format!(
+            "volume size {size} bytes is larger than the largest volume ({} bytes)",
+            crate::format::MAX_VOLUME_BYTES
+        )));
+    }
     if target == 0 || target == base {
         return Err(bad("target snapshot id is 0 or equals the base"));
     }
@@ -156,7 +162,7 @@ impl Engine {
     }
 
     /// Adds a hidden volume with the given map root (shared) and size.
-    fn add_hidden(&mut self, root: u64, size: u64) -> Result<u128> {
+    pub(crate) fn add_hidden(&mut self, root: u64, size: u64) -> Result<u128> {
         self.catalog_op(Reserve::Keep, |e| {
             e.store.share_tree(root)?;
             let id = random_id();
@@ -172,6 +178,26 @@ impl Engine {
             });
             e.catalog_changed();
             Ok(id)
+        })
+    }
+
+    /// Makes hidden volume `id` the visible volume `name`, durably, in one commit.
+    pub(crate) fn reveal_hidden(&mut self, id: u128, name: &str) -> Result<()> {
+        if self.catalog.volume(name).is_ok() {
+            return Err(Error::AlreadyExists {
+                kind: "volume",
+                name: name.into(),
+            });
+        }
+        self.catalog_op(Reserve::Keep, |e| {
+            let v = e
+                .catalog
+                .volume_by_id_mut(id)
+                .ok_or_else(|| Error::VolumeNotFound(format!("{HIDDEN_PREFIX}{id:032x}")))?;
+            // The volume owns every block it was given; it keeps writing them in place.
+            v.name = name.to_string();
+            e.catalog_changed();
+            Ok(())
         })
     }
 
@@ -266,16 +292,26 @@ impl Pool {
                 })
         });
         if result.is_err() {
-            // Leave the pool as it was; if even that fails the next open cleans up.
-            let _ = self.with(|e| {
-                if e.poisoned.is_none() {
-                    e.drop_hidden()
-                } else {
-                    Ok(())
-                }
-            });
+            self.abandon_hidden(hidden);
         }
         result
+    }
+
+    /// Removes hidden volume `id` after its operation failed, leaving the pool as it was
+    /// (other operations' hidden volumes stay); if even that fails the next open cleans up.
+    pub(crate) fn abandon_hidden(&self, id: u128) {
+        let _ = self.with(|e| {
+            if e.poisoned.is_some() || e.catalog.volume_by_id(id).is_none() {
+                return Ok(());
+            }
+            e.catalog_op(Reserve::Use, |e| {
+                let root = e.catalog.volume_by_id(id).map_or(0, |v| v.root);
+                e.store.drop_tree(root)?;
+                e.catalog.volumes.retain(|v| v.id != id);
+                e.catalog_changed();
+                Ok(())
+            })
+        });
     }
 
     /// Parses and verifies records on this thread (the stream reader need not be `Send`)
@@ -412,7 +448,7 @@ fn parse_records(
 }
 
 impl Pool {
-    fn resize_hidden(&self, id: u128, size: u64) -> Result<()> {
+    pub(crate) fn resize_hidden(&self, id: u128, size: u64) -> Result<()> {
         let name = self.with(|e| e.target(crate::volume::Target::Volume(id)).map(|t| t.2))?;
         self.resize_volume(&name, size)
     }

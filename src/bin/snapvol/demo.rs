@@ -18,6 +18,9 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 const MIB: u64 = 1 << 20;
 
+/// Every file the demo creates in its directory.
+const DEMO_FILES: &[&str] = &["pool.img", "pool2.img", "app-backup.raw"];
+
 fn step<T, E: Into<Box<dyn std::error::Error>>>(
     pool: &Pool,
     what: &str,
@@ -65,8 +68,19 @@ fn run_inner(dir: Option<PathBuf>) -> Result<()> {
         }
     };
     std::fs::create_dir_all(&dir)?;
+    // The demo writes only files it creates: anything already there is someone's data.
+    for name in DEMO_FILES {
+        let p = dir.join(name);
+        if p.symlink_metadata().is_ok() {
+            return Err(format!(
+                "{} already exists; the demo creates its own files and touches no others \
+                 (remove it or pick another directory)",
+                p.display()
+            )
+            .into());
+        }
+    }
     let path = dir.join("pool.img");
-    let _ = std::fs::remove_file(&path);
     println!("snapvol walkthrough in {}", dir.display());
     let pool = Pool::create_file(&path, 8 << 30, PoolOptions::default())?;
     println!(
@@ -126,12 +140,16 @@ fn run_inner(dir: Option<PathBuf>) -> Result<()> {
         db.discard(40 * MIB, 8 * MIB)?;
         db.flush()
     })?;
-    assert_ne!(read_all(64 * MIB, |b, o| db.read_at(b, o))?, original);
+    if read_all(64 * MIB, |b, o| db.read_at(b, o))? == original {
+        return Err("the upgrade did not change db".into());
+    }
     step(&pool, "rollback db to db@before-upgrade", || {
         pool.rollback("db", "before-upgrade")
     })?;
     let back = read_all(64 * MIB, |b, o| db.read_at(b, o))?;
-    assert!(back == original, "rollback must restore the data");
+    if back != original {
+        return Err("the rollback did not restore db".into());
+    }
     println!("     db reads exactly as before the upgrade (64 MiB compared)");
 
     println!("\n3. Consistent snapshot under load, export, import elsewhere (backup/restore)");
@@ -170,19 +188,20 @@ fn run_inner(dir: Option<PathBuf>) -> Result<()> {
         human(snap.len()?)
     );
     let path2 = dir.join("pool2.img");
-    let _ = std::fs::remove_file(&path2);
     let pool2 = Pool::create_file(&path2, 2 << 30, PoolOptions::default())?;
     let restored = step(
         &pool2,
         "import the image into a second pool as 'app-restored'",
         || {
-            import(&pool2, "app-restored", &image)?;
+            import(&pool2, "app-restored", &image, None)?;
             pool2.volume("app-restored").map_err(|e| e.to_string())
         },
     )?;
     let a = read_all(snap.len()?, |b, o| snap.read_at(b, o))?;
     let b = read_all(restored.len()?, |b, o| restored.read_at(b, o))?;
-    assert!(a == b, "restored volume must equal the snapshot");
+    if a != b {
+        return Err("the restored volume differs from the snapshot".into());
+    }
     println!(
         "     app-restored equals app@backup byte for byte ({})",
         human(a.len() as u64)
@@ -197,7 +216,9 @@ fn run_inner(dir: Option<PathBuf>) -> Result<()> {
         report.problems.len(),
         t.elapsed().as_secs_f64() * 1e3
     );
-    assert!(report.is_clean() && pool2.check()?.is_clean());
+    if !report.is_clean() || !pool2.check()?.is_clean() {
+        return Err(format!("check found problems: {:?}", report.problems).into());
+    }
     let st = pool.stats();
     println!(
         "pool: {} volumes, {} snapshots, {} used of {}",

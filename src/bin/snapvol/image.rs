@@ -2,10 +2,11 @@
 //! holes on export, so sparse images stay sparse both ways.
 
 use indicatif::{ProgressBar, ProgressStyle};
+use snapvol::image::data_runs;
 use snapvol::{Pool, Snapshot, Volume};
-use std::fs::File;
-use std::io::IsTerminal;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 const CHUNK: usize = 1 << 20;
@@ -86,28 +87,101 @@ impl Source {
     }
 }
 
-/// Yields the non-zero runs of `buf`, at `granule` granularity, as byte ranges.
-fn data_runs(buf: &[u8], granule: usize) -> Vec<std::ops::Range<usize>> {
-    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-    for (i, g) in buf.chunks(granule).enumerate() {
-        if g.iter().all(|&b| b == 0) {
-            continue;
-        }
-        let (s, e) = (i * granule, i * granule + g.len());
-        match runs.last_mut() {
-            Some(r) if r.end == s => r.end = e,
-            _ => runs.push(s..e),
-        }
-    }
-    runs
+/// Where an image comes from or goes to: a path, or `-` for stdin/stdout.
+fn is_stdio(p: &Path) -> bool {
+    p.as_os_str() == "-"
 }
 
-/// Writes a volume or snapshot to `out` as a raw image; returns the bytes of data written.
+/// The length of what an input path holds when it can be known without reading it: a
+/// regular file's length or a block device's size; `None` for a pipe or a character device.
+fn known_len(file: &mut File) -> std::io::Result<Option<u64>> {
+    let ft = file.metadata()?.file_type();
+    if ft.is_file() {
+        Ok(Some(file.metadata()?.len()))
+    } else if ft.is_block_device() {
+        // A block device's size is where a seek to its end lands.
+        let len = file.seek(SeekFrom::End(0))?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok(Some(len))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Writes a volume or snapshot as a raw image to `out`; returns the bytes of data. A new or
+/// existing regular file is rewritten with holes where the source has none; a block device
+/// (as large as the source at least) gets every byte, zeros included, since its old contents
+/// must not show through; `-`, a pipe or a character device get every byte in order. A file
+/// this command created is removed again if the export fails.
 pub fn export(src: &Source, out: &Path, granule: usize) -> Result<u64, String> {
     let len = src.len().map_err(|e| e.to_string())?;
-    let file = File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    file.set_len(len)
-        .map_err(|e| format!("{}: {e}", out.display()))?;
+    let name = out.display().to_string();
+    let ioerr = |e: std::io::Error| format!("{name}: {e}");
+    if is_stdio(out) {
+        let stdout = std::io::stdout();
+        return copy_out(src, len, &mut stdout.lock(), granule, "stdout");
+    }
+    let existing = std::fs::metadata(out).ok().map(|m| m.file_type());
+    match existing {
+        Some(ft) if ft.is_block_device() => {
+            let mut f = OpenOptions::new().write(true).open(out).map_err(ioerr)?;
+            let dev_len = f.seek(SeekFrom::End(0)).map_err(ioerr)?;
+            if dev_len < len {
+                return Err(format!(
+                    "{name}: the device holds {dev_len} bytes, the source {len}: too small"
+                ));
+            }
+            f.seek(SeekFrom::Start(0)).map_err(ioerr)?;
+            let data = copy_out(src, len, &mut f, granule, &name)?;
+            f.sync_all().map_err(ioerr)?;
+            Ok(data)
+        }
+        Some(ft) if ft.is_fifo() || ft.is_char_device() => {
+            let mut f = OpenOptions::new().write(true).open(out).map_err(ioerr)?;
+            copy_out(src, len, &mut f, granule, &name)
+        }
+        _ => {
+            let created = existing.is_none();
+            let r = export_sparse(src, len, out, granule);
+            if r.is_err() && created {
+                let _ = std::fs::remove_file(out);
+            }
+            r
+        }
+    }
+}
+
+/// Streams every byte of the source into `w`, in order; returns the bytes of data.
+fn copy_out(
+    src: &Source,
+    len: u64,
+    w: &mut dyn Write,
+    granule: usize,
+    name: &str,
+) -> Result<u64, String> {
+    let pb = progress(len, "export");
+    let mut buf = vec![0u8; CHUNK];
+    let (mut off, mut data) = (0u64, 0u64);
+    while off < len {
+        let n = (len - off).min(CHUNK as u64) as usize;
+        src.read_at(&mut buf[..n], off).map_err(|e| e.to_string())?;
+        data += data_runs(&buf[..n], granule)
+            .iter()
+            .map(|r| r.len() as u64)
+            .sum::<u64>();
+        w.write_all(&buf[..n]).map_err(|e| format!("{name}: {e}"))?;
+        off += n as u64;
+        pb.set_position(off);
+    }
+    w.flush().map_err(|e| format!("{name}: {e}"))?;
+    pb.finish_and_clear();
+    Ok(data)
+}
+
+fn export_sparse(src: &Source, len: u64, out: &Path, granule: usize) -> Result<u64, String> {
+    let ioerr = |e: std::io::Error| format!("{}: {e}", out.display());
+    let file = File::create(out).map_err(ioerr)?;
+    file.set_len(len).map_err(ioerr)?;
     let pb = progress(len, "export");
     let mut buf = vec![0u8; CHUNK];
     let mut data = 0;
@@ -117,66 +191,49 @@ pub fn export(src: &Source, out: &Path, granule: usize) -> Result<u64, String> {
         src.read_at(&mut buf[..n], off).map_err(|e| e.to_string())?;
         for r in data_runs(&buf[..n], granule) {
             file.write_all_at(&buf[r.clone()], off + r.start as u64)
-                .map_err(|e| format!("{}: {e}", out.display()))?;
+                .map_err(ioerr)?;
             data += r.len() as u64;
         }
         off += n as u64;
         pb.set_position(off);
     }
-    file.sync_all()
-        .map_err(|e| format!("{}: {e}", out.display()))?;
+    file.sync_all().map_err(ioerr)?;
     pb.finish_and_clear();
     Ok(data)
 }
 
-/// Creates volume `name` from a raw image; returns the bytes of data written.
-pub fn import(pool: &Pool, name: &str, input: &Path) -> Result<u64, String> {
-    let file = File::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("{}: {e}", input.display()))?
-        .len();
-    let vol = pool.create_volume(name, len).map_err(|e| e.to_string())?;
-    let granule = pool.block_size() as usize;
-    let pb = progress(len, "import");
-    let mut buf = vec![0u8; CHUNK];
-    let mut data = 0;
-    let mut off = 0;
-    let result = (|| {
-        while off < len {
-            let n = (len - off).min(CHUNK as u64) as usize;
-            file.read_exact_at(&mut buf[..n], off)
-                .map_err(|e| format!("{}: {e}", input.display()))?;
-            for r in data_runs(&buf[..n], granule) {
-                vol.write_at(&buf[r.clone()], off + r.start as u64)
-                    .map_err(|e| e.to_string())?;
-                data += r.len() as u64;
-            }
-            off += n as u64;
-            pb.set_position(off);
-        }
-        vol.flush().map_err(|e| e.to_string())
-    })();
-    pb.finish_and_clear();
-    if let Err(e) = result {
-        // Leave no half-imported volume behind.
-        drop(vol);
-        let _ = pool.delete_volume(name);
-        return Err(e);
+/// Opens an input path (`-` is stdin) with the length it is known to have, if any.
+pub fn open_input(input: &Path) -> Result<(Box<dyn Read>, Option<u64>), String> {
+    if is_stdio(input) {
+        return Ok((Box::new(std::io::stdin()), None));
     }
-    Ok(data)
+    let mut file = File::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
+    let len = known_len(&mut file).map_err(|e| format!("{}: {e}", input.display()))?;
+    Ok((Box::new(file), len))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn runs() {
-        let mut b = vec![0u8; 16];
-        b[5] = 1;
-        b[6] = 1;
-        b[13] = 1;
-        assert_eq!(super::data_runs(&b, 4), vec![4..8, 12..16]);
-        b[9] = 1;
-        assert_eq!(super::data_runs(&b, 4), vec![4..16]);
-    }
+/// Creates volume `name` from a raw image: a file, a block device, a pipe or `-` (stdin).
+/// A stream of unknown length is read to its end unless `size` says how much to take. The
+/// volume appears only when the whole image is in (see `Pool::import`).
+pub fn import(
+    pool: &Pool,
+    name: &str,
+    input: &Path,
+    size: Option<u64>,
+) -> Result<snapvol::ImportStats, String> {
+    let (reader, len) = open_input(input)?;
+    let size = size.or(len);
+    let pb = match size {
+        Some(s) => progress(s, "import"),
+        None => stream_progress("import"),
+    };
+    let mut r = Counted {
+        inner: std::io::BufReader::with_capacity(CHUNK, reader),
+        pb: pb.clone(),
+    };
+    let stats = pool
+        .import(name, &mut r, size)
+        .map_err(|e| format!("{}: {e}", input.display()))?;
+    pb.finish_and_clear();
+    Ok(stats)
 }

@@ -91,19 +91,25 @@ enum Cmd {
     },
     /// Return a volume to one of its snapshots, keeping every snapshot.
     Rollback { path: PathBuf, target: String },
-    /// Create a volume from a raw image; runs of zeros stay unallocated.
+    /// Create a volume from a raw image (a file, a block device, a pipe, or - for stdin);
+    /// runs of zeros stay unallocated. The volume appears only once the whole image is in.
     Import {
         path: PathBuf,
         vol: String,
+        /// The image: a file, a block device, a pipe, or - for stdin.
         file: PathBuf,
+        /// Bytes to take from a pipe or stdin (default: read to its end).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
     },
-    /// Write a volume or snapshot to a raw image; unallocated ranges become holes.
+    /// Write a volume or snapshot to a raw image: a file (unallocated ranges become holes),
+    /// a block device at least as large, a pipe, or - for stdout.
     Export {
         path: PathBuf,
         source: String,
         file: PathBuf,
     },
-    /// Write FILE's bytes into a volume at an offset.
+    /// Write FILE's bytes (- for stdin) into a volume at an offset.
     Write {
         path: PathBuf,
         vol: String,
@@ -117,8 +123,9 @@ enum Cmd {
         source: String,
         #[arg(long, value_parser = parse_size, default_value = "0")]
         offset: u64,
+        /// Bytes to read (default: to the end).
         #[arg(long, value_parser = parse_size)]
-        length: u64,
+        length: Option<u64>,
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
@@ -175,11 +182,15 @@ enum PoolCmd {
     /// Create a pool on a file (created sparse) or a raw block device.
     Create {
         path: PathBuf,
-        /// Pool size for a file (a block device's size is its own).
+        /// Pool size for a file (a block device's size is its own: --size is refused).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
+        /// Format a block device even though it holds a pool, a filesystem or a partition
+        /// table (everything on it is lost).
+        #[arg(long)]
+        force: bool,
     },
     /// Grow a pool: a pool file is extended; a block device must be enlarged first.
     Grow {
@@ -263,6 +274,7 @@ fn run(cmd: Cmd) -> CmdResult {
             path,
             size,
             block_size,
+            force,
         }) => {
             let mut o = opts();
             if let Some(bs) = block_size {
@@ -273,6 +285,12 @@ fn run(cmd: Cmd) -> CmdResult {
                 .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
                 .unwrap_or(false);
             let pool = if is_block {
+                if size.is_some() {
+                    return Err(format!(
+                        "{}: --size is for a pool file; a block device's pool is the device's size",
+                        path.display()
+                    ));
+                }
                 let dev = FileDevice::open_with(
                     &path,
                     FileOptions {
@@ -280,6 +298,14 @@ fn run(cmd: Cmd) -> CmdResult {
                     },
                 )
                 .map_err(|err| format!("{}: {err}", path.display()))?;
+                let found = snapvol::device::existing_format(&dev)
+                    .map_err(|err| format!("{}: {err}", path.display()))?;
+                if let (Some(what), false) = (found, force) {
+                    return Err(format!(
+                        "{} holds {what}; formatting it would destroy that (--force to do it anyway)",
+                        path.display()
+                    ));
+                }
                 Pool::create(Arc::new(dev), o)
             } else {
                 let size = size.ok_or("--size is required for a pool in a file")?;
@@ -469,13 +495,19 @@ fn run(cmd: Cmd) -> CmdResult {
             println!("rolled {v} back to {target}");
             done(pool)
         }
-        Cmd::Import { path, vol, file } => {
+        Cmd::Import {
+            path,
+            vol,
+            file,
+            size,
+        } => {
             let pool = open(&path)?;
-            let data = image::import(&pool, &vol, &file)?;
+            let stats = image::import(&pool, &vol, &file, size)?;
             println!(
-                "imported {} into {vol} ({} of data)",
+                "imported {} into {vol} ({}, {} of data)",
                 file.display(),
-                human(data)
+                human(stats.size),
+                human(stats.data_bytes)
             );
             done(pool)
         }
@@ -483,11 +515,17 @@ fn run(cmd: Cmd) -> CmdResult {
             let pool = open(&path)?;
             let src = source_of(&pool, &source)?;
             let data = image::export(&src, &file, pool.block_size() as usize)?;
-            println!(
+            // The image may be on stdout: the report goes to stderr then.
+            let msg = format!(
                 "exported {source} to {} ({} of data)",
                 file.display(),
                 human(data)
             );
+            if file.as_os_str() == "-" {
+                eprintln!("{msg}");
+            } else {
+                println!("{msg}");
+            }
             drop(src);
             done(pool)
         }
@@ -498,11 +536,18 @@ fn run(cmd: Cmd) -> CmdResult {
             offset,
         } => {
             let pool = open(&path)?;
-            let bytes = std::fs::read(&file).map_err(|err| format!("{}: {err}", file.display()))?;
-            let v = pool.volume(&vol).map_err(e)?;
-            v.write_at(&bytes, offset).map_err(e)?;
+            let v = match pool.volume(&vol) {
+                Ok(v) => v,
+                Err(err @ snapvol::Error::VolumeNotFound(_)) if vol.contains('@') => {
+                    return Err(format!("{vol}: snapshots are read-only ({err})"))
+                }
+                Err(err) => return Err(err.to_string()),
+            };
+            let (mut input, _) = image::open_input(&file)?;
+            let written = write_stream(&v, &mut *input, offset)
+                .map_err(|err| format!("{}: {err}", file.display()))?;
             v.flush().map_err(e)?;
-            println!("wrote {} bytes to {vol} at {offset}", bytes.len());
+            println!("wrote {written} bytes to {vol} at {offset}");
             drop(v);
             done(pool)
         }
@@ -515,15 +560,32 @@ fn run(cmd: Cmd) -> CmdResult {
         } => {
             let pool = open(&path)?;
             let src = source_of(&pool, &source)?;
-            let len = usize::try_from(length).map_err(|_| "length too large".to_string())?;
-            let mut buf = vec![0u8; len];
-            src.read_at(&mut buf, offset).map_err(e)?;
-            match output {
+            let size = src.len().map_err(e)?;
+            let length = match length {
+                Some(l) => l,
+                None => size.checked_sub(offset).ok_or_else(|| {
+                    format!("{source}: offset {offset} is beyond the end ({size} bytes)")
+                })?,
+            };
+            if offset.checked_add(length).is_none_or(|end| end > size) {
+                return Err(format!(
+                    "{source}: range {offset}+{length} is beyond the end ({size} bytes)"
+                ));
+            }
+            match &output {
                 Some(f) => {
-                    std::fs::write(&f, &buf).map_err(|err| format!("{}: {err}", f.display()))?
+                    let created = !f.exists();
+                    let r = std::fs::File::create(f)
+                        .map_err(|err| err.to_string())
+                        .and_then(|mut w| read_stream(&src, offset, length, &mut w));
+                    if let Err(err) = r {
+                        if created {
+                            let _ = std::fs::remove_file(f);
+                        }
+                        return Err(format!("{}: {err}", f.display()));
+                    }
                 }
-                None => std::io::stdout()
-                    .write_all(&buf)
+                None => read_stream(&src, offset, length, &mut std::io::stdout().lock())
                     .map_err(|err| format!("stdout: {err}"))?,
             }
             drop(src);
@@ -615,6 +677,7 @@ fn run(cmd: Cmd) -> CmdResult {
             let pb = image::stream_progress("send");
             let stats = match &output {
                 Some(f) => {
+                    let created = !f.exists();
                     let file = std::fs::File::create(f)
                         .map_err(|err| format!("{}: {err}", f.display()))?;
                     let inner = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -622,7 +685,29 @@ fn run(cmd: Cmd) -> CmdResult {
                         inner,
                         pb: pb.clone(),
                     };
-                    pool.send(id, base, &mut w).map_err(e)?
+                    // A stream cut short is of no use to anyone: a failed send removes it.
+                    let sent = pool.send(id, base, &mut w).and_then(|st| {
+                        let file = w.inner.into_inner().map_err(|err| snapvol::Error::Io {
+                            op: "stream write",
+                            offset: 0,
+                            source: err.into_error(),
+                        })?;
+                        file.sync_all().map_err(|err| snapvol::Error::Io {
+                            op: "stream sync",
+                            offset: 0,
+                            source: err,
+                        })?;
+                        Ok(st)
+                    });
+                    match sent {
+                        Ok(st) => st,
+                        Err(err) => {
+                            if created {
+                                let _ = std::fs::remove_file(f);
+                            }
+                            return Err(format!("{}: {err}", f.display()));
+                        }
+                    }
                 }
                 None => {
                     let stdout = std::io::stdout();
@@ -744,6 +829,52 @@ fn run(cmd: Cmd) -> CmdResult {
             done(pool)
         }
         Cmd::Demo { dir } => demo::run(dir).map(|_| ExitCode::SUCCESS),
+    }
+}
+
+/// Bytes per step of `read` and `write`: their memory whatever the length.
+const STEP: usize = 1 << 20;
+
+/// Copies `length` bytes at `offset` of a volume or snapshot to `w`, a step at a time.
+fn read_stream(
+    src: &image::Source,
+    offset: u64,
+    length: u64,
+    w: &mut dyn Write,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; STEP.min(usize::try_from(length).unwrap_or(STEP))];
+    let mut done = 0u64;
+    while done < length {
+        let n = (length - done).min(buf.len() as u64) as usize;
+        src.read_at(&mut buf[..n], offset + done)
+            .map_err(|e| e.to_string())?;
+        w.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        done += n as u64;
+    }
+    w.flush().map_err(|e| e.to_string())
+}
+
+/// Writes everything `input` holds into `v` from `offset`, a step at a time; returns the
+/// bytes written.
+fn write_stream(
+    v: &snapvol::Volume,
+    input: &mut dyn std::io::Read,
+    offset: u64,
+) -> Result<u64, String> {
+    let mut buf = vec![0u8; STEP];
+    let mut done = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return Ok(done),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        let at = offset
+            .checked_add(done)
+            .ok_or_else(|| "offset overflows".to_string())?;
+        v.write_at(&buf[..n], at).map_err(|e| e.to_string())?;
+        done += n as u64;
     }
 }
 

@@ -19,9 +19,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         "P" | "PB" | "PIB" => 50,
+        "E" | "EB" | "EIB" => 60,
         _ => {
             return Err(format!(
-                "bad size {s:?}: unknown unit {unit:?} (use K, M, G, T)"
+                "bad size {s:?}: unknown unit {unit:?} (use K, M, G, T, P, E)"
             ))
         }
     };
