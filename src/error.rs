@@ -94,6 +94,42 @@ pub enum Error {
     /// The target is read-only (a snapshot).
     #[error("{0} is read-only")]
     ReadOnly(String),
+
+    /// No backup with this id is in the repository.
+    #[error("no backup {0} in the repository")]
+    BackupNotFound(String),
+
+    /// An object of a backup repository is missing, truncated, corrupt, or is not what its
+    /// name says (a swapped chunk or manifest). `backup` names the backup (its snapshot id)
+    /// or "repository", `object` the object's key. Nothing in a pool was changed.
+    #[error("backup {backup}: {object}: {detail}")]
+    BackupCorrupt {
+        backup: String,
+        object: String,
+        detail: String,
+    },
+
+    /// A repository object of a newer format than this build reads.
+    #[error("backup {what} format version {found}; this build reads up to version {supported}")]
+    UnsupportedBackupVersion {
+        what: String,
+        found: u32,
+        supported: u32,
+    },
+
+    /// The backup target failed an operation (network, permissions, a full disk): `op` is
+    /// "put", "get", "list", "delete" or "head", `key` the object. Retrying may succeed.
+    #[error("backup target {op} {key}: {source}")]
+    Target {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// Another push or a garbage collection holds the repository; retry later.
+    #[error("backup repository busy: {0}")]
+    RepositoryBusy(String),
 }
 
 impl Error {
@@ -117,7 +153,12 @@ impl From<Error> for io::Error {
             Error::Corrupt { .. }
             | Error::NotAPool(_)
             | Error::UnsupportedVersion { .. }
-            | Error::BadStream(_) => io::ErrorKind::InvalidData,
+            | Error::BadStream(_)
+            | Error::BackupCorrupt { .. }
+            | Error::UnsupportedBackupVersion { .. } => io::ErrorKind::InvalidData,
+            Error::Target { source, .. } => source.kind(),
+            Error::BackupNotFound(_) => io::ErrorKind::NotFound,
+            Error::RepositoryBusy(_) => io::ErrorKind::ResourceBusy,
             Error::NoSpace { .. } => io::ErrorKind::StorageFull,
             Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) => io::ErrorKind::NotFound,
             Error::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,

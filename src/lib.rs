@@ -30,6 +30,7 @@
 //! `store` and `txn` (the open transaction and the commit protocol), `catalog`, [`Pool`]
 //! and [`Volume`].
 
+pub mod backup;
 mod btree;
 mod catalog;
 mod check;

@@ -2,7 +2,7 @@
 //! stream for backups and for moving snapshots between pools with their ids. The format is in
 //! docs/stream-format.md.
 
-mod receive;
+pub(crate) mod receive;
 mod send;
 
 pub use receive::ReceiveStats;

@@ -83,12 +83,14 @@ impl Src<'_> {
     }
 }
 
-struct Header {
-    size: u64,
-    target: u128,
-    base: u128,
-    volume: String,
-    snapshot: String,
+/// What a stream (or a restored backup) brings: the snapshot it makes and its base.
+pub(crate) struct Header {
+    pub(crate) size: u64,
+    pub(crate) target: u128,
+    /// 0 for a full stream.
+    pub(crate) base: u128,
+    pub(crate) volume: String,
+    pub(crate) snapshot: String,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -153,12 +155,45 @@ fn read_header(src: &mut Src) -> Result<Header> {
 
 impl Engine {
     /// The newest snapshot of a volume (by generation).
-    fn newest_snapshot(&self, volume: u128) -> Option<&SnapshotRec> {
+    pub(crate) fn newest_snapshot(&self, volume: u128) -> Option<&SnapshotRec> {
         self.catalog
             .snapshots
             .iter()
             .filter(|s| s.volume == volume)
             .max_by_key(|s| s.generation)
+    }
+
+    /// Prepares the hidden volume a stream or restore of `size` bytes is applied to. Full
+    /// (`base` 0): an empty one, and `name` must be free. Incremental: a copy of volume
+    /// `name`, whose newest snapshot must be `base` with no change since.
+    pub(crate) fn hidden_for(&mut self, name: &str, base: u128, size: u64) -> Result<u128> {
+        if base == 0 {
+            if self.catalog.volume(name).is_ok() {
+                return Err(Error::AlreadyExists {
+                    kind: "volume",
+                    name: name.to_string(),
+                });
+            }
+            return self.add_hidden(0, size);
+        }
+        let vol = self.catalog.volume(name)?.clone();
+        let newest = self.newest_snapshot(vol.id).cloned();
+        let wrong = |reason: String| Error::WrongBase {
+            volume: name.to_string(),
+            reason,
+        };
+        let Some(base) = newest.filter(|s| s.id == base) else {
+            return Err(wrong(format!(
+                "its newest snapshot is not the base {base:032x}"
+            )));
+        };
+        if vol.root != base.root || vol.size != base.size {
+            return Err(wrong(format!(
+                "it changed since {}@{}; roll back first",
+                name, base.name
+            )));
+        }
+        self.add_hidden(base.root, base.size)
     }
 
     /// Adds a hidden volume with the given map root (shared) and size.
@@ -245,36 +280,7 @@ impl Pool {
                 name: format!("{:032x}", h.target),
             });
         }
-        let hidden = self.with(|e| {
-            if h.base == 0 {
-                if e.catalog.volume(&name).is_ok() {
-                    return Err(Error::AlreadyExists {
-                        kind: "volume",
-                        name: name.clone(),
-                    });
-                }
-                return e.add_hidden(0, h.size);
-            }
-            let vol = e.catalog.volume(&name)?.clone();
-            let newest = e.newest_snapshot(vol.id).cloned();
-            let wrong = |reason: String| Error::WrongBase {
-                volume: name.clone(),
-                reason,
-            };
-            let Some(base) = newest.filter(|s| s.id == h.base) else {
-                return Err(wrong(format!(
-                    "its newest snapshot is not the stream's base {:032x}",
-                    h.base
-                )));
-            };
-            if vol.root != base.root || vol.size != base.size {
-                return Err(wrong(format!(
-                    "it changed since {}@{}; roll back first",
-                    name, base.name
-                )));
-            }
-            e.add_hidden(base.root, base.size)
-        })?;
+        let hidden = self.with(|e| e.hidden_for(&name, h.base, h.size))?;
         let vol = Volume {
             pool: self.clone(),
             id: hidden,
@@ -454,7 +460,7 @@ impl Pool {
     }
 
     /// One commit makes the received volume and snapshot visible.
-    fn finish_receive(&self, h: &Header, name: &str, hidden: u128) -> Result<()> {
+    pub(crate) fn finish_receive(&self, h: &Header, name: &str, hidden: u128) -> Result<()> {
         self.with(|e| {
             e.catalog_op(Reserve::Use, |e| {
                 let tmp = e.catalog.volume_by_id(hidden).cloned().ok_or_else(|| {
