@@ -270,3 +270,420 @@ fn s3_repository_lifecycle_on_moto() {
         Err(Error::AlreadyExists { .. })
     ));
 }
+
+/// A pool holding volume "db" with three snapshots pushed in turn; returns the pool, the
+/// snapshot ids and a clone of each snapshot's bytes.
+fn populated(r: &Repository) -> (Pool, Vec<u128>, Vec<Vec<u8>>) {
+    let a = pool();
+    let v = a.create_volume("db", 4 * MIB).unwrap();
+    let mut ids = Vec::new();
+    let mut bytes = Vec::new();
+    for round in 0..3u64 {
+        v.write_at(&pattern(600_000, round), round * 700_000)
+            .unwrap();
+        let id = a.snapshot("db", &format!("s{round}")).unwrap();
+        r.push(&a, id, BaseChoice::Auto).unwrap();
+        bytes.push(snap_bytes(&a, id));
+        ids.push(id);
+    }
+    (a, ids, bytes)
+}
+
+/// What must be true of a pool a failed restore touched: nothing of it is visible.
+fn untouched(p: &Pool) {
+    assert!(
+        p.volumes().is_empty(),
+        "a failed restore left {:?}",
+        p.volumes()
+    );
+    assert!(p.snapshots().is_empty());
+    assert!(p.check().unwrap().is_clean());
+}
+
+#[test]
+fn every_failing_put_of_a_push_is_a_typed_error_and_a_rerun_uploads_only_what_is_missing() {
+    let a = pool();
+    let v = a.create_volume("db", 4 * MIB).unwrap();
+    v.write_at(&pattern(3 * MIB as usize, 7), 0).unwrap();
+    let id = a.snapshot("db", "s").unwrap();
+    let faulty = || {
+        let dir = tempfile::tempdir().unwrap();
+        let fault = Arc::new(FaultTarget::new(Arc::new(
+            DirTarget::new(dir.path()).unwrap(),
+        )));
+        let r = repo(fault.clone());
+        (dir, fault, r)
+    };
+    // Count the puts of a whole push.
+    let (_d, counting, rc) = faulty();
+    counting.arm(TargetFault::FailPut(u64::MAX));
+    let full = rc.push(&a, id, BaseChoice::Full).unwrap();
+    let (puts, ..) = counting.calls();
+    assert_eq!(
+        puts,
+        full.uploaded_chunks + 2,
+        "the lock, every chunk, the manifest"
+    );
+    for n in 1..=puts {
+        let (dir, fault, r) = faulty();
+        fault.arm(TargetFault::FailPut(n));
+        match r.push(&a, id, BaseChoice::Full) {
+            Err(Error::Target { op: "put", .. }) => {}
+            other => panic!("put {n}: expected a target error, got {other:?}"),
+        }
+        assert_eq!(fault.fired(), 1);
+        assert!(
+            r.list().unwrap().is_empty(),
+            "a failed push shows no backup"
+        );
+        let before = chunk_files(dir.path()).len() as u64;
+        fault.disarm();
+        let st = r.push(&a, id, BaseChoice::Full).unwrap();
+        assert_eq!(
+            before + st.uploaded_chunks,
+            full.uploaded_chunks,
+            "put {n}: the rerun uploads only what is missing"
+        );
+        let b = pool();
+        r.restore(id, &b, &RestoreOptions::default()).unwrap();
+        assert_eq!(snap_bytes(&b, id), snap_bytes(&a, id));
+    }
+}
+
+#[test]
+fn every_failing_truncated_or_corrupted_get_of_a_restore_leaves_the_pool_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = Arc::new(FaultTarget::new(Arc::new(
+        DirTarget::new(dir.path()).unwrap(),
+    )));
+    let r = repo(fault.clone());
+    let (a, ids, bytes) = populated(&r);
+    drop(a);
+    // Gets of a restore of the newest backup onto nothing.
+    fault.arm(TargetFault::FailGet(u64::MAX));
+    r.restore(ids[2], &pool(), &RestoreOptions::default())
+        .unwrap();
+    let (_, gets, ..) = fault.calls();
+    assert!(gets > 3);
+    for n in 1..=gets {
+        for f in [
+            TargetFault::FailGet(n),
+            TargetFault::CorruptGet(n),
+            TargetFault::TruncateGet(n),
+        ] {
+            let b = pool();
+            fault.arm(f);
+            match r.restore(ids[2], &b, &RestoreOptions::default()) {
+                Err(Error::Target { op: "get", .. }) => {
+                    assert!(matches!(f, TargetFault::FailGet(_)))
+                }
+                Err(Error::BackupCorrupt { backup, .. }) => {
+                    assert!(!matches!(f, TargetFault::FailGet(_)));
+                    assert_eq!(backup, format!("{:032x}", ids[2]), "names the backup");
+                }
+                // A short ranged read of the manifest is followed by another: no harm.
+                Ok(_) => {
+                    assert!(
+                        matches!(f, TargetFault::TruncateGet(_)),
+                        "{f:?} went unnoticed"
+                    );
+                    assert_eq!(snap_bytes(&b, ids[2]), bytes[2]);
+                    continue;
+                }
+                Err(other) => panic!("{f:?}: unexpected {other:?}"),
+            }
+            assert_eq!(fault.fired(), 1, "{f:?}");
+            untouched(&b);
+            fault.disarm();
+            r.restore(ids[2], &b, &RestoreOptions::default()).unwrap();
+            assert_eq!(snap_bytes(&b, ids[2]), bytes[2]);
+        }
+    }
+}
+
+#[test]
+fn verify_and_gc_under_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = Arc::new(FaultTarget::new(Arc::new(
+        DirTarget::new(dir.path()).unwrap(),
+    )));
+    let r = repo(fault.clone());
+    let (_a, ids, _) = populated(&r);
+    // A corrupted body is a finding naming the backup; a failing target is an error.
+    fault.arm(TargetFault::CorruptGet(6));
+    let rep = r.verify(None, 100.0).unwrap();
+    assert_eq!(rep.problems.len(), 1, "{:?}", rep.problems);
+    assert!(ids.contains(&rep.problems[0].backup));
+    fault.arm(TargetFault::FailGet(3));
+    assert!(matches!(
+        r.verify(None, 100.0),
+        Err(Error::Target { op: "get", .. })
+    ));
+    fault.disarm();
+    assert!(r.verify(None, 100.0).unwrap().is_clean());
+    // gc stopped by a failing list or delete removes nothing it should not; a rerun finishes.
+    r.delete(ids[0]).unwrap();
+    fault.arm(TargetFault::FailDelete(1));
+    assert!(matches!(
+        r.gc(std::time::Duration::ZERO),
+        Err(Error::Target { op: "delete", .. })
+    ));
+    fault.arm(TargetFault::FailList(2));
+    assert!(matches!(
+        r.gc(std::time::Duration::ZERO),
+        Err(Error::Target { op: "list", .. })
+    ));
+    fault.disarm();
+    r.gc(std::time::Duration::ZERO).unwrap();
+    for &id in &ids[1..] {
+        r.restore(id, &pool(), &RestoreOptions::default()).unwrap();
+    }
+    assert!(r.verify(None, 100.0).unwrap().is_clean());
+}
+
+/// Paths of a directory repository's objects.
+fn chunk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(subs) = std::fs::read_dir(dir.join("chunks")) else {
+        return out;
+    };
+    for sub in subs {
+        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn hostile_repositories_are_typed_errors_and_leave_the_pool_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = repo(Arc::new(DirTarget::new(dir.path()).unwrap()));
+    let (_a, ids, _) = populated(&r);
+    let chunks = chunk_files(dir.path());
+    let manifest = |id: u128| dir.path().join(format!("manifests/{id:032x}"));
+    let restore_fails = |id: u128, what: &str| {
+        let b = pool();
+        let e = r
+            .restore(id, &b, &RestoreOptions::default())
+            .expect_err(what);
+        untouched(&b);
+        e
+    };
+    // A missing chunk.
+    let saved = std::fs::read(&chunks[0]).unwrap();
+    std::fs::remove_file(&chunks[0]).unwrap();
+    let bad: Vec<u128> = ids
+        .iter()
+        .copied()
+        .filter(|&id| r.restore(id, &pool(), &RestoreOptions::default()).is_err())
+        .collect();
+    assert!(!bad.is_empty());
+    match restore_fails(bad[0], "missing chunk") {
+        Error::BackupCorrupt { object, detail, .. } => {
+            assert!(detail.contains("missing"), "{detail}");
+            assert!(chunks[0].ends_with(&object), "{object}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let rep = r.verify(None, 100.0).unwrap();
+    assert!(rep.problems.iter().all(|p| p.detail.contains("missing")));
+    assert_eq!(
+        rep.problems
+            .iter()
+            .map(|p| p.backup)
+            .collect::<Vec<_>>()
+            .len(),
+        1,
+        "each distinct chunk is checked once"
+    );
+    // A truncated chunk, then a swapped one (another chunk's bytes under its name).
+    std::fs::write(&chunks[0], &saved[..saved.len() / 2]).unwrap();
+    assert!(matches!(
+        restore_fails(bad[0], "truncated chunk"),
+        Error::BackupCorrupt { .. }
+    ));
+    std::fs::copy(&chunks[1], &chunks[0]).unwrap();
+    match restore_fails(bad[0], "swapped chunk") {
+        Error::BackupCorrupt { detail, .. } => assert!(detail.contains("hash"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    std::fs::write(&chunks[0], &saved).unwrap();
+    // A swapped manifest, a truncated one, a flipped byte, a newer format.
+    let m0 = std::fs::read(manifest(ids[0])).unwrap();
+    let m1 = std::fs::read(manifest(ids[1])).unwrap();
+    std::fs::write(manifest(ids[0]), &m1).unwrap();
+    match restore_fails(ids[0], "swapped manifest") {
+        Error::BackupCorrupt { detail, .. } => assert!(detail.contains("swapped"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    std::fs::write(manifest(ids[0]), &m0[..m0.len() - 10]).unwrap();
+    assert!(matches!(
+        restore_fails(ids[0], "truncated manifest"),
+        Error::BackupCorrupt { .. }
+    ));
+    for at in [20, m0.len() - 40, m0.len() - 1] {
+        let mut m = m0.clone();
+        m[at] ^= 1;
+        std::fs::write(manifest(ids[0]), &m).unwrap();
+        assert!(
+            matches!(
+                restore_fails(ids[0], "flipped byte"),
+                Error::BackupCorrupt { .. }
+            ),
+            "byte {at}"
+        );
+    }
+    let mut m = m0.clone();
+    m[4] = 9;
+    std::fs::write(manifest(ids[0]), &m).unwrap();
+    assert!(matches!(
+        restore_fails(ids[0], "newer manifest"),
+        Error::UnsupportedBackupVersion { found: 9, .. }
+    ));
+    // A manifest claiming a volume beyond the largest (its size field, at byte 16) is
+    // refused before anything is allocated.
+    let mut m = m0.clone();
+    m[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    let header_len = u32::from_le_bytes(m[8..12].try_into().unwrap()) as usize;
+    let crc = crc32fast::hash(&m[..header_len - 4]);
+    m[header_len - 4..header_len].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(manifest(ids[0]), &m).unwrap();
+    match restore_fails(ids[0], "huge size") {
+        Error::BackupCorrupt { detail, .. } => assert!(detail.contains("largest"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    std::fs::write(manifest(ids[0]), &m0).unwrap();
+    let config = dir.path().join("config");
+    let c = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, c.replace("version 1", "version 2")).unwrap();
+    assert!(matches!(
+        Repository::open(Arc::new(DirTarget::new(dir.path()).unwrap())),
+        Err(Error::UnsupportedBackupVersion { found: 2, .. })
+    ));
+    std::fs::write(&config, c).unwrap();
+    for &id in &ids {
+        r.restore(id, &pool(), &RestoreOptions::default()).unwrap();
+    }
+}
+
+/// A small deterministic generator for orders.
+fn shuffle<T>(v: &mut [T], seed: u64) {
+    let mut x = seed | 1;
+    for i in (1..v.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+}
+
+#[test]
+fn backups_deleted_in_random_orders_leave_the_others_restorable() {
+    for seed in 1..=4u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let r = repo(Arc::new(DirTarget::new(dir.path()).unwrap()));
+        let a = pool();
+        let v = a.create_volume("db", 3 * MIB).unwrap();
+        let mut backups = Vec::new();
+        for round in 0..6u64 {
+            let at = (round * 400_000 + seed * 1000) % (2 * MIB);
+            v.write_at(&pattern(300_000, round + seed * 10), at)
+                .unwrap();
+            if round == 3 {
+                v.discard(0, MIB).unwrap();
+            }
+            let id = a.snapshot("db", &format!("r{round}")).unwrap();
+            r.push(&a, id, BaseChoice::Auto).unwrap();
+            backups.push((id, snap_bytes(&a, id)));
+            // Local snapshots go too: later pushes run from bookmarks.
+            if round % 2 == 1 {
+                a.delete_snapshot("db", &format!("r{}", round - 1)).unwrap();
+            }
+        }
+        shuffle(&mut backups, seed);
+        while let Some((gone, _)) = backups.pop() {
+            r.delete(gone).unwrap();
+            r.gc(std::time::Duration::ZERO).unwrap();
+            for (id, want) in &backups {
+                let b = pool();
+                r.restore(*id, &b, &RestoreOptions::default()).unwrap();
+                assert_eq!(&snap_bytes(&b, *id), want, "seed {seed}");
+            }
+        }
+        // Nothing is left once every backup is gone.
+        assert!(chunk_files(dir.path()).is_empty());
+    }
+}
+
+#[test]
+fn gc_racing_pushes_never_sweeps_what_a_push_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = repo(Arc::new(DirTarget::new(dir.path()).unwrap()));
+    let a = pool();
+    let v = a.create_volume("db", 8 * MIB).unwrap();
+    v.write_at(&pattern(8 * MIB as usize, 1), 0).unwrap();
+    for round in 0..6 {
+        // The same content backed up before and deleted: its chunks are garbage the next
+        // push finds present and reuses, unless gc sweeps them first.
+        let old = a.snapshot("db", &format!("old{round}")).unwrap();
+        r.push(&a, old, BaseChoice::Full).unwrap();
+        r.delete(old).unwrap();
+        let new = a.snapshot("db", &format!("new{round}")).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (mut busy, mut ran) = (0, 0);
+        std::thread::scope(|s| {
+            let gc = s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match r.gc(std::time::Duration::ZERO) {
+                        Ok(_) => ran += 1,
+                        Err(Error::RepositoryBusy(_)) => busy += 1,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+            r.push(&a, new, BaseChoice::Full).unwrap();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            gc.join().unwrap();
+        });
+        assert!(ran + busy > 0);
+        let b = pool();
+        r.restore(new, &b, &RestoreOptions::default()).unwrap();
+        assert_eq!(snap_bytes(&b, new), snap_bytes(&a, new));
+        r.delete(new).unwrap();
+    }
+}
+
+#[test]
+fn prune_keeps_the_newest_per_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = repo(Arc::new(DirTarget::new(dir.path()).unwrap()));
+    let a = pool();
+    for vol in ["a", "b"] {
+        let v = a.create_volume(vol, MIB).unwrap();
+        for i in 0..4u64 {
+            v.write_at(&pattern(5000, i), i * 8192).unwrap();
+            let id = a.snapshot(vol, &format!("s{i}")).unwrap();
+            r.push(&a, id, BaseChoice::Auto).unwrap();
+        }
+    }
+    let keep = Retention {
+        last: 2,
+        ..Retention::default()
+    };
+    let dry = r.prune(keep, true).unwrap();
+    assert_eq!((dry.kept.len(), dry.removed.len()), (4, 4));
+    assert_eq!(r.list().unwrap().len(), 8, "a dry run deletes nothing");
+    let done = r.prune(keep, false).unwrap();
+    assert_eq!(done, dry);
+    let left: Vec<String> = r
+        .list()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{}@{}", b.volume, b.snapshot))
+        .collect();
+    let mut sorted = left.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["a@s2", "a@s3", "b@s2", "b@s3"]);
+}

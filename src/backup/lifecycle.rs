@@ -92,7 +92,7 @@ impl Repository {
         for id in self.manifest_ids()? {
             out.push(self.info(id)?);
         }
-        out.sort_by_key(|b| (b.created_unix, b.id));
+        out.sort_by_key(|b| (b.created_unix, b.generation, b.id));
         Ok(out)
     }
 
@@ -214,7 +214,8 @@ impl Repository {
     pub fn prune(&self, keep: Retention, dry_run: bool) -> Result<PruneReport> {
         let mut all = self.list()?;
         // Newest first, grouped by the volume they came from.
-        all.sort_by_key(|b| std::cmp::Reverse((b.created_unix, b.id)));
+        // Within one second, a volume's generations still tell which came first.
+        all.sort_by_key(|b| std::cmp::Reverse((b.created_unix, b.generation, b.id)));
         let mut groups: Vec<((u128, u128), Vec<BackupInfo>)> = Vec::new();
         for b in all {
             let k = (b.pool_id, b.volume_id);

@@ -125,6 +125,8 @@ pub struct BackupInfo {
     pub created_unix: u64,
     pub pool_id: u128,
     pub volume_id: u128,
+    /// The snapshot's generation in its pool (orders a volume's backups).
+    pub generation: u64,
 }
 
 impl From<&ManifestHeader> for BackupInfo {
@@ -139,6 +141,7 @@ impl From<&ManifestHeader> for BackupInfo {
             created_unix: h.created_unix,
             pool_id: h.pool_id,
             volume_id: h.volume_id,
+            generation: h.generation,
         }
     }
 }
