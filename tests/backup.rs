@@ -687,3 +687,261 @@ fn prune_keeps_the_newest_per_volume() {
     sorted.sort();
     assert_eq!(sorted, ["a@s2", "a@s3", "b@s2", "b@s3"]);
 }
+
+/// The `snapvol` binary, with S3 credentials for moto in its environment.
+fn cli(args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    out
+}
+
+fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn cli_json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&cli_ok(args)).unwrap()
+}
+
+/// Push, list, restore by id into another pool, verify, prune, delete and gc through the
+/// CLI, on `repo` (a directory or an s3:// URL; `extra` carries the S3 flags).
+fn cli_workflow(dir: &std::path::Path, repo: &str, extra: &[&str]) {
+    let p = dir.join("a.img").display().to_string();
+    let q = dir.join("b.img").display().to_string();
+    let data = dir.join("data");
+    std::fs::write(&data, pattern(3 << 20, 11)).unwrap();
+    cli_ok(&["pool", "create", &p, "--size", "256M"]);
+    cli_ok(&["pool", "create", &q, "--size", "256M"]);
+    cli_ok(&["create", &p, "db", "--size", "8M"]);
+    cli_ok(&["write", &p, "db", data.to_str().unwrap(), "--offset", "1M"]);
+    cli_ok(&["snapshot", &p, "db@mon"]);
+    let mut args = vec!["backup", "init", repo, "--chunk-size", "256K"];
+    args.extend_from_slice(extra);
+    cli_ok(&args);
+    let mut args = vec!["backup", "push", &p, "db@mon", "--to", repo, "--json"];
+    args.extend_from_slice(extra);
+    let mon = cli_json(&args);
+    assert_eq!(mon["snapshot"], "db@mon");
+    assert_eq!(mon["base_id"], serde_json::Value::Null);
+    assert_eq!(mon["chunks"], 12);
+    assert_eq!(mon["uploaded_chunks"], 12);
+    let mon_id = mon["id"].as_str().unwrap().to_string();
+    cli_ok(&["write", &p, "db", data.to_str().unwrap(), "--offset", "5M"]);
+    cli_ok(&["snapshot", &p, "db@tue"]);
+    cli_ok(&["destroy", &p, "db@mon"]);
+    let mut args = vec!["backup", "push", &p, "db@tue", "--to", repo, "--json"];
+    args.extend_from_slice(extra);
+    let tue = cli_json(&args);
+    assert_eq!(
+        tue["base_id"].as_str(),
+        Some(mon_id.as_str()),
+        "from bookmark db#mon"
+    );
+    let tue_id = tue["id"].as_str().unwrap().to_string();
+    let mut args = vec!["backup", "list", repo, "--json"];
+    args.extend_from_slice(extra);
+    let list = cli_json(&args);
+    let backups = list["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 2);
+    assert_eq!(backups[1]["id"].as_str(), Some(tue_id.as_str()));
+    assert_eq!(backups[1]["size"], 8 << 20);
+    // Restore by id alone into the other pool, with a clone.
+    for id in [&mon_id, &tue_id] {
+        let mut args = vec!["backup", "restore", repo, id, &q, "--json"];
+        args.extend_from_slice(extra);
+        let r = cli_json(&args);
+        assert_eq!(r["id"].as_str(), Some(id.as_str()));
+    }
+    // A snapshot id is unique in a pool: a second copy goes to a third pool.
+    let c = dir.join("c.img").display().to_string();
+    cli_ok(&["pool", "create", &c, "--size", "256M"]);
+    let mut args = vec![
+        "backup", "restore", repo, &tue_id, &c, "copy", "--clone", "work",
+    ];
+    args.extend_from_slice(extra);
+    cli_ok(&args);
+    let want = cli(&["read", &p, "db@tue"]).stdout;
+    assert_eq!(cli(&["read", &q, "db@tue"]).stdout, want);
+    assert_eq!(cli(&["read", &c, "copy@tue"]).stdout, want);
+    assert_eq!(cli(&["read", &c, "work"]).stdout, want);
+    let mut args = vec!["backup", "verify", repo, "--json"];
+    args.extend_from_slice(extra);
+    assert_eq!(cli_json(&args)["clean"], true);
+    let mut args = vec![
+        "backup",
+        "prune",
+        repo,
+        "--keep-last",
+        "1",
+        "--dry-run",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let pr = cli_json(&args);
+    assert_eq!(pr["removed"][0]["id"].as_str(), Some(mon_id.as_str()));
+    let mut args = vec!["backup", "delete", repo, &mon_id];
+    args.extend_from_slice(extra);
+    cli_ok(&args);
+    let mut args = vec!["backup", "gc", repo, "--grace", "0s", "--json"];
+    args.extend_from_slice(extra);
+    let gc = cli_json(&args);
+    assert_eq!(gc["manifests"], 1);
+    // A bad id and a missing backup are one-line errors.
+    let mut args = vec!["backup", "restore", repo, "xyz", &q];
+    args.extend_from_slice(extra);
+    let out = cli(&args);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("32 hex digits"));
+    let mut args = vec!["backup", "restore", repo, &mon_id, &q, "again"];
+    args.extend_from_slice(extra);
+    let out = cli(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("already exists") || err.contains("no backup"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_backup_workflow_on_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo").display().to_string();
+    cli_workflow(dir.path(), &repo, &[]);
+    // verify exits 1 on a damaged repository.
+    let chunk = &chunk_files(&dir.path().join("repo"))[0];
+    let mut b = std::fs::read(chunk).unwrap();
+    b[20] ^= 1;
+    std::fs::write(chunk, b).unwrap();
+    let out = cli(&["backup", "verify", &repo]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("does not match its hash"));
+}
+
+#[cfg(feature = "s3")]
+#[test]
+fn cli_backup_workflow_on_s3() {
+    let moto = match start_moto() {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED cli_backup_workflow_on_s3: {why}");
+            return;
+        }
+    };
+    create_bucket(moto.port, "cluster");
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", moto.port);
+    cli_workflow(
+        dir.path(),
+        "s3://cluster/snapshots",
+        &[
+            "--endpoint",
+            &endpoint,
+            "--region",
+            "us-east-1",
+            "--path-style",
+            "--allow-http",
+        ],
+    );
+}
+
+/// Runs a command and kills it (SIGKILL) `after_ms` milliseconds later; true if it had
+/// finished by then.
+fn run_and_kill(args: &[&str], after_ms: u64) -> bool {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(after_ms));
+    let finished = child.try_wait().unwrap().is_some();
+    let _ = child.kill();
+    child.wait().unwrap();
+    finished
+}
+
+#[test]
+fn kill_9_during_push_and_restore_then_rerun_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.img").display().to_string();
+    let repo_dir = dir.path().join("repo");
+    let repo = repo_dir.display().to_string();
+    cli_ok(&["pool", "create", &p, "--size", "512M"]);
+    cli_ok(&["create", &p, "db", "--size", "96M"]);
+    let data = dir.path().join("data");
+    std::fs::write(&data, pattern(96 << 20, 3)).unwrap();
+    cli_ok(&["write", &p, "db", data.to_str().unwrap()]);
+    cli_ok(&["snapshot", &p, "db@s"]);
+    cli_ok(&["backup", "init", &repo, "--chunk-size", "64K"]);
+    let total = 96 * 16;
+    let mut killed = 0;
+    for (round, after) in [30u64, 120, 400, 900].into_iter().enumerate() {
+        let finished = run_and_kill(&["backup", "push", &p, "db@s", "--to", &repo], after);
+        let manifests = std::fs::read_dir(repo_dir.join("manifests"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if finished {
+            assert_eq!(manifests, 1);
+            break;
+        }
+        killed += 1;
+        assert_eq!(manifests, 0, "round {round}: a killed push left a manifest");
+        let before = chunk_files(&repo_dir).len() as u64;
+        if round < 3 {
+            continue;
+        }
+        let st = cli_json(&["backup", "push", &p, "db@s", "--to", &repo, "--json"]);
+        assert_eq!(
+            before + st["uploaded_chunks"].as_u64().unwrap(),
+            total,
+            "the rerun uploaded only what was missing"
+        );
+    }
+    assert!(killed >= 1, "no push was still running when killed");
+    if killed < 4 {
+        cli_ok(&["backup", "push", &p, "db@s", "--to", &repo]);
+    }
+    let id = cli_json(&["backup", "list", &repo, "--json"])["backups"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A restore killed at any moment leaves no volume behind; a rerun completes.
+    let q = dir.path().join("b.img").display().to_string();
+    cli_ok(&["pool", "create", &q, "--size", "512M"]);
+    let mut killed = 0;
+    for after in [20u64, 150, 500] {
+        if run_and_kill(&["backup", "restore", &repo, &id, &q], after) {
+            break;
+        }
+        killed += 1;
+        let list = cli_json(&["list", &q, "--json"]);
+        assert_eq!(list["volumes"].as_array().unwrap().len(), 0, "{list}");
+        assert_eq!(list["snapshots"].as_array().unwrap().len(), 0, "{list}");
+        assert_eq!(cli_json(&["pool", "check", &q, "--json"])["clean"], true);
+    }
+    assert!(killed >= 1, "no restore was still running when killed");
+    if cli_json(&["list", &q, "--json"])["snapshots"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        cli_ok(&["backup", "restore", &repo, &id, &q]);
+    }
+    assert_eq!(
+        cli(&["read", &q, "db@s"]).stdout,
+        std::fs::read(&data).unwrap()
+    );
+}

@@ -1,5 +1,6 @@
 //! `snapvol`: drive pools, volumes and snapshots from a shell, as zfs, rbd or qemu-img do.
 
+mod backup;
 mod demo;
 mod image;
 mod json;
@@ -170,6 +171,13 @@ enum Cmd {
         /// Listen on this Unix socket instead.
         #[arg(long)]
         socket: Option<PathBuf>,
+    },
+    /// Backups to a directory or S3 repository, restored by snapshot id into any pool.
+    Backup {
+        #[command(subcommand)]
+        cmd: backup::BackupCmd,
+        #[command(flatten)]
+        s3: backup::S3Flags,
     },
     /// Run the seed's three workflows end to end on sparse file pools in DIR (or a
     /// temporary directory): template clones, snapshot and rollback around an upgrade,
@@ -828,6 +836,7 @@ fn run(cmd: Cmd) -> CmdResult {
             served.map_err(|err| format!("NBD server: {err}"))?;
             done(pool)
         }
+        Cmd::Backup { cmd, s3 } => backup::run(cmd, &s3),
         Cmd::Demo { dir } => demo::run(dir).map(|_| ExitCode::SUCCESS),
     }
 }
