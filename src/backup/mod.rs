@@ -61,7 +61,7 @@ pub use push::{BaseChoice, PushStats};
 pub use restore::{RestoreOptions, RestoreStats};
 #[cfg(feature = "s3")]
 pub use s3::{S3Options, S3Target};
-pub use target::{DirTarget, ObjectMeta, Target};
+pub use target::{DirTarget, MemoryTarget, ObjectMeta, Target};
 
 use crate::error::{Error, Result};
 use format::CONFIG_KEY;

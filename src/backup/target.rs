@@ -266,3 +266,72 @@ mod tests {
         ));
     }
 }
+
+/// A repository in memory: for tests, fuzzing and embedders' own tests. Objects are kept
+/// with the time they were written.
+#[derive(Debug, Default)]
+pub struct MemoryTarget {
+    objects: parking_lot::Mutex<std::collections::BTreeMap<String, (Vec<u8>, SystemTime)>>,
+}
+
+impl MemoryTarget {
+    pub fn new() -> MemoryTarget {
+        MemoryTarget::default()
+    }
+}
+
+impl Target for MemoryTarget {
+    fn put(&self, key: &str, data: &[u8], create_only: bool) -> Result<bool> {
+        let mut o = self.objects.lock();
+        if create_only && o.contains_key(key) {
+            return Ok(false);
+        }
+        o.insert(key.to_string(), (data.to_vec(), SystemTime::now()));
+        Ok(true)
+    }
+
+    fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Option<Vec<u8>>> {
+        let o = self.objects.lock();
+        Ok(o.get(key).map(|(b, _)| match &range {
+            None => b.clone(),
+            Some(r) => {
+                let len = b.len() as u64;
+                let (s, e) = (r.start.min(len) as usize, r.end.min(len) as usize);
+                b[s..e.max(s)].to_vec()
+            }
+        }))
+    }
+
+    fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        Ok(self.objects.lock().get(key).map(|(b, t)| ObjectMeta {
+            key: key.to_string(),
+            size: b.len() as u64,
+            modified: *t,
+        }))
+    }
+
+    fn list(&self, prefix: &str, each: &mut dyn FnMut(ObjectMeta) -> Result<()>) -> Result<()> {
+        // Copied out first: `each` may call back into the target.
+        let found: Vec<ObjectMeta> = self
+            .objects
+            .lock()
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, (b, t))| ObjectMeta {
+                key: k.clone(),
+                size: b.len() as u64,
+                modified: *t,
+            })
+            .collect();
+        found.into_iter().try_for_each(each)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        self.objects.lock().remove(key);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
