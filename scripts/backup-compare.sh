@@ -87,7 +87,6 @@ for chunk in 4M 256K 64K; do
   for shape in "64x64K" "1024x4K"; do
     n=${shape%x*}; sz=${shape#*x}
     bytes=$(( ${sz%K} * 1024 ))
-    head -c $bytes /dev/urandom > "$dir/data.raw"
     python3 - "$sv" "$dir" "$n" <<'EOF' > "$dir/offsets"
 import random, sys
 random.seed(int(sys.argv[3]))
@@ -96,7 +95,7 @@ for _ in range(int(sys.argv[3])):
 EOF
     # One `write` per region (each a 4 KiB or 64 KiB write and a flush).
     while read -r off; do
-      "$sv" write "$dir/big.img" big "$dir/data.raw" --offset "$off" >/dev/null
+      head -c $bytes /dev/urandom | "$sv" write "$dir/big.img" big - --offset "$off" >/dev/null
     done < "$dir/offsets"
     snap="b$chunk$shape"
     "$sv" snapshot "$dir/big.img" "big@$snap" >/dev/null

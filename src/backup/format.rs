@@ -156,28 +156,46 @@ pub(crate) fn manifest_key(id: u128) -> String {
     format!("manifests/{id:032x}")
 }
 
-/// A chunk object: the header (magic, version, transform, reserved, content length) then the
-/// stored bytes.
-pub(crate) fn encode_chunk(content: &[u8], compression: Compression) -> Vec<u8> {
-    let (transform, body) = match compression {
-        Compression::Lz4 => {
-            let packed = lz4_flex::block::compress(content);
-            if packed.len() < content.len() {
-                (1u8, packed)
-            } else {
-                (0, content.to_vec())
+/// A chunk object's header: magic, version, transform, reserved, content length.
+pub(crate) fn chunk_header(transform: u8, content_len: usize) -> [u8; CHUNK_HEADER] {
+    let mut h = [0u8; CHUNK_HEADER];
+    h[..4].copy_from_slice(CHUNK_MAGIC);
+    h[4] = 1;
+    h[5] = transform;
+    h[8..].copy_from_slice(&(content_len as u32).to_le_bytes());
+    h
+}
+
+/// Makes `buf` a whole chunk object. `buf` holds the content after `CHUNK_HEADER` bytes of
+/// room, so stored as it is, nothing is copied; compressed, `spare` receives the object and
+/// is swapped into `buf` (both buffers are the caller's, reused from chunk to chunk).
+pub(crate) fn seal_chunk(buf: &mut Vec<u8>, spare: &mut Vec<u8>, compression: Compression) {
+    let len = buf.len() - CHUNK_HEADER;
+    if compression == Compression::Lz4 {
+        let bound = lz4_flex::block::get_maximum_output_size(len);
+        spare.clear();
+        spare.resize(CHUNK_HEADER + bound, 0);
+        if let Ok(n) =
+            lz4_flex::block::compress_into(&buf[CHUNK_HEADER..], &mut spare[CHUNK_HEADER..])
+        {
+            if n < len {
+                spare.truncate(CHUNK_HEADER + n);
+                spare[..CHUNK_HEADER].copy_from_slice(&chunk_header(1, len));
+                std::mem::swap(buf, spare);
+                return;
             }
         }
-        Compression::None => (0, content.to_vec()),
-    };
-    let mut out = Vec::with_capacity(CHUNK_HEADER + body.len());
-    out.extend_from_slice(CHUNK_MAGIC);
-    out.push(1);
-    out.push(transform);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&(content.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
+    }
+    buf[..CHUNK_HEADER].copy_from_slice(&chunk_header(0, len));
+}
+
+/// A chunk object for `content` (see [`seal_chunk`]).
+#[cfg(test)]
+pub(crate) fn encode_chunk(content: &[u8], compression: Compression) -> Vec<u8> {
+    let mut buf = vec![0u8; CHUNK_HEADER];
+    buf.extend_from_slice(content);
+    seal_chunk(&mut buf, &mut Vec::new(), compression);
+    buf
 }
 
 /// Decodes a chunk object and checks it is what its name says: `expect` bytes whose BLAKE3

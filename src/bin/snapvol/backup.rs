@@ -41,7 +41,7 @@ pub enum BackupCmd {
         #[arg(long, value_parser = parse_size, default_value = "4M")]
         chunk_size: u64,
         /// How chunks are stored: none or lz4 (a chunk that does not shrink is kept as is).
-        #[arg(long, default_value = "none")]
+        #[arg(long, default_value = "lz4")]
         compression: String,
     },
     /// Back up snapshot VOL@SNAP: only the chunks covering the change since the base are
