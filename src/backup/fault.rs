@@ -153,6 +153,22 @@ impl Target for FaultTarget {
         self.inner.delete(key)
     }
 
+    fn put_batched(&self, key: &str, data: &[u8]) -> Result<bool> {
+        {
+            let mut s = self.state.lock();
+            s.puts += 1;
+            if s.fault == Some(TargetFault::FailPut(s.puts)) {
+                s.fired += 1;
+                return Err(injected("put", key));
+            }
+        }
+        self.inner.put_batched(key, data)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
+
     fn describe(&self) -> String {
         format!("faulty {}", self.inner.describe())
     }

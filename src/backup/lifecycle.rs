@@ -3,9 +3,10 @@
 //!
 //! Garbage collection and pushes exclude each other through lock objects, in the order that
 //! makes at least one of them see the other (each writes its own lock, then looks for the
-//! other's): a gc that finds a push lock gives up (`RepositoryBusy`), a push that finds a gc
-//! lock waits for it to go. So a gc never sweeps a chunk a running push has found present and
-//! is about to reference. Chunks younger than the grace period are never swept either.
+//! other's): a gc that finds a push lock gives up (`RepositoryBusy`), a push waits for the gc
+//! locks it found (later ones belong to gcs that will see the push and give up). So a gc never
+//! sweeps a chunk a running push has found present and is about to reference. Chunks younger
+//! than the grace period are never swept either.
 
 use super::format::{decode_chunk, manifest_key, parse_chunk_key, Hash, ManifestReader};
 use super::{lock_body, BackupInfo, Repository};
@@ -276,7 +277,7 @@ impl Repository {
     }
 
     fn gc_locked(&self, grace: Duration) -> Result<GcStats> {
-        if let Some(push) = self.fresh_lock("locks/push-")? {
+        if let Some(push) = self.fresh_locks("locks/push-")?.into_iter().next() {
             return Err(Error::RepositoryBusy(format!(
                 "a push holds {push}; run gc again when it is done"
             )));

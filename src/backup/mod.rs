@@ -306,8 +306,16 @@ impl Repository {
             key,
             written: std::time::Instant::now(),
         };
+        // A gc that writes its lock after ours will see ours and stand aside, so only the
+        // gcs already there now need waiting for (not later ones: a gc retried in a loop
+        // must not starve pushes).
+        let running = self.fresh_locks("locks/gc-")?;
         let start = std::time::Instant::now();
-        while let Some(gc) = self.fresh_lock("locks/gc-")? {
+        while let Some(gc) = self
+            .fresh_locks("locks/gc-")?
+            .into_iter()
+            .find(|k| running.contains(k))
+        {
             if start.elapsed() > GC_WAIT {
                 return Err(Error::RepositoryBusy(format!(
                     "a garbage collection holds {gc} for more than {} s",
@@ -319,14 +327,14 @@ impl Repository {
         Ok(lock)
     }
 
-    /// The key of a lock under `prefix` that is not stale, if there is one.
-    fn fresh_lock(&self, prefix: &str) -> Result<Option<String>> {
+    /// The keys of the locks under `prefix` that are not stale.
+    fn fresh_locks(&self, prefix: &str) -> Result<Vec<String>> {
         let now = SystemTime::now();
-        let mut found = None;
+        let mut found = Vec::new();
         self.target.list(prefix, &mut |m| {
             let age = now.duration_since(m.modified).unwrap_or(Duration::ZERO);
-            if age < LOCK_STALE && found.is_none() {
-                found = Some(m.key);
+            if age < LOCK_STALE {
+                found.push(m.key);
             }
             Ok(())
         })?;

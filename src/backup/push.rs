@@ -407,7 +407,7 @@ impl Repository {
                     let ck = chunk_key(&hash);
                     if self.target.head(&ck)?.is_none() {
                         seal_chunk(&mut buf, &mut spare, self.config.compression);
-                        if self.target.put(&ck, &buf, true)? {
+                        if self.target.put_batched(&ck, &buf)? {
                             uploaded.fetch_add(1, Ordering::Relaxed);
                             uploaded_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
                         }
@@ -456,6 +456,8 @@ impl Repository {
                 .next_entry()?;
         }
         let (header, bytes) = writer.finish();
+        // Every chunk durable before the manifest that makes them a backup.
+        self.target.sync()?;
         if !self.target.put(&key, &bytes, true)? {
             // Someone else pushed the same snapshot meanwhile: theirs stands (it is the same).
             stats.already_present = true;

@@ -38,6 +38,16 @@ pub trait Target: Send + Sync {
     fn list(&self, prefix: &str, each: &mut dyn FnMut(ObjectMeta) -> Result<()>) -> Result<()>;
     /// Removes an object; removing one that does not exist is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+    /// As a create-only [`Target::put`], except that the object need only be durable after
+    /// the next [`Target::sync`] (pushes store chunks this way and sync before their
+    /// manifest). An object that is visible is still whole. By default, a plain put.
+    fn put_batched(&self, key: &str, data: &[u8]) -> Result<bool> {
+        self.put(key, data, true)
+    }
+    /// Makes every `put_batched` so far durable. By default there is nothing to do.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
     /// Where the target is, for messages (`/backups`, `s3://bucket/prefix`).
     fn describe(&self) -> String;
 }
@@ -56,6 +66,8 @@ pub(crate) fn target_err(op: &'static str, key: &str, source: std::io::Error) ->
 #[derive(Debug)]
 pub struct DirTarget {
     root: PathBuf,
+    /// Folders whose new entries `put_batched` has not yet made durable.
+    unsynced: parking_lot::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// Temporary files carry this in their name; listings skip them.
@@ -67,7 +79,10 @@ impl DirTarget {
         let root = root.as_ref().to_path_buf();
         fs::create_dir_all(&root)
             .map_err(|e| target_err("create", &root.display().to_string(), e))?;
-        Ok(DirTarget { root })
+        Ok(DirTarget {
+            root,
+            unsynced: parking_lot::Mutex::new(std::collections::HashSet::new()),
+        })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
@@ -89,13 +104,15 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-impl Target for DirTarget {
-    fn put(&self, key: &str, data: &[u8], create_only: bool) -> Result<bool> {
+impl DirTarget {
+    /// Writes a temporary file, syncs it, and links (create-only) or renames it into place;
+    /// returns whether it was placed and the folder it went into.
+    fn place(&self, key: &str, data: &[u8], create_only: bool) -> Result<(bool, PathBuf)> {
         let path = self.path(key)?;
         let err = |e| target_err("put", key, e);
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
         if create_only && path.exists() {
-            return Ok(false);
+            return Ok((false, dir));
         }
         fs::create_dir_all(&dir).map_err(err)?;
         let tmp = dir.join(format!(
@@ -120,7 +137,7 @@ impl Target for DirTarget {
             let _ = fs::remove_file(&tmp);
             match r {
                 Ok(()) => Ok(true),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok((false, dir)),
                 Err(e) => Err(e),
             }
         } else {
@@ -128,9 +145,39 @@ impl Target for DirTarget {
                 let _ = fs::remove_file(&tmp);
             })
         };
-        let created = placed.map_err(err)?;
-        sync_dir(&dir).map_err(err)?;
+        Ok((placed.map_err(err)?, dir))
+    }
+}
+
+impl Target for DirTarget {
+    fn put(&self, key: &str, data: &[u8], create_only: bool) -> Result<bool> {
+        let (created, dir) = self.place(key, data, create_only)?;
+        if created {
+            sync_dir(&dir).map_err(|e| target_err("put", key, e))?;
+        }
         Ok(created)
+    }
+
+    fn put_batched(&self, key: &str, data: &[u8]) -> Result<bool> {
+        // The file's bytes are synced before its name appears; only the name's durability
+        // waits for `sync`, which then costs one folder sync per folder, not one per chunk.
+        let (created, dir) = self.place(key, data, true)?;
+        if created {
+            self.unsynced.lock().insert(dir);
+        }
+        Ok(created)
+    }
+
+    fn sync(&self) -> Result<()> {
+        let dirs: Vec<PathBuf> = self.unsynced.lock().drain().collect();
+        for (i, d) in dirs.iter().enumerate() {
+            if let Err(e) = sync_dir(d) {
+                // Still unsynced: the next sync tries them again.
+                self.unsynced.lock().extend(dirs[i..].iter().cloned());
+                return Err(target_err("sync", &d.display().to_string(), e));
+            }
+        }
+        Ok(())
     }
 
     fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Option<Vec<u8>>> {

@@ -29,6 +29,9 @@ pub struct S3Flags {
     /// Allow a plain http:// endpoint (a local server: nothing is encrypted).
     #[arg(long, global = true)]
     allow_http: bool,
+    /// Chunks transferred at once (default: twice the cores, at most 16).
+    #[arg(long, global = true)]
+    jobs: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -183,6 +186,9 @@ fn s3_target(rest: &str, _: &S3Flags) -> Result<Arc<dyn Target>, String> {
 
 fn open_repo(spec: &str, s3: &S3Flags, pb: Option<&ProgressBar>) -> Result<Repository, String> {
     let mut r = Repository::open(target(spec, s3)?).map_err(|e| format!("{spec}: {e}"))?;
+    if let Some(j) = s3.jobs {
+        r.set_parallelism(j);
+    }
     if let Some(pb) = pb {
         r.set_progress(progress_fn(pb));
     }
@@ -266,6 +272,9 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
             let mut r = Repository::open_or_create(target(&to, s3)?, &RepoOptions::default())
                 .map_err(|err| format!("{to}: {err}"))?;
             r.set_progress(progress_fn(&pb));
+            if let Some(j) = s3.jobs {
+                r.set_parallelism(j);
+            }
             let st = r
                 .push(&pool, id, base)
                 .map_err(|err| format!("{to}: {err}"))?;
