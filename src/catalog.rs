@@ -98,15 +98,24 @@ impl Positions {
 
 /// Checks a volume or snapshot name: non-empty, at most [`MAX_NAME`] bytes, none of the
 /// separators `@ # /`, no control characters.
+/// One rule for volume, snapshot and bookmark names, as zfs has: 1 to 200 bytes of ASCII
+/// letters, digits and `_ . : -`, not starting with `-` (it would read as an option) and not
+/// `.` or `..`. So `vol@snap` and `vol#bm` always split one way, and a name is safe in a
+/// path, a URL (NBD export names) and a shell word.
 pub(crate) fn validate_name(name: &str) -> Result<()> {
     let reason = if name.is_empty() {
         "empty"
     } else if name.len() > MAX_NAME {
         "longer than 200 bytes"
-    } else if name.contains(['@', '#', '/']) {
-        "contains '@', '#' or '/'"
-    } else if name.chars().any(char::is_control) {
-        "contains a control character"
+    } else if name.starts_with('-') {
+        "starts with '-'"
+    } else if name == "." || name == ".." {
+        "is '.' or '..'"
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+    {
+        "may hold only letters, digits and _ . : - (no spaces, '/', '@' or '#')"
     } else {
         return Ok(());
     };

@@ -261,14 +261,25 @@ impl Engine {
         if volume != bm.volume || at < bm.generation {
             return Err(not_ancestor("another volume, or an older state"));
         }
-        let vol = self.catalog.volume_by_id(volume);
-        let rolled_past = vol.is_some_and(|v| {
-            v.rollbacks
-                .iter()
-                .any(|&(done, to)| done > bm.generation && done <= at && to < bm.generation)
-        });
-        if rolled_past {
-            return Err(not_ancestor("the volume was rolled back past it"));
+        // Follow the state at `at` back through the rollbacks that happened after the
+        // bookmark: a rollback done at generation d to a snapshot of generation g makes the
+        // state after d the state at g. The bookmark is an ancestor if that walk never goes
+        // back before it (rolling back to the bookmarked snapshot itself, or forward again
+        // to a later one, keeps it an ancestor).
+        let rollbacks = self
+            .catalog
+            .volume_by_id(volume)
+            .map_or(&[][..], |v| &v.rollbacks[..]);
+        let mut t = at;
+        while let Some(&(_, to)) = rollbacks
+            .iter()
+            .rev()
+            .find(|&&(done, _)| done > bm.generation && done <= t)
+        {
+            if to < bm.generation {
+                return Err(not_ancestor("the volume was rolled back past it"));
+            }
+            t = to;
         }
         Ok(bm.generation)
     }

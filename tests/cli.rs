@@ -126,9 +126,40 @@ fn pool_lifecycle_and_json() {
         .contains(&(64u64 << 20).to_string()));
 
     t.ok(&["destroy", &p, "db@s2"]);
-    t.ok(&["destroy", &p, "db"]);
+    // A volume with snapshots goes only with -r, and a dry run changes nothing.
+    assert_msg(&t.fails(&["destroy", &p, "db"]), "-r destroys them");
+    let dry = t.ok(&["destroy", &p, "db", "-r", "-n"]);
+    assert!(
+        dry.contains("would destroy db@") && dry.contains("would free"),
+        "{dry}"
+    );
+    assert!(t.ok(&["list", &p]).contains("db@"));
+    t.ok(&["destroy", &p, "-r", "db"]);
     let list = t.json(&["list", &p, "--json"]);
     assert_eq!(list["volumes"].as_array().unwrap().len(), 3);
+    assert!(list["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| !s["name"].as_str().unwrap().starts_with("db@")));
+    // Several targets at once; a missing one stops all before anything is destroyed.
+    assert_msg(
+        &t.fails(&["destroy", &p, "db-clone", "nope"]),
+        "no volume named \"nope\"",
+    );
+    assert_eq!(
+        t.json(&["list", &p, "--json"])["volumes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    // resize refuses to shrink without --shrink.
+    assert_msg(
+        &t.fails(&["resize", &p, "logs2", "--size", "1M"]),
+        "--shrink",
+    );
+    t.ok(&["resize", &p, "logs2", "--size", "1M", "--shrink"]);
     let check = t.json(&["pool", "check", &p, "--json"]);
     assert_eq!(check["clean"], true);
     assert!(t.ok(&["pool", "check", &p]).contains("0 problems"));
@@ -291,6 +322,15 @@ fn bad_input_gets_one_line_and_a_failure_status() {
         &t.fails(&["create", &p, "a@b", "--size", "1M"]),
         "invalid name",
     );
+    // One name rule for volumes, snapshots and bookmarks, as zfs has.
+    for bad in ["a b", "a/b", "ü", "..", "-x"] {
+        assert_msg(
+            &t.fails(&["create", &p, "--size", "1M", "--", bad]),
+            "invalid name",
+        );
+    }
+    assert_msg(&t.fails(&["snapshot", &p, "vol@x y"]), "invalid name");
+    t.ok(&["create", &p, "ok_name-1.2:3", "--size", "1M"]);
     assert!(t
         .fails(&["create", &p, "x", "--size", "12Q"])
         .contains("unknown unit"));

@@ -399,3 +399,30 @@ fn an_import_that_fails_midway_or_fills_the_pool_leaves_the_pool_unchanged() {
     assert_eq!(p.volume("img").unwrap().len().unwrap(), 1_000_001);
     assert!(p.check().unwrap().is_clean());
 }
+
+#[test]
+fn a_bookmark_stays_a_base_after_rolling_back_and_forward_again() {
+    let a = pool(32 << 20, 4096);
+    let b = pool(32 << 20, 4096);
+    let v = a.create_volume("v", 1 << 20).unwrap();
+    v.write_at(&[1u8; 8192], 0).unwrap();
+    a.snapshot("v", "old").unwrap();
+    v.write_at(&[2u8; 8192], 0).unwrap();
+    let mark = a.snapshot("v", "mark").unwrap();
+    b.receive(&mut &send(&a, mark, None)[..], None).unwrap();
+    a.bookmark("v", "mark").unwrap();
+    // Back to old, then forward to a snapshot taken from mark's state: mark is an ancestor.
+    a.rollback("v", "old").unwrap();
+    a.rollback("v", "mark").unwrap();
+    a.delete_snapshot("v", "mark").unwrap();
+    v.write_at(&[3u8; 4096], 65536).unwrap();
+    let next = a.snapshot("v", "next").unwrap();
+    let stream = send(&a, next, Some(mark));
+    b.receive(&mut &stream[..], None).unwrap();
+    assert_eq!(snap_bytes(&b, next), snap_bytes(&a, next));
+    // Back past the bookmark for good: refused.
+    a.rollback("v", "old").unwrap();
+    let past = a.snapshot("v", "past").unwrap();
+    let e = a.send(past, Some(mark), &mut Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("rolled back past it"), "{e}");
+}

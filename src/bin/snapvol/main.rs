@@ -61,6 +61,9 @@ enum Cmd {
         vol: String,
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// Allow a smaller size: the data past the new end is discarded (qemu-img's rule).
+        #[arg(long)]
+        shrink: bool,
     },
     /// Rename a volume (its snapshots follow).
     Rename {
@@ -69,7 +72,19 @@ enum Cmd {
         new_name: String,
     },
     /// Delete a volume or a snapshot (VOL@SNAP).
-    Destroy { path: PathBuf, target: String },
+    /// Example: snapvol destroy pool.img db@mon db@tue db#old
+    Destroy {
+        path: PathBuf,
+        /// Volumes, snapshots (VOL@SNAP) and bookmarks (VOL#BM).
+        #[arg(required = true)]
+        targets: Vec<String>,
+        /// Also destroy a volume's snapshots (a volume that has any is refused otherwise).
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// Say what would be destroyed and how many bytes that frees; change nothing.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+    },
     /// List volumes and snapshots with their space.
     List {
         path: PathBuf,
@@ -425,8 +440,22 @@ fn run(cmd: Cmd) -> CmdResult {
             println!("created volume {vol} ({})", human(size));
             done(pool)
         }
-        Cmd::Resize { path, vol, size } => {
+        Cmd::Resize {
+            path,
+            vol,
+            size,
+            shrink,
+        } => {
             let pool = open(&path)?;
+            let current = pool.volume(&vol).and_then(|v| v.len()).map_err(e)?;
+            if size < current && !shrink {
+                return Err(format!(
+                    "{vol} is {} and {} is smaller: shrinking discards the data past the new end \
+                     (--shrink to do it)",
+                    human(current),
+                    human(size)
+                ));
+            }
             pool.resize_volume(&vol, size).map_err(e)?;
             println!("resized volume {vol} to {}", human(size));
             done(pool)
@@ -441,14 +470,82 @@ fn run(cmd: Cmd) -> CmdResult {
             println!("renamed volume {vol} to {new_name}");
             done(pool)
         }
-        Cmd::Destroy { path, target } => {
+        Cmd::Destroy {
+            path,
+            targets,
+            recursive,
+            dry_run,
+        } => {
             let pool = open(&path)?;
-            match (target.split_once('#'), split_target(&target)) {
-                (Some((v, b)), _) => pool.delete_bookmark(v, b).map_err(e)?,
-                (None, (v, Some(s))) => pool.delete_snapshot(v, s).map_err(e)?,
-                (None, (v, None)) => pool.delete_volume(v).map_err(e)?,
+            // Everything is checked before anything is destroyed.
+            let mut plan: Vec<(String, Destroy)> = Vec::new();
+            for t in &targets {
+                match (t.split_once('#'), split_target(t)) {
+                    (Some((v, b)), _) => {
+                        pool.bookmark_id(v, b).map_err(e)?;
+                        plan.push((t.clone(), Destroy::Bookmark(v.into(), b.into())));
+                    }
+                    (None, (v, Some(s))) => {
+                        let id = pool.snapshot_handle(v, s).map_err(e)?.id();
+                        plan.push((t.clone(), Destroy::Snapshot(id)));
+                    }
+                    (None, (v, None)) => {
+                        let vol = pool.volume(v).map_err(e)?;
+                        let snaps: Vec<_> = pool
+                            .snapshots()
+                            .into_iter()
+                            .filter(|s| s.volume_id == vol.id())
+                            .collect();
+                        if !snaps.is_empty() && !recursive {
+                            return Err(format!(
+                                "{v} has {} snapshots ({}…): -r destroys them with it",
+                                snaps.len(),
+                                format_args!("{}@{}", snaps[0].volume_name, snaps[0].name)
+                            ));
+                        }
+                        for s in snaps {
+                            plan.push((
+                                format!("{}@{}", s.volume_name, s.name),
+                                Destroy::Snapshot(s.id),
+                            ));
+                        }
+                        plan.push((t.clone(), Destroy::Volume(v.into())));
+                    }
+                }
             }
-            println!("destroyed {target}");
+            let mut freed = 0u64;
+            for (name, what) in &plan {
+                let excl = match what {
+                    Destroy::Snapshot(id) => pool.snapshot_usage_by_id(*id).map_err(e)?.exclusive,
+                    Destroy::Volume(v) => pool.volume_usage(v).map_err(e)?.exclusive,
+                    Destroy::Bookmark(..) => 0,
+                };
+                freed += excl;
+                if dry_run {
+                    println!("would destroy {name} (frees {})", human(excl));
+                } else {
+                    match what {
+                        Destroy::Snapshot(id) => {
+                            let info = pool
+                                .snapshots()
+                                .into_iter()
+                                .find(|s| s.id == *id)
+                                .ok_or_else(|| format!("{name}: gone"))?;
+                            pool.delete_snapshot(&info.volume_name, &info.name)
+                                .map_err(e)?
+                        }
+                        Destroy::Volume(v) => pool.delete_volume(v).map_err(e)?,
+                        Destroy::Bookmark(v, b) => pool.delete_bookmark(v, b).map_err(e)?,
+                    }
+                    println!("destroyed {name}");
+                }
+            }
+            if dry_run {
+                println!(
+                    "would free at least {} (blocks shared only among the targets come free too)",
+                    human(freed)
+                );
+            }
             done(pool)
         }
         Cmd::List { path, out } => {
@@ -839,6 +936,13 @@ fn run(cmd: Cmd) -> CmdResult {
         Cmd::Backup { cmd, s3 } => backup::run(cmd, &s3),
         Cmd::Demo { dir } => demo::run(dir).map(|_| ExitCode::SUCCESS),
     }
+}
+
+/// One thing `destroy` removes.
+enum Destroy {
+    Snapshot(u128),
+    Volume(String),
+    Bookmark(String, String),
 }
 
 /// Bytes per step of `read` and `write`: their memory whatever the length.
