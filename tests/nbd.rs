@@ -128,12 +128,21 @@ fn the_handshake_lists_refuses_and_chooses_exports() {
     let mut names = Vec::new();
     loop {
         match c.option_reply(3) {
-            (2, d) => names.push(String::from_utf8(d[4..].to_vec()).unwrap()),
+            (2, d) => {
+                // A name (with its length), then its description.
+                let n = u32_at(&d, 0) as usize;
+                let name = String::from_utf8(d[4..4 + n].to_vec()).unwrap();
+                let desc = String::from_utf8(d[4 + n..].to_vec()).unwrap();
+                names.push(format!("{name}: {desc}"));
+            }
             (1, _) => break,
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(names, ["vm", "vm@s"]);
+    assert_eq!(
+        names,
+        ["vm: snapvol volume", "vm@s: snapvol snapshot (read-only)"]
+    );
     // Unknown option, unknown export, malformed GO, oversized option: error replies, and
     // the handshake goes on.
     c.option(99, b"x");
@@ -273,6 +282,21 @@ impl Drop for Server {
     }
 }
 
+/// The first of `tools` that is not installed, if any: a test that needs it says SKIPPED.
+fn missing(tools: &[&str]) -> Option<String> {
+    tools
+        .iter()
+        .find(|t| {
+            Command::new(t)
+                .arg("--version")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_err()
+        })
+        .map(|t| t.to_string())
+}
+
 fn tool(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap();
     assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
@@ -281,6 +305,10 @@ fn tool(cmd: &str, args: &[&str]) -> String {
 
 #[test]
 fn qemu_tools_write_read_copy_and_list_and_the_pool_keeps_it_after_a_kill() {
+    if let Some(t) = missing(&["qemu-io", "qemu-img", "qemu-nbd"]) {
+        eprintln!("SKIPPED qemu_tools_write_read_copy_and_list_and_the_pool_keeps_it_after_a_kill: {t} is not installed (apt-get install qemu-utils)");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("pool.img");
     let snapvol = env!("CARGO_BIN_EXE_snapvol");
@@ -656,4 +684,34 @@ fn block_status_needs_the_context() {
     assert_eq!(c.reply(1, &mut []), 22);
     c.request(2, 0, 2, 0, 0, &[]);
     server.join().unwrap().unwrap();
+}
+
+#[test]
+fn nbdinfo_lists_the_exports_with_their_names_and_descriptions() {
+    if let Some(t) = missing(&["nbdinfo"]) {
+        eprintln!("SKIPPED nbdinfo_lists_the_exports_with_their_names_and_descriptions: {t} is not installed (apt-get install libnbd-bin)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("pool.img");
+    let p = img.to_str().unwrap();
+    let snapvol = env!("CARGO_BIN_EXE_snapvol");
+    tool(snapvol, &["pool", "create", p, "--size", "64M"]);
+    tool(snapvol, &["create", p, "vm", "--size", "16M"]);
+    tool(snapvol, &["snapshot", p, "vm@base"]);
+    let server = Server::start(&img, &dir.path().join("nbd.sock"));
+    let list = tool("nbdinfo", &["--list", "--json", &server.uri("")]);
+    let j: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let exports = j["exports"].as_array().unwrap();
+    let names: Vec<&str> = exports
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["vm", "vm@base"], "{list}");
+    for e in exports {
+        assert_eq!(e["export-size"], 16u64 << 20, "{list}");
+        let desc = e["description"].as_str().unwrap_or_default();
+        assert!(desc.contains("snapvol"), "{list}");
+    }
+    assert_eq!(exports[1]["is_read_only"], true, "{list}");
 }

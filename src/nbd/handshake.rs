@@ -110,6 +110,8 @@ pub(crate) fn negotiate(
                 for name in Export::names(pool) {
                     let mut d = (name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(name.as_bytes());
+                    // What follows the name is its description.
+                    d.extend_from_slice(description(name.contains('@')).as_bytes());
                     option_reply(s, option, REP_SERVER, &d)?;
                 }
                 option_reply(s, option, REP_ACK, &[])?;
@@ -143,6 +145,15 @@ pub(crate) fn negotiate(
     }
 }
 
+/// An export's description: what it is and whether it can be written.
+fn description(snapshot: bool) -> &'static str {
+    if snapshot {
+        "snapvol snapshot (read-only)"
+    } else {
+        "snapvol volume"
+    }
+}
+
 /// Answers NBD_OPT_INFO or NBD_OPT_GO: the export's size and flags and its block sizes, or
 /// an error reply. Returns the export when the answer was a success.
 fn info<S: Write>(
@@ -157,9 +168,14 @@ fn info<S: Write>(
         let n = u32::from_be_bytes(n.try_into().ok()?) as usize;
         let name = data.get(4..4 + n)?;
         let count = u16::from_be_bytes(data.get(4 + n..6 + n)?.try_into().ok()?) as usize;
-        (data.len() == 6 + n + 2 * count).then_some(name)
+        let asked: Vec<u16> = data
+            .get(6 + n..)?
+            .chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
+        (data.len() == 6 + n + 2 * count).then_some((name, asked))
     });
-    let Some(name) = parsed else {
+    let Some((name, asked)) = parsed else {
         option_reply(s, option, REP_ERR_INVALID, b"malformed request")?;
         return Ok(None);
     };
@@ -188,6 +204,17 @@ fn info<S: Write>(
     d.extend_from_slice(&preferred.to_be_bytes());
     d.extend_from_slice(&MAX_REQUEST.to_be_bytes());
     option_reply(s, option, REP_INFO, &d)?;
+    // The canonical name and a description, when asked (nbdinfo --list asks for both).
+    if asked.contains(&INFO_NAME) {
+        let mut d = INFO_NAME.to_be_bytes().to_vec();
+        d.extend_from_slice(name);
+        option_reply(s, option, REP_INFO, &d)?;
+    }
+    if asked.contains(&INFO_DESCRIPTION) {
+        let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+        d.extend_from_slice(description(export.read_only()).as_bytes());
+        option_reply(s, option, REP_INFO, &d)?;
+    }
     option_reply(s, option, REP_ACK, &[])?;
     Ok(Some(Chosen {
         export,

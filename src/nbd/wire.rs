@@ -50,6 +50,8 @@ pub(crate) const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub(crate) const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
 
 pub(crate) const INFO_EXPORT: u16 = 0;
+pub(crate) const INFO_NAME: u16 = 1;
+pub(crate) const INFO_DESCRIPTION: u16 = 2;
 pub(crate) const INFO_BLOCK_SIZE: u16 = 3;
 
 // Transmission flags.
