@@ -35,6 +35,42 @@ pub enum Problem {
     UsedMismatch { recorded: u64, counted: u64 },
 }
 
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::Corrupt { page, detail } => write!(f, "page {page} is damaged: {detail}"),
+            Problem::Leaked { unit, count } => write!(
+                f,
+                "unit {unit} is counted {count} times but nothing references it (space leaked)"
+            ),
+            Problem::OverReferenced {
+                unit,
+                count,
+                expected,
+            } => write!(
+                f,
+                "unit {unit} is counted {count} times but referenced {expected} times"
+            ),
+            Problem::UnderReferenced {
+                unit,
+                count,
+                expected,
+            } => write!(
+                f,
+                "unit {unit} is counted {count} times but referenced {expected} times: it could \
+                 be reused while in use"
+            ),
+            Problem::Misplaced { page, detail } => {
+                write!(f, "block map page {page} holds a misplaced key: {detail}")
+            }
+            Problem::UsedMismatch { recorded, counted } => write!(
+                f,
+                "the superblock records {recorded} used units, the space map counts {counted}"
+            ),
+        }
+    }
+}
+
 /// What `check` looked at and what it found.
 #[derive(Clone, Debug, Default)]
 pub struct CheckReport {

@@ -11,7 +11,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[non_exhaustive]
 pub enum Error {
     /// The device failed an operation (`op` is "read", "write", "flush", "open", ...).
-    #[error("device {op} failed at byte {offset}: {source}")]
+    #[error("device {op} failed{}: {source}", at_byte(.op, *.offset))]
     Io {
         op: &'static str,
         offset: u64,
@@ -36,8 +36,10 @@ pub enum Error {
     #[error("unsupported pool format version {found} (this build reads up to {supported})")]
     UnsupportedVersion { found: u32, supported: u32 },
 
-    /// The pool has no room for the operation. Nothing was changed.
-    #[error("pool is full: {op} needs {needed} more blocks, {free} usable blocks free")]
+    /// The pool has no room for the operation (`needed` and `free` in bytes; `free` is what
+    /// ordinary writes may still use, the reserve for deletes and commits excluded). Nothing
+    /// was changed.
+    #[error("pool is full: {op} needs {needed} bytes, {free} bytes are usable (free space by deleting snapshots or volumes, or grow the pool)")]
     NoSpace {
         op: &'static str,
         needed: u64,
@@ -130,6 +132,15 @@ pub enum Error {
     /// Another push or a garbage collection holds the repository; retry later.
     #[error("backup repository busy: {0}")]
     RepositoryBusy(String),
+}
+
+/// " at byte N" for operations on a place of the device; nothing for those on the whole
+/// device (opening, locking, flushing), where a byte offset would only be noise.
+fn at_byte(op: &str, offset: u64) -> String {
+    match op {
+        "open" | "create" | "lock" | "flush" | "grow" => String::new(),
+        _ => format!(" at byte {offset}"),
+    }
 }
 
 impl Error {

@@ -165,6 +165,9 @@ pub struct PoolStats {
     pub size: u64,
     pub used: u64,
     pub free: u64,
+    /// What writes may still use: `free` less the reserve kept so that deletes and commits
+    /// work on a full pool, and less units freed but not yet reusable.
+    pub available: u64,
     pub volumes: usize,
     pub snapshots: usize,
     /// Generation of the last commit.
@@ -284,6 +287,7 @@ impl Pool {
             size: e.store.sm.total_units() * unit,
             used: e.store.sm.used_units() * unit,
             free: e.store.sm.free_units() * unit,
+            available: e.store.sm.usable_units() * unit,
             volumes: e
                 .catalog
                 .volumes

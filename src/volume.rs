@@ -222,8 +222,8 @@ impl Engine {
             if usable < need {
                 return Err(Error::NoSpace {
                     op: "write",
-                    needed: need,
-                    free: usable,
+                    needed: need * crate::format::PAGE_SIZE as u64,
+                    free: usable * crate::format::PAGE_SIZE as u64,
                 });
             }
         }

@@ -396,8 +396,12 @@ fn check_exits_1_on_a_damaged_pool() {
     // Corrupt every block map leaf in the image.
     damage(Path::new(&p), b"SVML");
     let out = t.run(&["pool", "check", &p]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Corrupt"));
+    assert_eq!(out.status.code(), Some(3), "problems found: exit status 3");
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        report.contains("is damaged"),
+        "problems as sentences: {report}"
+    );
 }
 
 fn damage(path: &Path, magic: &[u8; 4]) {
@@ -907,5 +911,81 @@ fn block_devices_pool_create_refuses_to_destroy_and_import_export_work() {
             .unwrap()
             .len(),
         0
+    );
+}
+
+#[test]
+fn json_on_creating_commands_bookmark_diffs_typos_and_messages() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    let info = t.json(&["pool", "info", &p, "--json"]);
+    assert!(info["available"].as_u64().unwrap() < info["free"].as_u64().unwrap());
+    let v = t.json(&["create", &p, "db", "--size", "4M", "--json"]);
+    assert_eq!(
+        (v["name"].as_str(), v["size"].as_u64()),
+        (Some("db"), Some(4 << 20))
+    );
+    let data = t.path("d");
+    std::fs::write(&data, pattern(1 << 20, 2)).unwrap();
+    t.ok(&["write", &p, "db", data.to_str().unwrap()]);
+    let s = &t.json(&["snapshot", &p, "db@a", "--json"])[0];
+    let b = t.json(&["bookmark", &p, "db@a", "--json"]);
+    assert_eq!((b["name"].as_str(), &b["id"]), (Some("db#a"), &s["id"]));
+    let c = t.json(&["clone", &p, "db@a", "copy", "--json"]);
+    assert_eq!(c["origin"], s["id"]);
+    assert_eq!(c["name"], "copy");
+    t.ok(&["write", &p, "db", data.to_str().unwrap(), "--offset", "2M"]);
+    t.ok(&["destroy", &p, "db@a"]);
+    // diff from the bookmark: the second MiB written since.
+    let d = t.json(&["diff", &p, "db#a", "db", "--json"]);
+    let data_bytes: u64 = d["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["kind"] == "data")
+        .map(|x| x["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(data_bytes, 1 << 20, "{d}");
+    t.ok(&["snapshot", &p, "db@b"]);
+    let r = t.json(&["rollback", &p, "db@b", "--json"]);
+    assert_eq!(r["snapshot"], "db@b");
+    // A typo gets a suggestion; an open failure names the file without "at byte" noise.
+    let err = t.fails(&["snapshto", &p, "db@c"]);
+    assert!(err.contains("snapshot"), "{err}");
+    let err = t.fails(&["list", t.path("missing").to_str().unwrap()]);
+    assert!(!err.contains("at byte"), "{err}");
+    // A full pool speaks in bytes.
+    t.ok(&["create", &p, "big", "--size", "1G"]);
+    let big = t.path("big.raw");
+    std::fs::write(&big, pattern(80 << 20, 3)).unwrap();
+    let err = t.fails(&["write", &p, "big", big.to_str().unwrap()]);
+    assert!(err.contains("bytes are usable"), "{err}");
+}
+
+#[test]
+fn send_refuses_to_write_a_stream_to_a_terminal() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    t.ok(&["create", &p, "db", "--size", "1M"]);
+    t.ok(&["snapshot", &p, "db@a"]);
+    // `script` runs the command with a pseudo-terminal as its stdout.
+    let cmd = format!("{} send {p} db@a", env!("CARGO_BIN_EXE_snapvol"));
+    let out = match Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("SKIPPED send_refuses_to_write_a_stream_to_a_terminal: script: {e}");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("refusing to write a binary stream to a terminal"),
+        "{text}"
     );
 }

@@ -399,8 +399,8 @@ impl SpaceMap {
         if usable < n {
             return Err(Error::NoSpace {
                 op,
-                needed: n,
-                free: usable,
+                needed: n * crate::format::PAGE_SIZE as u64,
+                free: usable * crate::format::PAGE_SIZE as u64,
             });
         }
         let start = self.cursors[cursor].next_multiple_of(n);
@@ -411,8 +411,8 @@ impl SpaceMap {
         let Some(u) = found else {
             return Err(Error::NoSpace {
                 op,
-                needed: n,
-                free: usable,
+                needed: n * crate::format::PAGE_SIZE as u64,
+                free: usable * crate::format::PAGE_SIZE as u64,
             });
         };
         self.set(u, 1)?;

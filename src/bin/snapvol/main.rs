@@ -48,12 +48,16 @@ enum Cmd {
     /// Pool-wide commands.
     #[command(subcommand)]
     Pool(PoolCmd),
-    /// Create a thin volume.
+    /// Create a thin volume. Example: snapvol create pool.img db --size 20G
     Create {
         path: PathBuf,
         vol: String,
+        /// Size: bytes, or with K, M, G, T, P, E (powers of 1024); at most 1E.
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// Print {id, name, size}.
+        #[arg(long)]
+        json: bool,
     },
     /// Grow or shrink a volume.
     Resize {
@@ -104,9 +108,18 @@ enum Cmd {
         path: PathBuf,
         source: String,
         new_vol: String,
+        /// Print {id, name, origin}.
+        #[arg(long)]
+        json: bool,
     },
     /// Return a volume to one of its snapshots, keeping every snapshot.
-    Rollback { path: PathBuf, target: String },
+    Rollback {
+        path: PathBuf,
+        target: String,
+        /// Print {volume, snapshot, id}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a volume from a raw image (a file, a block device, a pipe, or - for stdin);
     /// runs of zeros stay unallocated. The volume appears only once the whole image is in.
     Import {
@@ -145,7 +158,8 @@ enum Cmd {
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
-    /// Changed extents between snapshot BASE (VOL@SNAP) and TARGET (VOL@SNAP or VOL).
+    /// Changed extents between BASE (VOL@SNAP or bookmark VOL#BM) and TARGET (VOL@SNAP or
+    /// VOL).
     Diff {
         path: PathBuf,
         base: String,
@@ -174,7 +188,13 @@ enum Cmd {
     },
     /// Keep VOL@SNAP's id as bookmark VOL#SNAP: incremental sends can start from it after
     /// the snapshot is deleted.
-    Bookmark { path: PathBuf, snapshot: String },
+    Bookmark {
+        path: PathBuf,
+        snapshot: String,
+        /// Print {name, id}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the pool's volumes (read-write, export name VOL) and snapshots (read-only,
     /// VOL@SNAP) over NBD until killed; FLUSH from a client commits the pool.
     #[cfg(feature = "nbd")]
@@ -228,7 +248,8 @@ enum PoolCmd {
         #[command(flatten)]
         out: Output,
     },
-    /// Verify every page and reference count; exit status 1 on any problem.
+    /// Verify every page and reference count; exit status 3 when problems are found (1 when
+    /// the check itself fails).
     Check {
         path: PathBuf,
         #[arg(long)]
@@ -370,6 +391,7 @@ fn run(cmd: Cmd) -> CmdResult {
                         ("size", Value::Num(st.size)),
                         ("used", Value::Num(st.used)),
                         ("free", Value::Num(st.free)),
+                        ("available", Value::Num(st.available)),
                         ("volumes", Value::Num(st.volumes as u64)),
                         ("snapshots", Value::Num(st.snapshots as u64)),
                         ("generation", Value::Num(st.generation)),
@@ -383,6 +405,7 @@ fn run(cmd: Cmd) -> CmdResult {
                 println!("size        {}", size_str(st.size, out));
                 println!("used        {}", size_str(st.used, out));
                 println!("free        {}", size_str(st.free, out));
+                println!("available   {}", size_str(st.available, out));
                 println!("volumes     {}", st.volumes);
                 println!("snapshots   {}", st.snapshots);
                 println!("generation  {}", st.generation);
@@ -397,7 +420,7 @@ fn run(cmd: Cmd) -> CmdResult {
                 .check()
                 .map_err(|err| format!("{}: {err}", path.display()))?;
             pb.finish_and_clear();
-            let problems: Vec<String> = report.problems.iter().map(|p| format!("{p:?}")).collect();
+            let problems: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
             if json {
                 println!(
                     "{}",
@@ -428,16 +451,35 @@ fn run(cmd: Cmd) -> CmdResult {
             }
             let clean = report.is_clean();
             pool.close().map_err(e)?;
+            // 3, not 1: "the check ran and found problems" differs from "the check failed".
             Ok(if clean {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(3)
             })
         }
-        Cmd::Create { path, vol, size } => {
+        Cmd::Create {
+            path,
+            vol,
+            size,
+            json,
+        } => {
             let pool = open(&path)?;
-            pool.create_volume(&vol, size).map_err(e)?;
-            println!("created volume {vol} ({})", human(size));
+            let v = pool.create_volume(&vol, size).map_err(e)?;
+            if json {
+                println!(
+                    "{}",
+                    Value::Obj(vec![
+                        ("id", json::id(v.id())),
+                        ("name", Value::Str(vol.clone())),
+                        ("size", Value::Num(size)),
+                    ])
+                    .render()
+                );
+            } else {
+                println!("created volume {vol} ({}, id {:032x})", human(size), v.id());
+            }
+            drop(v);
             done(pool)
         }
         Cmd::Resize {
@@ -584,20 +626,53 @@ fn run(cmd: Cmd) -> CmdResult {
             path,
             source,
             new_vol,
+            json,
         } => {
             let pool = open(&path)?;
-            match split_target(&source) {
-                (v, Some(s)) => pool.clone_snapshot(v, s, &new_vol).map_err(e)?,
-                (v, None) => pool.clone_volume(v, &new_vol).map_err(e)?,
+            let (vol, origin) = match split_target(&source) {
+                (v, Some(s)) => (
+                    pool.clone_snapshot(v, s, &new_vol).map_err(e)?,
+                    pool.snapshot_handle(v, s).map_err(e)?.id(),
+                ),
+                (v, None) => (
+                    pool.clone_volume(v, &new_vol).map_err(e)?,
+                    pool.volume(v).map_err(e)?.id(),
+                ),
             };
-            println!("cloned {source} to {new_vol}");
+            if json {
+                println!(
+                    "{}",
+                    Value::Obj(vec![
+                        ("id", json::id(vol.id())),
+                        ("name", Value::Str(new_vol.clone())),
+                        ("origin", json::id(origin)),
+                    ])
+                    .render()
+                );
+            } else {
+                println!("cloned {source} to {new_vol} (id {:032x})", vol.id());
+            }
+            drop(vol);
             done(pool)
         }
-        Cmd::Rollback { path, target } => {
+        Cmd::Rollback { path, target, json } => {
             let pool = open(&path)?;
             let (v, s) = need_snapshot(&target)?;
+            let id = pool.snapshot_handle(v, s).map_err(e)?.id();
             pool.rollback(v, s).map_err(e)?;
-            println!("rolled {v} back to {target}");
+            if json {
+                println!(
+                    "{}",
+                    Value::Obj(vec![
+                        ("volume", Value::Str(v.to_string())),
+                        ("snapshot", Value::Str(target.clone())),
+                        ("id", json::id(id)),
+                    ])
+                    .render()
+                );
+            } else {
+                println!("rolled {v} back to {target}");
+            }
             done(pool)
         }
         Cmd::Import {
@@ -703,8 +778,13 @@ fn run(cmd: Cmd) -> CmdResult {
             out,
         } => {
             let pool = open(&path)?;
-            let (bv, bs) = need_snapshot(&base)?;
-            let base_id = pool.snapshot_handle(bv, bs).map_err(e)?.id();
+            let base_id = match base.split_once('#') {
+                Some((bv, bn)) => pool.bookmark_id(bv, bn).map_err(e)?,
+                None => {
+                    let (bv, bs) = need_snapshot(&base)?;
+                    pool.snapshot_handle(bv, bs).map_err(e)?.id()
+                }
+            };
             let target_id;
             let t = match split_target(&target) {
                 (v, Some(s)) => {
@@ -816,6 +896,12 @@ fn run(cmd: Cmd) -> CmdResult {
                 }
                 None => {
                     let stdout = std::io::stdout();
+                    if std::io::IsTerminal::is_terminal(&stdout) {
+                        return Err(
+                            "refusing to write a binary stream to a terminal: use -o FILE or a pipe"
+                                .into(),
+                        );
+                    }
                     let inner = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
                     let mut w = image::Counted {
                         inner,
@@ -890,11 +976,26 @@ fn run(cmd: Cmd) -> CmdResult {
             }
             done(pool)
         }
-        Cmd::Bookmark { path, snapshot } => {
+        Cmd::Bookmark {
+            path,
+            snapshot,
+            json,
+        } => {
             let pool = open(&path)?;
             let (v, s) = need_snapshot(&snapshot)?;
             let id = pool.bookmark(v, s).map_err(e)?;
-            println!("bookmark {v}#{s} id {id:032x}");
+            if json {
+                println!(
+                    "{}",
+                    Value::Obj(vec![
+                        ("name", Value::Str(format!("{v}#{s}"))),
+                        ("id", json::id(id)),
+                    ])
+                    .render()
+                );
+            } else {
+                println!("bookmark {v}#{s} id {id:032x}");
+            }
             done(pool)
         }
         #[cfg(feature = "nbd")]
