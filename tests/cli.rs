@@ -989,3 +989,22 @@ fn send_refuses_to_write_a_stream_to_a_terminal() {
         "{text}"
     );
 }
+
+#[test]
+fn a_pool_file_cut_short_says_what_is_missing_and_extending_it_restores_it() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    t.ok(&["create", &p, "db", "--size", "1M"]);
+    let data = t.path("d");
+    std::fs::write(&data, pattern(1 << 20, 8)).unwrap();
+    t.ok(&["write", &p, "db", data.to_str().unwrap()]);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(63 << 20).unwrap();
+    let err = t.fails(&["list", &p]);
+    assert!(err.contains("1048576 bytes are missing"), "{err}");
+    assert!(err.contains("truncate -s 67108864"), "{err}");
+    f.set_len(64 << 20).unwrap();
+    assert_eq!(t.run(&["read", &p, "db"]).stdout, pattern(1 << 20, 8));
+    assert!(t.json(&["pool", "check", &p, "--json"])["clean"] == true);
+}

@@ -75,6 +75,17 @@ impl Superblock {
             created_unix: get_u64(&p[..], 112),
         };
         let units_on_device = device_len / PAGE_SIZE as u64;
+        if sb.total_units > units_on_device && sb.total_units <= super::MAX_UNITS {
+            // A pool file cut short (a copy that stopped early, a truncate): say how much is
+            // missing and how to get it back, since the data usually lies well below the end.
+            let pool_bytes = sb.total_units * PAGE_SIZE as u64;
+            return Err(bad(format!(
+                "the pool is {pool_bytes} bytes but the device holds {device_len}: \
+                 {} bytes are missing from its end (a truncated file is restored by extending \
+                 it to {pool_bytes} bytes, e.g. truncate -s {pool_bytes})",
+                pool_bytes - device_len
+            )));
+        }
         if sb.total_units > units_on_device
             || sb.total_units <= SUPERBLOCK_UNITS
             || sb.total_units > super::MAX_UNITS

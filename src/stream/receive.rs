@@ -263,8 +263,9 @@ impl Engine {
 impl Pool {
     /// Applies a stream (see docs/stream-format.md). A full stream creates volume `volume`
     /// (default: the stream's volume name) and its snapshot; an incremental stream applies
-    /// onto the volume whose newest snapshot is the stream's base, by id. Either way the
-    /// received snapshot keeps the sender's id. Atomic: on any error the pool is unchanged.
+    /// onto the volume of that name (default: the stream's), whose newest snapshot must be
+    /// the stream's base (checked by id) with no change since. Either way the received
+    /// snapshot keeps the sender's id. Atomic: on any error the pool is unchanged.
     pub fn receive(&self, input: &mut dyn Read, volume: Option<&str>) -> Result<ReceiveStats> {
         let mut src = Src {
             r: input,
