@@ -1008,3 +1008,14 @@ fn a_pool_file_cut_short_says_what_is_missing_and_extending_it_restores_it() {
     assert_eq!(t.run(&["read", &p, "db"]).stdout, pattern(1 << 20, 8));
     assert!(t.json(&["pool", "check", &p, "--json"])["clean"] == true);
 }
+
+#[test]
+fn shell_completions_cover_the_commands() {
+    let t = Env::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let script = t.ok(&["completions", shell]);
+        for cmd in ["snapshot", "rollback", "backup", "destroy"] {
+            assert!(script.contains(cmd), "{shell} completions lack {cmd}");
+        }
+    }
+}

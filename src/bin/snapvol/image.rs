@@ -40,6 +40,20 @@ pub fn stream_progress(what: &str) -> ProgressBar {
     pb
 }
 
+/// A spinner with the elapsed time on a terminal, for work of unknown size.
+pub fn spinner(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+        pb.set_style(style);
+    }
+    pb.set_message(what.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    pb
+}
+
 /// Counts the bytes passing through a reader or writer into a progress bar.
 pub struct Counted<T> {
     pub inner: T,

@@ -207,6 +207,11 @@ enum Cmd {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Print a shell completion script: snapvol completions bash > /etc/bash_completion.d/snapvol
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Backups to a directory or S3 repository, restored by snapshot id into any pool.
     Backup {
         #[command(subcommand)]
@@ -414,8 +419,9 @@ fn run(cmd: Cmd) -> CmdResult {
         }
         Cmd::Pool(PoolCmd::Check { path, json }) => {
             let pool = open(&path)?;
-            let pb = image::progress(0, "check");
-            pb.enable_steady_tick(std::time::Duration::from_millis(200));
+            // The check does not know its total in advance: a spinner with the time taken,
+            // not a bar that would sit full at "0 B/0 B".
+            let pb = image::spinner("check");
             let report = pool
                 .check()
                 .map_err(|err| format!("{}: {err}", path.display()))?;
@@ -1035,6 +1041,11 @@ fn run(cmd: Cmd) -> CmdResult {
             done(pool)
         }
         Cmd::Backup { cmd, s3 } => backup::run(cmd, &s3),
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "snapvol", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Demo { dir } => demo::run(dir).map(|_| ExitCode::SUCCESS),
     }
 }
