@@ -100,10 +100,11 @@ fn pool_lifecycle_and_json() {
     let list = t.json(&["list", &p, "--json"]);
     let vols = list["volumes"].as_array().unwrap();
     let names: Vec<&str> = vols.iter().map(|v| v["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["db", "logs", "db-clone", "logs2"]);
+    // Sorted by name (a volume's snapshots follow it, oldest first).
+    assert_eq!(names, ["db", "db-clone", "logs", "logs2"]);
     let logs2 = &vols[3];
     assert_eq!(logs2["size"], 2u64 << 30);
-    assert_eq!(logs2["origin"], vols[1]["id"], "a clone names its origin");
+    assert_eq!(logs2["origin"], vols[2]["id"], "a clone names its origin");
     let snaps = list["snapshots"].as_array().unwrap();
     let snames: Vec<&str> = snaps.iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(snames, ["db@s1", "db@s2", "db@g", "logs@g"]);
@@ -894,7 +895,7 @@ fn block_devices_pool_create_refuses_to_destroy_and_import_export_work() {
     }
     t.ok(&["import", d, "fromdev", i]);
     assert_eq!(
-        t.json(&["list", d, "--json"])["volumes"][1]["size"],
+        t.json(&["list", d, "--json"])["volumes"][0]["size"],
         8u64 << 20
     );
     t.ok(&["create", d, "blank", "--size", "8M"]);
@@ -1018,4 +1019,64 @@ fn shell_completions_cover_the_commands() {
             assert!(script.contains(cmd), "{shell} completions lack {cmd}");
         }
     }
+}
+
+#[test]
+fn list_filters_sorts_marks_and_speaks_to_scripts() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    t.ok(&["create", &p, "web", "--size", "2M"]);
+    t.ok(&["create", &p, "db", "--size", "1M"]);
+    t.ok(&["snapshot", &p, "db@a", "web@a"]);
+    t.ok(&["bookmark", &p, "db@a"]);
+    t.ok(&["snapshot", &p, "db@b"]);
+    // web goes; its snapshot stays, marked.
+    t.ok(&["create", &p, "gone", "--size", "1M"]);
+    t.ok(&["snapshot", &p, "gone@last"]);
+    t.ok(&["rename", &p, "gone", "gone2"]);
+    let rows = t.ok(&["list", &p, "-H"]);
+    let names: Vec<&str> = rows
+        .lines()
+        .map(|l| l.split('\t').nth(2).unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "db",
+            "db#a",
+            "db@a",
+            "db@b",
+            "gone2",
+            "gone2@last",
+            "web",
+            "web@a"
+        ]
+    );
+    assert!(rows.lines().all(|l| l.split('\t').count() == 9), "{rows}");
+    // -H gives bytes and Unix seconds.
+    let db: Vec<&str> = rows.lines().next().unwrap().split('\t').collect();
+    assert_eq!(db[3], "1048576");
+    assert!(db[7].parse::<u64>().unwrap() > 1_700_000_000);
+    let only = t.ok(&["list", &p, "db", "-t", "snapshot", "-H"]);
+    assert_eq!(only.lines().count(), 2, "{only}");
+    assert_msg(&t.fails(&["list", &p, "nope"]), "no volume named");
+    assert_msg(&t.fails(&["list", &p, "-t", "disk"]), "expected volume");
+    // A snapshot whose volume is gone is marked in the table and the JSON.
+    t.ok(&[
+        "pool",
+        "create",
+        t.path("q.img").to_str().unwrap(),
+        "--size",
+        "64M",
+    ]);
+    let q = t.path("q.img").display().to_string();
+    t.ok(&["create", &q, "v", "--size", "1M"]);
+    t.ok(&["snapshot", &q, "v@s"]);
+    t.ok(&["bookmark", &q, "v@s"]);
+    t.ok(&["destroy", &q, "-r", "v"]);
+    // The bookmark outlives both.
+    let table = t.ok(&["list", &q]);
+    assert!(table.contains("v#s (volume deleted)"), "{table}");
+    assert!(table.contains("CREATED"), "{table}");
 }

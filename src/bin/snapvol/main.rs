@@ -90,8 +90,17 @@ enum Cmd {
         dry_run: bool,
     },
     /// List volumes and snapshots with their space.
+    /// Example: snapvol list pool.img db -t snapshot
     List {
         path: PathBuf,
+        /// Only this volume, its snapshots and bookmarks.
+        vol: Option<String>,
+        /// Only these kinds: volume, snapshot, bookmark (repeat or separate with commas).
+        #[arg(short = 't', long = "type", value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// For scripts: no header, tab-separated, times in Unix seconds.
+        #[arg(short = 'H')]
+        scripted: bool,
         #[command(flatten)]
         out: Output,
     },
@@ -596,9 +605,23 @@ fn run(cmd: Cmd) -> CmdResult {
             }
             done(pool)
         }
-        Cmd::List { path, out } => {
+        Cmd::List {
+            path,
+            vol,
+            kinds,
+            scripted,
+            out,
+        } => {
             let pool = open(&path)?;
-            list(&pool, out)?;
+            list(
+                &pool,
+                out,
+                &ListOpts {
+                    volume: vol,
+                    kinds,
+                    scripted,
+                },
+            )?;
             done(pool)
         }
         Cmd::Snapshot {
@@ -1112,66 +1135,218 @@ fn source_of(pool: &Pool, source: &str) -> Result<image::Source, String> {
     })
 }
 
-fn list(pool: &Pool, out: Output) -> Result<(), String> {
+/// What `list` shows: which volume, which kinds, for people or for scripts.
+struct ListOpts {
+    volume: Option<String>,
+    kinds: Vec<String>,
+    scripted: bool,
+}
+
+/// One row of `list`.
+struct Row {
+    kind: &'static str,
+    id: u128,
+    name: String,
+    /// The volume it belongs to, for sorting.
+    volume: String,
+    usage: Option<snapvol::Usage>,
+    size: u64,
+    created: u64,
+    /// Orders what was made within one second.
+    generation: u64,
+    origin: String,
+    volume_gone: bool,
+}
+
+/// A Unix time as local date and time, as people read it.
+fn local_time(unix: u64) -> String {
+    use chrono::TimeZone;
+    match chrono::Local.timestamp_opt(unix as i64, 0) {
+        chrono::LocalResult::Single(t) | chrono::LocalResult::Ambiguous(t, _) => {
+            t.format("%Y-%m-%d %H:%M").to_string()
+        }
+        chrono::LocalResult::None => unix.to_string(),
+    }
+}
+
+fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
     let e = |err: snapvol::Error| err.to_string();
-    let vols = pool.volumes();
-    let snaps = pool.snapshots();
-    let mut vrows = Vec::new();
-    for v in &vols {
-        vrows.push((v, pool.volume_usage(&v.name).map_err(e)?));
+    for k in &opts.kinds {
+        if !["volume", "snapshot", "bookmark"].contains(&k.as_str()) {
+            return Err(format!("-t {k}: expected volume, snapshot or bookmark"));
+        }
     }
-    let mut srows = Vec::new();
-    for s in &snaps {
-        let u = pool.snapshot_usage_by_id(s.id).map_err(e)?;
-        srows.push((s, u));
+    let want = |k: &str| opts.kinds.is_empty() || opts.kinds.iter().any(|x| x == k);
+    let of_volume = |v: &str| opts.volume.as_deref().is_none_or(|w| w == v);
+    if let Some(v) = &opts.volume {
+        let known = pool.volumes().iter().any(|x| &x.name == v)
+            || pool.snapshots().iter().any(|x| &x.volume_name == v)
+            || pool.bookmarks().iter().any(|x| &x.volume_name == v);
+        if !known {
+            return Err(snapvol::Error::VolumeNotFound(v.clone()).to_string());
+        }
     }
+    let vols: Vec<_> = pool
+        .volumes()
+        .into_iter()
+        .filter(|v| of_volume(&v.name))
+        .collect();
+    let snaps: Vec<_> = pool
+        .snapshots()
+        .into_iter()
+        .filter(|s| of_volume(&s.volume_name))
+        .collect();
+    let bms: Vec<_> = pool
+        .bookmarks()
+        .into_iter()
+        .filter(|b| of_volume(&b.volume_name))
+        .collect();
+    let live: std::collections::HashSet<u128> = pool.volumes().iter().map(|v| v.id).collect();
+    let names: std::collections::HashMap<u128, String> = pool
+        .volumes()
+        .iter()
+        .map(|v| (v.id, v.name.clone()))
+        .chain(
+            pool.snapshots()
+                .iter()
+                .map(|s| (s.id, format!("{}@{}", s.volume_name, s.name))),
+        )
+        .collect();
+    let mut rows = Vec::new();
+    if want("volume") {
+        for v in &vols {
+            rows.push(Row {
+                kind: "volume",
+                id: v.id,
+                name: v.name.clone(),
+                volume: v.name.clone(),
+                usage: Some(pool.volume_usage(&v.name).map_err(e)?),
+                size: v.size,
+                created: v.created_unix,
+                generation: 0,
+                origin: v.origin.map_or("-".into(), |o| {
+                    names
+                        .get(&o)
+                        .cloned()
+                        .unwrap_or_else(|| format!("{o:032x}"))
+                }),
+                volume_gone: false,
+            });
+        }
+    }
+    if want("snapshot") {
+        for s in &snaps {
+            rows.push(Row {
+                kind: "snapshot",
+                id: s.id,
+                name: format!("{}@{}", s.volume_name, s.name),
+                volume: s.volume_name.clone(),
+                usage: Some(pool.snapshot_usage_by_id(s.id).map_err(e)?),
+                size: s.size,
+                created: s.created_unix,
+                generation: s.generation,
+                origin: "-".into(),
+                volume_gone: !live.contains(&s.volume_id),
+            });
+        }
+    }
+    if want("bookmark") {
+        for b in &bms {
+            rows.push(Row {
+                kind: "bookmark",
+                id: b.id,
+                name: format!("{}#{}", b.volume_name, b.name),
+                volume: b.volume_name.clone(),
+                usage: None,
+                size: b.size,
+                created: b.created_unix,
+                generation: b.generation,
+                origin: "-".into(),
+                volume_gone: !live.contains(&b.volume_id),
+            });
+        }
+    }
+    // By volume, the volume first, then its snapshots and bookmarks oldest first.
+    rows.sort_by(|a, b| {
+        (
+            &a.volume,
+            a.kind != "volume",
+            a.created,
+            a.generation,
+            &a.name,
+        )
+            .cmp(&(
+                &b.volume,
+                b.kind != "volume",
+                b.created,
+                b.generation,
+                &b.name,
+            ))
+    });
     if out.json {
-        let origin = |o: Option<u128>| o.map_or(Value::Null, json::id);
-        let volumes = vrows
-            .iter()
-            .map(|(v, u)| {
-                Value::Obj(vec![
-                    ("id", json::id(v.id)),
-                    ("name", Value::Str(v.name.clone())),
-                    ("origin", origin(v.origin)),
+        let mut volumes = Vec::new();
+        let mut snapshots = Vec::new();
+        let mut bookmarks = Vec::new();
+        let gen = |id: u128| {
+            snaps
+                .iter()
+                .find(|s| s.id == id)
+                .map(|s| s.generation)
+                .or_else(|| bms.iter().find(|b| b.id == id).map(|b| b.generation))
+                .unwrap_or(0)
+        };
+        for r in &rows {
+            let u = r.usage.unwrap_or_default();
+            match r.kind {
+                "volume" => volumes.push(Value::Obj(vec![
+                    ("id", json::id(r.id)),
+                    ("name", Value::Str(r.name.clone())),
+                    (
+                        "origin",
+                        vols.iter()
+                            .find(|v| v.id == r.id)
+                            .and_then(|v| v.origin)
+                            .map_or(Value::Null, json::id),
+                    ),
                     ("size", Value::Num(u.logical)),
                     ("allocated", Value::Num(u.allocated)),
                     ("exclusive", Value::Num(u.exclusive)),
                     ("shared", Value::Num(u.shared)),
-                    ("created", Value::Num(v.created_unix)),
-                ])
-            })
-            .collect();
-        let snapshots = srows
-            .iter()
-            .map(|(s, u)| {
-                Value::Obj(vec![
-                    ("id", json::id(s.id)),
-                    ("name", Value::Str(format!("{}@{}", s.volume_name, s.name))),
-                    ("volume_id", json::id(s.volume_id)),
+                    ("created", Value::Num(r.created)),
+                ])),
+                "snapshot" => snapshots.push(Value::Obj(vec![
+                    ("id", json::id(r.id)),
+                    ("name", Value::Str(r.name.clone())),
+                    (
+                        "volume_id",
+                        json::id(
+                            snaps
+                                .iter()
+                                .find(|s| s.id == r.id)
+                                .map_or(0, |s| s.volume_id),
+                        ),
+                    ),
+                    ("volume_deleted", Value::Bool(r.volume_gone)),
                     ("size", Value::Num(u.logical)),
                     ("allocated", Value::Num(u.allocated)),
                     ("exclusive", Value::Num(u.exclusive)),
                     ("shared", Value::Num(u.shared)),
-                    ("created", Value::Num(s.created_unix)),
-                    ("generation", Value::Num(s.generation)),
-                ])
-            })
-            .collect();
-        let bookmarks = pool
-            .bookmarks()
-            .iter()
-            .map(|b| {
-                Value::Obj(vec![
-                    ("id", json::id(b.id)),
-                    ("name", Value::Str(format!("{}#{}", b.volume_name, b.name))),
-                    ("volume_id", json::id(b.volume_id)),
-                    ("size", Value::Num(b.size)),
-                    ("created", Value::Num(b.created_unix)),
-                    ("generation", Value::Num(b.generation)),
-                ])
-            })
-            .collect();
+                    ("created", Value::Num(r.created)),
+                    ("generation", Value::Num(gen(r.id))),
+                ])),
+                _ => bookmarks.push(Value::Obj(vec![
+                    ("id", json::id(r.id)),
+                    ("name", Value::Str(r.name.clone())),
+                    (
+                        "volume_id",
+                        json::id(bms.iter().find(|b| b.id == r.id).map_or(0, |b| b.volume_id)),
+                    ),
+                    ("size", Value::Num(r.size)),
+                    ("created", Value::Num(r.created)),
+                    ("generation", Value::Num(gen(r.id))),
+                ])),
+            }
+        }
         println!(
             "{}",
             Value::Obj(vec![
@@ -1183,62 +1358,51 @@ fn list(pool: &Pool, out: Output) -> Result<(), String> {
         );
         return Ok(());
     }
+    let dash = || "-".to_string();
+    // Scripts get bytes, as --bytes gives.
+    let out = Output {
+        bytes: out.bytes || opts.scripted,
+        ..out
+    };
+    let cells = |r: &Row| -> Vec<String> {
+        let u = r.usage;
+        let name = if r.volume_gone {
+            format!("{} (volume deleted)", r.name)
+        } else {
+            r.name.clone()
+        };
+        vec![
+            format!("{:032x}", r.id),
+            r.kind.to_string(),
+            name,
+            size_str(r.size, out),
+            u.map_or_else(dash, |u| size_str(u.allocated, out)),
+            u.map_or_else(dash, |u| size_str(u.exclusive, out)),
+            u.map_or_else(dash, |u| size_str(u.shared, out)),
+            if opts.scripted {
+                r.created.to_string()
+            } else {
+                local_time(r.created)
+            },
+            r.origin.clone(),
+        ]
+    };
+    if opts.scripted {
+        // For scripts: no header, one tab between fields, times in Unix seconds.
+        for r in &rows {
+            println!("{}", cells(r).join("\t"));
+        }
+        return Ok(());
+    }
     println!(
-        "{:<32} {:<24} {:>10} {:>10} {:>10} {:>10} {:>11} ORIGIN",
-        "ID", "NAME", "SIZE", "ALLOC", "EXCL", "SHARED", "CREATED"
+        "{:<32} {:<8} {:<28} {:>10} {:>10} {:>10} {:>10} {:<16} ORIGIN",
+        "ID", "TYPE", "NAME", "SIZE", "ALLOC", "EXCL", "SHARED", "CREATED"
     );
-    let names: std::collections::HashMap<u128, String> = vols
-        .iter()
-        .map(|v| (v.id, v.name.clone()))
-        .chain(
-            snaps
-                .iter()
-                .map(|s| (s.id, format!("{}@{}", s.volume_name, s.name))),
-        )
-        .collect();
-    for (v, u) in &vrows {
-        let origin = v
-            .origin
-            .map(|o| {
-                names
-                    .get(&o)
-                    .cloned()
-                    .unwrap_or_else(|| format!("{o:032x}"))
-            })
-            .unwrap_or_else(|| "-".into());
+    for r in &rows {
+        let c = cells(r);
         println!(
-            "{:032x} {:<24} {:>10} {:>10} {:>10} {:>10} {:>11} {origin}",
-            v.id,
-            v.name,
-            size_str(u.logical, out),
-            size_str(u.allocated, out),
-            size_str(u.exclusive, out),
-            size_str(u.shared, out),
-            v.created_unix
-        );
-    }
-    for b in pool.bookmarks() {
-        println!(
-            "{:032x} {:<24} {:>10} {:>10} {:>10} {:>10} {:>11} -",
-            b.id,
-            format!("{}#{}", b.volume_name, b.name),
-            size_str(b.size, out),
-            "-",
-            "-",
-            "-",
-            b.created_unix
-        );
-    }
-    for (s, u) in &srows {
-        println!(
-            "{:032x} {:<24} {:>10} {:>10} {:>10} {:>10} {:>11} -",
-            s.id,
-            format!("{}@{}", s.volume_name, s.name),
-            size_str(u.logical, out),
-            size_str(u.allocated, out),
-            size_str(u.exclusive, out),
-            size_str(u.shared, out),
-            s.created_unix
+            "{} {:<8} {:<28} {:>10} {:>10} {:>10} {:>10} {:<16} {}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
         );
     }
     Ok(())
