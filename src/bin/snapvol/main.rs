@@ -888,7 +888,31 @@ fn run(cmd: Cmd) -> CmdResult {
                 }),
                 None => None,
             };
-            let pb = image::stream_progress("send");
+            // The stream's size is about the data it carries, known from the block maps
+            // before anything is read: the bar gets a total and an ETA.
+            let page = match base {
+                Some(b) => pool.delta(
+                    b,
+                    snapvol::DiffTarget::Snapshot(id),
+                    0,
+                    0,
+                    snapvol::TupleLength::Variable,
+                ),
+                None => pool.allocated(
+                    snapvol::DiffTarget::Snapshot(id),
+                    0,
+                    0,
+                    snapvol::TupleLength::Variable,
+                ),
+            }
+            .map_err(e)?;
+            let total: u64 = page
+                .extents
+                .iter()
+                .filter(|x| x.kind == snapvol::ExtentKind::Data)
+                .map(|x| x.length)
+                .sum();
+            let pb = image::progress(total, "send");
             let stats = match &output {
                 Some(f) => {
                     let created = !f.exists();
@@ -956,7 +980,14 @@ fn run(cmd: Cmd) -> CmdResult {
             json,
         } => {
             let pool = open(&path)?;
-            let pb = image::stream_progress("receive");
+            let pb = match input
+                .as_ref()
+                .and_then(|f| std::fs::metadata(f).ok())
+                .filter(|m| m.is_file())
+            {
+                Some(m) => image::progress(m.len(), "receive"),
+                None => image::stream_progress("receive"),
+            };
             let stats = match &input {
                 Some(f) => {
                     let file =
