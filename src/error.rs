@@ -56,9 +56,10 @@ pub enum Error {
     #[error("stream does not apply to volume {volume:?}: {reason}")]
     WrongBase { volume: String, reason: String },
 
-    /// Another handle or process has the device open.
-    #[error("{0} is in use by another pool handle or process")]
-    InUse(String),
+    /// Another handle or process has the device open; `pid` is the holder's process id
+    /// when the system says (Linux's /proc/locks).
+    #[error("{what} is in use by {}", holder(*.pid))]
+    InUse { what: String, pid: Option<u32> },
 
     /// An earlier write or flush failed; the pool refuses further work until reopened.
     #[error("pool is poisoned by an earlier I/O failure ({0}); reopen it")]
@@ -134,6 +135,14 @@ pub enum Error {
     RepositoryBusy(String),
 }
 
+fn holder(pid: Option<u32>) -> String {
+    match pid {
+        Some(p) if p == std::process::id() => "another pool handle in this process".into(),
+        Some(p) => format!("process {p}"),
+        None => "another pool handle or process".into(),
+    }
+}
+
 /// " at byte N" for operations on a place of the device; nothing for those on the whole
 /// device (opening, locking, flushing), where a byte offset would only be noise.
 fn at_byte(op: &str, offset: u64) -> String {
@@ -179,7 +188,7 @@ impl From<Error> for io::Error {
             | Error::WrongBase { .. } => io::ErrorKind::InvalidInput,
             Error::ReadOnly(_) => io::ErrorKind::PermissionDenied,
             Error::Poisoned(_) => io::ErrorKind::Other,
-            Error::InUse(_) => io::ErrorKind::ResourceBusy,
+            Error::InUse { .. } => io::ErrorKind::ResourceBusy,
         };
         io::Error::new(kind, e)
     }

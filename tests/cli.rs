@@ -1080,3 +1080,27 @@ fn list_filters_sorts_marks_and_speaks_to_scripts() {
     assert!(table.contains("v#s (volume deleted)"), "{table}");
     assert!(table.contains("CREATED"), "{table}");
 }
+
+#[test]
+fn a_held_pool_names_the_process_holding_it() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    // An import from a pipe that stays open holds the pool.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(["import", &p, "slow", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let err = (0..100)
+        .find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let out = t.run(&["list", &p]);
+            (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).to_string())
+        })
+        .expect("the import never held the pool");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_msg(&err, &format!("is in use by process {}", child.id()));
+}

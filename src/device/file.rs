@@ -373,10 +373,33 @@ fn lock(file: &File, path: &Path) -> Result<()> {
         }
         tries += 1;
         if tries == LOCK_TRIES {
-            return Err(Error::InUse(path.display().to_string()));
+            return Err(Error::InUse {
+                what: path.display().to_string(),
+                pid: lock_holder(file),
+            });
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// The process holding the flock on `file`, from /proc/locks (Linux), if it can be told:
+/// an entry `N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE ...` for the file's device and inode.
+fn lock_holder(file: &File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    // glibc's major()/minor() split of a dev_t.
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // Blocked waiters are listed with "->"; the holder's line has the fields in place.
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str()))
+            .then(|| f.get(4)?.parse().ok())
+            .flatten()
+    })
 }
 
 /// Attempts at the pool lock, 10 ms apart, before a pool is reported in use.
@@ -436,7 +459,10 @@ mod tests {
             "create must not clobber"
         );
         assert!(
-            matches!(FileDevice::open(&path), Err(Error::InUse(_))),
+            matches!(
+                FileDevice::open(&path),
+                Err(Error::InUse { pid: Some(p), .. }) if p == std::process::id()
+            ),
             "a second opener is refused while the first holds the device"
         );
         drop(dev);
