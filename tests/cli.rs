@@ -86,7 +86,7 @@ fn pool_lifecycle_and_json() {
 
     t.ok(&["create", &p, "db", "--size", "64M"]);
     t.ok(&["snapshot", &p, "db@s1"]);
-    let ids = t.json(&["snapshot", &p, "db@s2", "--json"]);
+    let ids = &t.json(&["snapshot", &p, "db@s2", "--json"])["snapshots"];
     assert_eq!(ids[0]["name"], "db@s2");
     assert_eq!(ids[0]["id"].as_str().unwrap().len(), 32);
     t.ok(&["create", &p, "logs", "--size", "1G"]);
@@ -930,7 +930,7 @@ fn json_on_creating_commands_bookmark_diffs_typos_and_messages() {
     let data = t.path("d");
     std::fs::write(&data, pattern(1 << 20, 2)).unwrap();
     t.ok(&["write", &p, "db", data.to_str().unwrap()]);
-    let s = &t.json(&["snapshot", &p, "db@a", "--json"])[0];
+    let s = &t.json(&["snapshot", &p, "db@a", "--json"])["snapshots"][0];
     let b = t.json(&["bookmark", &p, "db@a", "--json"]);
     assert_eq!((b["name"].as_str(), &b["id"]), (Some("db#a"), &s["id"]));
     let c = t.json(&["clone", &p, "db@a", "copy", "--json"]);
@@ -951,6 +951,30 @@ fn json_on_creating_commands_bookmark_diffs_typos_and_messages() {
     t.ok(&["snapshot", &p, "db@b"]);
     let r = t.json(&["rollback", &p, "db@b", "--json"]);
     assert_eq!(r["snapshot"], "db@b");
+    // A destroyed base snapshot with a bookmark: the error says which bookmark to use.
+    let err = t.fails(&["diff", &p, "db@a", "db"]);
+    assert_msg(&err, "its bookmark db#a can be the base");
+    // JSON from the commands that create or remove something.
+    let pc = t.json(&[
+        "pool",
+        "create",
+        t.path("q.img").to_str().unwrap(),
+        "--size",
+        "64M",
+        "--json",
+    ]);
+    assert_eq!(pc["size"], 64u64 << 20);
+    let im = t.json(&["import", &p, "img", data.to_str().unwrap(), "--json"]);
+    assert_eq!(
+        (im["size"].as_u64(), im["data_bytes"].as_u64()),
+        (Some(1 << 20), Some(1 << 20))
+    );
+    let stream = t.path("s.stream");
+    let se = t.json(&["send", &p, "db@b", "-o", stream.to_str().unwrap(), "--json"]);
+    assert_eq!(se["name"], "db@b");
+    assert!(se["stream_bytes"].as_u64().unwrap() > 2 << 20);
+    let de = t.json(&["destroy", &p, "-r", "img", "copy", "--json"]);
+    assert_eq!(de["destroyed"], serde_json::json!(["img", "copy"]));
     // A typo gets a suggestion; an open failure names the file without "at byte" noise.
     let err = t.fails(&["snapshto", &p, "db@c"]);
     assert!(err.contains("snapshot"), "{err}");

@@ -260,13 +260,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
             let base = match base.as_str() {
                 "auto" => BaseChoice::Auto,
                 "none" => BaseChoice::Full,
-                other => BaseChoice::From(match other.split_once('#') {
-                    Some((bv, bn)) => pool.bookmark_id(bv, bn).map_err(e)?,
-                    None => {
-                        let (bv, bs) = crate::need_snapshot(other)?;
-                        pool.snapshot_handle(bv, bs).map_err(e)?.id()
-                    }
-                }),
+                other => BaseChoice::From(crate::base_id(&pool, other)?),
             };
             let pb = crate::image::progress(0, "push");
             let mut r = Repository::open_or_create(target(&to, s3)?, &RepoOptions::default())

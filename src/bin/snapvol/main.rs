@@ -88,6 +88,9 @@ enum Cmd {
         /// Say what would be destroyed and how many bytes that frees; change nothing.
         #[arg(short = 'n', long)]
         dry_run: bool,
+        /// Print {dry_run, destroyed: [name], freed_bytes}.
+        #[arg(long)]
+        json: bool,
     },
     /// List volumes and snapshots with their space.
     /// Example: snapvol list pool.img db -t snapshot
@@ -139,6 +142,9 @@ enum Cmd {
         /// Bytes to take from a pipe or stdin (default: read to its end).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// Print {id, name, size, data_bytes}.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a volume or snapshot to a raw image: a file (unallocated ranges become holes),
     /// a block device at least as large, a pipe, or - for stdout.
@@ -185,6 +191,10 @@ enum Cmd {
         from: Option<String>,
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
+        /// Print {id, name, base_id, data_bytes, stream_bytes} (to stderr when the stream
+        /// goes to stdout).
+        #[arg(long)]
+        json: bool,
     },
     /// Apply a stream (stdin by default) into VOL (default: the stream's volume name).
     Receive {
@@ -248,6 +258,9 @@ enum PoolCmd {
         /// table (everything on it is lost).
         #[arg(long)]
         force: bool,
+        /// Print {id, path, size, block_size}.
+        #[arg(long)]
+        json: bool,
     },
     /// Grow a pool: a pool file is extended; a block device must be enlarged first.
     Grow {
@@ -333,6 +346,7 @@ fn run(cmd: Cmd) -> CmdResult {
             size,
             block_size,
             force,
+            json,
         }) => {
             let mut o = opts();
             if let Some(bs) = block_size {
@@ -374,12 +388,25 @@ fn run(cmd: Cmd) -> CmdResult {
             }
             .map_err(|err| format!("{}: {err}", path.display()))?;
             let st = pool.stats();
-            println!(
-                "created pool {} ({}, block size {})",
-                path.display(),
-                human(st.size),
-                human(u64::from(st.block_size))
-            );
+            if json {
+                println!(
+                    "{}",
+                    Value::Obj(vec![
+                        ("id", json::id(st.id)),
+                        ("path", Value::Str(path.display().to_string())),
+                        ("size", Value::Num(st.size)),
+                        ("block_size", Value::Num(u64::from(st.block_size))),
+                    ])
+                    .render()
+                );
+            } else {
+                println!(
+                    "created pool {} ({}, block size {})",
+                    path.display(),
+                    human(st.size),
+                    human(u64::from(st.block_size))
+                );
+            }
             done(pool)
         }
         Cmd::Pool(PoolCmd::Grow { path, size }) => {
@@ -532,6 +559,7 @@ fn run(cmd: Cmd) -> CmdResult {
             targets,
             recursive,
             dry_run,
+            json,
         } => {
             let pool = open(&path)?;
             // Everything is checked before anything is destroyed.
@@ -579,7 +607,9 @@ fn run(cmd: Cmd) -> CmdResult {
                 };
                 freed += excl;
                 if dry_run {
-                    println!("would destroy {name} (frees {})", human(excl));
+                    if !json {
+                        println!("would destroy {name} (frees {})", human(excl));
+                    }
                 } else {
                     match what {
                         Destroy::Snapshot(id) => {
@@ -594,10 +624,25 @@ fn run(cmd: Cmd) -> CmdResult {
                         Destroy::Volume(v) => pool.delete_volume(v).map_err(e)?,
                         Destroy::Bookmark(v, b) => pool.delete_bookmark(v, b).map_err(e)?,
                     }
-                    println!("destroyed {name}");
+                    if !json {
+                        println!("destroyed {name}");
+                    }
                 }
             }
-            if dry_run {
+            if json {
+                println!(
+                    "{}",
+                    Value::Obj(vec![
+                        ("dry_run", Value::Bool(dry_run)),
+                        (
+                            "destroyed",
+                            Value::Arr(plan.iter().map(|(n, _)| Value::Str(n.clone())).collect())
+                        ),
+                        ("freed_bytes", Value::Num(freed)),
+                    ])
+                    .render()
+                );
+            } else if dry_run {
                 println!(
                     "would free at least {} (blocks shared only among the targets come free too)",
                     human(freed)
@@ -643,7 +688,10 @@ fn run(cmd: Cmd) -> CmdResult {
                         Value::Obj(vec![("name", Value::Str(t.clone())), ("id", json::id(*id))])
                     })
                     .collect();
-                println!("{}", Value::Arr(items).render());
+                println!(
+                    "{}",
+                    Value::Obj(vec![("snapshots", Value::Arr(items))]).render()
+                );
             } else {
                 for (t, id) in targets.iter().zip(&ids) {
                     println!("snapshot {t} id {id:032x}");
@@ -709,9 +757,23 @@ fn run(cmd: Cmd) -> CmdResult {
             vol,
             file,
             size,
+            json,
         } => {
             let pool = open(&path)?;
             let stats = image::import(&pool, &vol, &file, size)?;
+            if json {
+                println!(
+                    "{}",
+                    Value::Obj(vec![
+                        ("id", json::id(stats.volume_id)),
+                        ("name", Value::Str(vol.clone())),
+                        ("size", Value::Num(stats.size)),
+                        ("data_bytes", Value::Num(stats.data_bytes)),
+                    ])
+                    .render()
+                );
+                return done(pool);
+            }
             println!(
                 "imported {} into {vol} ({}, {} of data)",
                 file.display(),
@@ -807,13 +869,7 @@ fn run(cmd: Cmd) -> CmdResult {
             out,
         } => {
             let pool = open(&path)?;
-            let base_id = match base.split_once('#') {
-                Some((bv, bn)) => pool.bookmark_id(bv, bn).map_err(e)?,
-                None => {
-                    let (bv, bs) = need_snapshot(&base)?;
-                    pool.snapshot_handle(bv, bs).map_err(e)?.id()
-                }
-            };
+            let base_id = base_id(&pool, &base)?;
             let target_id;
             let t = match split_target(&target) {
                 (v, Some(s)) => {
@@ -874,20 +930,12 @@ fn run(cmd: Cmd) -> CmdResult {
             snapshot,
             from,
             output,
+            json,
         } => {
             let pool = open(&path)?;
             let (v, s) = need_snapshot(&snapshot)?;
             let id = pool.snapshot_handle(v, s).map_err(e)?.id();
-            let base = match &from {
-                Some(b) => Some(match b.split_once('#') {
-                    Some((bv, bn)) => pool.bookmark_id(bv, bn).map_err(e)?,
-                    None => {
-                        let (bv, bs) = need_snapshot(b)?;
-                        pool.snapshot_handle(bv, bs).map_err(e)?.id()
-                    }
-                }),
-                None => None,
-            };
+            let base = from.as_deref().map(|b| base_id(&pool, b)).transpose()?;
             // The stream's size is about the data it carries, known from the block maps
             // before anything is read: the bar gets a total and an ETA.
             let page = match base {
@@ -964,13 +1012,30 @@ fn run(cmd: Cmd) -> CmdResult {
                 }
             };
             pb.finish_and_clear();
-            eprintln!(
-                "sent {snapshot}{}: {} of data, {} zero ranges, {} stream",
-                from.map(|f| format!(" from {f}")).unwrap_or_default(),
-                human(stats.data_bytes),
-                stats.zero_records,
-                human(stats.stream_bytes)
-            );
+            if json {
+                let report = Value::Obj(vec![
+                    ("id", json::id(id)),
+                    ("name", Value::Str(snapshot.clone())),
+                    ("base_id", base.map_or(Value::Null, json::id)),
+                    ("data_bytes", Value::Num(stats.data_bytes)),
+                    ("stream_bytes", Value::Num(stats.stream_bytes)),
+                ])
+                .render();
+                // stdout may be the stream itself.
+                if output.is_some() {
+                    println!("{report}");
+                } else {
+                    eprintln!("{report}");
+                }
+            } else {
+                eprintln!(
+                    "sent {snapshot}{}: {} of data, {} zero ranges, {} stream",
+                    from.map(|f| format!(" from {f}")).unwrap_or_default(),
+                    human(stats.data_bytes),
+                    stats.zero_records,
+                    human(stats.stream_bytes)
+                );
+            }
             done(pool)
         }
         Cmd::Receive {
@@ -1154,6 +1219,25 @@ fn write_stream(
             .ok_or_else(|| "offset overflows".to_string())?;
         v.write_at(&buf[..n], at).map_err(|e| e.to_string())?;
         done += n as u64;
+    }
+}
+
+/// The id of a base given as VOL@SNAP or VOL#BM. A snapshot that is gone but left a bookmark
+/// gets an error that says so.
+fn base_id(pool: &Pool, base: &str) -> Result<u128, String> {
+    if let Some((v, b)) = base.split_once('#') {
+        return pool.bookmark_id(v, b).map_err(|e| e.to_string());
+    }
+    let (v, s) = need_snapshot(base)?;
+    match pool.snapshot_handle(v, s) {
+        Ok(h) => Ok(h.id()),
+        Err(err @ snapvol::Error::SnapshotNotFound(_)) => match pool.bookmark_id(v, s) {
+            Ok(_) => Err(format!(
+                "the base snapshot {base} was destroyed; its bookmark {v}#{s} can be the base"
+            )),
+            Err(_) => Err(err.to_string()),
+        },
+        Err(err) => Err(err.to_string()),
     }
 }
 
