@@ -159,7 +159,7 @@ impl Repository {
                     if pick % 10_000 < sample && seen.insert(hash) {
                         batch.push((index, hash));
                     }
-                    if batch.len() < self.parallelism * 4 {
+                    if batch.len() < self.parallelism * super::push::BATCH_PER_THREAD {
                         continue;
                     }
                 }

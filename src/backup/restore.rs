@@ -194,7 +194,8 @@ impl Repository {
         };
         let downloaded = AtomicU64::new(0);
         let downloaded_bytes = AtomicU64::new(0);
-        let batch_len = self.parallelism * 4;
+        // Jobs hold an index and a hash; each worker holds one chunk at a time.
+        let batch_len = self.parallelism * super::push::BATCH_PER_THREAD;
         let mut jobs: Vec<Job> = Vec::with_capacity(batch_len);
         let total = h.entries.max(1) * chunk;
         let mut done = 0u64;
