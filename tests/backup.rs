@@ -449,7 +449,11 @@ fn chunk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     };
     for sub in subs {
         for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
-            out.push(f.unwrap().path());
+            let f = f.unwrap().path();
+            // Temporary files are not objects.
+            if !f.to_string_lossy().contains(".tmp-") {
+                out.push(f);
+            }
         }
     }
     out.sort();

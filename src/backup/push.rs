@@ -442,6 +442,9 @@ impl Repository {
             done += batch.len() as u64;
             self.report("push", done * chunk, total * chunk);
             batch.clear();
+            // Make the batch's chunks durable and visible: a rerun after a failure or a kill
+            // finds them and uploads only the rest.
+            self.target.sync()?;
             lock.refresh()?;
             if d.is_none() {
                 break;

@@ -39,8 +39,9 @@ pub trait Target: Send + Sync {
     /// Removes an object; removing one that does not exist is not an error.
     fn delete(&self, key: &str) -> Result<()>;
     /// As a create-only [`Target::put`], except that the object need only be durable after
-    /// the next [`Target::sync`] (pushes store chunks this way and sync before their
-    /// manifest). An object that is visible is still whole. By default, a plain put.
+    /// the next [`Target::sync`] (pushes store chunks this way and sync after each batch and
+    /// before their manifest). An object that is visible is still whole. By default, a
+    /// plain put.
     fn put_batched(&self, key: &str, data: &[u8]) -> Result<bool> {
         self.put(key, data, true)
     }
