@@ -22,6 +22,10 @@ rm -rf "$dir"/{a.img,b.img,big.img,t.img,repo,crepo,plain.raw,copy.raw,new.raw,d
 
 drop() {
   sync
+  # The disk may be mounted with `discard`: the deletes before a measurement issue their
+  # discards after the journal commit, and a measurement must not pay for them.
+  sleep 2
+  sync
   if [ "$(id -u)" = 0 ]; then echo 3 > /proc/sys/vm/drop_caches; fi
 }
 # Seconds a command takes (after dropping the page cache).
@@ -44,21 +48,31 @@ id=$("$sv" list "$dir/a.img" --json | python3 -c 'import json,sys; print(json.lo
 echo "== full push of 1 GiB (random data, 4 MiB chunks) vs cp + sync"
 push=(); cp_=()
 for r in $(seq "$rounds"); do
-  rm -rf "$dir/repo" "$dir/copy.raw"
-  push+=("$(timed "$sv" backup push "$dir/a.img" vol@s --to "$dir/repo")")
-  cp_+=("$(timed sh -c "cp '$dir/plain.raw' '$dir/copy.raw' && sync")")
+  # Each side deletes its own previous output before it runs; the order alternates.
+  if [ $((r % 2)) = 1 ]; then
+    rm -rf "$dir/repo"; push+=("$(timed "$sv" backup push "$dir/a.img" vol@s --to "$dir/repo")")
+    rm -f "$dir/copy.raw"; cp_+=("$(timed sh -c "cp '$dir/plain.raw' '$dir/copy.raw' && sync")")
+  else
+    rm -f "$dir/copy.raw"; cp_+=("$(timed sh -c "cp '$dir/plain.raw' '$dir/copy.raw' && sync")")
+    rm -rf "$dir/repo"; push+=("$(timed "$sv" backup push "$dir/a.img" vol@s --to "$dir/repo")")
+  fi
 done
+echo "push rounds: ${push[*]}"
+echo "cp rounds:   ${cp_[*]}"
 mp=$(median "${push[@]}"); mc=$(median "${cp_[@]}")
 printf 'push  %s s (median of %s)\ncp    %s s\nratio (cp time / push time) %.2f\n' "$mp" "$rounds" "$mc" "$(echo "$mc / $mp" | bc -l)"
 
 echo "== restore of 1 GiB into a new pool vs dd into a new file with fdatasync"
 res=(); dd_=()
 for r in $(seq "$rounds"); do
-  rm -f "$dir/b.img" "$dir/new.raw"
+  rm -f "$dir/b.img"
   "$sv" pool create "$dir/b.img" --size 4G >/dev/null
   res+=("$(timed "$sv" backup restore "$dir/repo" "$id" "$dir/b.img")")
+  rm -f "$dir/new.raw"
   dd_+=("$(timed dd if="$dir/plain.raw" of="$dir/new.raw" bs=1M conv=fdatasync status=none)")
 done
+echo "restore rounds: ${res[*]}"
+echo "dd rounds:      ${dd_[*]}"
 mr=$(median "${res[@]}"); md=$(median "${dd_[@]}")
 printf 'restore %s s\ndd      %s s\nratio (dd time / restore time) %.2f\n' "$mr" "$md" "$(echo "$md / $mr" | bc -l)"
 cmp <("$sv" read "$dir/b.img" vol@s) "$dir/plain.raw" && echo "restored bytes equal the source"
