@@ -217,6 +217,23 @@ fn info_json(b: &BackupInfo) -> Value {
     ])
 }
 
+/// The fields push and restore reports share: which backup, of what, from which base.
+fn backup_fields(
+    id: u128,
+    volume: &str,
+    snapshot: &str,
+    base: Option<u128>,
+    chunks: u64,
+) -> Vec<(&'static str, Value)> {
+    vec![
+        ("id", json::id(id)),
+        ("volume", Value::Str(volume.to_string())),
+        ("snapshot", Value::Str(format!("{volume}@{snapshot}"))),
+        ("base_id", base.map_or(Value::Null, json::id)),
+        ("chunks", Value::Num(chunks)),
+    ]
+}
+
 pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
     let e = |err: snapvol::Error| err.to_string();
     match cmd {
@@ -276,20 +293,17 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
             if json {
                 println!(
                     "{}",
-                    Value::Obj(vec![
-                        ("id", json::id(st.id)),
-                        ("volume", Value::Str(st.volume.clone())),
-                        (
-                            "snapshot",
-                            Value::Str(format!("{}@{}", st.volume, st.snapshot))
-                        ),
-                        ("base_id", st.base_id.map_or(Value::Null, json::id)),
-                        ("chunks", Value::Num(st.chunks)),
-                        ("read_chunks", Value::Num(st.read_chunks)),
-                        ("uploaded_chunks", Value::Num(st.uploaded_chunks)),
-                        ("uploaded_bytes", Value::Num(st.uploaded_bytes)),
-                        ("already_present", Value::Bool(st.already_present)),
-                    ])
+                    {
+                        let mut f =
+                            backup_fields(st.id, &st.volume, &st.snapshot, st.base_id, st.chunks);
+                        f.extend([
+                            ("read_chunks", Value::Num(st.read_chunks)),
+                            ("uploaded_chunks", Value::Num(st.uploaded_chunks)),
+                            ("uploaded_bytes", Value::Num(st.uploaded_bytes)),
+                            ("already_present", Value::Bool(st.already_present)),
+                        ]);
+                        Value::Obj(f)
+                    }
                     .render()
                 );
             } else if st.already_present {
@@ -353,19 +367,16 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
             if json {
                 println!(
                     "{}",
-                    Value::Obj(vec![
-                        ("id", json::id(st.id)),
-                        ("volume", Value::Str(st.volume.clone())),
-                        (
-                            "snapshot",
-                            Value::Str(format!("{}@{}", st.volume, st.snapshot))
-                        ),
-                        ("base_id", st.base_id.map_or(Value::Null, json::id)),
-                        ("chunks", Value::Num(st.chunks)),
-                        ("downloaded_chunks", Value::Num(st.downloaded_chunks)),
-                        ("downloaded_bytes", Value::Num(st.downloaded_bytes)),
-                        ("clone", st.clone.clone().map_or(Value::Null, Value::Str)),
-                    ])
+                    {
+                        let mut f =
+                            backup_fields(st.id, &st.volume, &st.snapshot, st.base_id, st.chunks);
+                        f.extend([
+                            ("downloaded_chunks", Value::Num(st.downloaded_chunks)),
+                            ("downloaded_bytes", Value::Num(st.downloaded_bytes)),
+                            ("clone", st.clone.clone().map_or(Value::Null, Value::Str)),
+                        ]);
+                        Value::Obj(f)
+                    }
                     .render()
                 );
             } else {
