@@ -618,6 +618,17 @@ fn backups_deleted_in_random_orders_leave_the_others_restorable() {
         }
         // Nothing is left once every backup is gone.
         assert!(chunk_files(dir.path()).is_empty());
+        // Not even what an interrupted put leaves: gc removes old temporary files.
+        let left = dir.path().join("chunks/00/leftover.tmp-0123");
+        std::fs::create_dir_all(left.parent().unwrap()).unwrap();
+        std::fs::write(&left, b"half a chunk").unwrap();
+        let young = r.gc(std::time::Duration::from_secs(3600)).unwrap();
+        assert_eq!(
+            young.leftovers, 0,
+            "a young one may belong to a running put"
+        );
+        assert_eq!(r.gc(std::time::Duration::ZERO).unwrap().leftovers, 1);
+        assert!(!left.exists());
     }
 }
 

@@ -169,6 +169,10 @@ impl Target for FaultTarget {
         self.inner.sync()
     }
 
+    fn sweep_leftovers(&self, age: std::time::Duration) -> Result<u64> {
+        self.inner.sweep_leftovers(age)
+    }
+
     fn describe(&self) -> String {
         format!("faulty {}", self.inner.describe())
     }

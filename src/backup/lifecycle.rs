@@ -84,6 +84,8 @@ pub struct GcStats {
     pub removed_bytes: u64,
     /// Unreferenced chunks kept because they are younger than the grace period.
     pub young: u64,
+    /// Leftovers of interrupted puts (temporary files) older than the grace period, removed.
+    pub leftovers: u64,
 }
 
 impl Repository {
@@ -313,6 +315,9 @@ impl Repository {
             stats.removed += 1;
             stats.removed_bytes += size;
         }
+        // No push runs (its lock would have stopped us), so an old temporary file belongs to
+        // a put that was interrupted and will never finish.
+        stats.leftovers = self.target.sweep_leftovers(grace)?;
         Ok(stats)
     }
 }

@@ -49,6 +49,11 @@ pub trait Target: Send + Sync {
     fn sync(&self) -> Result<()> {
         Ok(())
     }
+    /// Removes what interrupted puts left behind (temporary files of a killed process) that
+    /// is older than `age`; returns how many. By default there is nothing to remove.
+    fn sweep_leftovers(&self, _age: std::time::Duration) -> Result<u64> {
+        Ok(0)
+    }
     /// Where the target is, for messages (`/backups`, `s3://bucket/prefix`).
     fn describe(&self) -> String;
 }
@@ -272,6 +277,38 @@ impl Target for DirTarget {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(target_err("delete", key, e)),
         }
+    }
+
+    fn sweep_leftovers(&self, age: std::time::Duration) -> Result<u64> {
+        let now = SystemTime::now();
+        let mut removed = 0;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(target_err("list", &dir.display().to_string(), e)),
+            };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                    continue;
+                }
+                let old = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .is_some_and(|a| a >= age);
+                if old && entry.file_name().to_string_lossy().contains(TMP_MARK) {
+                    fs::remove_file(entry.path()).map_err(|e| {
+                        target_err("delete", &entry.path().display().to_string(), e)
+                    })?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     fn describe(&self) -> String {

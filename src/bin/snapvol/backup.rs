@@ -513,6 +513,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                         ("removed", Value::Num(st.removed)),
                         ("removed_bytes", Value::Num(st.removed_bytes)),
                         ("young", Value::Num(st.young)),
+                        ("leftovers", Value::Num(st.leftovers)),
                     ])
                     .render()
                 );
