@@ -622,10 +622,23 @@ fn backups_deleted_in_random_orders_leave_the_others_restorable() {
         let left = dir.path().join("chunks/00/leftover.tmp-0123");
         std::fs::create_dir_all(left.parent().unwrap()).unwrap();
         std::fs::write(&left, b"half a chunk").unwrap();
-        let young = r.gc(std::time::Duration::from_secs(3600)).unwrap();
         assert_eq!(
-            young.leftovers, 0,
-            "a young one may belong to a running put"
+            r.gc(std::time::Duration::ZERO).unwrap().leftovers,
+            0,
+            "one written moments ago may belong to a put in flight"
+        );
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(&left)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        assert_eq!(
+            r.gc(std::time::Duration::from_secs(3 * 3600))
+                .unwrap()
+                .leftovers,
+            0
         );
         assert_eq!(r.gc(std::time::Duration::ZERO).unwrap().leftovers, 1);
         assert!(!left.exists());

@@ -93,7 +93,12 @@ impl Repository {
     pub fn list(&self) -> Result<Vec<BackupInfo>> {
         let mut out = Vec::new();
         for id in self.manifest_ids()? {
-            out.push(self.info(id)?);
+            match self.info(id) {
+                Ok(b) => out.push(b),
+                // Deleted since it was listed.
+                Err(Error::BackupNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by_key(|b| (b.created_unix, b.generation, b.id));
         Ok(out)
@@ -121,6 +126,7 @@ impl Repository {
     /// chunk it lists (or `sample_percent` of them, chosen at random each run) against its
     /// hash. Each distinct chunk is downloaded once. `id`: only that backup.
     pub fn verify(&self, id: Option<u128>, sample_percent: f64) -> Result<VerifyReport> {
+        let only = id;
         let ids = match id {
             Some(id) => {
                 if self.target.head(&manifest_key(id))?.is_none() {
@@ -141,6 +147,11 @@ impl Repository {
             report.backups += 1;
             let mut reader = match ManifestReader::open(&*self.target, id) {
                 Ok(r) => r,
+                // Deleted since it was listed (only a backup asked for by id must exist).
+                Err(Error::BackupNotFound(_)) if only.is_none() => {
+                    report.backups -= 1;
+                    continue;
+                }
                 Err(e) => {
                     push_problem(&problems, id, &manifest_key(id), e);
                     continue;
@@ -287,7 +298,12 @@ impl Repository {
         let mut stats = GcStats::default();
         let mut marked: HashSet<Hash> = HashSet::new();
         for id in self.manifest_ids()? {
-            let mut r = ManifestReader::open(&*self.target, id)?;
+            let mut r = match ManifestReader::open(&*self.target, id) {
+                Ok(r) => r,
+                // Deleted since it was listed: its chunks need no mark.
+                Err(Error::BackupNotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
             while let Some((_, h)) = r.next_entry()? {
                 marked.insert(h);
             }

@@ -50,7 +50,8 @@ pub trait Target: Send + Sync {
         Ok(())
     }
     /// Removes what interrupted puts left behind (temporary files of a killed process) that
-    /// is older than `age`; returns how many. By default there is nothing to remove.
+    /// is older than `age` (and than an hour, whatever `age` says); returns how many. By
+    /// default there is nothing to remove.
     fn sweep_leftovers(&self, _age: std::time::Duration) -> Result<u64> {
         Ok(0)
     }
@@ -250,7 +251,13 @@ impl Target for DirTarget {
                 } else {
                     format!("{rel}/{name}")
                 };
-                let meta = entry.metadata().map_err(|e| target_err("list", &key, e))?;
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    // Removed between the listing and now (a lock released, a chunk swept):
+                    // not there any more, so not listed.
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(target_err("list", &key, e)),
+                };
                 if meta.is_dir() {
                     if key.starts_with(prefix) || prefix.starts_with(&format!("{key}/")) {
                         stack.push((entry.path(), key));
@@ -280,6 +287,9 @@ impl Target for DirTarget {
     }
 
     fn sweep_leftovers(&self, age: std::time::Duration) -> Result<u64> {
+        // A put in flight has a temporary file for moments; one an hour old is dead whatever
+        // the grace period asked for (a push's lock is written while a gc may run).
+        let age = age.max(std::time::Duration::from_secs(3600));
         let now = SystemTime::now();
         let mut removed = 0;
         let mut stack = vec![self.root.clone()];
