@@ -177,8 +177,8 @@ impl Repository {
             .as_ref()
             .is_some_and(|r| r.header.chunk_size != h.chunk_size)
         {
-            // A base of another chunk size cannot be compared chunk by chunk: every chunk
-            // of the backup is fetched, and every other one zeroed.
+            // Every manifest of a repository has the repository's chunk size: a base that
+            // says otherwise is damaged, and chunks of two sizes cannot be compared.
             return Err(Error::BackupCorrupt {
                 backup,
                 object: manifest_key(base.unwrap_or(0)),
