@@ -1293,39 +1293,37 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
     }
     let want = |k: &str| opts.kinds.is_empty() || opts.kinds.iter().any(|x| x == k);
     let of_volume = |v: &str| opts.volume.as_deref().is_none_or(|w| w == v);
+    // The catalog is read once; the filters and lookups below work on these copies.
+    let (all_vols, all_snaps, all_bms) = (pool.volumes(), pool.snapshots(), pool.bookmarks());
     if let Some(v) = &opts.volume {
-        let known = pool.volumes().iter().any(|x| &x.name == v)
-            || pool.snapshots().iter().any(|x| &x.volume_name == v)
-            || pool.bookmarks().iter().any(|x| &x.volume_name == v);
+        let known = all_vols.iter().any(|x| &x.name == v)
+            || all_snaps.iter().any(|x| &x.volume_name == v)
+            || all_bms.iter().any(|x| &x.volume_name == v);
         if !known {
             return Err(snapvol::Error::VolumeNotFound(v.clone()).to_string());
         }
     }
-    let vols: Vec<_> = pool
-        .volumes()
-        .into_iter()
-        .filter(|v| of_volume(&v.name))
-        .collect();
-    let snaps: Vec<_> = pool
-        .snapshots()
-        .into_iter()
-        .filter(|s| of_volume(&s.volume_name))
-        .collect();
-    let bms: Vec<_> = pool
-        .bookmarks()
-        .into_iter()
-        .filter(|b| of_volume(&b.volume_name))
-        .collect();
-    let live: std::collections::HashSet<u128> = pool.volumes().iter().map(|v| v.id).collect();
-    let names: std::collections::HashMap<u128, String> = pool
-        .volumes()
+    let live: std::collections::HashSet<u128> = all_vols.iter().map(|v| v.id).collect();
+    let names: std::collections::HashMap<u128, String> = all_vols
         .iter()
         .map(|v| (v.id, v.name.clone()))
         .chain(
-            pool.snapshots()
+            all_snaps
                 .iter()
                 .map(|s| (s.id, format!("{}@{}", s.volume_name, s.name))),
         )
+        .collect();
+    let vols: Vec<_> = all_vols
+        .into_iter()
+        .filter(|v| of_volume(&v.name))
+        .collect();
+    let snaps: Vec<_> = all_snaps
+        .into_iter()
+        .filter(|s| of_volume(&s.volume_name))
+        .collect();
+    let bms: Vec<_> = all_bms
+        .into_iter()
+        .filter(|b| of_volume(&b.volume_name))
         .collect();
     let mut rows = Vec::new();
     if want("volume") {
