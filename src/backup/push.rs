@@ -75,6 +75,8 @@ struct DirtyChunks<'a> {
     zero_whole: std::ops::Range<u64>,
     extra: VecDeque<u64>,
     last: Option<u64>,
+    /// The next chunk from the extents, looked at but not yet returned.
+    pending: Option<(u64, bool)>,
 }
 
 impl<'a> DirtyChunks<'a> {
@@ -110,6 +112,7 @@ impl<'a> DirtyChunks<'a> {
             zero_whole: 0..0,
             extra,
             last: None,
+            pending: None,
         }
     }
 
@@ -166,10 +169,11 @@ impl<'a> DirtyChunks<'a> {
     }
 
     /// The next dirty chunk: (index, reads as zeros without being read).
-    fn next(&mut self, pending: &mut Option<(u64, bool)>) -> Result<Option<(u64, bool)>> {
-        if pending.is_none() {
-            *pending = self.next_from_extents()?;
+    fn next(&mut self) -> Result<Option<(u64, bool)>> {
+        if self.pending.is_none() {
+            self.pending = self.next_from_extents()?;
         }
+        let pending = &mut self.pending;
         let pick = match (self.extra.front().copied(), *pending) {
             (Some(x), Some((p, _))) if x < p => {
                 self.extra.pop_front();
@@ -190,18 +194,6 @@ impl<'a> DirtyChunks<'a> {
             self.last = Some(i);
         }
         Ok(pick)
-    }
-}
-
-/// A `DirtyChunks` with its one-index lookahead.
-struct Dirty<'a> {
-    inner: DirtyChunks<'a>,
-    pending: Option<(u64, bool)>,
-}
-
-impl Dirty<'_> {
-    fn next(&mut self) -> Result<Option<(u64, bool)>> {
-        self.inner.next(&mut self.pending)
     }
 }
 
@@ -330,10 +322,7 @@ impl Repository {
         // rollback) is no base: the push is full instead, and says so.
         let total;
         let count = |pick: Option<(u128, u64)>| -> Result<u64> {
-            let mut d = Dirty {
-                inner: DirtyChunks::new(pool, pick, info, chunk),
-                pending: None,
-            };
+            let mut d = DirtyChunks::new(pool, pick, info, chunk);
             let mut n = 0;
             while d.next()?.is_some() {
                 n += 1;
@@ -365,10 +354,7 @@ impl Repository {
             entries: 0,
         };
         let mut writer = ManifestWriter::new(header.clone());
-        let mut dirty = Dirty {
-            inner: DirtyChunks::new(pool, base_pick, info, chunk),
-            pending: None,
-        };
+        let mut dirty = DirtyChunks::new(pool, base_pick, info, chunk);
         let mut base_next = match base_reader.as_mut() {
             Some(r) => r.next_entry()?,
             None => None,
