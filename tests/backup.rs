@@ -661,16 +661,24 @@ fn gc_racing_pushes_never_sweeps_what_a_push_references() {
         let new = a.snapshot("db", &format!("new{round}")).unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let (mut busy, mut ran) = (0, 0);
+        let started = std::sync::Barrier::new(2);
         std::thread::scope(|s| {
             let gc = s.spawn(|| {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                started.wait();
+                // At least one collection, however the threads are scheduled.
+                loop {
                     match r.gc(std::time::Duration::ZERO) {
                         Ok(_) => ran += 1,
                         Err(Error::RepositoryBusy(_)) => busy += 1,
                         Err(e) => panic!("{e}"),
                     }
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
                 }
             });
+            // The push starts only once the collector runs, so the two overlap.
+            started.wait();
             r.push(&a, new, BaseChoice::Full).unwrap();
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             gc.join().unwrap();
