@@ -41,6 +41,7 @@ mod format;
 pub mod image;
 #[cfg(feature = "nbd")]
 pub mod nbd;
+mod pdata;
 mod pool;
 mod space;
 mod store;

@@ -58,10 +58,17 @@ pub(crate) enum PageKind {
     SpaceLeaf = u32::from_le_bytes(*b"SVSL"),
     SpaceIndex = u32::from_le_bytes(*b"SVSI"),
     Catalog = u32::from_le_bytes(*b"SVCT"),
+    CatalogLeaf = u32::from_le_bytes(*b"SVCL"),
+    CatalogBranch = u32::from_le_bytes(*b"SVCB"),
+    /// Pages of the generic tree's own tests.
+    #[cfg(test)]
+    TestLeaf = u32::from_le_bytes(*b"SVTL"),
+    #[cfg(test)]
+    TestBranch = u32::from_le_bytes(*b"SVTB"),
 }
 
 impl PageKind {
-    pub(crate) fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             PageKind::Superblock => "superblock",
             PageKind::MapLeaf => "block map leaf",
@@ -69,6 +76,12 @@ impl PageKind {
             PageKind::SpaceLeaf => "space map leaf",
             PageKind::SpaceIndex => "space map index",
             PageKind::Catalog => "catalog page",
+            PageKind::CatalogLeaf => "catalog leaf",
+            PageKind::CatalogBranch => "catalog branch",
+            #[cfg(test)]
+            PageKind::TestLeaf => "test leaf",
+            #[cfg(test)]
+            PageKind::TestBranch => "test branch",
         }
     }
 
@@ -80,6 +93,12 @@ impl PageKind {
             PageKind::SpaceLeaf,
             PageKind::SpaceIndex,
             PageKind::Catalog,
+            PageKind::CatalogLeaf,
+            PageKind::CatalogBranch,
+            #[cfg(test)]
+            PageKind::TestLeaf,
+            #[cfg(test)]
+            PageKind::TestBranch,
         ]
         .into_iter()
         .find(|k| *k as u32 == m)
