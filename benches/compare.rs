@@ -463,6 +463,7 @@ fn stream(dir: &tempfile::TempDir) {
             // Each round needs a fresh snapshot id: delete the copy again.
             let rs = dest
                 .snapshots()
+                .unwrap()
                 .into_iter()
                 .find(|s| s.volume_name == name)
                 .unwrap();

@@ -1,16 +1,47 @@
-//! The catalog: volumes, snapshots and the roots of their block maps. Small (a few hundred
-//! bytes per entry), so it is rewritten whole, copy-on-write, into a chain of catalog pages in
-//! the commits that change it.
+//! The catalog: volumes, snapshots, bookmarks and the roots of their block maps, kept as one
+//! copy-on-write B+tree ([`crate::pdata::btree`]). Everything about one volume sits in one
+//! contiguous key range, so the entries a catalog operation changes (a snapshot's record, its
+//! name, the volume's record) usually share a leaf:
+//!
+//! | key                                | value                 | what for                     |
+//! |------------------------------------|-----------------------|------------------------------|
+//! | `Vol(volume, Record)`              | volume record         | I/O, lookups by id           |
+//! | `Vol(volume, Snapshot(gen, id))`   | snapshot record       | a volume's snapshots in order |
+//! | `Vol(volume, SnapshotName(name))`  | where the snapshot is | `vol@snap`                   |
+//! | `Vol(volume, BookmarkName(name))`  | bookmark id           | `vol#name`                   |
+//! | `Vol(volume, Rollback(gen done))`  | gen returned to       | bookmark lineage (diff)      |
+//! | `SnapshotId(id)`                   | where the snapshot is | lookups by snapshot id       |
+//! | `Bookmark(id)`                     | bookmark record       | incremental bases            |
+//! | `VolumeName(name)`                 | volume id             | `vol` (visible volumes)      |
+//! | `Hidden(volume)`                   | –                     | receives and imports in flight |
+//!
+//! Lookups by id or name are O(log n), and a commit writes only the catalog pages on the
+//! paths of what changed, however many snapshots the pool holds. Ids are time-ordered
+//! ([`crate::ids`]), so new records append at the end of their range. Names are indexed under
+//! the volume's id, so the snapshots of a deleted volume never collide with a new volume of
+//! the same name (they stay reachable by id, with their volume's id and old name).
+//!
+//! Volume records change on every redirected write (the map root moves). Those changes go to
+//! an in-memory record ([`Catalog::volume_mut`]) and into the tree at the commit, so the
+//! write path never touches catalog pages.
 
 use crate::error::{Error, Result};
-use crate::format::{self, HEADER_LEN, PAGE_SIZE};
+use crate::format::{self, PageKind};
+use crate::pdata::btree::{Nodes, Tree};
+use crate::pdata::codec::{Codec, Reader, Writer};
+use crate::pdata::node::{Schema, SearchKey};
+use crate::pdata::page_cache::PageCache;
+use crate::space::{Reserve, SpaceMap};
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 
-/// Catalog payload bytes per page (after the header and the next-page pointer).
-pub(crate) const PAYLOAD: usize = PAGE_SIZE - HEADER_LEN - 8;
-const CATALOG_VERSION: u32 = 1;
 /// Longest volume or snapshot name in bytes.
 pub const MAX_NAME: usize = 200;
+/// Catalog pages kept in memory (16 MiB): the catalog's pages are read on demand, and a
+/// pool with 100,000 snapshots does not hold them all.
+const CATALOG_CACHE: usize = 4096;
+/// Clean volume and snapshot records kept for I/O lookups before the cache is emptied.
+const HOT_RECORDS: usize = 4096;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct VolumeRec {
@@ -24,9 +55,22 @@ pub(crate) struct VolumeRec {
     /// Generation of the newest snapshot or clone taken of this volume: blocks born at or
     /// before it may be in a snapshot, so they are never overwritten in place.
     pub frozen_gen: u64,
-    /// Rollbacks as (generation done, generation of the snapshot returned to): a bookmark
-    /// older than such a return no longer describes an ancestor of the volume.
-    pub rollbacks: Vec<(u64, u64)>,
+    /// Being built by a receive, restore or import: not listed, not found by name, and
+    /// removed when the pool opens (an interrupted operation).
+    pub hidden: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SnapshotRec {
+    pub id: u128,
+    pub volume: u128,
+    /// The volume's name (kept when the volume is deleted).
+    pub volume_name: String,
+    pub name: String,
+    pub size: u64,
+    pub root: u64,
+    pub generation: u64,
+    pub created: u64,
 }
 
 /// What is left of a deleted snapshot for incremental sends: its id and generation.
@@ -41,58 +85,972 @@ pub(crate) struct BookmarkRec {
     pub created: u64,
 }
 
+/// Where a catalog entry lives. The derived order is the key order: variants first, then
+/// fields, so each kind of entry is one contiguous range, and a volume's entries are too.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Key {
+    /// Volume `.0`'s record and everything indexed under it.
+    Vol(u128, Part),
+    SnapshotId(u128),
+    Bookmark(u128),
+    VolumeName(String),
+    Hidden(u128),
+}
+
+/// The entries under one volume, in key order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Part {
+    Record,
+    /// A snapshot's record, by (generation, id): oldest first.
+    Snapshot(u64, u128),
+    SnapshotName(String),
+    BookmarkName(String),
+    /// A rollback done at this generation.
+    Rollback(u64),
+}
+
+/// What a catalog entry holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct SnapshotRec {
-    pub id: u128,
-    pub volume: u128,
-    /// The volume's name when the snapshot was taken (kept if the volume is deleted).
-    pub volume_name: String,
-    pub name: String,
-    pub size: u64,
-    pub root: u64,
-    pub generation: u64,
-    pub created: u64,
+pub(crate) enum Value {
+    Volume(VolumeRec),
+    Snapshot(SnapshotRec),
+    Bookmark(BookmarkRec),
+    Id(u128),
+    Generation(u64),
+    /// Where a snapshot's record is: `Vol(volume, Snapshot(generation, id))`.
+    At {
+        volume: u128,
+        generation: u64,
+        id: u128,
+    },
+    Nothing,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Catalog {
-    pub volumes: Vec<VolumeRec>,
-    pub snapshots: Vec<SnapshotRec>,
-    pub bookmarks: Vec<BookmarkRec>,
-    /// Where each id was last found, so every I/O finds its volume or snapshot in O(1)
-    /// however many a pool holds.
-    positions: Positions,
+fn name_len(s: &str) -> usize {
+    1 + s.len()
 }
 
-/// Positions of volume and snapshot records by id. Only a hint: each use checks the record
-/// at the remembered position and scans on a miss, so the many places that add, remove and
-/// reorder records need not keep it up to date. Not part of the catalog's value.
-#[derive(Clone, Debug, Default)]
-struct Positions(std::cell::RefCell<HashMap<u128, usize>>);
+fn put_name(w: &mut Writer, s: &str) {
+    // Names are validated to at most MAX_NAME (200) bytes before they reach the catalog.
+    let n = s.len().min(MAX_NAME);
+    w.u8(n as u8);
+    w.0.extend_from_slice(&s.as_bytes()[..n]);
+}
 
-impl PartialEq for Positions {
-    fn eq(&self, _: &Positions) -> bool {
-        true
+fn get_name(r: &mut Reader<'_>) -> Result<String> {
+    let n = r.u8()? as usize;
+    if n > MAX_NAME {
+        return Err(r.corrupt(format!("a name of {n} bytes")));
+    }
+    let b = r.take(n)?;
+    String::from_utf8(b.to_vec()).map_err(|_| r.corrupt("a name is not UTF-8"))
+}
+
+impl Codec for Key {
+    fn encoded_len(&self) -> usize {
+        1 + match self {
+            Key::Vol(_, part) => {
+                17 + match part {
+                    Part::Record => 0,
+                    Part::Snapshot(..) => 24,
+                    Part::SnapshotName(n) | Part::BookmarkName(n) => name_len(n),
+                    Part::Rollback(_) => 8,
+                }
+            }
+            Key::SnapshotId(_) | Key::Bookmark(_) | Key::Hidden(_) => 16,
+            Key::VolumeName(n) => name_len(n),
+        }
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            Key::Vol(v, part) => {
+                w.u8(1);
+                w.u128(*v);
+                match part {
+                    Part::Record => w.u8(0),
+                    Part::Snapshot(g, id) => {
+                        w.u8(1);
+                        w.u64(*g);
+                        w.u128(*id);
+                    }
+                    Part::SnapshotName(n) => {
+                        w.u8(2);
+                        put_name(w, n);
+                    }
+                    Part::BookmarkName(n) => {
+                        w.u8(3);
+                        put_name(w, n);
+                    }
+                    Part::Rollback(g) => {
+                        w.u8(4);
+                        w.u64(*g);
+                    }
+                }
+            }
+            Key::SnapshotId(id) => {
+                w.u8(2);
+                w.u128(*id);
+            }
+            Key::Bookmark(id) => {
+                w.u8(3);
+                w.u128(*id);
+            }
+            Key::VolumeName(n) => {
+                w.u8(4);
+                put_name(w, n);
+            }
+            Key::Hidden(id) => {
+                w.u8(5);
+                w.u128(*id);
+            }
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Key> {
+        Ok(match r.u8()? {
+            1 => {
+                let v = r.u128()?;
+                let part = match r.u8()? {
+                    0 => Part::Record,
+                    1 => Part::Snapshot(r.u64()?, r.u128()?),
+                    2 => Part::SnapshotName(get_name(r)?),
+                    3 => Part::BookmarkName(get_name(r)?),
+                    4 => Part::Rollback(r.u64()?),
+                    t => return Err(r.corrupt(format!("unknown volume entry kind {t}"))),
+                };
+                Key::Vol(v, part)
+            }
+            2 => Key::SnapshotId(r.u128()?),
+            3 => Key::Bookmark(r.u128()?),
+            4 => Key::VolumeName(get_name(r)?),
+            5 => Key::Hidden(r.u128()?),
+            t => return Err(r.corrupt(format!("unknown catalog key kind {t}"))),
+        })
     }
 }
 
-impl Eq for Positions {}
+impl SearchKey for Key {}
 
-impl Positions {
-    fn find<T>(&self, list: &[T], id: u128, id_of: impl Fn(&T) -> u128) -> Option<usize> {
-        if let Some(&i) = self.0.borrow().get(&id) {
-            if list.get(i).is_some_and(|r| id_of(r) == id) {
-                return Some(i);
+impl Codec for Value {
+    fn encoded_len(&self) -> usize {
+        1 + match self {
+            Value::Volume(v) => 16 + name_len(&v.name) + 8 * 4 + 16 + 1,
+            Value::Snapshot(s) => 32 + name_len(&s.volume_name) + name_len(&s.name) + 32,
+            Value::Bookmark(b) => 32 + name_len(&b.volume_name) + name_len(&b.name) + 24,
+            Value::Id(_) => 16,
+            Value::Generation(_) => 8,
+            Value::At { .. } => 40,
+            Value::Nothing => 0,
+        }
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            Value::Volume(v) => {
+                w.u8(1);
+                w.u128(v.id);
+                put_name(w, &v.name);
+                w.u64(v.size);
+                w.u64(v.root);
+                w.u64(v.created);
+                w.u64(v.frozen_gen);
+                w.u128(v.origin.unwrap_or(0));
+                w.u8(v.hidden as u8);
+            }
+            Value::Snapshot(s) => {
+                w.u8(2);
+                w.u128(s.id);
+                w.u128(s.volume);
+                put_name(w, &s.volume_name);
+                put_name(w, &s.name);
+                w.u64(s.size);
+                w.u64(s.root);
+                w.u64(s.generation);
+                w.u64(s.created);
+            }
+            Value::Bookmark(b) => {
+                w.u8(3);
+                w.u128(b.id);
+                w.u128(b.volume);
+                put_name(w, &b.volume_name);
+                put_name(w, &b.name);
+                w.u64(b.size);
+                w.u64(b.generation);
+                w.u64(b.created);
+            }
+            Value::Id(id) => {
+                w.u8(4);
+                w.u128(*id);
+            }
+            Value::Generation(g) => {
+                w.u8(5);
+                w.u64(*g);
+            }
+            Value::Nothing => w.u8(6),
+            Value::At {
+                volume,
+                generation,
+                id,
+            } => {
+                w.u8(7);
+                w.u128(*volume);
+                w.u64(*generation);
+                w.u128(*id);
             }
         }
-        let i = list.iter().position(|r| id_of(r) == id)?;
-        let mut map = self.0.borrow_mut();
-        // Ids of deleted records linger; start over before they outnumber the live ones.
-        if map.len() > 2 * list.len() + 64 {
-            map.clear();
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Value> {
+        Ok(match r.u8()? {
+            1 => Value::Volume(VolumeRec {
+                id: r.u128()?,
+                name: get_name(r)?,
+                size: r.u64()?,
+                root: r.u64()?,
+                created: r.u64()?,
+                frozen_gen: r.u64()?,
+                origin: Some(r.u128()?).filter(|&o| o != 0),
+                hidden: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    f => return Err(r.corrupt(format!("hidden flag {f}"))),
+                },
+            }),
+            2 => Value::Snapshot(SnapshotRec {
+                id: r.u128()?,
+                volume: r.u128()?,
+                volume_name: get_name(r)?,
+                name: get_name(r)?,
+                size: r.u64()?,
+                root: r.u64()?,
+                generation: r.u64()?,
+                created: r.u64()?,
+            }),
+            3 => Value::Bookmark(BookmarkRec {
+                id: r.u128()?,
+                volume: r.u128()?,
+                volume_name: get_name(r)?,
+                name: get_name(r)?,
+                size: r.u64()?,
+                generation: r.u64()?,
+                created: r.u64()?,
+            }),
+            4 => Value::Id(r.u128()?),
+            5 => Value::Generation(r.u64()?),
+            6 => Value::Nothing,
+            7 => Value::At {
+                volume: r.u128()?,
+                generation: r.u64()?,
+                id: r.u128()?,
+            },
+            t => return Err(r.corrupt(format!("unknown catalog value kind {t}"))),
+        })
+    }
+}
+
+/// The catalog tree's schema. Its values name map roots, but those references are taken
+/// and dropped by the catalog operations themselves (a snapshot shares a root as it adds
+/// its record), and catalog nodes are never shared, so the tree never counts them.
+pub(crate) struct CatalogSchema;
+
+impl Schema for CatalogSchema {
+    type Key = Key;
+    type Value = Value;
+    const LEAF: PageKind = PageKind::CatalogLeaf;
+    const BRANCH: PageKind = PageKind::CatalogBranch;
+
+    fn check_value(v: &Value, total_units: u64) -> std::result::Result<(), String> {
+        let root_ok = |r: u64| r == 0 || (format::SUPERBLOCK_UNITS..total_units).contains(&r);
+        match v {
+            Value::Volume(v) if !root_ok(v.root) => Err(format!("volume root {}", v.root)),
+            Value::Volume(v) if v.size > format::MAX_VOLUME_BYTES => {
+                Err(format!("volume size {}", v.size))
+            }
+            Value::Snapshot(s) if !root_ok(s.root) => Err(format!("snapshot root {}", s.root)),
+            Value::Snapshot(s) if s.size > format::MAX_VOLUME_BYTES => {
+                Err(format!("snapshot size {}", s.size))
+            }
+            _ => Ok(()),
         }
-        map.insert(id, i);
-        Some(i)
+    }
+}
+
+/// A volume record as I/O uses it, with whether the tree has yet to take its changes.
+struct Hot {
+    rec: VolumeRec,
+    dirty: bool,
+}
+
+pub(crate) struct Catalog {
+    nodes: Nodes<CatalogSchema>,
+    /// Root of the catalog tree (0: empty).
+    root: u64,
+    /// Volume records used by I/O; dirty ones hold changes the tree takes at the commit.
+    hot: HashMap<u128, Hot>,
+    /// Snapshot records used by I/O (clean copies of the tree's).
+    hot_snapshots: HashMap<u128, SnapshotRec>,
+    /// Visible volumes and snapshots (kept in the superblock).
+    counts: Counts,
+}
+
+/// How many visible volumes and snapshots the catalog holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Counts {
+    pub volumes: u64,
+    pub snapshots: u64,
+}
+
+fn tree<'a>(
+    nodes: &'a mut Nodes<CatalogSchema>,
+    sm: &'a mut SpaceMap,
+    reserve: Reserve,
+) -> Tree<'a, CatalogSchema> {
+    Tree {
+        nodes,
+        sm,
+        schema: &CatalogSchema,
+        reserve,
+    }
+}
+
+fn mismatch(key: &Key, value: &Value) -> Error {
+    Error::corrupt(
+        "catalog leaf",
+        0,
+        format!("entry {key:?} holds a value of the wrong kind ({value:?})"),
+    )
+}
+
+impl Catalog {
+    /// The catalog whose tree has root `root`; nothing is read until used.
+    pub(crate) fn open(
+        dev: std::sync::Arc<dyn crate::device::BlockDevice>,
+        root: u64,
+        generation: u64,
+        counts: Counts,
+    ) -> Catalog {
+        Catalog {
+            nodes: Nodes::new(PageCache::new(dev, generation, CATALOG_CACHE)),
+            root,
+            hot: HashMap::new(),
+            hot_snapshots: HashMap::new(),
+            counts,
+        }
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    pub(crate) fn root(&self) -> u64 {
+        self.root
+    }
+
+    fn get(&mut self, sm: &mut SpaceMap, key: &Key) -> Result<Option<Value>> {
+        tree(&mut self.nodes, sm, Reserve::Keep).get(self.root, key)
+    }
+
+    fn put(&mut self, sm: &mut SpaceMap, reserve: Reserve, key: Key, value: Value) -> Result<()> {
+        let (root, _) = tree(&mut self.nodes, sm, reserve).insert(self.root, key, value)?;
+        self.root = root;
+        Ok(())
+    }
+
+    fn del(&mut self, sm: &mut SpaceMap, reserve: Reserve, key: &Key) -> Result<Option<Value>> {
+        let (root, old) = tree(&mut self.nodes, sm, reserve).remove(self.root, key)?;
+        self.root = root;
+        Ok(old)
+    }
+
+    /// Every entry from `from` on while `within` holds, in key order.
+    fn range(
+        &mut self,
+        sm: &mut SpaceMap,
+        from: &Key,
+        within: impl Fn(&Key) -> bool,
+    ) -> Result<Vec<(Key, Value)>> {
+        let mut out = Vec::new();
+        tree(&mut self.nodes, sm, Reserve::Keep).scan(self.root, from, |k, v| {
+            if !within(k) {
+                return ControlFlow::Break(());
+            }
+            out.push((k.clone(), v.clone()));
+            ControlFlow::Continue(())
+        })?;
+        Ok(out)
+    }
+
+    fn id_at(&mut self, sm: &mut SpaceMap, key: Key) -> Result<Option<u128>> {
+        match self.get(sm, &key)? {
+            None => Ok(None),
+            Some(Value::Id(id)) => Ok(Some(id)),
+            Some(v) => Err(mismatch(&key, &v)),
+        }
+    }
+
+    fn trim_hot(&mut self) {
+        if self.hot.len() >= HOT_RECORDS {
+            self.hot.retain(|_, h| h.dirty);
+        }
+        if self.hot_snapshots.len() >= HOT_RECORDS {
+            self.hot_snapshots.clear();
+        }
+    }
+
+    // ---- volumes
+
+    /// The record of volume `id` as I/O sees it (with the open transaction's changes).
+    pub(crate) fn volume_ref(&mut self, sm: &mut SpaceMap, id: u128) -> Result<Option<&VolumeRec>> {
+        if !self.hot.contains_key(&id) {
+            let key = Key::Vol(id, Part::Record);
+            let rec = match self.get(sm, &key)? {
+                None => return Ok(None),
+                Some(Value::Volume(v)) => v,
+                Some(v) => return Err(mismatch(&key, &v)),
+            };
+            self.trim_hot();
+            self.hot.insert(id, Hot { rec, dirty: false });
+        }
+        Ok(self.hot.get(&id).map(|h| &h.rec))
+    }
+
+    pub(crate) fn volume(&mut self, sm: &mut SpaceMap, id: u128) -> Result<Option<VolumeRec>> {
+        Ok(self.volume_ref(sm, id)?.cloned())
+    }
+
+    /// Volume `id`'s record to change; the tree takes the change at the commit. Not for its
+    /// name or hidden flag, which the indexes follow ([`Catalog::rename_volume`]).
+    pub(crate) fn volume_mut(
+        &mut self,
+        sm: &mut SpaceMap,
+        id: u128,
+    ) -> Result<Option<&mut VolumeRec>> {
+        if self.volume_ref(sm, id)?.is_none() {
+            return Ok(None);
+        }
+        Ok(self.hot.get_mut(&id).map(|h| {
+            h.dirty = true;
+            &mut h.rec
+        }))
+    }
+
+    /// The id of the visible volume named `name`.
+    pub(crate) fn volume_id(&mut self, sm: &mut SpaceMap, name: &str) -> Result<Option<u128>> {
+        self.id_at(sm, Key::VolumeName(name.to_string()))
+    }
+
+    /// The visible volume named `name`.
+    pub(crate) fn volume_named(&mut self, sm: &mut SpaceMap, name: &str) -> Result<VolumeRec> {
+        let missing = || Error::VolumeNotFound(name.to_string());
+        let id = self.volume_id(sm, name)?.ok_or_else(missing)?;
+        self.volume(sm, id)?.ok_or_else(|| {
+            Error::corrupt(
+                "catalog leaf",
+                0,
+                format!("volume name {name:?} names no volume"),
+            )
+        })
+    }
+
+    /// Adds a volume record with its name (or, hidden, its entry among the hidden ones).
+    /// The caller checked that the name is free.
+    pub(crate) fn add_volume(
+        &mut self,
+        sm: &mut SpaceMap,
+        reserve: Reserve,
+        rec: VolumeRec,
+    ) -> Result<()> {
+        let index = if rec.hidden {
+            (Key::Hidden(rec.id), Value::Nothing)
+        } else {
+            self.counts.volumes += 1;
+            (Key::VolumeName(rec.name.clone()), Value::Id(rec.id))
+        };
+        self.put(sm, reserve, index.0, index.1)?;
+        self.put(
+            sm,
+            reserve,
+            Key::Vol(rec.id, Part::Record),
+            Value::Volume(rec.clone()),
+        )?;
+        self.trim_hot();
+        self.hot.insert(rec.id, Hot { rec, dirty: false });
+        Ok(())
+    }
+
+    /// Writes volume `rec`'s current record into the tree now.
+    fn store_volume(&mut self, sm: &mut SpaceMap, reserve: Reserve, rec: VolumeRec) -> Result<()> {
+        self.put(
+            sm,
+            reserve,
+            Key::Vol(rec.id, Part::Record),
+            Value::Volume(rec.clone()),
+        )?;
+        self.hot.insert(rec.id, Hot { rec, dirty: false });
+        Ok(())
+    }
+
+    /// Removes volume `id` with its name and rollback entries; returns its last record.
+    pub(crate) fn remove_volume(
+        &mut self,
+        sm: &mut SpaceMap,
+        reserve: Reserve,
+        id: u128,
+    ) -> Result<Option<VolumeRec>> {
+        let Some(rec) = self.volume(sm, id)? else {
+            return Ok(None);
+        };
+        if rec.hidden {
+            self.del(sm, reserve, &Key::Hidden(id))?;
+        } else {
+            self.del(sm, reserve, &Key::VolumeName(rec.name.clone()))?;
+            self.counts.volumes = self.counts.volumes.saturating_sub(1);
+        }
+        for (at, _) in self.rollbacks(sm, id)? {
+            self.del(sm, reserve, &Key::Vol(id, Part::Rollback(at)))?;
+        }
+        self.del(sm, reserve, &Key::Vol(id, Part::Record))?;
+        self.hot.remove(&id);
+        Ok(Some(rec))
+    }
+
+    /// Gives volume `id` the visible name `name` (also what reveals a hidden volume); its
+    /// snapshots and bookmarks follow. The caller checked that the name is free.
+    pub(crate) fn rename_volume(
+        &mut self,
+        sm: &mut SpaceMap,
+        reserve: Reserve,
+        id: u128,
+        name: &str,
+    ) -> Result<()> {
+        let Some(mut rec) = self.volume(sm, id)? else {
+            return Err(Error::VolumeNotFound(format!("id {id:032x}")));
+        };
+        if rec.hidden {
+            self.del(sm, reserve, &Key::Hidden(id))?;
+            self.counts.volumes += 1;
+        } else {
+            self.del(sm, reserve, &Key::VolumeName(rec.name.clone()))?;
+        }
+        self.put(
+            sm,
+            reserve,
+            Key::VolumeName(name.to_string()),
+            Value::Id(id),
+        )?;
+        rec.name = name.to_string();
+        rec.hidden = false;
+        self.store_volume(sm, reserve, rec)?;
+        for mut s in self.snapshots_of(sm, id)? {
+            s.volume_name = name.to_string();
+            self.hot_snapshots.remove(&s.id);
+            let key = Key::Vol(id, Part::Snapshot(s.generation, s.id));
+            self.put(sm, reserve, key, Value::Snapshot(s))?;
+        }
+        for mut b in self.bookmarks_of(sm, id)? {
+            b.volume_name = name.to_string();
+            self.put(sm, reserve, Key::Bookmark(b.id), Value::Bookmark(b))?;
+        }
+        Ok(())
+    }
+
+    /// Every visible volume, by name.
+    pub(crate) fn volumes(&mut self, sm: &mut SpaceMap) -> Result<Vec<VolumeRec>> {
+        let names = self.range(sm, &Key::VolumeName(String::new()), |k| {
+            matches!(k, Key::VolumeName(_))
+        })?;
+        let mut out = Vec::with_capacity(names.len());
+        for (k, v) in names {
+            let Value::Id(id) = v else {
+                return Err(mismatch(&k, &v));
+            };
+            let rec = self.volume(sm, id)?.ok_or_else(|| {
+                Error::corrupt("catalog leaf", 0, format!("{k:?} names no volume"))
+            })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Every volume record, visible and hidden, by id (with the open transaction's changes).
+    pub(crate) fn all_volumes(&mut self, sm: &mut SpaceMap) -> Result<Vec<VolumeRec>> {
+        let mut ids: Vec<u128> = Vec::new();
+        let first = Key::Vol(0, Part::Record);
+        tree(&mut self.nodes, sm, Reserve::Keep).scan(self.root, &first, |k, _| match k {
+            Key::Vol(id, Part::Record) => {
+                ids.push(*id);
+                ControlFlow::Continue(())
+            }
+            Key::Vol(..) => ControlFlow::Continue(()),
+            _ => ControlFlow::Break(()),
+        })?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.extend(self.volume(sm, id)?);
+        }
+        Ok(out)
+    }
+
+    /// Ids of the hidden volumes.
+    pub(crate) fn hidden_volumes(&mut self, sm: &mut SpaceMap) -> Result<Vec<u128>> {
+        let found = self.range(sm, &Key::Hidden(0), |k| matches!(k, Key::Hidden(_)))?;
+        Ok(found
+            .into_iter()
+            .filter_map(|(k, _)| match k {
+                Key::Hidden(id) => Some(id),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Records that volume `id` returned at generation `at` to a snapshot of generation `to`.
+    pub(crate) fn add_rollback(
+        &mut self,
+        sm: &mut SpaceMap,
+        reserve: Reserve,
+        id: u128,
+        at: u64,
+        to: u64,
+    ) -> Result<()> {
+        self.put(
+            sm,
+            reserve,
+            Key::Vol(id, Part::Rollback(at)),
+            Value::Generation(to),
+        )
+    }
+
+    /// Volume `id`'s rollbacks as (generation done, generation returned to), oldest first.
+    pub(crate) fn rollbacks(&mut self, sm: &mut SpaceMap, id: u128) -> Result<Vec<(u64, u64)>> {
+        let found = self.range(
+            sm,
+            &Key::Vol(id, Part::Rollback(0)),
+            |k| matches!(k, Key::Vol(v, Part::Rollback(_)) if *v == id),
+        )?;
+        found
+            .into_iter()
+            .map(|(k, v)| match (&k, &v) {
+                (Key::Vol(_, Part::Rollback(at)), Value::Generation(to)) => Ok((*at, *to)),
+                _ => Err(mismatch(&k, &v)),
+            })
+            .collect()
+    }
+
+    /// Writes every changed volume record into the tree (the commit does, first).
+    pub(crate) fn flush(&mut self, sm: &mut SpaceMap) -> Result<()> {
+        let mut dirty: Vec<VolumeRec> = self
+            .hot
+            .values()
+            .filter(|h| h.dirty)
+            .map(|h| h.rec.clone())
+            .collect();
+        // Sorted so the tree sees its keys in order (one path per leaf).
+        dirty.sort_by_key(|r| r.id);
+        for rec in dirty {
+            self.store_volume(sm, Reserve::Use, rec)?;
+        }
+        Ok(())
+    }
+
+    /// Records and pages the commit has to write.
+    pub(crate) fn dirty_count(&self) -> usize {
+        self.nodes.cache.dirty_count() + self.hot.values().filter(|h| h.dirty).count()
+    }
+
+    /// Sealed images of the catalog pages this transaction wrote (after [`Catalog::flush`]).
+    pub(crate) fn dirty_pages(&self) -> Vec<(u64, Box<format::Page>)> {
+        self.nodes.cache.sealed_dirty()
+    }
+
+    pub(crate) fn commit_done(&mut self) {
+        self.nodes.commit_done();
+    }
+
+    /// Every page of the catalog tree (for `check`).
+    pub(crate) fn pages(&mut self, sm: &mut SpaceMap) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        tree(&mut self.nodes, sm, Reserve::Keep).visit_nodes(self.root, |loc, _| {
+            out.push(loc);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Catalog pages read from the device so far.
+    pub(crate) fn page_reads(&self) -> u64 {
+        self.nodes.cache.reads()
+    }
+
+    // ---- snapshots
+
+    /// Where the snapshot that `key` points at is, if it exists.
+    fn locate(&mut self, sm: &mut SpaceMap, key: Key) -> Result<Option<(u128, u64, u128)>> {
+        match self.get(sm, &key)? {
+            None => Ok(None),
+            Some(Value::At {
+                volume,
+                generation,
+                id,
+            }) => Ok(Some((volume, generation, id))),
+            Some(v) => Err(mismatch(&key, &v)),
+        }
+    }
+
+    /// The record at `Vol(volume, Snapshot(generation, id))`.
+    fn snapshot_at(
+        &mut self,
+        sm: &mut SpaceMap,
+        (volume, generation, id): (u128, u64, u128),
+    ) -> Result<SnapshotRec> {
+        let key = Key::Vol(volume, Part::Snapshot(generation, id));
+        match self.get(sm, &key)? {
+            Some(Value::Snapshot(s)) => Ok(s),
+            None => Err(Error::corrupt(
+                "catalog leaf",
+                0,
+                format!("an index points at {key:?}, which is missing"),
+            )),
+            Some(v) => Err(mismatch(&key, &v)),
+        }
+    }
+
+    /// The record of snapshot `id`.
+    pub(crate) fn snapshot_ref(
+        &mut self,
+        sm: &mut SpaceMap,
+        id: u128,
+    ) -> Result<Option<&SnapshotRec>> {
+        if !self.hot_snapshots.contains_key(&id) {
+            let Some(at) = self.locate(sm, Key::SnapshotId(id))? else {
+                return Ok(None);
+            };
+            let rec = self.snapshot_at(sm, at)?;
+            self.trim_hot();
+            self.hot_snapshots.insert(id, rec);
+        }
+        Ok(self.hot_snapshots.get(&id))
+    }
+
+    pub(crate) fn snapshot(&mut self, sm: &mut SpaceMap, id: u128) -> Result<Option<SnapshotRec>> {
+        Ok(self.snapshot_ref(sm, id)?.cloned())
+    }
+
+    /// Snapshot `name` of volume `volume` (by id).
+    pub(crate) fn snapshot_named(
+        &mut self,
+        sm: &mut SpaceMap,
+        volume: u128,
+        name: &str,
+    ) -> Result<Option<SnapshotRec>> {
+        match self.locate(sm, Key::Vol(volume, Part::SnapshotName(name.to_string())))? {
+            None => Ok(None),
+            Some(at) => self.snapshot_at(sm, at).map(Some),
+        }
+    }
+
+    /// Adds a snapshot record with its name and its id. The caller took the reference to
+    /// its map root and checked that the name is free.
+    pub(crate) fn add_snapshot(
+        &mut self,
+        sm: &mut SpaceMap,
+        reserve: Reserve,
+        rec: SnapshotRec,
+    ) -> Result<()> {
+        let at = Value::At {
+            volume: rec.volume,
+            generation: rec.generation,
+            id: rec.id,
+        };
+        let (v, g, id) = (rec.volume, rec.generation, rec.id);
+        self.put(
+            sm,
+            reserve,
+            Key::Vol(v, Part::SnapshotName(rec.name.clone())),
+            at.clone(),
+        )?;
+        self.put(
+            sm,
+            reserve,
+            Key::Vol(v, Part::Snapshot(g, id)),
+            Value::Snapshot(rec),
+        )?;
+        self.put(sm, reserve, Key::SnapshotId(id), at)?;
+        self.counts.snapshots += 1;
+        Ok(())
+    }
+
+    /// Removes snapshot `id` and its index entries; returns its record.
+    pub(crate) fn remove_snapshot(
+        &mut self,
+        sm: &mut SpaceMap,
+        reserve: Reserve,
+        id: u128,
+    ) -> Result<Option<SnapshotRec>> {
+        let Some(rec) = self.snapshot(sm, id)? else {
+            return Ok(None);
+        };
+        let v = rec.volume;
+        self.del(
+            sm,
+            reserve,
+            &Key::Vol(v, Part::SnapshotName(rec.name.clone())),
+        )?;
+        self.del(
+            sm,
+            reserve,
+            &Key::Vol(v, Part::Snapshot(rec.generation, id)),
+        )?;
+        self.del(sm, reserve, &Key::SnapshotId(id))?;
+        self.hot_snapshots.remove(&id);
+        self.counts.snapshots = self.counts.snapshots.saturating_sub(1);
+        Ok(Some(rec))
+    }
+
+    /// Volume `volume`'s snapshots (by id, also of a deleted volume), oldest first.
+    pub(crate) fn snapshots_of(
+        &mut self,
+        sm: &mut SpaceMap,
+        volume: u128,
+    ) -> Result<Vec<SnapshotRec>> {
+        let found = self.range(
+            sm,
+            &Key::Vol(volume, Part::Snapshot(0, 0)),
+            |k| matches!(k, Key::Vol(v, Part::Snapshot(..)) if *v == volume),
+        )?;
+        found
+            .into_iter()
+            .map(|(k, v)| match v {
+                Value::Snapshot(s) => Ok(s),
+                v => Err(mismatch(&k, &v)),
+            })
+            .collect()
+    }
+
+    /// The newest snapshot of volume `volume` (highest generation).
+    pub(crate) fn newest_snapshot(
+        &mut self,
+        sm: &mut SpaceMap,
+        volume: u128,
+    ) -> Result<Option<SnapshotRec>> {
+        let last = tree(&mut self.nodes, sm, Reserve::Keep).last_below(
+            self.root,
+            &Key::Vol(volume, Part::Snapshot(u64::MAX, u128::MAX)),
+        )?;
+        match last {
+            Some((Key::Vol(v, Part::Snapshot(..)), Value::Snapshot(s))) if v == volume => {
+                Ok(Some(s))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Every snapshot, oldest first.
+    pub(crate) fn all_snapshots(&mut self, sm: &mut SpaceMap) -> Result<Vec<SnapshotRec>> {
+        let mut out = Vec::new();
+        let first = Key::Vol(0, Part::Record);
+        tree(&mut self.nodes, sm, Reserve::Keep).scan(self.root, &first, |k, v| match (k, v) {
+            (Key::Vol(_, Part::Snapshot(..)), Value::Snapshot(s)) => {
+                out.push(s.clone());
+                ControlFlow::Continue(())
+            }
+            (Key::Vol(..), _) => ControlFlow::Continue(()),
+            _ => ControlFlow::Break(()),
+        })?;
+        out.sort_by_key(|s| (s.generation, s.created, s.id));
+        Ok(out)
+    }
+
+    // ---- bookmarks
+
+    pub(crate) fn bookmark(&mut self, sm: &mut SpaceMap, id: u128) -> Result<Option<BookmarkRec>> {
+        let key = Key::Bookmark(id);
+        match self.get(sm, &key)? {
+            None => Ok(None),
+            Some(Value::Bookmark(b)) => Ok(Some(b)),
+            Some(v) => Err(mismatch(&key, &v)),
+        }
+    }
+
+    /// The id of bookmark `name` of volume `volume`.
+    pub(crate) fn bookmark_id(
+        &mut self,
+        sm: &mut SpaceMap,
+        volume: u128,
+        name: &str,
+    ) -> Result<Option<u128>> {
+        self.id_at(sm, Key::Vol(volume, Part::BookmarkName(name.to_string())))
+    }
+
+    /// Adds a bookmark; the caller checked that neither its id nor its name is taken.
+    pub(crate) fn add_bookmark(
+        &mut self,
+        sm: &mut SpaceMap,
+        reserve: Reserve,
+        rec: BookmarkRec,
+    ) -> Result<()> {
+        self.put(
+            sm,
+            reserve,
+            Key::Vol(rec.volume, Part::BookmarkName(rec.name.clone())),
+            Value::Id(rec.id),
+        )?;
+        self.put(sm, reserve, Key::Bookmark(rec.id), Value::Bookmark(rec))
+    }
+
+    pub(crate) fn remove_bookmark(
+        &mut self,
+        sm: &mut SpaceMap,
+        reserve: Reserve,
+        id: u128,
+    ) -> Result<Option<BookmarkRec>> {
+        let Some(rec) = self.bookmark(sm, id)? else {
+            return Ok(None);
+        };
+        self.del(
+            sm,
+            reserve,
+            &Key::Vol(rec.volume, Part::BookmarkName(rec.name.clone())),
+        )?;
+        self.del(sm, reserve, &Key::Bookmark(id))?;
+        Ok(Some(rec))
+    }
+
+    /// Every bookmark, oldest first.
+    pub(crate) fn bookmarks(&mut self, sm: &mut SpaceMap) -> Result<Vec<BookmarkRec>> {
+        let found = self.range(sm, &Key::Bookmark(0), |k| matches!(k, Key::Bookmark(_)))?;
+        let mut out = Vec::with_capacity(found.len());
+        for (k, v) in found {
+            match v {
+                Value::Bookmark(b) => out.push(b),
+                v => return Err(mismatch(&k, &v)),
+            }
+        }
+        out.sort_by_key(|b| (b.generation, b.id));
+        Ok(out)
+    }
+
+    pub(crate) fn bookmarks_of(
+        &mut self,
+        sm: &mut SpaceMap,
+        volume: u128,
+    ) -> Result<Vec<BookmarkRec>> {
+        let first = Key::Vol(volume, Part::BookmarkName(String::new()));
+        let names = self.range(
+            sm,
+            &first,
+            |k| matches!(k, Key::Vol(v, Part::BookmarkName(_)) if *v == volume),
+        )?;
+        let mut out = Vec::new();
+        for (k, v) in names {
+            let Value::Id(id) = v else {
+                return Err(mismatch(&k, &v));
+            };
+            if let Some(b) = self.bookmark(sm, id)? {
+                out.push(b);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -125,329 +1083,37 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
     })
 }
 
-struct Writer(Vec<u8>);
-impl Writer {
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u128(&mut self, v: u128) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn str(&mut self, s: &str) {
-        self.u32(s.len() as u32);
-        self.0.extend_from_slice(s.as_bytes());
-    }
-}
-
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8]> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.b.len())
-            .ok_or_else(|| Error::corrupt("catalog", 0, "truncated"))?;
-        let s = &self.b[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
-    }
-    fn u128(&mut self) -> Result<u128> {
-        Ok(u128::from_le_bytes(self.take(16)?.try_into().unwrap()))
-    }
-    fn str(&mut self) -> Result<String> {
-        let n = self.u32()? as usize;
-        if n > MAX_NAME {
-            return Err(Error::corrupt("catalog", 0, format!("name of {n} bytes")));
-        }
-        String::from_utf8(self.take(n)?.to_vec())
-            .map_err(|_| Error::corrupt("catalog", 0, "name is not UTF-8"))
-    }
-}
-
-impl Catalog {
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::new());
-        w.u32(CATALOG_VERSION);
-        w.u32(self.volumes.len() as u32);
-        w.u32(self.snapshots.len() as u32);
-        w.u32(self.bookmarks.len() as u32);
-        for v in &self.volumes {
-            w.u128(v.id);
-            w.str(&v.name);
-            w.u64(v.size);
-            w.u64(v.root);
-            w.u64(v.created);
-            w.u128(v.origin.unwrap_or(0));
-            w.u64(v.frozen_gen);
-            w.u32(v.rollbacks.len() as u32);
-            for (at, to) in &v.rollbacks {
-                w.u64(*at);
-                w.u64(*to);
-            }
-        }
-        for s in &self.snapshots {
-            w.u128(s.id);
-            w.u128(s.volume);
-            w.str(&s.volume_name);
-            w.str(&s.name);
-            w.u64(s.size);
-            w.u64(s.root);
-            w.u64(s.generation);
-            w.u64(s.created);
-        }
-        for b in &self.bookmarks {
-            w.u128(b.id);
-            w.u128(b.volume);
-            w.str(&b.volume_name);
-            w.str(&b.name);
-            w.u64(b.size);
-            w.u64(b.generation);
-            w.u64(b.created);
-        }
-        w.0
+impl crate::txn::Engine {
+    /// The record of volume `id`, visible or hidden.
+    pub(crate) fn volume_rec(&mut self, id: u128) -> Result<Option<VolumeRec>> {
+        let (c, sm, _) = self.cat();
+        c.volume(sm, id)
     }
 
-    /// Decodes and validates the catalog: every root inside the pool, ids unique.
-    pub(crate) fn decode(bytes: &[u8], total_units: u64) -> Result<Catalog> {
-        let mut r = Reader { b: bytes, at: 0 };
-        let version = r.u32()?;
-        if version != CATALOG_VERSION {
-            return Err(Error::corrupt("catalog", 0, format!("version {version}")));
-        }
-        let nv = r.u32()? as usize;
-        let ns = r.u32()? as usize;
-        let nb = r.u32()? as usize;
-        // Each record takes at least 40 bytes: a count larger than the bytes is corrupt.
-        if nv.saturating_add(ns).saturating_add(nb).saturating_mul(40) > bytes.len() {
-            return Err(Error::corrupt(
-                "catalog",
-                0,
-                "record counts exceed its size",
-            ));
-        }
-        let root_ok =
-            |root: u64| root == 0 || (format::SUPERBLOCK_UNITS..total_units).contains(&root);
-        let mut c = Catalog::default();
-        for _ in 0..nv {
-            let v = VolumeRec {
-                id: r.u128()?,
-                name: r.str()?,
-                size: r.u64()?,
-                root: r.u64()?,
-                created: r.u64()?,
-                origin: Some(r.u128()?).filter(|&o| o != 0),
-                frozen_gen: r.u64()?,
-                rollbacks: Vec::new(),
-            };
-            let n = r.u32()? as usize;
-            if n.saturating_mul(16) > bytes.len() {
-                return Err(Error::corrupt(
-                    "catalog",
-                    0,
-                    "rollback count exceeds its size",
-                ));
-            }
-            let mut v = v;
-            for _ in 0..n {
-                v.rollbacks.push((r.u64()?, r.u64()?));
-            }
-            if !root_ok(v.root) {
-                return Err(Error::corrupt(
-                    "catalog",
-                    0,
-                    format!("volume {:?} root {}", v.name, v.root),
-                ));
-            }
-            if v.size > format::MAX_VOLUME_BYTES {
-                return Err(Error::corrupt(
-                    "catalog",
-                    0,
-                    format!("volume {:?} size {}", v.name, v.size),
-                ));
-            }
-            c.volumes.push(v);
-        }
-        for _ in 0..ns {
-            let s = SnapshotRec {
-                id: r.u128()?,
-                volume: r.u128()?,
-                volume_name: r.str()?,
-                name: r.str()?,
-                size: r.u64()?,
-                root: r.u64()?,
-                generation: r.u64()?,
-                created: r.u64()?,
-            };
-            if !root_ok(s.root) || s.size > format::MAX_VOLUME_BYTES {
-                return Err(Error::corrupt(
-                    "catalog",
-                    0,
-                    format!("snapshot {:?} root {} size {}", s.name, s.root, s.size),
-                ));
-            }
-            c.snapshots.push(s);
-        }
-        for _ in 0..nb {
-            c.bookmarks.push(BookmarkRec {
-                id: r.u128()?,
-                volume: r.u128()?,
-                volume_name: r.str()?,
-                name: r.str()?,
-                size: r.u64()?,
-                generation: r.u64()?,
-                created: r.u64()?,
-            });
-        }
-        Ok(c)
+    /// The visible volume named `name`.
+    pub(crate) fn volume_named(&mut self, name: &str) -> Result<VolumeRec> {
+        let (c, sm, _) = self.cat();
+        c.volume_named(sm, name)
     }
 
-    pub(crate) fn volume(&self, name: &str) -> Result<&VolumeRec> {
-        self.volumes
-            .iter()
-            .find(|v| v.name == name)
-            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))
+    /// Whether a visible volume is named `name`.
+    pub(crate) fn volume_exists(&mut self, name: &str) -> Result<bool> {
+        let (c, sm, _) = self.cat();
+        Ok(c.volume_id(sm, name)?.is_some())
     }
 
-    pub(crate) fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeRec> {
-        self.volumes
-            .iter_mut()
-            .find(|v| v.name == name)
-            .ok_or_else(|| Error::VolumeNotFound(name.to_string()))
+    pub(crate) fn snapshot_rec(&mut self, id: u128) -> Result<Option<SnapshotRec>> {
+        let (c, sm, _) = self.cat();
+        c.snapshot(sm, id)
     }
 
-    pub(crate) fn volume_by_id(&self, id: u128) -> Option<&VolumeRec> {
-        let i = self.positions.find(&self.volumes, id, |v| v.id)?;
-        self.volumes.get(i)
-    }
-
-    pub(crate) fn volume_by_id_mut(&mut self, id: u128) -> Option<&mut VolumeRec> {
-        let i = self.positions.find(&self.volumes, id, |v| v.id)?;
-        self.volumes.get_mut(i)
-    }
-
-    /// Finds `vol@snap`: a snapshot of the live volume named `vol`, or else of a deleted
-    /// volume that had that name.
-    pub(crate) fn snapshot(&self, vol: &str, snap: &str) -> Result<&SnapshotRec> {
-        let live = self.volumes.iter().find(|v| v.name == vol).map(|v| v.id);
-        self.snapshots
-            .iter()
-            .find(|s| s.name == snap && Some(s.volume) == live)
-            .or_else(|| {
-                self.snapshots.iter().find(|s| {
-                    s.name == snap && s.volume_name == vol && self.volume_by_id(s.volume).is_none()
-                })
-            })
-            .ok_or_else(|| Error::SnapshotNotFound(format!("{vol}@{snap}")))
-    }
-
-    pub(crate) fn snapshot_by_id(&self, id: u128) -> Option<&SnapshotRec> {
-        let i = self.positions.find(&self.snapshots, id, |s| s.id)?;
-        self.snapshots.get(i)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn vol(id: u128) -> VolumeRec {
-        VolumeRec {
-            id,
-            name: format!("v{id}"),
-            size: 4096,
-            root: 0,
-            created: 0,
-            origin: None,
-            frozen_gen: 0,
-            rollbacks: Vec::new(),
-        }
-    }
-
-    /// Lookups by id stay right while records are added, removed and reordered behind the
-    /// position hints' back.
-    #[test]
-    fn lookups_by_id_survive_any_change_to_the_lists() {
-        let mut c = Catalog::default();
-        c.volumes.extend((1..=100).map(vol));
-        for id in 1..=100 {
-            assert_eq!(c.volume_by_id(id).unwrap().id, id);
-        }
-        c.volumes.retain(|v| v.id % 3 != 0);
-        c.volumes.reverse();
-        c.volumes.push(vol(1000));
-        for id in 1..=100 {
-            assert_eq!(
-                c.volume_by_id(id).map(|v| v.id),
-                (id % 3 != 0).then_some(id)
-            );
-        }
-        c.volume_by_id_mut(1000).unwrap().size = 8192;
-        assert_eq!(c.volume_by_id(1000).unwrap().size, 8192);
-        assert!(c.volume_by_id(0).is_none());
-        // Deleted ids do not pile up in the hints forever.
-        for round in 0..50u128 {
-            c.volumes.clear();
-            c.volumes.push(vol(5000 + round));
-            assert!(c.volume_by_id(5000 + round).is_some());
-        }
-        assert!(c.positions.0.borrow().len() <= 2 + 64 + 1);
-    }
-
-    #[test]
-    fn round_trip_and_hostile_bytes() {
-        let c = Catalog {
-            volumes: vec![VolumeRec {
-                id: 7,
-                name: "db".into(),
-                size: 1 << 30,
-                root: 9,
-                created: 1,
-                origin: Some(3),
-                frozen_gen: 4,
-                rollbacks: vec![(9, 2)],
-            }],
-            snapshots: vec![SnapshotRec {
-                id: 3,
-                volume: 7,
-                volume_name: "db".into(),
-                name: "before-upgrade".into(),
-                size: 1 << 30,
-                root: 10,
-                generation: 4,
-                created: 2,
-            }],
-            bookmarks: vec![BookmarkRec {
-                id: 5,
-                volume: 7,
-                volume_name: "db".into(),
-                name: "old".into(),
-                size: 10,
-                generation: 3,
-                created: 1,
-            }],
-            ..Catalog::default()
+    /// `vol@snap`: snapshot `snap` of the visible volume `vol`.
+    pub(crate) fn snapshot_named(&mut self, vol: &str, snap: &str) -> Result<SnapshotRec> {
+        let missing = || Error::SnapshotNotFound(format!("{vol}@{snap}"));
+        let (c, sm, _) = self.cat();
+        let Some(vid) = c.volume_id(sm, vol)? else {
+            return Err(missing());
         };
-        let bytes = c.encode();
-        assert_eq!(Catalog::decode(&bytes, 100).unwrap(), c);
-        assert!(Catalog::decode(&bytes, 10).is_err(), "root beyond the pool");
-        for cut in 0..bytes.len() {
-            assert!(Catalog::decode(&bytes[..cut], 100).is_err());
-        }
-        assert!(validate_name("a@b").is_err());
-        assert!(validate_name("").is_err());
-        assert!(validate_name(&"x".repeat(201)).is_err());
-        assert!(validate_name("pvc-1234_ok.v2").is_ok());
+        c.snapshot_named(sm, vid, snap)?.ok_or_else(missing)
     }
 }

@@ -102,18 +102,17 @@ pub(crate) fn check(e: &mut Engine) -> Result<CheckReport> {
     for u in e.store.sm.own_pages() {
         bump(&mut expected, u);
     }
-    for u in e.catalog_pages() {
+    let (c, sm, _) = e.cat();
+    for u in c.pages(sm)? {
         bump(&mut expected, u);
     }
     // Every map root with the number of blocks its volume or snapshot may map.
-    let roots: Vec<(u64, u64)> = e
-        .catalog
-        .volumes
+    let roots: Vec<(u64, u64)> = c
+        .all_volumes(sm)?
         .iter()
         .map(|v| (v.root, v.size.div_ceil(bs)))
         .chain(
-            e.catalog
-                .snapshots
+            c.all_snapshots(sm)?
                 .iter()
                 .map(|s| (s.root, s.size.div_ceil(bs))),
         )

@@ -57,14 +57,13 @@ pub enum DiffTarget<'a> {
 const WINDOW: u64 = 1 << 16;
 
 impl Engine {
-    fn diff_target(&self, t: DiffTarget) -> Result<(u64, u64)> {
+    fn diff_target(&mut self, t: DiffTarget) -> Result<(u64, u64)> {
         match t {
             DiffTarget::Snapshot(id) => self
-                .catalog
-                .snapshot_by_id(id)
+                .snapshot_rec(id)?
                 .map(|s| (s.root, s.size))
                 .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}"))),
-            DiffTarget::Volume(name) => self.catalog.volume(name).map(|v| (v.root, v.size)),
+            DiffTarget::Volume(name) => self.volume_named(name).map(|v| (v.root, v.size)),
         }
     }
 
@@ -184,7 +183,7 @@ impl Pool {
         self.with(|e| {
             e.check_usable()?;
             let (root, size) = e.diff_target(target)?;
-            if let Some(base_root) = e.catalog.snapshot_by_id(base).map(|s| s.root) {
+            if let Some(base_root) = e.snapshot_rec(base)?.map(|s| s.root) {
                 let mut changes: Vec<Change> = Vec::new();
                 return e.page(
                     size,
@@ -235,22 +234,19 @@ fn block_kind(c: &Change) -> (u64, ExtentKind) {
 
 impl Engine {
     /// Checks that bookmark `id` describes an ancestor of `target`; returns its generation.
-    fn bookmark_base(&self, id: u128, target: DiffTarget) -> Result<u64> {
-        let bm = self
-            .catalog
-            .bookmarks
-            .iter()
-            .find(|b| b.id == id)
+    fn bookmark_base(&mut self, id: u128, target: DiffTarget) -> Result<u64> {
+        let (c, sm, _) = self.cat();
+        let bm = c
+            .bookmark(sm, id)?
             .ok_or_else(|| Error::SnapshotNotFound(format!("snapshot or bookmark id {id:032x}")))?;
         let (volume, at) = match target {
             DiffTarget::Snapshot(s) => {
                 let s = self
-                    .catalog
-                    .snapshot_by_id(s)
-                    .expect("checked by diff_target");
+                    .snapshot_rec(s)?
+                    .ok_or_else(|| Error::SnapshotNotFound(format!("id {s:032x}")))?;
                 (s.volume, s.generation)
             }
-            DiffTarget::Volume(name) => (self.catalog.volume(name)?.id, u64::MAX),
+            DiffTarget::Volume(name) => (self.volume_named(name)?.id, u64::MAX),
         };
         let not_ancestor = |why: &str| {
             Error::InvalidArgument(format!(
@@ -266,10 +262,8 @@ impl Engine {
         // state after d the state at g. The bookmark is an ancestor if that walk never goes
         // back before it (rolling back to the bookmarked snapshot itself, or forward again
         // to a later one, keeps it an ancestor).
-        let rollbacks = self
-            .catalog
-            .volume_by_id(volume)
-            .map_or(&[][..], |v| &v.rollbacks[..]);
+        let (c, sm, _) = self.cat();
+        let rollbacks = c.rollbacks(sm, volume)?;
         let mut t = at;
         while let Some(&(_, to)) = rollbacks
             .iter()

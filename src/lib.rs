@@ -38,6 +38,7 @@ pub mod device;
 mod diff;
 mod error;
 mod format;
+mod ids;
 pub mod image;
 #[cfg(feature = "nbd")]
 pub mod nbd;

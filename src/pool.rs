@@ -6,8 +6,9 @@
 use crate::catalog::{validate_name, BookmarkRec, SnapshotRec, VolumeRec};
 use crate::device::{BlockDevice, FileDevice, FileOptions};
 use crate::error::{Error, Result};
+use crate::ids::{new_id, now_unix};
 use crate::space::Reserve;
-use crate::txn::{now_unix, random_id, Engine};
+use crate::txn::Engine;
 use crate::volume::{read_runs, write_runs, Snapshot, Target, Volume, WritePlan};
 use parking_lot::Mutex;
 use std::path::Path;
@@ -157,6 +158,34 @@ pub struct BookmarkInfo {
     pub created_unix: u64,
 }
 
+impl From<SnapshotRec> for SnapshotInfo {
+    fn from(s: SnapshotRec) -> SnapshotInfo {
+        SnapshotInfo {
+            id: s.id,
+            volume_id: s.volume,
+            volume_name: s.volume_name,
+            name: s.name,
+            size: s.size,
+            generation: s.generation,
+            created_unix: s.created,
+        }
+    }
+}
+
+impl From<BookmarkRec> for BookmarkInfo {
+    fn from(b: BookmarkRec) -> BookmarkInfo {
+        BookmarkInfo {
+            id: b.id,
+            volume_id: b.volume,
+            volume_name: b.volume_name,
+            name: b.name,
+            size: b.size,
+            generation: b.generation,
+            created_unix: b.created,
+        }
+    }
+}
+
 /// Pool-wide figures, in bytes.
 #[derive(Clone, Debug)]
 pub struct PoolStats {
@@ -288,13 +317,8 @@ impl Pool {
             used: e.store.sm.used_units() * unit,
             free: e.store.sm.free_units() * unit,
             available: e.store.sm.usable_units() * unit,
-            volumes: e
-                .catalog
-                .volumes
-                .iter()
-                .filter(|v| !v.name.starts_with(crate::stream::HIDDEN_PREFIX))
-                .count(),
-            snapshots: e.catalog.snapshots.len(),
+            volumes: e.catalog.counts().volumes as usize,
+            snapshots: e.catalog.counts().snapshots as usize,
             generation: e.sb.generation,
         }
     }
@@ -309,25 +333,29 @@ impl Pool {
         validate_name(name)?;
         crate::format::check_volume_size(size)?;
         let id = self.with(|e| {
-            if e.catalog.volume(name).is_ok() {
+            if e.volume_exists(name)? {
                 return Err(Error::AlreadyExists {
                     kind: "volume",
                     name: name.into(),
                 });
             }
             e.catalog_op(Reserve::Keep, |e| {
-                let id = random_id();
-                e.catalog.volumes.push(VolumeRec {
-                    id,
-                    name: name.into(),
-                    size,
-                    root: 0,
-                    created: now_unix(),
-                    origin: None,
-                    frozen_gen: 0,
-                    rollbacks: Vec::new(),
-                });
-                e.catalog_changed();
+                let id = new_id();
+                let (c, sm, r) = e.cat();
+                c.add_volume(
+                    sm,
+                    r,
+                    VolumeRec {
+                        id,
+                        name: name.into(),
+                        size,
+                        root: 0,
+                        created: now_unix(),
+                        origin: None,
+                        frozen_gen: 0,
+                        hidden: false,
+                    },
+                )?;
                 Ok(id)
             })
         })?;
@@ -343,13 +371,13 @@ impl Pool {
 
     /// Opens a volume by name.
     pub fn volume(&self, name: &str) -> Result<Volume> {
-        let id = self.with(|e| Ok(e.catalog.volume(name)?.id))?;
+        let id = self.with(|e| Ok(e.volume_named(name)?.id))?;
         Ok(self.volume_handle(id))
     }
 
     /// Opens a snapshot `vol@snap` (or a snapshot of a deleted volume that had that name).
     pub fn snapshot_handle(&self, vol: &str, snap: &str) -> Result<Snapshot> {
-        let id = self.with(|e| Ok(e.catalog.snapshot(vol, snap)?.id))?;
+        let id = self.with(|e| Ok(e.snapshot_named(vol, snap)?.id))?;
         Ok(Snapshot {
             pool: self.clone(),
             id,
@@ -380,8 +408,8 @@ impl Pool {
         self.with(|e| {
             let mut seen = Vec::new();
             for (vol, name) in items {
-                let v = e.catalog.volume(vol)?;
-                if e.catalog.snapshot(vol, name).is_ok() || seen.contains(&(v.id, *name)) {
+                let v = e.volume_named(vol)?;
+                if e.snapshot_named(vol, name).is_ok() || seen.contains(&(v.id, *name)) {
                     return Err(Error::AlreadyExists {
                         kind: "snapshot",
                         name: format!("{vol}@{name}"),
@@ -393,10 +421,14 @@ impl Pool {
                 let generation = e.store.generation;
                 let mut ids = Vec::new();
                 for (vol, name) in items {
-                    let v = e.catalog.volume_mut(vol)?;
+                    let id = e.volume_named(vol)?.id;
+                    let (c, sm, _) = e.cat();
+                    let Some(v) = c.volume_mut(sm, id)? else {
+                        return Err(Error::VolumeNotFound(vol.to_string()));
+                    };
                     v.frozen_gen = generation;
                     let rec = SnapshotRec {
-                        id: random_id(),
+                        id: new_id(),
                         volume: v.id,
                         volume_name: v.name.clone(),
                         name: name.to_string(),
@@ -407,9 +439,9 @@ impl Pool {
                     };
                     e.store.share_tree(rec.root)?;
                     ids.push(rec.id);
-                    e.catalog.snapshots.push(rec);
+                    let (c, sm, r) = e.cat();
+                    c.add_snapshot(sm, r, rec)?;
                 }
-                e.catalog_changed();
                 Ok(ids)
             })
         })
@@ -419,7 +451,7 @@ impl Pool {
     pub fn clone_snapshot(&self, vol: &str, snap: &str, new_name: &str) -> Result<Volume> {
         validate_name(new_name)?;
         let id = self.with(|e| {
-            let s = e.catalog.snapshot(vol, snap)?.clone();
+            let s = e.snapshot_named(vol, snap)?;
             e.new_volume_from(new_name, s.root, s.size, s.id)
         })?;
         Ok(self.volume_handle(id))
@@ -429,9 +461,7 @@ impl Pool {
     pub fn clone_volume(&self, vol: &str, new_name: &str) -> Result<Volume> {
         validate_name(new_name)?;
         let id = self.with(|e| {
-            let v = e.catalog.volume(vol)?.clone();
-            let generation = e.store.generation;
-            e.catalog.volume_mut(vol)?.frozen_gen = generation;
+            let v = e.volume_named(vol)?;
             e.new_volume_from(new_name, v.root, v.size, v.id)
         })?;
         Ok(self.volume_handle(id))
@@ -440,22 +470,20 @@ impl Pool {
     /// Returns volume `vol` to snapshot `vol@snap` in O(1), keeping every snapshot.
     pub fn rollback(&self, vol: &str, snap: &str) -> Result<()> {
         self.with(|e| {
-            let v = e.catalog.volume(vol)?.clone();
-            let s = e.catalog.snapshot(vol, snap)?.clone();
-            if s.volume != v.id {
-                return Err(Error::SnapshotNotFound(format!("{vol}@{snap}")));
-            }
+            let v = e.volume_named(vol)?;
+            let s = e.snapshot_named(vol, snap)?;
             e.catalog_op(Reserve::Use, |e| {
                 e.store.share_tree(s.root)?;
                 e.store.drop_tree(v.root)?;
                 let generation = e.store.generation;
-                let rec = e.catalog.volume_by_id_mut(v.id).expect("checked above");
+                let (c, sm, r) = e.cat();
+                let Some(rec) = c.volume_mut(sm, v.id)? else {
+                    return Err(Error::VolumeNotFound(vol.to_string()));
+                };
                 rec.root = s.root;
                 rec.size = s.size;
                 rec.frozen_gen = generation;
-                rec.rollbacks.push((generation, s.generation));
-                e.catalog_changed();
-                Ok(())
+                c.add_rollback(sm, r, v.id, generation, s.generation)
             })
         })
     }
@@ -464,11 +492,12 @@ impl Pool {
     /// (addressable as before, by `oldname@snap` or id).
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         self.with(|e| {
-            let v = e.catalog.volume(name)?.clone();
+            let v = e.volume_named(name)?;
             e.catalog_op(Reserve::Use, |e| {
-                e.store.drop_tree(v.root)?;
-                e.catalog.volumes.retain(|x| x.id != v.id);
-                e.catalog_changed();
+                let (c, sm, r) = e.cat();
+                if let Some(rec) = c.remove_volume(sm, r, v.id)? {
+                    e.store.drop_tree(rec.root)?;
+                }
                 Ok(())
             })
         })
@@ -477,14 +506,15 @@ impl Pool {
     /// Deletes snapshot `vol@snap`, freeing the blocks nothing else references.
     pub fn delete_snapshot(&self, vol: &str, snap: &str) -> Result<()> {
         self.with(|e| {
-            let s = e.catalog.snapshot(vol, snap)?.clone();
-            e.catalog_op(Reserve::Use, |e| {
-                e.store.drop_tree(s.root)?;
-                e.catalog.snapshots.retain(|x| x.id != s.id);
-                e.catalog_changed();
-                Ok(())
-            })
+            let s = e.snapshot_named(vol, snap)?;
+            e.delete_snapshot(s.id)
         })
+    }
+
+    /// Deletes the snapshot with id `id` (also one of a deleted volume, which has no
+    /// `vol@snap` name any more), freeing the blocks nothing else references.
+    pub fn delete_snapshot_by_id(&self, id: u128) -> Result<()> {
+        self.with(|e| e.delete_snapshot(id))
     }
 
     /// Keeps snapshot `vol@snap`'s id and generation as bookmark `vol#snap`, so incremental
@@ -492,24 +522,29 @@ impl Pool {
     /// one catalog entry and no space.
     pub fn bookmark(&self, vol: &str, snap: &str) -> Result<u128> {
         self.with(|e| {
-            let s = e.catalog.snapshot(vol, snap)?.clone();
-            if e.catalog.bookmarks.iter().any(|b| b.id == s.id) {
+            let s = e.snapshot_named(vol, snap)?;
+            let (c, sm, _) = e.cat();
+            if c.bookmark(sm, s.id)?.is_some() || c.bookmark_id(sm, s.volume, &s.name)?.is_some() {
                 return Err(Error::AlreadyExists {
                     kind: "bookmark",
                     name: format!("{vol}#{snap}"),
                 });
             }
             e.catalog_op(Reserve::Keep, |e| {
-                e.catalog.bookmarks.push(BookmarkRec {
-                    id: s.id,
-                    volume: s.volume,
-                    volume_name: s.volume_name.clone(),
-                    name: s.name.clone(),
-                    size: s.size,
-                    generation: s.generation,
-                    created: now_unix(),
-                });
-                e.catalog_changed();
+                let (c, sm, r) = e.cat();
+                c.add_bookmark(
+                    sm,
+                    r,
+                    BookmarkRec {
+                        id: s.id,
+                        volume: s.volume,
+                        volume_name: s.volume_name.clone(),
+                        name: s.name.clone(),
+                        size: s.size,
+                        generation: s.generation,
+                        created: now_unix(),
+                    },
+                )?;
                 Ok(s.id)
             })
         })
@@ -518,12 +553,10 @@ impl Pool {
     /// Finds bookmark `vol#name`; returns its id.
     pub fn bookmark_id(&self, vol: &str, name: &str) -> Result<u128> {
         self.with(|e| {
-            e.catalog
-                .bookmarks
-                .iter()
-                .find(|b| b.volume_name == vol && b.name == name)
-                .map(|b| b.id)
-                .ok_or_else(|| Error::SnapshotNotFound(format!("{vol}#{name}")))
+            let missing = || Error::SnapshotNotFound(format!("{vol}#{name}"));
+            let (c, sm, _) = e.cat();
+            let vid = c.volume_id(sm, vol)?.ok_or_else(missing)?;
+            c.bookmark_id(sm, vid, name)?.ok_or_else(missing)
         })
     }
 
@@ -532,52 +565,74 @@ impl Pool {
         let id = self.bookmark_id(vol, name)?;
         self.with(|e| {
             e.catalog_op(Reserve::Use, |e| {
-                e.catalog.bookmarks.retain(|b| b.id != id);
-                e.catalog_changed();
+                let (c, sm, r) = e.cat();
+                c.remove_bookmark(sm, r, id)?;
                 Ok(())
             })
         })
     }
 
     /// Every bookmark.
-    pub fn bookmarks(&self) -> Vec<BookmarkInfo> {
-        let e = self.shared.engine.lock();
-        e.catalog
-            .bookmarks
-            .iter()
-            .map(|b| BookmarkInfo {
-                id: b.id,
-                volume_id: b.volume,
-                volume_name: b.volume_name.clone(),
-                name: b.name.clone(),
-                size: b.size,
-                generation: b.generation,
-                created_unix: b.created,
-            })
-            .collect()
+    pub fn bookmarks(&self) -> Result<Vec<BookmarkInfo>> {
+        let mut e = self.shared.engine.lock();
+        let (c, sm, _) = e.cat();
+        Ok(c.bookmarks(sm)?.into_iter().map(Into::into).collect())
+    }
+
+    /// The bookmark with id `id` (the id of the snapshot it was made from).
+    pub fn bookmark_info(&self, id: u128) -> Result<BookmarkInfo> {
+        self.with(|e| {
+            let (c, sm, _) = e.cat();
+            c.bookmark(sm, id)?
+                .map(Into::into)
+                .ok_or_else(|| Error::SnapshotNotFound(format!("bookmark id {id:032x}")))
+        })
+    }
+
+    /// The snapshot with id `id` (also of a deleted volume).
+    pub fn snapshot_info(&self, id: u128) -> Result<SnapshotInfo> {
+        self.with(|e| {
+            e.snapshot_rec(id)?
+                .map(Into::into)
+                .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}")))
+        })
+    }
+
+    /// The snapshots of the volume with id `volume_id` (also a deleted one), oldest first.
+    pub fn volume_snapshots(&self, volume_id: u128) -> Result<Vec<SnapshotInfo>> {
+        self.with(|e| {
+            let (c, sm, _) = e.cat();
+            Ok(c.snapshots_of(sm, volume_id)?
+                .into_iter()
+                .map(Into::into)
+                .collect())
+        })
+    }
+
+    /// The bookmarks of the volume with id `volume_id`, oldest first.
+    pub fn volume_bookmarks(&self, volume_id: u128) -> Result<Vec<BookmarkInfo>> {
+        self.with(|e| {
+            let (c, sm, _) = e.cat();
+            let mut v = c.bookmarks_of(sm, volume_id)?;
+            v.sort_by_key(|b| (b.generation, b.id));
+            Ok(v.into_iter().map(Into::into).collect())
+        })
     }
 
     /// Renames a volume; its snapshots follow it.
     pub fn rename_volume(&self, name: &str, new_name: &str) -> Result<()> {
         validate_name(new_name)?;
         self.with(|e| {
-            let id = e.catalog.volume(name)?.id;
-            if e.catalog.volume(new_name).is_ok() {
+            let id = e.volume_named(name)?.id;
+            if e.volume_exists(new_name)? {
                 return Err(Error::AlreadyExists {
                     kind: "volume",
                     name: new_name.into(),
                 });
             }
             e.catalog_op(Reserve::Use, |e| {
-                e.catalog.volume_by_id_mut(id).expect("checked above").name = new_name.into();
-                for s in e.catalog.snapshots.iter_mut().filter(|s| s.volume == id) {
-                    s.volume_name = new_name.into();
-                }
-                for b in e.catalog.bookmarks.iter_mut().filter(|b| b.volume == id) {
-                    b.volume_name = new_name.into();
-                }
-                e.catalog_changed();
-                Ok(())
+                let (c, sm, r) = e.cat();
+                c.rename_volume(sm, r, id, new_name)
             })
         })
     }
@@ -614,7 +669,7 @@ impl Pool {
                 e.store.sm.grow(units);
                 e.sb.total_units = units;
                 e.auto_commit_space_pages = (crate::space::reserve_for(units) as usize / 3).max(8);
-                e.catalog_changed();
+                e.force_commit = true;
                 Ok(())
             })
         })
@@ -623,15 +678,30 @@ impl Pool {
     /// Grows or shrinks a volume. Shrinking frees the blocks past the new end; growing
     /// adds a range that reads as zeros.
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<()> {
+        let id = self.with(|e| Ok(e.volume_named(name)?.id))?;
+        self.resize_by_id(id, size)
+    }
+
+    /// [`Pool::resize_volume`] of volume `id`, visible or hidden.
+    pub(crate) fn resize_by_id(&self, id: u128, size: u64) -> Result<()> {
         crate::format::check_volume_size(size)?;
         self.with(|e| {
-            let v = e.catalog.volume(name)?.clone();
+            let v = e
+                .volume_rec(id)?
+                .ok_or_else(|| Error::VolumeNotFound(format!("id {id:032x}")))?;
+            let name = v.name.clone();
+            let set_size = |e: &mut Engine| {
+                let (c, sm, _) = e.cat();
+                match c.volume_mut(sm, v.id)? {
+                    Some(rec) => {
+                        rec.size = size;
+                        Ok(())
+                    }
+                    None => Err(Error::VolumeNotFound(name.clone())),
+                }
+            };
             if size >= v.size {
-                return e.catalog_op(Reserve::Keep, |e| {
-                    e.catalog.volume_by_id_mut(v.id).expect("checked").size = size;
-                    e.catalog_changed();
-                    Ok(())
-                });
+                return e.catalog_op(Reserve::Keep, set_size);
             }
             let bs = e.store.block_size as u64;
             e.catalog_op(Reserve::Use, |e| {
@@ -642,52 +712,38 @@ impl Pool {
                     e.write_with(v.id, size, &vec![0u8; (tail_end - size) as usize], true)?;
                 }
                 e.unmap(v.id, size.div_ceil(bs), v.size.div_ceil(bs))?;
-                e.catalog.volume_by_id_mut(v.id).expect("checked").size = size;
-                e.catalog_changed();
-                Ok(())
+                set_size(e)
             })
         })
     }
 
     /// Every volume.
-    pub fn volumes(&self) -> Vec<VolumeInfo> {
-        let e = self.shared.engine.lock();
-        e.catalog
-            .volumes
-            .iter()
-            .filter(|v| !v.name.starts_with(crate::stream::HIDDEN_PREFIX))
+    pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let mut e = self.shared.engine.lock();
+        let (c, sm, _) = e.cat();
+        Ok(c.volumes(sm)?
+            .into_iter()
             .map(|v| VolumeInfo {
                 id: v.id,
-                name: v.name.clone(),
+                name: v.name,
                 size: v.size,
                 origin: v.origin,
                 created_unix: v.created,
             })
-            .collect()
+            .collect())
     }
 
     /// Every snapshot, oldest first.
-    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
-        let e = self.shared.engine.lock();
-        e.catalog
-            .snapshots
-            .iter()
-            .map(|s| SnapshotInfo {
-                id: s.id,
-                volume_id: s.volume,
-                volume_name: s.volume_name.clone(),
-                name: s.name.clone(),
-                size: s.size,
-                generation: s.generation,
-                created_unix: s.created,
-            })
-            .collect()
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut e = self.shared.engine.lock();
+        let (c, sm, _) = e.cat();
+        Ok(c.all_snapshots(sm)?.into_iter().map(Into::into).collect())
     }
 
     /// Space used by a volume. Walks its block map.
     pub fn volume_usage(&self, name: &str) -> Result<Usage> {
         self.with(|e| {
-            let v = e.catalog.volume(name)?.clone();
+            let v = e.volume_named(name)?;
             e.usage(v.root, v.size)
         })
     }
@@ -695,7 +751,7 @@ impl Pool {
     /// Space used by snapshot `vol@snap`. Walks its block map.
     pub fn snapshot_usage(&self, vol: &str, snap: &str) -> Result<Usage> {
         self.with(|e| {
-            let s = e.catalog.snapshot(vol, snap)?.clone();
+            let s = e.snapshot_named(vol, snap)?;
             e.usage(s.root, s.size)
         })
     }
@@ -704,10 +760,8 @@ impl Pool {
     pub fn snapshot_usage_by_id(&self, id: u128) -> Result<Usage> {
         self.with(|e| {
             let s = e
-                .catalog
-                .snapshot_by_id(id)
-                .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}")))?
-                .clone();
+                .snapshot_rec(id)?
+                .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}")))?;
             e.usage(s.root, s.size)
         })
     }
@@ -723,8 +777,10 @@ impl Pool {
 }
 
 impl Engine {
+    /// A new volume sharing map `root` of `origin` (a snapshot, or a live volume, which is
+    /// then frozen: its blocks are no longer written in place).
     fn new_volume_from(&mut self, name: &str, root: u64, size: u64, origin: u128) -> Result<u128> {
-        if self.catalog.volume(name).is_ok() {
+        if self.volume_exists(name)? {
             return Err(Error::AlreadyExists {
                 kind: "volume",
                 name: name.into(),
@@ -732,19 +788,40 @@ impl Engine {
         }
         self.catalog_op(Reserve::Keep, |e| {
             e.store.share_tree(root)?;
-            let id = random_id();
-            e.catalog.volumes.push(VolumeRec {
-                id,
-                name: name.into(),
-                size,
-                root,
-                created: now_unix(),
-                origin: Some(origin),
-                frozen_gen: e.store.generation,
-                rollbacks: Vec::new(),
-            });
-            e.catalog_changed();
+            let id = new_id();
+            let generation = e.store.generation;
+            let (c, sm, r) = e.cat();
+            if let Some(v) = c.volume_mut(sm, origin)? {
+                v.frozen_gen = generation;
+            }
+            c.add_volume(
+                sm,
+                r,
+                VolumeRec {
+                    id,
+                    name: name.into(),
+                    size,
+                    root,
+                    created: now_unix(),
+                    origin: Some(origin),
+                    frozen_gen: generation,
+                    hidden: false,
+                },
+            )?;
             Ok(id)
+        })
+    }
+
+    fn delete_snapshot(&mut self, id: u128) -> Result<()> {
+        if self.snapshot_rec(id)?.is_none() {
+            return Err(Error::SnapshotNotFound(format!("id {id:032x}")));
+        }
+        self.catalog_op(Reserve::Use, |e| {
+            let (c, sm, r) = e.cat();
+            if let Some(s) = c.remove_snapshot(sm, r, id)? {
+                e.store.drop_tree(s.root)?;
+            }
+            Ok(())
         })
     }
 

@@ -13,17 +13,16 @@
 //! A crash before step 4 completes leaves the other slot's superblock, whose pages were never
 //! touched; a torn superblock fails its checksum and the other one is used. Nothing is replayed.
 
-use crate::catalog::{Catalog, PAYLOAD};
+use crate::catalog::{Catalog, Counts};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
-use crate::format::{
-    self, new_page, PageKind, Superblock, HEADER_LEN, PAGE_SIZE, SUPERBLOCK_UNITS,
-};
+use crate::format::{self, new_page, PageKind, Superblock, PAGE_SIZE, SUPERBLOCK_UNITS};
+use crate::ids::{new_id, now_unix};
 use crate::space::{Reserve, SpaceMap};
 use crate::store::Store;
 use parking_lot::RwLock;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 /// Dirty metadata pages held in memory before a commit is forced (256 MiB): the memory
 /// bound of a transaction. Node pages already own their units, so the bound is not tied to
@@ -36,8 +35,6 @@ pub(crate) const MIN_UNITS: u64 = 256;
 pub(crate) struct Engine {
     pub(crate) store: Store,
     pub(crate) catalog: Catalog,
-    catalog_dirty: bool,
-    catalog_pages: Vec<u64>,
     /// The last committed superblock.
     pub(crate) sb: Superblock,
     pub(crate) last_commit: Instant,
@@ -45,6 +42,8 @@ pub(crate) struct Engine {
     /// Dirty space map pages that trigger a commit: relocating them at commit draws on the
     /// reserve, so they stay well below it.
     pub(crate) auto_commit_space_pages: usize,
+    /// The next commit writes a superblock even with nothing dirty (a new pool, a grown one).
+    pub(crate) force_commit: bool,
     /// Inside a catalog operation: no automatic commit may expose half of it.
     in_catalog_op: bool,
     /// Reused lookup buffer for reads (saves an allocation per I/O).
@@ -54,30 +53,6 @@ pub(crate) struct Engine {
     /// reused or discarded, and before blocks it may write become shared (see
     /// [`Engine::drain_io`]).
     pub(crate) io_gate: Arc<RwLock<()>>,
-}
-
-pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// A random 128-bit id (never 0) from the standard library's randomly keyed hasher.
-pub(crate) fn random_id() -> u128 {
-    use std::hash::{BuildHasher, Hasher};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let half = |salt: u64| {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(nanos);
-        h.write_u64(salt);
-        h.finish()
-    };
-    let id = ((half(1) as u128) << 64) | half(2) as u128;
-    id.max(1)
 }
 
 impl Engine {
@@ -124,33 +99,30 @@ impl Engine {
         let sb = Superblock {
             generation: 0,
             block_size,
-            pool_id: random_id(),
+            pool_id: new_id(),
             total_units,
             used_units: 0,
             space_root: 0,
             space_height: 0,
             catalog_root: 0,
-            catalog_len: 0,
+            volumes: 0,
+            snapshots: 0,
             created_unix: now_unix(),
         };
-        let mut engine = Engine::assemble(
-            Store::new(dev, sm, 1, block_size as usize),
-            Catalog::default(),
-            Vec::new(),
-            sb,
-        );
-        engine.catalog_dirty = true;
+        let catalog = Catalog::open(dev.clone(), 0, 1, Counts::default());
+        let mut engine = Engine::assemble(Store::new(dev, sm, 1, block_size as usize), catalog, sb);
+        // The first commit writes the space map and the superblocks.
+        engine.force_commit = true;
         engine.commit()?;
         Ok(engine)
     }
 
-    fn assemble(store: Store, catalog: Catalog, catalog_pages: Vec<u64>, sb: Superblock) -> Engine {
+    fn assemble(store: Store, catalog: Catalog, sb: Superblock) -> Engine {
         let reserve = crate::space::reserve_for(sb.total_units) as usize;
         Engine {
             store,
             catalog,
-            catalog_dirty: false,
-            catalog_pages,
+            force_commit: false,
             sb,
             last_commit: Instant::now(),
             poisoned: None,
@@ -202,9 +174,13 @@ impl Engine {
             sb.space_root,
             sb.space_height,
         )?;
-        let (catalog, pages) = read_catalog(&*dev, &sb)?;
+        let counts = Counts {
+            volumes: sb.volumes,
+            snapshots: sb.snapshots,
+        };
+        let catalog = Catalog::open(dev.clone(), sb.catalog_root, sb.generation + 1, counts);
         let store = Store::new(dev, sm, sb.generation + 1, sb.block_size as usize);
-        Ok(Engine::assemble(store, catalog, pages, sb))
+        Ok(Engine::assemble(store, catalog, sb))
     }
 
     /// Throws away the open transaction and returns to the last commit.
@@ -216,8 +192,9 @@ impl Engine {
         Ok(())
     }
 
-    pub(crate) fn catalog_pages(&self) -> Vec<u64> {
-        self.catalog_pages.clone()
+    /// The catalog with what its changes need: the space map and the reserve mode.
+    pub(crate) fn cat(&mut self) -> (&mut Catalog, &mut SpaceMap, Reserve) {
+        (&mut self.catalog, &mut self.store.sm, self.store.reserve)
     }
 
     pub(crate) fn check_usable(&self) -> Result<()> {
@@ -227,8 +204,9 @@ impl Engine {
         }
     }
 
-    pub(crate) fn catalog_changed(&mut self) {
-        self.catalog_dirty = true;
+    /// Pages and records changed in the open transaction (drives the automatic commit).
+    pub(crate) fn dirty_pages(&self) -> usize {
+        self.store.dirty_pages() + self.catalog.dirty_count()
     }
 
     /// Refuses every later change until the pool is reopened; the first reason is kept.
@@ -303,9 +281,9 @@ impl Engine {
         if self.in_catalog_op {
             return Ok(());
         }
-        if self.store.dirty_pages() >= MAX_DIRTY_PAGES
+        if self.dirty_pages() >= MAX_DIRTY_PAGES
             || self.store.sm.dirty_pages() >= self.auto_commit_space_pages
-            || (self.store.dirty_pages() > 0 && self.last_commit.elapsed() >= max_age)
+            || (self.dirty_pages() > 0 && self.last_commit.elapsed() >= max_age)
         {
             self.commit()?;
         }
@@ -327,41 +305,17 @@ impl Engine {
 
     fn commit_inner(&mut self) -> Result<()> {
         let dev = self.store.dev.clone();
-        if !self.catalog_dirty
-            && self.store.dirty_pages() == 0
-            && self.store.sm.cooling_units() == 0
-        {
+        if !self.force_commit && self.dirty_pages() == 0 && self.store.sm.cooling_units() == 0 {
             // Data written in place still needs the barrier.
             dev.flush()?;
             self.last_commit = Instant::now();
             return Ok(());
         }
         let generation = self.store.generation;
-        let mut pages = Vec::new();
-        if self.catalog_dirty {
-            let bytes = self.catalog.encode();
-            for old in std::mem::take(&mut self.catalog_pages) {
-                self.store.sm.dec(old, 1)?;
-            }
-            let n = bytes.len().div_ceil(PAYLOAD);
-            let mut locs = Vec::with_capacity(n);
-            for _ in 0..n {
-                locs.push(self.store.sm.alloc_page(Reserve::Use, "commit")?);
-            }
-            for (i, chunk) in bytes.chunks(PAYLOAD).enumerate() {
-                let mut p = new_page();
-                format::put_u64(
-                    &mut p[..],
-                    HEADER_LEN,
-                    locs.get(i + 1).copied().unwrap_or(0),
-                );
-                p[HEADER_LEN + 8..HEADER_LEN + 8 + chunk.len()].copy_from_slice(chunk);
-                format::seal(&mut p, PageKind::Catalog, locs[i], generation);
-                pages.push((locs[i], p));
-            }
-            self.catalog_pages = locs;
-            self.sb.catalog_len = bytes.len() as u64;
-        }
+        // Volume records changed by I/O go into the catalog tree first: that allocates
+        // catalog pages, which the space map pages below then count.
+        self.catalog.flush(&mut self.store.sm)?;
+        let mut pages = self.catalog.dirty_pages();
         pages.extend(self.store.dirty_node_pages());
         pages.extend(self.store.sm.prepare_commit(generation)?);
         pages.sort_by_key(|p| p.0);
@@ -372,7 +326,9 @@ impl Engine {
             used_units: self.store.sm.used_units(),
             space_root: self.store.sm.root(),
             space_height: self.store.sm.height(),
-            catalog_root: self.catalog_pages.first().copied().unwrap_or(0),
+            catalog_root: self.catalog.root(),
+            volumes: self.catalog.counts().volumes,
+            snapshots: self.catalog.counts().snapshots,
             ..self.sb.clone()
         };
         let slot = Superblock::slot(generation);
@@ -382,10 +338,11 @@ impl Engine {
         // in-place write planned before they were freed may still be running.
         self.drain_io();
         let released = self.store.commit_done();
+        self.catalog.commit_done();
         if dev.supports_discard() {
             release_freed(&self.store, released);
         }
-        self.catalog_dirty = false;
+        self.force_commit = false;
         self.sb = sb;
         self.last_commit = Instant::now();
         Ok(())
@@ -425,27 +382,4 @@ fn release_freed(store: &Store, mut units: Vec<u64>) {
             .discard(Store::byte(units[i]), (j - i) as u64 * PAGE_SIZE as u64);
         i = j;
     }
-}
-
-fn read_catalog(dev: &dyn BlockDevice, sb: &Superblock) -> Result<(Catalog, Vec<u64>)> {
-    let mut bytes = Vec::with_capacity(sb.catalog_len as usize);
-    let mut pages = Vec::new();
-    let mut loc = sb.catalog_root;
-    while (bytes.len() as u64) < sb.catalog_len {
-        if loc < SUPERBLOCK_UNITS || loc >= sb.total_units || pages.contains(&loc) {
-            return Err(Error::corrupt(
-                "catalog page",
-                loc,
-                "chain points outside the pool or loops",
-            ));
-        }
-        let mut p = new_page();
-        dev.read_at(&mut p[..], loc * PAGE_SIZE as u64)?;
-        format::verify(&p, &[PageKind::Catalog], loc)?;
-        let take = (sb.catalog_len as usize - bytes.len()).min(PAYLOAD);
-        bytes.extend_from_slice(&p[HEADER_LEN + 8..HEADER_LEN + 8 + take]);
-        pages.push(loc);
-        loc = format::get_u64(&p[..], HEADER_LEN);
-    }
-    Ok((Catalog::decode(&bytes, sb.total_units)?, pages))
 }

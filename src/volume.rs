@@ -81,27 +81,36 @@ enum Piece {
 
 impl Engine {
     /// Root, size and display name of an I/O target.
-    pub(crate) fn target(&self, t: Target) -> Result<(u64, u64, String)> {
+    pub(crate) fn target(&mut self, t: Target) -> Result<(u64, u64, String)> {
+        let (c, sm, _) = self.cat();
         match t {
-            Target::Volume(id) => self
-                .catalog
-                .volume_by_id(id)
+            Target::Volume(id) => c
+                .volume_ref(sm, id)?
                 .map(|v| (v.root, v.size, v.name.clone()))
                 .ok_or_else(|| Error::VolumeNotFound(format!("id {id:032x}"))),
-            Target::Snapshot(id) => self
-                .catalog
-                .snapshot_by_id(id)
+            Target::Snapshot(id) => c
+                .snapshot_ref(sm, id)?
                 .map(|s| (s.root, s.size, format!("{}@{}", s.volume_name, s.name)))
                 .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}"))),
         }
     }
 
-    fn check_range(&self, t: Target, offset: u64, len: usize) -> Result<(u64, u64)> {
-        let (root, size) = match t {
-            Target::Volume(id) => self.catalog.volume_by_id(id).map(|v| (v.root, v.size)),
-            Target::Snapshot(id) => self.catalog.snapshot_by_id(id).map(|s| (s.root, s.size)),
-        }
-        .ok_or_else(|| self.target(t).unwrap_err())?;
+    /// Map root and size of an I/O target (without copying its names: every I/O asks).
+    fn root_and_size(&mut self, t: Target) -> Result<Option<(u64, u64)>> {
+        let (c, sm, _) = self.cat();
+        Ok(match t {
+            Target::Volume(id) => c.volume_ref(sm, id)?.map(|v| (v.root, v.size)),
+            Target::Snapshot(id) => c.snapshot_ref(sm, id)?.map(|s| (s.root, s.size)),
+        })
+    }
+
+    fn check_range(&mut self, t: Target, offset: u64, len: usize) -> Result<(u64, u64)> {
+        let Some((root, size)) = self.root_and_size(t)? else {
+            return Err(self
+                .target(t)
+                .err()
+                .unwrap_or_else(|| Error::VolumeNotFound("a volume that just went away".into())));
+        };
         if offset.checked_add(len as u64).is_none_or(|end| end > size) {
             return Err(Error::OutOfRange {
                 what: self.target(t)?.2,
@@ -180,10 +189,8 @@ impl Engine {
         if data.is_empty() {
             return Ok(WritePlan::Done);
         }
-        let frozen = self
-            .catalog
-            .volume_by_id(id)
-            .map_or(u64::MAX, |v| v.frozen_gen);
+        let (c, sm, _) = self.cat();
+        let frozen = c.volume_ref(sm, id)?.map_or(u64::MAX, |v| v.frozen_gen);
         let bs = self.store.block_size as u64;
         let first = offset / bs;
         let end = (offset + data.len() as u64).div_ceil(bs);
@@ -280,7 +287,7 @@ impl Engine {
             }
         }
         self.write_pieces(data, &pieces)?;
-        self.set_root(id, root);
+        self.set_root(id, root)?;
         Ok(())
     }
 
@@ -312,13 +319,15 @@ impl Engine {
         Ok(())
     }
 
-    pub(crate) fn set_root(&mut self, id: u128, root: u64) {
-        if let Some(v) = self.catalog.volume_by_id_mut(id) {
-            if v.root != root {
+    /// Points volume `id` at map root `root` (the catalog tree takes it at the commit).
+    pub(crate) fn set_root(&mut self, id: u128, root: u64) -> Result<()> {
+        let (c, sm, _) = self.cat();
+        if c.volume_ref(sm, id)?.is_some_and(|v| v.root != root) {
+            if let Some(v) = c.volume_mut(sm, id)? {
                 v.root = root;
-                self.catalog_changed();
             }
         }
+        Ok(())
     }
 
     /// Makes `offset..offset+len` of volume `id` read as zeros, returning whole blocks to
@@ -372,7 +381,7 @@ impl Engine {
                     e.store.dec_block(old.unit)?;
                 }
             }
-            e.set_root(id, root);
+            e.set_root(id, root)?;
             Ok(())
         });
         self.store.reserve = saved;

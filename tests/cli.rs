@@ -1128,3 +1128,43 @@ fn a_held_pool_names_the_process_holding_it() {
     let _ = child.wait();
     assert_msg(&err, &format!("is in use by process {}", child.id()));
 }
+
+/// A snapshot whose volume was deleted (through the library, which keeps snapshots) has no
+/// `vol@snap` name any more, and a new volume of the old name does not see it; the CLI
+/// reaches it by id.
+#[test]
+fn snapshots_of_a_deleted_volume_are_destroyed_by_id() {
+    let t = Env::new();
+    let p = t.pool();
+    {
+        let pool = snapvol::Pool::create_file(&p, 64 << 20, Default::default()).unwrap();
+        pool.create_volume("v", 1 << 20).unwrap();
+        pool.snapshot("v", "s").unwrap();
+        pool.delete_volume("v").unwrap();
+        // A new volume under the old name starts with no snapshots.
+        pool.create_volume("v", 1 << 20).unwrap();
+        pool.snapshot("v", "s").unwrap();
+        pool.close().unwrap();
+    }
+    let rows = t.ok(&["list", &p, "-t", "snapshot", "-H"]);
+    let orphan: Vec<&str> = rows
+        .lines()
+        .find(|l| l.contains("(volume deleted)"))
+        .unwrap_or_else(|| panic!("{rows}"))
+        .split('\t')
+        .collect();
+    let id = orphan[0];
+    assert_msg(
+        &t.fails(&["destroy", &p, "@nothex"]),
+        "expected @ and a 32-digit hex id",
+    );
+    assert_msg(
+        &t.fails(&["destroy", &p, &format!("@{}", "0".repeat(32))]),
+        "no snapshot",
+    );
+    t.ok(&["destroy", &p, &format!("@{id}")]);
+    let rows = t.ok(&["list", &p, "-t", "snapshot", "-H"]);
+    assert_eq!(rows.lines().count(), 1, "{rows}");
+    assert!(rows.contains("v@s") && !rows.contains("deleted"), "{rows}");
+    assert!(t.ok(&["pool", "check", &p]).contains(" 0 problems"));
+}

@@ -253,7 +253,7 @@ fn receive_is_atomic_at_every_crash_point() {
         }
         Err(_) => {
             assert!(
-                pool.volumes().is_empty(),
+                pool.volumes().unwrap().is_empty(),
                 "crash at {p}: a partial receive is visible"
             );
             none += 1;

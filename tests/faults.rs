@@ -57,6 +57,7 @@ fn run_with_fault(kind: FaultKind, n: u64) -> bool {
                 if kind != FaultKind::Read {
                     let err = pool
                         .volumes()
+                        .unwrap()
                         .first()
                         .map(|v| pool.volume(&v.name).unwrap().write_at(&[1], 0).unwrap_err());
                     if let Some(err) = err {

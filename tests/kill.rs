@@ -55,8 +55,9 @@ fn child(path: &str, round: u64, start: u64) {
             // Keep the snapshot count bounded: delete an older one.
             if let Some(s) = pool
                 .snapshots()
+                .unwrap()
                 .first()
-                .filter(|_| pool.snapshots().len() > 4)
+                .filter(|_| pool.snapshots().unwrap().len() > 4)
             {
                 // Announced first: a kill may land between the two.
                 println!("deleting {}", s.name);

@@ -70,9 +70,16 @@ fn deleting_everything_returns_every_block() {
         .write_at(&[1u8; 100_000], 5)
         .unwrap();
     // Any deletion order works: origin first, then the snapshot, then the clone.
+    let s1 = pool.snapshot_handle("a", "s1").unwrap().id();
     pool.delete_volume("a").unwrap();
     assert!(pool.check().unwrap().is_clean());
-    pool.delete_snapshot("a", "s1").unwrap();
+    // The volume's name no longer reaches its snapshot (a new "a" would have its own);
+    // the id does.
+    assert!(matches!(
+        pool.delete_snapshot("a", "s1"),
+        Err(snapvol::Error::SnapshotNotFound(_))
+    ));
+    pool.delete_snapshot_by_id(s1).unwrap();
     assert!(pool.check().unwrap().is_clean());
     pool.delete_volume("b").unwrap();
     let report = pool.check().unwrap();

@@ -45,9 +45,9 @@ impl PartialEq for State {
 }
 
 fn state(p: &Pool) -> State {
-    let mut v: Vec<String> = p.volumes().into_iter().map(|v| v.name).collect();
+    let mut v: Vec<String> = p.volumes().unwrap().into_iter().map(|v| v.name).collect();
     v.sort();
-    let mut s: Vec<u128> = p.snapshots().into_iter().map(|s| s.id).collect();
+    let mut s: Vec<u128> = p.snapshots().unwrap().into_iter().map(|s| s.id).collect();
     s.sort();
     let st = p.stats();
     State(v, s, st.used, st.size)

@@ -73,7 +73,7 @@ fuzz_target!(|data: &[u8]| {
     match r.restore(*id, &p, &RestoreOptions::default()) {
         Ok(_) => assert!(p.check().unwrap().is_clean()),
         Err(_) => {
-            assert!(p.volumes().is_empty() && p.snapshots().is_empty());
+            assert!(p.volumes().unwrap().is_empty() && p.snapshots().unwrap().is_empty());
             assert!(p.check().unwrap().is_clean());
         }
     }

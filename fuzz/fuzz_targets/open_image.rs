@@ -39,13 +39,13 @@ fn build(shape: u8) -> Seed {
     }
     pool.flush().unwrap();
     let mut contents = Vec::new();
-    for v in pool.volumes() {
+    for v in pool.volumes().unwrap() {
         let vol = pool.volume(&v.name).unwrap();
         let mut buf = vec![0u8; v.size as usize];
         vol.read_at(&mut buf, 0).unwrap();
         contents.push((v.name, buf));
     }
-    for s in pool.snapshots() {
+    for s in pool.snapshots().unwrap() {
         let h = pool.snapshot_by_id(s.id).unwrap();
         let mut buf = vec![0u8; s.size as usize];
         h.read_at(&mut buf, 0).unwrap();

@@ -61,10 +61,10 @@ fuzz_target!(|data: &[u8]| {
         // The incremental stream's base, so it can apply.
         pool.receive(&mut &s.full[..], None).unwrap();
     }
-    let before = (pool.volumes().len(), pool.snapshots().len());
+    let before = (pool.volumes().unwrap().len(), pool.snapshots().unwrap().len());
     match pool.receive(&mut &stream[..], None) {
         Ok(_) => {}
-        Err(_) => assert_eq!((pool.volumes().len(), pool.snapshots().len()), before),
+        Err(_) => assert_eq!((pool.volumes().unwrap().len(), pool.snapshots().unwrap().len()), before),
     }
     let report = pool.check().unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);

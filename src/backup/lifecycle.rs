@@ -137,7 +137,7 @@ impl Repository {
             None => self.manifest_ids()?,
         };
         let sample = (sample_percent.clamp(0.0, 100.0) * 100.0) as u64;
-        let seed = crate::txn::random_id() as u64;
+        let seed = crate::ids::new_id() as u64;
         let mut report = VerifyReport::default();
         let mut seen: HashSet<Hash> = HashSet::new();
         let problems = Mutex::new(Vec::new());
@@ -282,7 +282,7 @@ impl Repository {
     /// `RepositoryBusy` while a push runs; a push that starts meanwhile waits for it. A
     /// manifest that cannot be read stops the collection before anything is removed.
     pub fn gc(&self, grace: Duration) -> Result<GcStats> {
-        let lock = format!("locks/gc-{:032x}", crate::txn::random_id());
+        let lock = format!("locks/gc-{:032x}", crate::ids::new_id());
         self.target.put(&lock, lock_body("gc").as_bytes(), false)?;
         let r = self.gc_locked(grace);
         let _ = self.target.delete(&lock);

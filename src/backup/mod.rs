@@ -168,7 +168,7 @@ impl Repository {
             )));
         }
         let config = RepoConfig {
-            id: crate::txn::random_id(),
+            id: crate::ids::new_id(),
             version: REPO_VERSION,
             chunk_size: opts.chunk_size,
             compression: opts.compression,
@@ -346,7 +346,7 @@ fn lock_body(what: &str) -> String {
     format!(
         "{what} pid {} at {}\n",
         std::process::id(),
-        crate::txn::now_unix()
+        crate::ids::now_unix()
     )
 }
 

@@ -202,16 +202,12 @@ impl Repository {
     /// is already in the repository is left as it is. The pool keeps a bookmark of the pushed
     /// snapshot (named like it) so later pushes stay incremental after it is deleted.
     pub fn push(&self, pool: &Pool, snapshot: u128, base: BaseChoice) -> Result<PushStats> {
-        let info = pool
-            .snapshots()
-            .into_iter()
-            .find(|s| s.id == snapshot)
-            .ok_or_else(|| Error::SnapshotNotFound(format!("id {snapshot:032x}")))?;
+        let info = pool.snapshot_info(snapshot)?;
         let mut lock = self.lock_push(snapshot)?;
         let stats = self.push_locked(pool, &info, base, &mut lock)?;
         drop(lock);
         // Keep what a later incremental push needs, whatever happens to the snapshot.
-        if !pool.bookmarks().iter().any(|b| b.id == snapshot) {
+        if pool.bookmark_info(snapshot).is_err() {
             match pool.bookmark(&info.volume_name, &info.name) {
                 Ok(_) | Err(Error::AlreadyExists { .. }) | Err(Error::SnapshotNotFound(_)) => {}
                 Err(e) => return Err(e),
@@ -228,16 +224,13 @@ impl Repository {
         base: BaseChoice,
     ) -> Result<Option<(u128, u64)>> {
         let local = |id: u128| -> Option<(u128, u64, u64)> {
-            pool.snapshots()
-                .into_iter()
-                .find(|s| s.id == id)
+            pool.snapshot_info(id)
                 .map(|s| (s.volume_id, s.size, s.generation))
-                .or_else(|| {
-                    pool.bookmarks()
-                        .into_iter()
-                        .find(|b| b.id == id)
+                .or_else(|_| {
+                    pool.bookmark_info(id)
                         .map(|b| (b.volume_id, b.size, b.generation))
                 })
+                .ok()
         };
         match base {
             BaseChoice::Full => Ok(None),
@@ -254,16 +247,14 @@ impl Repository {
             }
             BaseChoice::Auto => {
                 let mut candidates: Vec<(u64, u128, u64)> = pool
-                    .snapshots()
+                    .volume_snapshots(info.volume_id)?
                     .into_iter()
-                    .filter(|s| s.volume_id == info.volume_id && s.generation < info.generation)
+                    .filter(|s| s.generation < info.generation)
                     .map(|s| (s.generation, s.id, s.size))
                     .chain(
-                        pool.bookmarks()
+                        pool.volume_bookmarks(info.volume_id)?
                             .into_iter()
-                            .filter(|b| {
-                                b.volume_id == info.volume_id && b.generation < info.generation
-                            })
+                            .filter(|b| b.generation < info.generation)
                             .map(|b| (b.generation, b.id, b.size)),
                     )
                     .collect();

@@ -80,9 +80,8 @@ impl Repository {
         let (hidden, base, in_place) = match existing {
             Some(v) => {
                 let newest = pool
-                    .snapshots()
+                    .volume_snapshots(v.id())?
                     .into_iter()
-                    .filter(|s| s.volume_id == v.id())
                     .max_by_key(|s| s.generation);
                 match newest {
                     Some(s) if has_backup(s.id)? => {
@@ -98,16 +97,14 @@ impl Repository {
                 }
             }
             None => {
-                let local = h
-                    .base_id
-                    .and_then(|b| pool.snapshots().into_iter().find(|s| s.id == b));
+                let local = h.base_id.and_then(|b| pool.snapshot_info(b).ok());
                 let base = match local {
                     Some(s) if has_backup(s.id)? => Some(s),
                     _ => None,
                 };
                 let hidden = pool.with(|e| match &base {
                     Some(s) => {
-                        let root = e.catalog.snapshot_by_id(s.id).map_or(0, |r| r.root);
+                        let root = e.snapshot_rec(s.id)?.map_or(0, |r| r.root);
                         e.add_hidden(root, s.size)
                     }
                     None => e.add_hidden(0, h.size),

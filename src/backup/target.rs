@@ -127,7 +127,7 @@ impl DirTarget {
             path.file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or("object"),
-            crate::txn::random_id()
+            crate::ids::new_id()
         ));
         let written = (|| {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;

@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 
 /// Size of a metadata page and of the space map's allocation unit.
 pub const PAGE_SIZE: usize = 4096;
-/// Highest on-disk format version this build reads and the one it writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format version this build reads and writes (2: the catalog is a B+tree).
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes of the common page header.
 pub(crate) const HEADER_LEN: usize = 32;
 /// Units holding the superblocks (slot = generation % 2).

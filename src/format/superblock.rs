@@ -14,9 +14,11 @@ pub(crate) struct Superblock {
     /// Root page of the space map index and its height (1 = root indexes leaves directly).
     pub space_root: u64,
     pub space_height: u32,
-    /// First catalog page (0 = empty catalog) and the catalog's byte length.
+    /// Root page of the catalog tree (0 = empty catalog).
     pub catalog_root: u64,
-    pub catalog_len: u64,
+    /// Visible volumes and snapshots in the catalog (so pool figures need no scan).
+    pub volumes: u64,
+    pub snapshots: u64,
     pub created_unix: u64,
 }
 
@@ -36,8 +38,9 @@ impl Superblock {
         put_u64(&mut p[..], 80, self.space_root);
         put_u32(&mut p[..], 88, self.space_height);
         put_u64(&mut p[..], 96, self.catalog_root);
-        put_u64(&mut p[..], 104, self.catalog_len);
+        put_u64(&mut p[..], 104, self.volumes);
         put_u64(&mut p[..], 112, self.created_unix);
+        put_u64(&mut p[..], 120, self.snapshots);
         let slot = Self::slot(self.generation);
         seal(&mut p, PageKind::Superblock, slot, self.generation);
         p
@@ -47,7 +50,8 @@ impl Superblock {
     pub(crate) fn decode(p: &Page, slot: u64, device_len: u64) -> Result<Superblock> {
         let (_, generation) = verify(p, &[PageKind::Superblock], slot)?;
         let version = get_u32(&p[..], 32);
-        if version > FORMAT_VERSION || version == 0 {
+        // There is no migration: a pool of any other version is refused, naming both.
+        if version != FORMAT_VERSION {
             return Err(Error::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
@@ -71,7 +75,8 @@ impl Superblock {
             space_root: get_u64(&p[..], 80),
             space_height: get_u32(&p[..], 88),
             catalog_root: get_u64(&p[..], 96),
-            catalog_len: get_u64(&p[..], 104),
+            volumes: get_u64(&p[..], 104),
+            snapshots: get_u64(&p[..], 120),
             created_unix: get_u64(&p[..], 112),
         };
         let units_on_device = device_len / PAGE_SIZE as u64;
@@ -105,9 +110,7 @@ impl Superblock {
         if !in_pool(sb.space_root) || sb.space_height == 0 || sb.space_height > 8 {
             return Err(bad("space map root out of range".into()));
         }
-        if (sb.catalog_root != 0 && !in_pool(sb.catalog_root))
-            || sb.catalog_len > (sb.total_units * PAGE_SIZE as u64)
-        {
+        if sb.catalog_root != 0 && !in_pool(sb.catalog_root) {
             return Err(bad("catalog root out of range".into()));
         }
         Ok(sb)
@@ -129,7 +132,8 @@ mod tests {
             space_root: 5,
             space_height: 1,
             catalog_root: 6,
-            catalog_len: 300,
+            volumes: 3,
+            snapshots: 9,
             created_unix: 1_700_000_000,
         };
         let p = sb.encode();

@@ -17,7 +17,7 @@ impl Export {
     /// pool's only volume when it has exactly one.
     pub(crate) fn open(pool: &Pool, name: &str) -> Option<Export> {
         if name.is_empty() {
-            let vols = pool.volumes();
+            let vols = pool.volumes().ok()?;
             return match vols.as_slice() {
                 [only] => pool.volume(&only.name).ok().map(Export::Volume),
                 _ => None,
@@ -29,15 +29,19 @@ impl Export {
         }
     }
 
-    /// Every export name the pool offers, volumes first.
-    pub(crate) fn names(pool: &Pool) -> Vec<String> {
-        let mut names: Vec<String> = pool.volumes().into_iter().map(|v| v.name).collect();
-        names.extend(
-            pool.snapshots()
-                .into_iter()
-                .map(|s| format!("{}@{}", s.volume_name, s.name)),
-        );
-        names
+    /// Every export name the pool offers, volumes first, then each volume's snapshots.
+    /// (Snapshots of deleted volumes have no `vol@snap` name to open them by.)
+    pub(crate) fn names(pool: &Pool) -> Result<Vec<String>> {
+        let vols = pool.volumes()?;
+        let mut names: Vec<String> = vols.iter().map(|v| v.name.clone()).collect();
+        for v in &vols {
+            names.extend(
+                pool.volume_snapshots(v.id)?
+                    .into_iter()
+                    .map(|s| format!("{}@{}", v.name, s.name)),
+            );
+        }
+        Ok(names)
     }
 
     pub(crate) fn read_only(&self) -> bool {

@@ -106,16 +106,20 @@ pub(crate) fn negotiate(
             OPT_LIST if !data.is_empty() => {
                 option_reply(s, option, REP_ERR_INVALID, b"LIST takes no data")?;
             }
-            OPT_LIST => {
-                for name in Export::names(pool) {
-                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-                    d.extend_from_slice(name.as_bytes());
-                    // What follows the name is its description.
-                    d.extend_from_slice(description(name.contains('@')).as_bytes());
-                    option_reply(s, option, REP_SERVER, &d)?;
+            OPT_LIST => match Export::names(pool) {
+                Ok(names) => {
+                    for name in names {
+                        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(name.as_bytes());
+                        // What follows the name is its description.
+                        d.extend_from_slice(description(name.contains('@')).as_bytes());
+                        option_reply(s, option, REP_SERVER, &d)?;
+                    }
+                    option_reply(s, option, REP_ACK, &[])?;
                 }
-                option_reply(s, option, REP_ACK, &[])?;
-            }
+                // The catalog could not be read: say why, and keep the connection.
+                Err(e) => option_reply(s, option, REP_ERR_PLATFORM, e.to_string().as_bytes())?,
+            },
             OPT_STRUCTURED_REPLY if !data.is_empty() => {
                 option_reply(
                     s,

@@ -46,6 +46,7 @@ pub(crate) const REP_INFO: u32 = 3;
 pub(crate) const REP_META_CONTEXT: u32 = 4;
 pub(crate) const REP_ERR_UNSUP: u32 = 0x8000_0001;
 pub(crate) const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub(crate) const REP_ERR_PLATFORM: u32 = 0x8000_0004;
 pub(crate) const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub(crate) const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
 

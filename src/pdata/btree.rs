@@ -353,6 +353,52 @@ impl<S: Schema> Tree<'_, S> {
         Ok(found)
     }
 
+    /// The entry with the greatest key below `hi`.
+    pub(crate) fn last_below(
+        &mut self,
+        root: u64,
+        hi: &S::Key,
+    ) -> Result<Option<(S::Key, S::Value)>> {
+        if root == 0 {
+            return Ok(None);
+        }
+        self.last_below_in(root, hi, 0)
+    }
+
+    fn last_below_in(
+        &mut self,
+        loc: u64,
+        hi: &S::Key,
+        depth: u32,
+    ) -> Result<Option<(S::Key, S::Value)>> {
+        if depth > MAX_DEPTH {
+            return Err(too_deep(loc));
+        }
+        let end = match self.node(loc)? {
+            Node::Leaf(v) => {
+                let i = S::Key::lower_bound(v, hi, |e| &e.0);
+                return Ok(i.checked_sub(1).map(|i| v[i].clone()));
+            }
+            Node::Branch(v) => S::Key::lower_bound(v, hi, |c| &c.0),
+        };
+        // A child's first key is a lower bound of its keys, not always one of them (removes
+        // do not update it), so a child may hold nothing below `hi`: then the one before.
+        for i in (0..end).rev() {
+            let Node::Branch(v) = self.node(loc)? else {
+                return Err(Error::corrupt(
+                    "tree node",
+                    loc,
+                    "changed kind during a walk",
+                ));
+            };
+            let child = v[i].1;
+            if let Some(found) = self.last_below_in(child, hi, depth + 1)? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
     /// Maps `key` to `value`; returns the new root and the value it replaced. The caller
     /// owns the replaced value's reference (the tree does not drop it).
     pub(crate) fn insert(
@@ -861,6 +907,9 @@ pub(crate) mod tests {
             );
             for (k, v) in model.iter().step_by(7) {
                 assert_eq!(t.get(root, k).unwrap().as_ref(), Some(v));
+                let below = model.range(..k.clone()).next_back();
+                let got = t.last_below(root, k).unwrap();
+                assert_eq!(got.as_ref().map(|(a, b)| (a, b)), below);
             }
         }
         for (r, m) in &snaps {

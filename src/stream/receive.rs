@@ -1,9 +1,10 @@
 use super::{DATA, END, HIDDEN_PREFIX, MAGIC, MAX_DATA, VERSION, ZERO};
 use crate::catalog::{validate_name, SnapshotRec, VolumeRec, MAX_NAME};
 use crate::error::{Error, Result};
+use crate::ids::{new_id, now_unix};
 use crate::pool::Pool;
 use crate::space::Reserve;
-use crate::txn::{now_unix, random_id, Engine};
+use crate::txn::Engine;
 use crate::volume::Volume;
 use std::io::Read;
 
@@ -154,21 +155,12 @@ fn read_header(src: &mut Src) -> Result<Header> {
 }
 
 impl Engine {
-    /// The newest snapshot of a volume (by generation).
-    pub(crate) fn newest_snapshot(&self, volume: u128) -> Option<&SnapshotRec> {
-        self.catalog
-            .snapshots
-            .iter()
-            .filter(|s| s.volume == volume)
-            .max_by_key(|s| s.generation)
-    }
-
     /// Prepares the hidden volume a stream or restore of `size` bytes is applied to. Full
     /// (`base` 0): an empty one, and `name` must be free. Incremental: a copy of volume
     /// `name`, whose newest snapshot must be `base` with no change since.
     pub(crate) fn hidden_for(&mut self, name: &str, base: u128, size: u64) -> Result<u128> {
         if base == 0 {
-            if self.catalog.volume(name).is_ok() {
+            if self.volume_exists(name)? {
                 return Err(Error::AlreadyExists {
                     kind: "volume",
                     name: name.to_string(),
@@ -176,8 +168,9 @@ impl Engine {
             }
             return self.add_hidden(0, size);
         }
-        let vol = self.catalog.volume(name)?.clone();
-        let newest = self.newest_snapshot(vol.id).cloned();
+        let vol = self.volume_named(name)?;
+        let (c, sm, _) = self.cat();
+        let newest = c.newest_snapshot(sm, vol.id)?;
         let wrong = |reason: String| Error::WrongBase {
             volume: name.to_string(),
             reason,
@@ -200,61 +193,63 @@ impl Engine {
     pub(crate) fn add_hidden(&mut self, root: u64, size: u64) -> Result<u128> {
         self.catalog_op(Reserve::Keep, |e| {
             e.store.share_tree(root)?;
-            let id = random_id();
-            e.catalog.volumes.push(VolumeRec {
-                id,
-                name: format!("{HIDDEN_PREFIX}{id:032x}"),
-                size,
-                root,
-                created: now_unix(),
-                origin: None,
-                frozen_gen: e.store.generation,
-                rollbacks: Vec::new(),
-            });
-            e.catalog_changed();
+            let id = new_id();
+            let generation = e.store.generation;
+            let (c, sm, r) = e.cat();
+            c.add_volume(
+                sm,
+                r,
+                VolumeRec {
+                    id,
+                    // A label for messages only: hidden volumes are found by id.
+                    name: format!("{HIDDEN_PREFIX}{id:032x}"),
+                    size,
+                    root,
+                    created: now_unix(),
+                    origin: None,
+                    frozen_gen: generation,
+                    hidden: true,
+                },
+            )?;
             Ok(id)
         })
     }
 
     /// Makes hidden volume `id` the visible volume `name`, durably, in one commit.
     pub(crate) fn reveal_hidden(&mut self, id: u128, name: &str) -> Result<()> {
-        if self.catalog.volume(name).is_ok() {
+        if self.volume_exists(name)? {
             return Err(Error::AlreadyExists {
                 kind: "volume",
                 name: name.into(),
             });
         }
+        // The volume owns every block it was given; it keeps writing them in place.
         self.catalog_op(Reserve::Keep, |e| {
-            let v = e
-                .catalog
-                .volume_by_id_mut(id)
-                .ok_or_else(|| Error::VolumeNotFound(format!("{HIDDEN_PREFIX}{id:032x}")))?;
-            // The volume owns every block it was given; it keeps writing them in place.
-            v.name = name.to_string();
-            e.catalog_changed();
-            Ok(())
+            let (c, sm, r) = e.cat();
+            c.rename_volume(sm, r, id, name)
         })
+    }
+
+    /// Deletes hidden volume `id` and drops its map.
+    fn remove_hidden(&mut self, id: u128) -> Result<()> {
+        let (c, sm, r) = self.cat();
+        if let Some(rec) = c.remove_volume(sm, r, id)? {
+            self.store.drop_tree(rec.root)?;
+        }
+        Ok(())
     }
 
     /// Deletes every hidden volume (an interrupted or failed receive).
     pub(crate) fn drop_hidden(&mut self) -> Result<()> {
-        let hidden: Vec<u128> = self
-            .catalog
-            .volumes
-            .iter()
-            .filter(|v| v.name.starts_with(HIDDEN_PREFIX))
-            .map(|v| v.id)
-            .collect();
+        let (c, sm, _) = self.cat();
+        let hidden = c.hidden_volumes(sm)?;
         if hidden.is_empty() {
             return Ok(());
         }
         self.catalog_op(Reserve::Use, |e| {
             for id in hidden {
-                let root = e.catalog.volume_by_id(id).map_or(0, |v| v.root);
-                e.store.drop_tree(root)?;
-                e.catalog.volumes.retain(|v| v.id != id);
+                e.remove_hidden(id)?;
             }
-            e.catalog_changed();
             Ok(())
         })
     }
@@ -308,16 +303,10 @@ impl Pool {
     /// (other operations' hidden volumes stay); if even that fails the next open cleans up.
     pub(crate) fn abandon_hidden(&self, id: u128) {
         let _ = self.with(|e| {
-            if e.poisoned.is_some() || e.catalog.volume_by_id(id).is_none() {
+            if e.poisoned.is_some() || e.volume_rec(id)?.is_none() {
                 return Ok(());
             }
-            e.catalog_op(Reserve::Use, |e| {
-                let root = e.catalog.volume_by_id(id).map_or(0, |v| v.root);
-                e.store.drop_tree(root)?;
-                e.catalog.volumes.retain(|v| v.id != id);
-                e.catalog_changed();
-                Ok(())
-            })
+            e.catalog_op(Reserve::Use, |e| e.remove_hidden(id))
         });
     }
 
@@ -456,49 +445,53 @@ fn parse_records(
 
 impl Pool {
     pub(crate) fn resize_hidden(&self, id: u128, size: u64) -> Result<()> {
-        let name = self.with(|e| e.target(crate::volume::Target::Volume(id)).map(|t| t.2))?;
-        self.resize_volume(&name, size)
+        self.resize_by_id(id, size)
     }
 
     /// One commit makes the received volume and snapshot visible.
     pub(crate) fn finish_receive(&self, h: &Header, name: &str, hidden: u128) -> Result<()> {
         self.with(|e| {
             e.catalog_op(Reserve::Use, |e| {
-                let tmp = e.catalog.volume_by_id(hidden).cloned().ok_or_else(|| {
-                    Error::VolumeNotFound(format!("{HIDDEN_PREFIX}{hidden:032x}"))
-                })?;
+                let missing = || Error::VolumeNotFound(format!("{HIDDEN_PREFIX}{hidden:032x}"));
+                let tmp = e.volume_rec(hidden)?.ok_or_else(missing)?;
                 let generation = e.store.generation;
                 let vol_id = if h.base == 0 {
-                    let v = e.catalog.volume_by_id_mut(hidden).expect("checked");
-                    v.name = name.to_string();
-                    v.frozen_gen = generation;
+                    let (c, sm, r) = e.cat();
+                    c.rename_volume(sm, r, hidden, name)?;
+                    c.volume_mut(sm, hidden)?.ok_or_else(missing)?.frozen_gen = generation;
                     hidden
                 } else {
                     // The volume keeps its id and name and takes the received map; the hidden
                     // volume's reference to that map moves with it.
-                    let v = e.catalog.volume_mut(name)?;
+                    let id = e.volume_named(name)?.id;
+                    let (c, sm, r) = e.cat();
+                    let v = c
+                        .volume_mut(sm, id)?
+                        .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
                     let old_root = std::mem::replace(&mut v.root, tmp.root);
                     v.size = tmp.size;
                     v.frozen_gen = generation;
-                    let id = v.id;
-                    e.catalog.volumes.retain(|x| x.id != hidden);
+                    c.remove_volume(sm, r, hidden)?;
                     e.store.drop_tree(old_root)?;
                     id
                 };
-                let v = e.catalog.volume_by_id(vol_id).expect("present").clone();
+                let v = e.volume_rec(vol_id)?.ok_or_else(missing)?;
                 e.store.share_tree(v.root)?;
-                e.catalog.snapshots.push(SnapshotRec {
-                    id: h.target,
-                    volume: v.id,
-                    volume_name: v.name.clone(),
-                    name: h.snapshot.clone(),
-                    size: v.size,
-                    root: v.root,
-                    generation,
-                    created: now_unix(),
-                });
-                e.catalog_changed();
-                Ok(())
+                let (c, sm, r) = e.cat();
+                c.add_snapshot(
+                    sm,
+                    r,
+                    SnapshotRec {
+                        id: h.target,
+                        volume: v.id,
+                        volume_name: v.name.clone(),
+                        name: h.snapshot.clone(),
+                        size: v.size,
+                        root: v.root,
+                        generation,
+                        created: now_unix(),
+                    },
+                )
             })
         })
     }

@@ -202,18 +202,14 @@ impl Pool {
         base: Option<u128>,
         out: &mut dyn Write,
     ) -> Result<SendStats> {
-        let info = self
-            .snapshots()
-            .into_iter()
-            .find(|s| s.id == snapshot)
-            .ok_or_else(|| Error::SnapshotNotFound(format!("id {snapshot:032x}")))?;
+        let info = self.snapshot_info(snapshot)?;
         if let Some(b) = base {
             if b == snapshot {
                 return Err(Error::InvalidArgument(
                     "base and target are the same snapshot".into(),
                 ));
             }
-            if self.snapshot_by_id(b).is_err() && !self.bookmarks().iter().any(|x| x.id == b) {
+            if self.snapshot_by_id(b).is_err() && self.bookmark_info(b).is_err() {
                 return Err(Error::SnapshotNotFound(format!(
                     "snapshot or bookmark id {b:032x}"
                 )));

@@ -440,7 +440,12 @@ impl Model {
 
     /// Whether the pool holds exactly this model's volumes and snapshots.
     pub fn matches(&self, pool: &Pool) -> Result<(), String> {
-        let mut names: Vec<String> = pool.volumes().into_iter().map(|v| v.name).collect();
+        let mut names: Vec<String> = pool
+            .volumes()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
         names.sort();
         if names != self.volumes.keys().cloned().collect::<Vec<_>>() {
             return Err(format!("volumes {names:?}"));
@@ -469,7 +474,7 @@ impl Model {
                 ));
             }
         }
-        if pool.snapshots().len() != self.snapshots.len() {
+        if pool.snapshots().unwrap().len() != self.snapshots.len() {
             return Err("snapshot count".into());
         }
         for s in &self.snapshots {
@@ -477,7 +482,12 @@ impl Model {
                 s.id
             } else {
                 // A predicted snapshot: its id is unknown, its name is unique.
-                match pool.snapshots().into_iter().find(|x| x.name == s.name) {
+                match pool
+                    .snapshots()
+                    .unwrap()
+                    .into_iter()
+                    .find(|x| x.name == s.name)
+                {
                     Some(x) => x.id,
                     None => return Err(format!("snapshot {} missing", s.name)),
                 }
@@ -494,7 +504,12 @@ impl Model {
 
     /// Every volume and snapshot of the pool equals the model byte for byte.
     pub fn verify(&self, pool: &Pool) {
-        let mut names: Vec<String> = pool.volumes().into_iter().map(|v| v.name).collect();
+        let mut names: Vec<String> = pool
+            .volumes()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
         names.sort();
         assert_eq!(names, self.volumes.keys().cloned().collect::<Vec<_>>());
         for (name, (id, data)) in &self.volumes {
@@ -505,7 +520,7 @@ impl Model {
             vol.read_at(&mut buf, 0).unwrap();
             assert!(buf == *data, "volume {name} differs from the model");
         }
-        assert_eq!(pool.snapshots().len(), self.snapshots.len());
+        assert_eq!(pool.snapshots().unwrap().len(), self.snapshots.len());
         for s in &self.snapshots {
             let snap = pool.snapshot_by_id(s.id).unwrap();
             let mut buf = vec![0u8; s.data.len()];

@@ -79,7 +79,8 @@ enum Cmd {
     /// Example: snapvol destroy pool.img db@mon db@tue db#old
     Destroy {
         path: PathBuf,
-        /// Volumes, snapshots (VOL@SNAP) and bookmarks (VOL#BM).
+        /// Volumes, snapshots (VOL@SNAP, or @ID for one whose volume is gone) and bookmarks
+        /// (VOL#BM).
         #[arg(required = true)]
         targets: Vec<String>,
         /// Also destroy a volume's snapshots (a volume that has any is refused otherwise).
@@ -570,17 +571,22 @@ fn run(cmd: Cmd) -> CmdResult {
                         pool.bookmark_id(v, b).map_err(e)?;
                         plan.push((t.clone(), Destroy::Bookmark(v.into(), b.into())));
                     }
+                    // `@ID`: a snapshot by its id (how one of a deleted volume is reached).
+                    (None, ("", Some(s))) => {
+                        let id = u128::from_str_radix(s, 16)
+                            .ok()
+                            .filter(|_| s.len() == 32)
+                            .ok_or_else(|| format!("{t}: expected @ and a 32-digit hex id"))?;
+                        pool.snapshot_info(id).map_err(e)?;
+                        plan.push((t.clone(), Destroy::Snapshot(id)));
+                    }
                     (None, (v, Some(s))) => {
                         let id = pool.snapshot_handle(v, s).map_err(e)?.id();
                         plan.push((t.clone(), Destroy::Snapshot(id)));
                     }
                     (None, (v, None)) => {
                         let vol = pool.volume(v).map_err(e)?;
-                        let snaps: Vec<_> = pool
-                            .snapshots()
-                            .into_iter()
-                            .filter(|s| s.volume_id == vol.id())
-                            .collect();
+                        let snaps = pool.volume_snapshots(vol.id()).map_err(e)?;
                         if !snaps.is_empty() && !recursive {
                             return Err(format!(
                                 "{v} has {} snapshots ({}…): -r destroys them with it",
@@ -612,15 +618,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     }
                 } else {
                     match what {
-                        Destroy::Snapshot(id) => {
-                            let info = pool
-                                .snapshots()
-                                .into_iter()
-                                .find(|s| s.id == *id)
-                                .ok_or_else(|| format!("{name}: gone"))?;
-                            pool.delete_snapshot(&info.volume_name, &info.name)
-                                .map_err(e)?
-                        }
+                        Destroy::Snapshot(id) => pool.delete_snapshot_by_id(*id).map_err(e)?,
                         Destroy::Volume(v) => pool.delete_volume(v).map_err(e)?,
                         Destroy::Bookmark(v, b) => pool.delete_bookmark(v, b).map_err(e)?,
                     }
@@ -1294,7 +1292,11 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
     let want = |k: &str| opts.kinds.is_empty() || opts.kinds.iter().any(|x| x == k);
     let of_volume = |v: &str| opts.volume.as_deref().is_none_or(|w| w == v);
     // The catalog is read once; the filters and lookups below work on these copies.
-    let (all_vols, all_snaps, all_bms) = (pool.volumes(), pool.snapshots(), pool.bookmarks());
+    let (all_vols, all_snaps, all_bms) = (
+        pool.volumes().map_err(|e| e.to_string())?,
+        pool.snapshots().map_err(|e| e.to_string())?,
+        pool.bookmarks().map_err(|e| e.to_string())?,
+    );
     if let Some(v) = &opts.volume {
         let known = all_vols.iter().any(|x| &x.name == v)
             || all_snaps.iter().any(|x| &x.volume_name == v)
