@@ -2,8 +2,8 @@
 //! recomputes every reference count and compares it with the space map (invariants 4 and 5).
 //! It reports what it finds; it never panics and never changes the pool.
 
-use crate::btree::node::Node;
 use crate::format::SUPERBLOCK_UNITS;
+use crate::pdata::node::Node;
 use crate::space::CONT;
 use crate::txn::Engine;
 use crate::Result;
@@ -141,7 +141,7 @@ pub(crate) fn check(e: &mut Engine) -> Result<CheckReport> {
             }
         };
         let (first, last) = match &node {
-            Node::Leaf(v) => (v[0].key, v[v.len() - 1].key),
+            Node::Leaf(v) => (v[0].0, v[v.len() - 1].0),
             Node::Branch(v) => (v[0].0, v[v.len() - 1].0),
         };
         if first < lo || last >= hi {
@@ -156,12 +156,12 @@ pub(crate) fn check(e: &mut Engine) -> Result<CheckReport> {
         report.nodes += 1;
         match node {
             Node::Leaf(v) => {
-                for m in v {
+                for (key, m) in v {
                     report.blocks += 1;
                     if m.unit % block_units != 0 {
                         report.problems.push(Problem::Corrupt {
                             page: loc,
-                            detail: format!("block {} maps to unaligned unit {}", m.key, m.unit),
+                            detail: format!("block {key} maps to unaligned unit {}", m.unit),
                         });
                     }
                     bump(&mut expected, m.unit);

@@ -5,8 +5,8 @@
 //! directly. Neither ever reads a data block: `delta` walks both block maps and skips every
 //! subtree they share, so its cost follows the change.
 
-use crate::btree::{Change, Found};
 use crate::error::{Error, Result};
+use crate::map::{Change, Found};
 use crate::pool::Pool;
 use crate::txn::Engine;
 
@@ -161,7 +161,7 @@ impl Pool {
                 |e, lo, hi, out| {
                     found.clear();
                     e.store.lookup_range_for_read(root, lo, hi, &mut found)?;
-                    out.extend(found.iter().map(|f| (f.map.key, ExtentKind::Data)));
+                    out.extend(found.iter().map(|f| (f.key, ExtentKind::Data)));
                     Ok(e.store.next_key(root, hi)?.unwrap_or(u64::MAX))
                 },
             )

@@ -31,7 +31,6 @@
 //! and [`Volume`].
 
 pub mod backup;
-mod btree;
 mod catalog;
 mod check;
 pub mod device;
@@ -40,6 +39,7 @@ mod error;
 mod format;
 mod ids;
 pub mod image;
+mod map;
 #[cfg(feature = "nbd")]
 pub mod nbd;
 mod pdata;

@@ -835,7 +835,7 @@ impl Engine {
         };
         for f in found {
             u.allocated += bs;
-            if !f.path_shared && self.store.sm.get(f.map.unit)? == 1 {
+            if !f.path_shared && self.store.sm.get(f.value.unit)? == 1 {
                 u.exclusive += bs;
             } else {
                 u.shared += bs;

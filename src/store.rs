@@ -1,48 +1,31 @@
-//! The page store of one open transaction: the node cache, the space map and the rules for
-//! changing a page that the last commit (or another tree) may still reference.
-//!
-//! A node is *owned* by the open transaction when it was allocated in it (dirty) and nothing
-//! else references it (count 1): only then is it changed in place. Everything else is
-//! shadowed first: copied to a new unit, which is what keeps invariant 1 (committed metadata is
-//! never overwritten) and makes snapshots and clones O(1) (Rodeh's refcounted CoW B-trees).
+//! The engine's persistent state below the catalog: the device, the space map and the
+//! pages of every block map, with the block-map operations the volume and diff code use.
+//! The tree logic itself is generic ([`crate::pdata::btree`]); this is where its block-map
+//! instance meets the space map.
 
-use crate::btree::node::Node;
 use crate::device::BlockDevice;
-use crate::error::{Error, Result};
-use crate::format::{new_page, PAGE_SIZE};
+use crate::error::Result;
+use crate::format::{Page, PAGE_SIZE};
+use crate::map::{BlockMap, Change, Found, MapValue};
+use crate::pdata::btree::{Nodes, Tree};
+use crate::pdata::page_cache::PageCache;
 use crate::space::{Reserve, SpaceMap};
-use crate::unit_hash::UnitMap;
 use std::sync::Arc;
 
-struct Cached {
-    node: Node,
-    dirty: bool,
-    /// Generation of the commit that wrote (or will write) the node. Nodes are never changed
-    /// after their transaction commits, so a subtree written at or before generation g is
-    /// exactly as it was at g.
-    written: u64,
-}
-
-/// Clean nodes kept in memory before the cache is trimmed (64 MiB of pages).
+/// Clean block map nodes kept in memory before the cache is trimmed (64 MiB of pages).
 const NODE_CACHE: usize = 16384;
 
 pub(crate) struct Store {
     pub(crate) dev: Arc<dyn BlockDevice>,
     pub(crate) sm: SpaceMap,
-    nodes: UnitMap<Cached>,
-    dirty: Vec<u64>,
-    /// Cache trims so far (varies which half of the clean nodes a trim drops).
-    trims: u64,
-    /// Clean nodes kept before a trim (`NODE_CACHE`; small in tests).
-    cache_limit: usize,
+    maps: Nodes<BlockMap>,
+    schema: BlockMap,
     /// Generation of the open transaction (the last commit's + 1).
     pub(crate) generation: u64,
     pub(crate) block_size: usize,
     pub(crate) block_units: u64,
     /// Whether allocations may use the reserve (deletes and commits may; writes may not).
     pub(crate) reserve: Reserve,
-    /// The leaf the last insert went to (an owned leaf; see `Store::insert_at_hint`).
-    pub(crate) insert_hint: Option<crate::btree::InsertHint>,
 }
 
 impl Store {
@@ -52,145 +35,111 @@ impl Store {
         generation: u64,
         block_size: usize,
     ) -> Store {
+        let block_units = (block_size / PAGE_SIZE) as u64;
         Store {
+            maps: Nodes::new(PageCache::new(dev.clone(), generation, NODE_CACHE)),
             dev,
             sm,
-            nodes: UnitMap::default(),
-            dirty: Vec::new(),
-            trims: 0,
-            cache_limit: NODE_CACHE,
+            schema: BlockMap { block_units },
             generation,
             block_size,
-            block_units: (block_size / PAGE_SIZE) as u64,
+            block_units,
             reserve: Reserve::Keep,
-            insert_hint: None,
         }
     }
 
-    /// Reads a node, from the cache or the device (validated).
-    pub(crate) fn node(&mut self, loc: u64) -> Result<&Node> {
-        self.cached(loc).map(|c| &c.node)
-    }
-
-    /// The generation of the commit that wrote node `loc` (the open one for a node written
-    /// in this transaction).
-    pub(crate) fn node_written(&mut self, loc: u64) -> Result<u64> {
-        self.cached(loc).map(|c| c.written)
-    }
-
-    fn cached(&mut self, loc: u64) -> Result<&Cached> {
-        if !self.nodes.contains_key(&loc) {
-            let (node, written) = self.read_node_written(loc)?;
-            // Dirty nodes must stay; only clean ones count against the bound (otherwise a
-            // transaction with many dirty nodes would trim on every miss).
-            if self.nodes.len() >= self.cache_limit + self.dirty.len() {
-                self.trim_cache();
-            }
-            self.nodes.insert(
-                loc,
-                Cached {
-                    node,
-                    dirty: false,
-                    written,
-                },
-            );
+    /// The block maps, for one operation.
+    pub(crate) fn map(&mut self) -> Tree<'_, BlockMap> {
+        Tree {
+            nodes: &mut self.maps,
+            sm: &mut self.sm,
+            schema: &self.schema,
+            reserve: self.reserve,
         }
-        Ok(&self.nodes[&loc])
     }
 
-    /// Reads a node from the device, bypassing the cache.
-    pub(crate) fn read_node(&self, loc: u64) -> Result<Node> {
-        self.read_node_written(loc).map(|(node, _)| node)
+    /// Every mapping with `lo <= key < hi`, in key order, with whether its path is shared.
+    pub(crate) fn lookup_range(
+        &mut self,
+        root: u64,
+        lo: u64,
+        hi: u64,
+        out: &mut Vec<Found>,
+    ) -> Result<()> {
+        self.map().range(root, &lo, Some(&hi), true, out)
     }
 
-    fn read_node_written(&self, loc: u64) -> Result<(Node, u64)> {
+    /// As [`Store::lookup_range`] for readers, who do not care about sharing: skips the
+    /// reference count lookups (`path_shared` is always false).
+    pub(crate) fn lookup_range_for_read(
+        &mut self,
+        root: u64,
+        lo: u64,
+        hi: u64,
+        out: &mut Vec<Found>,
+    ) -> Result<()> {
+        self.map().range(root, &lo, Some(&hi), false, out)
+    }
+
+    /// The smallest mapped key at or after `from`.
+    pub(crate) fn next_key(&mut self, root: u64, from: u64) -> Result<Option<u64>> {
+        self.map().next_key(root, &from)
+    }
+
+    /// Maps block `key`; returns the new root and the mapping it replaced (whose block
+    /// reference the caller now holds).
+    pub(crate) fn insert(
+        &mut self,
+        root: u64,
+        key: u64,
+        value: MapValue,
+    ) -> Result<(u64, Option<MapValue>)> {
+        self.map().insert(root, key, value)
+    }
+
+    /// Unmaps block `key`; returns the new root and the removed mapping.
+    pub(crate) fn remove(&mut self, root: u64, key: u64) -> Result<(u64, Option<MapValue>)> {
+        self.map().remove(root, &key)
+    }
+
+    /// Adds a reference to a whole map: what a snapshot or clone costs.
+    pub(crate) fn share_tree(&mut self, root: u64) -> Result<()> {
+        self.map().share(root)
+    }
+
+    /// Drops a reference to a map, freeing every node and block nothing else reaches.
+    pub(crate) fn drop_tree(&mut self, root: u64) -> Result<()> {
+        self.map().drop_tree(root)
+    }
+
+    /// Every block in `lo..hi` whose mapping differs between two maps.
+    pub(crate) fn diff_maps(
+        &mut self,
+        base: u64,
+        target: u64,
+        lo: u64,
+        hi: u64,
+        out: &mut Vec<Change>,
+    ) -> Result<()> {
+        self.map().diff(base, target, &lo, Some(&hi), out)
+    }
+
+    /// See [`Tree::changed_since`].
+    pub(crate) fn changed_since(
+        &mut self,
+        root: u64,
+        since: u64,
+        lo: u64,
+        hi: u64,
+        out: &mut Vec<Change>,
+    ) -> Result<()> {
+        self.map().changed_since(root, since, lo, hi, out)
+    }
+
+    /// Reads map node `loc` from the device, bypassing the cache (for `check`).
+    pub(crate) fn read_node(&mut self, loc: u64) -> Result<crate::pdata::node::Node<BlockMap>> {
         let total = self.sm.total_units();
-        if loc < crate::format::SUPERBLOCK_UNITS || loc >= total {
-            return Err(Error::corrupt(
-                "block map node",
-                loc,
-                "location outside the pool",
-            ));
-        }
-        let mut page = new_page();
-        self.dev.read_at(&mut page[..], loc * PAGE_SIZE as u64)?;
-        Node::decode(&page, loc, total)
-    }
-
-    /// Drops about half of the clean nodes, a different pseudo-random half each time: a
-    /// working set somewhat larger than the cache keeps half its hits instead of starting
-    /// cold after every trim, and the cost of a trim is spread over the misses that follow.
-    fn trim_cache(&mut self) {
-        self.trims = self.trims.wrapping_add(1);
-        let salt = self.trims.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.nodes.retain(|loc, c| {
-            c.dirty || ((loc ^ salt).wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 63) == 0
-        });
-    }
-
-    pub(crate) fn node_mut(&mut self, loc: u64) -> &mut Node {
-        let c = self.nodes.get_mut(&loc).expect("owned nodes stay cached");
-        debug_assert!(c.dirty);
-        &mut c.node
-    }
-
-    /// Allocates a unit for a new node, owned by the open transaction.
-    pub(crate) fn alloc_node(&mut self, node: Node) -> Result<u64> {
-        let loc = self.sm.alloc_page(self.reserve, "block map update")?;
-        let written = self.generation;
-        self.nodes.insert(
-            loc,
-            Cached {
-                node,
-                dirty: true,
-                written,
-            },
-        );
-        self.dirty.push(loc);
-        Ok(loc)
-    }
-
-    /// Returns a location where `loc`'s node may be changed in place: `loc` itself when the
-    /// transaction owns it, else a fresh copy. Copying a shared node adds a reference to each
-    /// of its children (the copy now points at them too) and drops one from the original.
-    pub(crate) fn shadow(&mut self, loc: u64) -> Result<u64> {
-        let count = self.sm.get(loc)?;
-        self.node(loc)?;
-        let dirty = self.nodes[&loc].dirty;
-        if dirty && count == 1 {
-            return Ok(loc);
-        }
-        let node = self.nodes[&loc].node.clone();
-        if count > 1 {
-            match &node {
-                Node::Leaf(v) => {
-                    for m in v {
-                        self.sm.inc(m.unit)?;
-                    }
-                }
-                Node::Branch(v) => {
-                    for (_, c) in v {
-                        self.sm.inc(*c)?;
-                    }
-                }
-            }
-        }
-        let new = self.alloc_node(node)?;
-        if self.sm.dec(loc, 1)? == 0 {
-            self.nodes.remove(&loc);
-        }
-        Ok(new)
-    }
-
-    /// True when `loc` was written in this transaction and nothing else references it.
-    pub(crate) fn is_owned(&mut self, loc: u64) -> Result<bool> {
-        let dirty = self.nodes.get(&loc).is_some_and(|c| c.dirty);
-        Ok(dirty && self.sm.get(loc)? == 1)
-    }
-
-    /// Forgets a node whose count reached zero.
-    pub(crate) fn release_node(&mut self, loc: u64) {
-        self.nodes.remove(&loc);
+        self.maps.cache.read_uncached(loc, total).map(|(n, _)| n)
     }
 
     pub(crate) fn dec_block(&mut self, unit: u64) -> Result<u32> {
@@ -208,83 +157,129 @@ impl Store {
 
     /// Pages changed in this transaction (drives the automatic commit).
     pub(crate) fn dirty_pages(&self) -> usize {
-        self.dirty.len() + self.sm.dirty_pages()
+        self.maps.cache.dirty_count() + self.sm.dirty_pages()
     }
 
-    /// Sealed images of every node written in this transaction and still alive.
-    pub(crate) fn dirty_node_pages(&self) -> Vec<(u64, Box<crate::format::Page>)> {
-        self.dirty
-            .iter()
-            .filter_map(|loc| {
-                let c = self.nodes.get(loc)?;
-                c.dirty
-                    .then(|| (*loc, c.node.encode(*loc, self.generation)))
-            })
-            .collect()
+    /// Sealed images of every map node written in this transaction and still alive.
+    pub(crate) fn dirty_node_pages(&self) -> Vec<(u64, Box<Page>)> {
+        self.maps.cache.sealed_dirty()
     }
 
     /// The commit is durable: every node is clean, the next transaction begins. Returns the
     /// units that just became allocatable.
     pub(crate) fn commit_done(&mut self) -> Vec<u64> {
-        for loc in std::mem::take(&mut self.dirty) {
-            if let Some(c) = self.nodes.get_mut(&loc) {
-                c.dirty = false;
-            }
-        }
+        self.maps.commit_done();
         self.generation += 1;
-        // Nothing is owned after a commit.
-        self.insert_hint = None;
         self.sm.commit_done()
+    }
+
+    /// Clean map nodes kept before the cache is trimmed (small in tests).
+    #[cfg(test)]
+    pub(crate) fn set_cache_limit(&mut self, limit: usize) {
+        self.maps.cache.set_limit(limit);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::btree::testutil::{put, store};
-    use crate::btree::Found;
+    use super::*;
+    use crate::device::MemoryDevice;
+    use std::collections::BTreeMap;
 
-    /// A map larger than the cache reads back correctly while the cache stays bounded and,
-    /// after a trim, still holds part of what it had (it is not emptied).
+    fn store(units: u64) -> Store {
+        let dev = Arc::new(MemoryDevice::new(units * 4096));
+        let sm = SpaceMap::create(dev.clone(), units);
+        Store::new(dev, sm, 1, 4096)
+    }
+
+    /// Maps `key` to a fresh block (as a write does); returns the new root and the unit.
+    fn put(s: &mut Store, root: u64, key: u64) -> (u64, u64, Option<u64>) {
+        let unit = s.alloc_block("t").unwrap();
+        let birth = s.generation;
+        let (r, old) = s.insert(root, key, MapValue { unit, birth }).unwrap();
+        if let Some(m) = old {
+            s.dec_block(m.unit).unwrap();
+        }
+        (r, unit, old.map(|m| m.unit))
+    }
+
+    fn all(s: &mut Store, root: u64) -> Vec<(u64, u64)> {
+        let mut v = Vec::new();
+        s.lookup_range(root, 0, u64::MAX, &mut v).unwrap();
+        v.iter().map(|f| (f.key, f.value.unit)).collect()
+    }
+
+    /// Writes, discards and snapshots of block maps agree with a model, and dropping every
+    /// map returns every unit, data blocks included (the schema's reference counting).
     #[test]
-    fn node_cache_stays_bounded_and_keeps_part_of_its_working_set() {
+    fn block_maps_against_btreemap_with_sharing_free_every_block() {
+        let mut s = store(1 << 16);
+        let mut model = BTreeMap::new();
+        let mut root = 0;
+        let mut x = 12345u64;
+        let mut snaps = Vec::new();
+        for i in 0..20000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let key = (x >> 33) % 5000;
+            if x % 7 == 0 {
+                let (r, old) = s.remove(root, key).unwrap();
+                root = r;
+                if let Some(m) = old {
+                    s.dec_block(m.unit).unwrap();
+                }
+                assert_eq!(old.map(|m| m.unit), model.remove(&key));
+            } else {
+                let (r, unit, old) = put(&mut s, root, key);
+                root = r;
+                assert_eq!(old, model.insert(key, unit));
+            }
+            if i % 5000 == 0 {
+                // A snapshot: a second reference to the root, frozen from here on.
+                s.share_tree(root).unwrap();
+                snaps.push((root, model.clone()));
+            }
+        }
+        assert_eq!(all(&mut s, root), model.into_iter().collect::<Vec<_>>());
+        for (r, m) in &snaps {
+            assert_eq!(&all(&mut s, *r), &m.clone().into_iter().collect::<Vec<_>>());
+        }
+        s.drop_tree(root).unwrap();
+        for (r, _) in snaps {
+            s.drop_tree(r).unwrap();
+        }
+        assert_eq!(s.sm.used_units(), 2, "only the superblocks are left");
+    }
+
+    /// A map larger than the cache reads back correctly while the cache stays bounded.
+    #[test]
+    fn node_cache_stays_bounded() {
         let mut s = store(1 << 16);
         let mut root = 0;
         let mut units = Vec::new();
         for key in 0..20_000u64 {
-            let (r, unit, _) = put(&mut s, root, key, 1);
+            let (r, unit, _) = put(&mut s, root, key);
             root = r;
             units.push(unit);
         }
-        // Make every node clean and on the device, as a commit does.
         for (loc, page) in s.dirty_node_pages() {
-            s.dev.write_at(&page[..], super::Store::byte(loc)).unwrap();
+            s.dev.write_at(&page[..], Store::byte(loc)).unwrap();
         }
-        s.commit_done();
-        s.nodes.clear();
-        s.cache_limit = 64;
-        let mut found: Vec<Found> = Vec::new();
+        s.maps.commit_done();
+        s.maps.cache.drop_clean();
+        s.set_cache_limit(64);
+        let mut found = Vec::new();
         let mut max_len = 0;
-        let mut fewest_after_trim = usize::MAX;
-        for round in 0..3 {
+        for _ in 0..3 {
             for key in (0..20_000u64).step_by(97) {
-                let trims = s.trims;
                 found.clear();
                 s.lookup_range(root, key, key + 1, &mut found).unwrap();
-                assert_eq!(found.len(), 1, "round {round} key {key}");
-                assert_eq!(found[0].map.unit, units[key as usize]);
-                max_len = max_len.max(s.nodes.len());
-                if s.trims != trims {
-                    fewest_after_trim = fewest_after_trim.min(s.nodes.len());
-                }
+                assert_eq!(found.len(), 1);
+                assert_eq!(found[0].value.unit, units[key as usize]);
+                max_len = max_len.max(s.maps.cache.len());
             }
         }
         assert!(max_len <= 65, "cache grew to {max_len} nodes");
-        assert!(s.trims > 2, "the walk should have trimmed the cache");
-        // A lookup loads at most two nodes of this two-level map; a trim keeps about half of
-        // the 64 clean ones, so right after a trim the cache still holds far more.
-        assert!(
-            fewest_after_trim >= 16,
-            "a trim left only {fewest_after_trim} nodes (the cache was emptied)"
-        );
     }
 }

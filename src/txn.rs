@@ -47,7 +47,7 @@ pub(crate) struct Engine {
     /// Inside a catalog operation: no automatic commit may expose half of it.
     in_catalog_op: bool,
     /// Reused lookup buffer for reads (saves an allocation per I/O).
-    pub(crate) scratch: Vec<crate::btree::Found>,
+    pub(crate) scratch: Vec<crate::map::Found>,
     /// Held shared by volume I/O running outside the engine lock (reads, in-place writes);
     /// taken exclusively to wait for that I/O to finish before units it may address can be
     /// reused or discarded, and before blocks it may write become shared (see

@@ -5,9 +5,9 @@
 //! change. Any other write goes to a newly allocated block and the map is updated; the old
 //! block, possibly part of a snapshot, is never touched.
 
-use crate::btree::{Found, Mapping};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
+use crate::map::{Found, MapValue};
 use crate::pool::Pool;
 use crate::store::Store;
 use crate::txn::Engine;
@@ -140,8 +140,8 @@ impl Engine {
             .store
             .lookup_range_for_read(root, first, end, &mut found);
         for f in found.drain(..) {
-            let (inner, src) = span(f.map.key, bs, offset, len);
-            push_run(&mut runs, Store::byte(f.map.unit) + inner, src);
+            let (inner, src) = span(f.key, bs, offset, len);
+            push_run(&mut runs, Store::byte(f.value.unit) + inner, src);
         }
         self.scratch = found;
         r.map(|_| runs)
@@ -202,11 +202,13 @@ impl Engine {
         let mut fi = found.into_iter().peekable();
         let mut redirects = 0u64;
         for b in first..end {
-            let f = fi.next_if(|f| f.map.key == b);
+            let f = fi.next_if(|f| f.key == b);
             let in_place = match &f {
                 Some(_) if redirect_all => false,
                 Some(f) => {
-                    !f.path_shared && f.map.birth > frozen && self.store.sm.get(f.map.unit)? == 1
+                    !f.path_shared
+                        && f.value.birth > frozen
+                        && self.store.sm.get(f.value.unit)? == 1
                 }
                 None => false,
             };
@@ -217,8 +219,8 @@ impl Engine {
             // Every block is mapped and owned (an unmapped one counts as a redirect).
             let mut runs: Vec<Run> = Vec::with_capacity(1);
             for f in plan.iter().filter_map(|p| p.1) {
-                let (inner, src) = span(f.map.key, bs, offset, data.len());
-                push_run(&mut runs, Store::byte(f.map.unit) + inner, src);
+                let (inner, src) = span(f.key, bs, offset, data.len());
+                push_run(&mut runs, Store::byte(f.value.unit) + inner, src);
             }
             self.maybe_commit_after_io()?;
             return Ok(WritePlan::InPlace(runs));
@@ -254,7 +256,7 @@ impl Engine {
             let whole = src.len() as u64 == bs;
             if let (true, Some(f)) = (in_place, &f) {
                 pieces.push(Piece::Direct {
-                    at: Store::byte(f.map.unit) + inner,
+                    at: Store::byte(f.value.unit) + inner,
                     src,
                 });
                 continue;
@@ -269,18 +271,17 @@ impl Engine {
                 if let Some(f) = &f {
                     self.store
                         .dev
-                        .read_at(&mut block, Store::byte(f.map.unit))?;
+                        .read_at(&mut block, Store::byte(f.value.unit))?;
                 }
                 let o = inner as usize;
                 block[o..o + src.len()].copy_from_slice(&data[src]);
                 pieces.push(Piece::Assembled { at, data: block });
             }
-            let m = Mapping {
-                key: b,
+            let m = MapValue {
                 unit,
                 birth: self.store.generation,
             };
-            let (r, old) = self.store.insert(root, m)?;
+            let (r, old) = self.store.insert(root, b, m)?;
             root = r;
             if let Some(old) = old {
                 self.store.dec_block(old.unit)?;
@@ -375,7 +376,7 @@ impl Engine {
         let r = self.mutate(|e| {
             let mut root = root;
             for f in found {
-                let (r, old) = e.store.remove(root, f.map.key)?;
+                let (r, old) = e.store.remove(root, f.key)?;
                 root = r;
                 if let Some(old) = old {
                     e.store.dec_block(old.unit)?;

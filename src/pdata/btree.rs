@@ -33,7 +33,7 @@ impl<S: Schema> PageNode for Node<S> {
 
 /// An entry found by a range lookup, with whether any node on its path is shared with
 /// another tree (then what the value references is shared too, whatever its own count).
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Found<K, V> {
     pub key: K,
     pub value: V,
@@ -730,8 +730,6 @@ pub(crate) mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
     use std::sync::Arc;
-
-    impl SearchKey for u64 {}
 
     /// Fixed-size entries: u64 → u64.
     pub(crate) struct Numbers;

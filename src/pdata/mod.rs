@@ -7,5 +7,6 @@
 
 pub(crate) mod btree;
 pub(crate) mod codec;
+pub(crate) mod diff;
 pub(crate) mod node;
 pub(crate) mod page_cache;

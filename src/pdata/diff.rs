@@ -1,0 +1,289 @@
+//! Diffing two trees of one schema. Both are walked together and any pair of identical node
+//! pointers is skipped whole: two trees of one lineage (a volume and its snapshot) share
+//! every unchanged subtree, so the cost follows the number of changed entries, not the size
+//! of the trees.
+
+use super::btree::Tree;
+use super::node::{Node, Schema, SearchKey};
+use crate::error::{Error, Result};
+use crate::unit_hash::UnitMap;
+
+/// A key whose entry differs: `now` is its value in the target tree, or None when the
+/// target does not hold the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Change<K, V> {
+    pub key: K,
+    pub now: Option<V>,
+}
+
+/// A child of a branch with the part of the key range it covers: `lo..hi` (`None`: no
+/// upper bound).
+pub(crate) type ChildRange<K> = (K, Option<K>, u64);
+
+fn below<K: Ord>(k: &K, hi: Option<&K>) -> bool {
+    hi.is_none_or(|h| k < h)
+}
+
+impl<S: Schema> Tree<'_, S>
+where
+    S::Value: PartialEq,
+{
+    /// Every key in `lo..hi` whose entry differs between the trees rooted at `base` and
+    /// `target` (0 = the empty tree), in key order.
+    pub(crate) fn diff(
+        &mut self,
+        base: u64,
+        target: u64,
+        lo: &S::Key,
+        hi: Option<&S::Key>,
+        out: &mut Vec<Change<S::Key, S::Value>>,
+    ) -> Result<()> {
+        let mut heights = UnitMap::default();
+        self.diff_rec(base, target, lo, hi, out, &mut heights, 0)
+    }
+
+    fn height(&mut self, loc: u64, memo: &mut UnitMap<u32>) -> Result<u32> {
+        if loc == 0 {
+            return Ok(0);
+        }
+        if let Some(h) = memo.get(&loc) {
+            return Ok(*h);
+        }
+        let (mut cur, mut h) = (loc, 0u32);
+        while let Node::Branch(v) = self.node(cur)? {
+            cur = v[0].1;
+            h += 1;
+            if h > 32 {
+                return Err(Error::corrupt(
+                    "tree node",
+                    loc,
+                    "tree deeper than 32 levels",
+                ));
+            }
+        }
+        memo.insert(loc, h);
+        Ok(h)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn diff_rec(
+        &mut self,
+        a: u64,
+        b: u64,
+        lo: &S::Key,
+        hi: Option<&S::Key>,
+        out: &mut Vec<Change<S::Key, S::Value>>,
+        memo: &mut UnitMap<u32>,
+        depth: u32,
+    ) -> Result<()> {
+        if a == b || hi.is_some_and(|h| h <= lo) {
+            return Ok(());
+        }
+        if depth > 80 {
+            return Err(Error::corrupt("tree node", b, "diff recursion too deep"));
+        }
+        let (ha, hb) = (self.height(a, memo)?, self.height(b, memo)?);
+        if ha == 0 && hb == 0 {
+            let ea = self.leaf_entries(a, lo, hi)?;
+            let eb = self.leaf_entries(b, lo, hi)?;
+            let (mut i, mut j) = (0, 0);
+            loop {
+                match (ea.get(i), eb.get(j)) {
+                    (Some(x), Some(y)) if x.0 == y.0 => {
+                        if x.1 != y.1 {
+                            out.push(Change {
+                                key: y.0.clone(),
+                                now: Some(y.1.clone()),
+                            });
+                        }
+                        i += 1;
+                        j += 1;
+                    }
+                    (Some(x), Some(y)) if x.0 < y.0 => {
+                        out.push(Change {
+                            key: x.0.clone(),
+                            now: None,
+                        });
+                        i += 1;
+                    }
+                    (Some(x), None) => {
+                        out.push(Change {
+                            key: x.0.clone(),
+                            now: None,
+                        });
+                        i += 1;
+                    }
+                    (_, Some(y)) => {
+                        out.push(Change {
+                            key: y.0.clone(),
+                            now: Some(y.1.clone()),
+                        });
+                        j += 1;
+                    }
+                    (None, None) => return Ok(()),
+                }
+            }
+        }
+        // Split the taller side by its children; the other side is compared, restricted to
+        // each child's range, until equal pointers meet.
+        if ha >= hb {
+            for (c_lo, c_hi, child) in self.children_in(a, lo, hi)? {
+                self.diff_rec(child, b, &c_lo, c_hi.as_ref(), out, memo, depth + 1)?;
+            }
+        } else {
+            for (c_lo, c_hi, child) in self.children_in(b, lo, hi)? {
+                self.diff_rec(a, child, &c_lo, c_hi.as_ref(), out, memo, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: Schema> Tree<'_, S> {
+    /// The children of branch `loc` overlapping `lo..hi`, each with its key range clipped.
+    pub(crate) fn children_in(
+        &mut self,
+        loc: u64,
+        lo: &S::Key,
+        hi: Option<&S::Key>,
+    ) -> Result<Vec<ChildRange<S::Key>>> {
+        let Node::Branch(v) = self.node(loc)? else {
+            return Err(Error::corrupt("tree node", loc, "expected a branch"));
+        };
+        let start = S::Key::upper_bound(v, lo, |c| &c.0).saturating_sub(1);
+        let mut out = Vec::new();
+        for i in start..v.len() {
+            let c_lo = if i == 0 || v[i].0 < *lo {
+                lo.clone()
+            } else {
+                v[i].0.clone()
+            };
+            if !below(&c_lo, hi) {
+                break;
+            }
+            let c_hi = match (v.get(i + 1), hi) {
+                (Some(n), Some(h)) => Some(if n.0 < *h { n.0.clone() } else { h.clone() }),
+                (Some(n), None) => Some(n.0.clone()),
+                (None, h) => h.cloned(),
+            };
+            if c_hi.as_ref().is_none_or(|h| c_lo < *h) {
+                out.push((c_lo, c_hi, v[i].1));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The entries of leaf `loc` (0: none) with keys in `lo..hi`.
+    pub(crate) fn leaf_entries(
+        &mut self,
+        loc: u64,
+        lo: &S::Key,
+        hi: Option<&S::Key>,
+    ) -> Result<Vec<(S::Key, S::Value)>> {
+        if loc == 0 {
+            return Ok(Vec::new());
+        }
+        match self.node(loc)? {
+            Node::Leaf(v) => {
+                let s = S::Key::lower_bound(v, lo, |e| &e.0);
+                Ok(v[s..]
+                    .iter()
+                    .take_while(|e| below(&e.0, hi))
+                    .cloned()
+                    .collect())
+            }
+            Node::Branch(_) => Err(Error::corrupt("tree node", loc, "expected a leaf")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pdata::btree::tests::{Env, Named, Numbers};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// Changes a shared copy of a tree and checks the diff against a brute-force
+    /// comparison of the two models, whole and in windows.
+    fn check<S: crate::pdata::node::Schema>(
+        schema: S,
+        start: Vec<(S::Key, S::Value)>,
+        edits: Vec<(S::Key, Option<S::Value>)>,
+        window: (S::Key, S::Key),
+    ) where
+        S::Value: PartialEq,
+    {
+        let mut env = Env::new(schema, 1 << 15);
+        let mut t = env.tree();
+        let mut root = 0;
+        let mut model = BTreeMap::new();
+        for (k, v) in start {
+            root = t.insert(root, k.clone(), v.clone()).unwrap().0;
+            model.insert(k, v);
+        }
+        let base = root;
+        t.share(base).unwrap();
+        let base_model = model.clone();
+        for (k, v) in edits {
+            match v {
+                Some(v) => {
+                    root = t.insert(root, k.clone(), v.clone()).unwrap().0;
+                    model.insert(k, v);
+                }
+                None => {
+                    root = t.remove(root, &k).unwrap().0;
+                    model.remove(&k);
+                }
+            }
+        }
+        let keys: std::collections::BTreeSet<_> =
+            base_model.keys().chain(model.keys()).cloned().collect();
+        let want: Vec<_> = keys
+            .iter()
+            .filter(|k| base_model.get(*k) != model.get(*k))
+            .map(|k| (k.clone(), model.get(k).cloned()))
+            .collect();
+        let Some(first) = keys.iter().next().cloned() else {
+            return;
+        };
+        let mut got = Vec::new();
+        t.diff(base, root, &first, None, &mut got).unwrap();
+        let got: Vec<_> = got.into_iter().map(|c| (c.key, c.now)).collect();
+        assert_eq!(got, want);
+        let (lo, hi) = if window.0 <= window.1 {
+            window
+        } else {
+            (window.1, window.0)
+        };
+        let mut win = Vec::new();
+        t.diff(base, root, &lo, Some(&hi), &mut win).unwrap();
+        let win: Vec<_> = win.into_iter().map(|c| (c.key, c.now)).collect();
+        let want_win: Vec<_> = want.into_iter().filter(|w| w.0 >= lo && w.0 < hi).collect();
+        assert_eq!(win, want_win);
+        let mut none = Vec::new();
+        t.diff(root, root, &first, None, &mut none).unwrap();
+        assert!(none.is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        #[test]
+        fn fixed_size_diff_matches_brute_force(
+            start in prop::collection::vec((0u64..20_000, any::<u64>()), 0..6000),
+            edits in prop::collection::vec((0u64..25_000, prop::option::of(any::<u64>())), 0..400),
+            window in (0u64..25_000, 0u64..25_000),
+        ) {
+            check(Numbers, start, edits, window);
+        }
+
+        #[test]
+        fn variable_size_diff_matches_brute_force(
+            start in prop::collection::vec(((0u64..3, "[a-z]{1,12}"), "[a-z]{0,80}"), 0..800),
+            edits in prop::collection::vec(((0u64..3, "[a-z]{1,12}"), prop::option::of("[a-z]{0,80}")), 0..100),
+            window in ((0u64..3, "[a-m]{1,3}"), (0u64..3, "[n-z]{1,3}")),
+        ) {
+            check(Named, start, edits, window);
+        }
+    }
+}
