@@ -246,7 +246,8 @@ impl Pool {
         Pool::open(Arc::new(FileDevice::open_with(path, fo)?), opts)
     }
 
-    fn start(engine: Engine, opts: &PoolOptions) -> Pool {
+    fn start(mut engine: Engine, opts: &PoolOptions) -> Pool {
+        engine.commit_interval = opts.commit_interval;
         let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
         let shared = Arc::new(Shared {
             io_gate: engine.io_gate.clone(),
@@ -869,8 +870,50 @@ fn spawn_committer(
             let mut e = shared.engine.lock();
             if e.poisoned.is_none() {
                 // A failure poisons the pool; the next caller sees the error.
-                let _ = e.maybe_commit(interval);
+                let _ = e.maybe_commit();
             }
         })
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::MemoryDevice;
+    use std::time::Instant;
+
+    /// Generation after a write made when the last commit is an hour old.
+    fn generation_after_stale_write(interval: Option<Duration>) -> (u64, u64) {
+        let pool = Pool::create(
+            Arc::new(MemoryDevice::new(64 << 20)),
+            PoolOptions {
+                commit_interval: interval,
+                ..PoolOptions::default()
+            },
+        )
+        .unwrap();
+        let v = pool.create_volume("v", 1 << 20).unwrap();
+        v.write_at(&[1u8; 4096], 0).unwrap();
+        let before = pool.stats().generation;
+        pool.with(|e| {
+            e.last_commit = Instant::now() - Duration::from_secs(3600);
+            Ok(())
+        })
+        .unwrap();
+        v.write_at(&[2u8; 4096], 8192).unwrap();
+        (before, pool.stats().generation)
+    }
+
+    /// `commit_interval: None` means no commit by age on the I/O path (it used to commit
+    /// after a hard-coded 5 s); with an interval, a write after it commits.
+    #[test]
+    fn commit_interval_is_honoured_on_the_write_path() {
+        let (before, after) = generation_after_stale_write(None);
+        assert_eq!(before, after, "no interval: the write must not commit");
+        let (before, after) = generation_after_stale_write(Some(Duration::from_secs(60)));
+        assert!(
+            after > before,
+            "an hour-old transaction must commit on the next write"
+        );
+    }
 }

@@ -38,6 +38,8 @@ pub(crate) struct Engine {
     /// The last committed superblock.
     pub(crate) sb: Superblock,
     pub(crate) last_commit: Instant,
+    /// `PoolOptions::commit_interval`: commit dirty state this old on the next I/O or tick.
+    pub(crate) commit_interval: Option<std::time::Duration>,
     pub(crate) poisoned: Option<String>,
     /// Dirty space map pages that trigger a commit: relocating them at commit draws on the
     /// reserve, so they stay well below it.
@@ -125,6 +127,7 @@ impl Engine {
             force_commit: false,
             sb,
             last_commit: Instant::now(),
+            commit_interval: None,
             poisoned: None,
             in_catalog_op: false,
             scratch: Vec::new(),
@@ -186,8 +189,9 @@ impl Engine {
     /// Throws away the open transaction and returns to the last commit.
     pub(crate) fn reload(&mut self) -> Result<()> {
         let mut fresh = Engine::open(self.store.dev.clone())?;
-        // Handles hold the gate: it outlives the transaction state.
+        // Handles hold the gate: it outlives the transaction state; so do the options.
         fresh.io_gate = self.io_gate.clone();
+        fresh.commit_interval = self.commit_interval;
         *self = fresh;
         Ok(())
     }
@@ -276,14 +280,19 @@ impl Engine {
         drop(self.io_gate.write());
     }
 
-    /// Commits when enough pages are dirty or enough time has passed (like ZFS's txgs).
-    pub(crate) fn maybe_commit(&mut self, max_age: std::time::Duration) -> Result<()> {
+    /// Commits when enough pages are dirty or, with a commit interval, when the dirty
+    /// state is older than it (like ZFS's txgs). Without one, only flushes, catalog
+    /// operations and the dirty-page bound commit.
+    pub(crate) fn maybe_commit(&mut self) -> Result<()> {
         if self.in_catalog_op {
             return Ok(());
         }
+        let too_old = self
+            .commit_interval
+            .is_some_and(|max_age| self.last_commit.elapsed() >= max_age);
         if self.dirty_pages() >= MAX_DIRTY_PAGES
             || self.store.sm.dirty_pages() >= self.auto_commit_space_pages
-            || (self.dirty_pages() > 0 && self.last_commit.elapsed() >= max_age)
+            || (self.dirty_pages() > 0 && too_old)
         {
             self.commit()?;
         }

@@ -390,7 +390,7 @@ impl Engine {
     }
 
     fn maybe_commit_after_io(&mut self) -> Result<()> {
-        self.maybe_commit(std::time::Duration::from_secs(5))
+        self.maybe_commit()
     }
 }
 
