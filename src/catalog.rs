@@ -777,11 +777,6 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Catalog pages read from the device so far.
-    pub(crate) fn page_reads(&self) -> u64 {
-        self.nodes.cache.reads()
-    }
-
     // ---- snapshots
 
     /// Where the snapshot that `key` points at is, if it exists.

@@ -6,7 +6,21 @@ use snapvol::{Pool, PoolOptions, Volume};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-const MAGICS: [&[u8; 4]; 6] = [b"SVSB", b"SVML", b"SVMB", b"SVSL", b"SVSI", b"SVCT"];
+/// Every kind of metadata page: superblock, block map leaf and branch, space map leaf and
+/// index, catalog leaf and branch.
+const MAGICS: [&[u8; 4]; 7] = [
+    b"SVSB", b"SVML", b"SVMB", b"SVSL", b"SVSI", b"SVCL", b"SVCB",
+];
+
+/// What a flipped metadata byte may cause: a refusal that says the pool is damaged.
+fn is_damage(e: &snapvol::Error) -> bool {
+    matches!(
+        e,
+        snapvol::Error::Corrupt { .. }
+            | snapvol::Error::NotAPool(_)
+            | snapvol::Error::UnsupportedVersion { .. }
+    )
+}
 
 fn opts() -> PoolOptions {
     PoolOptions {
@@ -49,6 +63,10 @@ fn build() -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
         s.read_at(&mut v, 0).unwrap();
         v
     });
+    // Enough snapshots that the catalog tree has branches too.
+    for i in 0..60 {
+        pool.snapshot("b", &format!("keep-{i:02}")).unwrap();
+    }
     pool.snapshot("b", "marker").unwrap();
     pool.close().unwrap();
     (mem.image(), expect)
@@ -68,6 +86,7 @@ fn flipping_any_metadata_byte_never_yields_wrong_data() {
     let mut opened = 0;
     let mut refused = 0;
     let mut flips = 0;
+    let mut detected = 0;
     for &u in &meta_pages {
         // Header bytes, a spread of body bytes, and the last byte of every page.
         let mut offsets: Vec<usize> = (0..32).collect();
@@ -80,7 +99,8 @@ fn flipping_any_metadata_byte_never_yields_wrong_data() {
             let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::from_image(img));
             let pool = match Pool::open(dev, opts()) {
                 Ok(p) => p,
-                Err(_) => {
+                Err(e) => {
+                    assert!(is_damage(&e), "flip at page {u} byte {off}: open said {e:?}");
                     refused += 1;
                     continue;
                 }
@@ -94,22 +114,43 @@ fn flipping_any_metadata_byte_never_yields_wrong_data() {
                         s.read_at(&mut b, 0).map(|_| b)
                     }),
                 };
-                if let Ok(got) = got {
-                    assert!(
+                match got {
+                    Ok(got) => assert!(
                         got == *want,
                         "flip at page {u} byte {off}: {name} returned wrong data"
-                    );
+                    ),
+                    // A damaged page on the way is named as such, not as a missing volume.
+                    Err(e) => assert!(
+                        matches!(e, snapvol::Error::Corrupt { .. }),
+                        "flip at page {u} byte {off}: reading {name} said {e:?}"
+                    ),
                 }
             }
-            // check() never panics; a flipped live page is reported.
-            let _ = pool.check();
+            // check() never panics: it reports a flipped live page, or fails naming the
+            // damage; a flipped page that nothing references leaves it clean.
+            match pool.check() {
+                Ok(r) if r.is_clean() => {}
+                Ok(_) => detected += 1,
+                Err(e) => {
+                    assert!(is_damage(&e), "flip at page {u} byte {off}: check said {e:?}");
+                    detected += 1;
+                }
+            }
         }
     }
     eprintln!(
-        "{flips} flips over {} pages: {opened} opened, {refused} refused",
+        "{flips} flips over {} pages: {opened} opened, {refused} refused, {detected} found by check",
         meta_pages.len()
     );
-    assert!(opened > 0 && refused > 0);
+    assert!(opened > 0 && refused > 0 && detected > 0);
+    // Every kind of page was among those flipped.
+    for m in MAGICS {
+        assert!(
+            meta_pages.iter().any(|&u| &image[u * 4096..u * 4096 + 4] == m),
+            "no {} page in the test pool",
+            String::from_utf8_lossy(m)
+        );
+    }
 }
 
 #[test]
@@ -138,16 +179,8 @@ fn a_torn_newest_superblock_falls_back_to_the_other() {
 #[test]
 fn check_reports_a_corrupt_live_page() {
     let (image, _) = build();
-    // Corrupt a block map leaf: the pool opens (leaves load lazily) and check names it.
-    let leaf = (0..image.len() / 4096)
-        .find(|&u| &image[u * 4096..u * 4096 + 4] == b"SVML")
-        .unwrap();
-    let mut img = image.clone();
-    img[leaf * 4096 + 100] ^= 0xFF;
-    let pool = Pool::open(Arc::new(MemoryDevice::from_image(img)), opts()).unwrap();
-    let report = pool.check().unwrap();
-    let _ = report;
-    // The leaf may be an old, unreferenced copy; then check is clean. Otherwise it is named.
+    // Corrupt each block map leaf in turn: the pool opens (leaves load lazily), and check
+    // names the page unless it is an old, unreferenced copy (then check is clean).
     let mut found_live = false;
     for u in (0..image.len() / 4096).filter(|&u| &image[u * 4096..u * 4096 + 4] == b"SVML") {
         let mut img = image.clone();

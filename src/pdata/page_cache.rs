@@ -60,10 +60,12 @@ impl<N: PageNode> PageCache<N> {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn dev(&self) -> Arc<dyn BlockDevice> {
         self.dev.clone()
     }
 
+    #[cfg(test)]
     pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
@@ -160,14 +162,17 @@ impl<N: PageNode> PageCache<N> {
         self.pages.retain(|_, c| c.dirty);
     }
 
+    #[cfg(test)]
     pub(crate) fn set_limit(&mut self, limit: usize) {
         self.limit = limit;
     }
 
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.pages.len()
     }
 
+    #[cfg(test)]
     pub(crate) fn reads(&self) -> u64 {
         self.reads
     }
