@@ -100,7 +100,10 @@ fn flipping_any_metadata_byte_never_yields_wrong_data() {
             let pool = match Pool::open(dev, opts()) {
                 Ok(p) => p,
                 Err(e) => {
-                    assert!(is_damage(&e), "flip at page {u} byte {off}: open said {e:?}");
+                    assert!(
+                        is_damage(&e),
+                        "flip at page {u} byte {off}: open said {e:?}"
+                    );
                     refused += 1;
                     continue;
                 }
@@ -132,7 +135,10 @@ fn flipping_any_metadata_byte_never_yields_wrong_data() {
                 Ok(r) if r.is_clean() => {}
                 Ok(_) => detected += 1,
                 Err(e) => {
-                    assert!(is_damage(&e), "flip at page {u} byte {off}: check said {e:?}");
+                    assert!(
+                        is_damage(&e),
+                        "flip at page {u} byte {off}: check said {e:?}"
+                    );
                     detected += 1;
                 }
             }
@@ -146,7 +152,9 @@ fn flipping_any_metadata_byte_never_yields_wrong_data() {
     // Every kind of page was among those flipped.
     for m in MAGICS {
         assert!(
-            meta_pages.iter().any(|&u| &image[u * 4096..u * 4096 + 4] == m),
+            meta_pages
+                .iter()
+                .any(|&u| &image[u * 4096..u * 4096 + 4] == m),
             "no {} page in the test pool",
             String::from_utf8_lossy(m)
         );

@@ -16,6 +16,13 @@ enum Event {
         data: Vec<u8>,
     },
     Flush,
+    /// Bytes `offset..offset + len` were discarded: after a crash they may read as zeros
+    /// or as before, until the next flush makes the zeros durable (the harsher case a
+    /// real device may give).
+    Discard {
+        offset: u64,
+        len: u64,
+    },
     /// The device became `len` bytes long. Modelled as durable at once (the engine flushes
     /// after growing and before anything refers to the new space, so a lost size change
     /// would only lose unreferenced zeros).
@@ -126,6 +133,20 @@ impl BlockDevice for CrashDevice {
         self.state.lock().current.len() as u64
     }
 
+    fn supports_discard(&self) -> bool {
+        true
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let mut s = self.state.lock();
+        let n = usize::try_from(len).unwrap_or(usize::MAX);
+        check_range("discard", offset, n, s.current.len() as u64)?;
+        let o = offset as usize;
+        s.current[o..o + n].fill(0);
+        s.history.events.push(Event::Discard { offset, len });
+        Ok(())
+    }
+
     fn grow(&self, new_len: u64) -> Result<()> {
         let mut s = self.state.lock();
         if new_len > s.current.len() as u64 {
@@ -172,7 +193,7 @@ impl CrashPoint<'_> {
         assert!(events >= self.pos && events <= self.history.events.len());
         while self.pos < events {
             match &self.history.events[self.pos] {
-                Event::Write { .. } => self.pending.push(self.pos),
+                Event::Write { .. } | Event::Discard { .. } => self.pending.push(self.pos),
                 Event::Flush => {
                     for &i in &self.pending {
                         apply(&mut self.durable, &self.history.events[i], None);
@@ -234,12 +255,15 @@ impl CrashPoint<'_> {
 }
 
 fn apply(image: &mut [u8], event: &Event, tear: Option<u64>) {
-    let Event::Write { offset, data } = event else {
-        return;
+    let (offset, data) = match event {
+        Event::Write { offset, data } => (offset, std::borrow::Cow::Borrowed(&data[..])),
+        // Zeros over the range, landing sector by sector like a write when torn.
+        Event::Discard { offset, len } => (offset, std::borrow::Cow::Owned(vec![0; *len as usize])),
+        Event::Flush | Event::Grow { .. } => return,
     };
     let o = *offset as usize;
     match tear {
-        None => image[o..o + data.len()].copy_from_slice(data),
+        None => image[o..o + data.len()].copy_from_slice(&data),
         Some(bits) => {
             // Each sector of the torn write lands or not, independently.
             let mut rng = SplitMix(bits);
@@ -294,5 +318,35 @@ mod tests {
             saw_kept |= img[512] == 2;
         }
         assert!(saw_lost && saw_kept);
+    }
+
+    /// A discard is recorded: until a flush it may or may not have happened in a crash
+    /// image; after one its zeros are durable.
+    #[test]
+    fn discards_are_pending_until_a_flush() {
+        let dev = CrashDevice::new(8192);
+        assert!(dev.supports_discard());
+        dev.write_at(&[5; 4096], 4096).unwrap();
+        dev.flush().unwrap();
+        dev.discard(4096, 4096).unwrap();
+        let mut buf = [1u8; 4096];
+        dev.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [0; 4096], "reads see the discard at once");
+        let h = dev.history();
+        let mut p = h.start();
+        p.advance_to(h.len());
+        assert_eq!(p.pending(), 1);
+        let (mut zeros, mut kept) = (false, false);
+        for seed in 0..64 {
+            let img = p.crash_image(seed);
+            zeros |= img[4096..8192].iter().all(|&b| b == 0);
+            kept |= img[4096..8192].iter().all(|&b| b == 5);
+        }
+        assert!(zeros && kept);
+        dev.flush().unwrap();
+        let h = dev.history();
+        let mut p = h.start();
+        p.advance_to(h.len());
+        assert!(p.durable_image()[4096..8192].iter().all(|&b| b == 0));
     }
 }

@@ -12,6 +12,7 @@ pub enum FaultKind {
     Read,
     Write,
     Flush,
+    Discard,
 }
 
 /// Fails the Nth read, write or flush (counting from 0 after [`FaultDevice::fail_nth`]), and
@@ -24,7 +25,7 @@ pub struct FaultDevice {
 #[derive(Default)]
 struct Plan {
     armed: Option<(FaultKind, u64, bool)>,
-    seen: [u64; 3],
+    seen: [u64; 4],
     fired: u64,
 }
 
@@ -41,7 +42,7 @@ impl FaultDevice {
     pub fn fail_nth(&self, kind: FaultKind, n: u64, sticky: bool) {
         let mut p = self.plan.lock();
         p.armed = Some((kind, n, sticky));
-        p.seen = [0; 3];
+        p.seen = [0; 4];
     }
 
     /// Stops failing.
@@ -71,6 +72,7 @@ impl FaultDevice {
                         FaultKind::Read => "read",
                         FaultKind::Write => "write",
                         FaultKind::Flush => "flush",
+                        FaultKind::Discard => "discard",
                     },
                     offset,
                     std::io::Error::other("injected fault"),
@@ -99,6 +101,17 @@ impl BlockDevice for FaultDevice {
 
     fn len(&self) -> u64 {
         self.inner.len()
+    }
+
+    fn supports_discard(&self) -> bool {
+        self.inner.supports_discard()
+    }
+
+    /// Forwarded, and a fault point like the others: the engine treats a failed discard as
+    /// harmless (the units stay allocated-looking on the device, nothing is lost).
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.gate(FaultKind::Discard, offset)?;
+        self.inner.discard(offset, len)
     }
 
     /// Not a fault point: a grow is tested through the writes and flushes of the commit

@@ -262,11 +262,19 @@ impl Model {
                 }
             };
         }
+        // A full pool is accepted only when it is one: the error's figures must say the
+        // operation needed more than was free, and the pool's own figure must agree (within
+        // the few pages a failed catalog operation may have held before it was undone).
         macro_rules! tolerate_full {
             ($r:expr, $ok:pat => $body:expr) => {
                 match $r {
                     Ok($ok) => $body,
-                    Err(Error::NoSpace { .. }) => {}
+                    Err(e @ Error::NoSpace { needed, free, .. }) => {
+                        let available = pool.map_or(0, |p| p.stats().available);
+                        if free >= needed || available >= needed + (1 << 20) {
+                            return Err(e);
+                        }
+                    }
                     Err(e) => return Err(e),
                 }
             };
