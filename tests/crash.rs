@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::oracle::Acceptable;
 use common::{op_strategy, Model, Op};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
@@ -79,24 +80,16 @@ fn run_ops(ops: Vec<Op>) -> (Arc<CrashDevice>, usize, Vec<Step>) {
 /// Checks one crash image at event position `pos`.
 fn check_image(image: Vec<u8>, pos: usize, start: usize, steps: &[Step]) {
     let completed = steps.iter().take_while(|s| s.end <= pos).count();
-    let last_durable = (0..completed).rev().find(|&i| steps[i].durable);
-    let mut candidates: Vec<Model> = Vec::new();
-    let first = match last_durable {
-        Some(d) => {
-            candidates.push(steps[d].after.clone());
-            d + 1
-        }
-        None => {
-            candidates.push(Model::default());
-            0
-        }
-    };
-    for s in &steps[first..completed] {
-        candidates.push(s.after.clone());
+    // The operations as they ran up to the crash, through the shared oracle.
+    let mut acceptable = Acceptable::new(Model::default());
+    for s in &steps[..completed] {
+        acceptable.begin(&s.before, &s.op);
+        acceptable.done(&s.after, s.durable);
     }
     let in_progress = steps.get(completed);
     if let Some(s) = in_progress {
-        candidates.push(s.before.predict(&s.op));
+        acceptable.begin(&s.before, &s.op);
+        acceptable.interrupted(&s.before, &s.op);
     }
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::from_image(image));
     if pos < start {
@@ -110,25 +103,13 @@ fn check_image(image: Vec<u8>, pos: usize, start: usize, steps: &[Step]) {
         "crash at event {pos}: {:?}",
         report.problems
     );
-    // Writes since the last durable point may have landed in part.
-    let end = (completed + 1).min(steps.len());
-    for s in &steps[first..end] {
-        if let Some((name, off, len)) = s.before.undefined_range(&s.op) {
-            for c in &mut candidates {
-                c.adopt_range(&pool, &name, off, len);
-            }
-        }
+    if let Err(misses) = acceptable.find(&pool) {
+        panic!(
+            "crash at event {pos} (after {completed} ops, during {:?}): no acceptable state: {misses:?}\nops: {:?}",
+            in_progress.map(|s| &s.op),
+            steps.iter().take(completed + 1).map(|s| (&s.op, s.end)).collect::<Vec<_>>()
+        );
     }
-    let misses: Vec<String> = candidates
-        .iter()
-        .map(|m| m.matches(&pool).err().unwrap_or_default())
-        .collect();
-    assert!(
-        misses.iter().any(String::is_empty),
-        "crash at event {pos} (after {completed} ops, during {:?}): no acceptable state: {misses:?}\nops: {:?}",
-        in_progress.map(|s| &s.op),
-        steps.iter().take(completed + 1).map(|s| (&s.op, s.end)).collect::<Vec<_>>()
-    );
 }
 
 #[test]

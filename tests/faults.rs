@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::oracle::Acceptable;
 use common::{fixed_workload, Model};
 use snapvol::device::{BlockDevice, FaultDevice, FaultKind, MemoryDevice};
 use snapvol::{Error, Pool, PoolOptions};
@@ -27,28 +28,22 @@ fn run_with_fault(kind: FaultKind, n: u64) -> bool {
     let mut pool = Pool::create(dev.clone(), opts()).unwrap();
     fault.fail_nth(kind, n, false);
     let mut model = Model::default();
-    // States the reopened pool may show: from the last durable point to the last success.
-    let mut candidates = vec![model.clone()];
-    // Writes since the last durable point: in-place parts of them may have landed.
-    let mut pending: Vec<(String, u64, u64)> = Vec::new();
+    let mut acceptable = Acceptable::new(model.clone());
     let no_reopen = |p: Pool| p;
     let mut failed = None;
     for op in fixed_workload() {
         let before = model.clone();
-        pending.extend(before.undefined_range(&op));
+        acceptable.begin(&before, &op);
         let flushes = fault.seen(FaultKind::Flush);
         match model.apply(pool.clone(), &op, &no_reopen) {
             Ok(p) => {
                 pool = p;
                 // Durable only if it really committed (a no-op catalog call flushes nothing).
-                if op.is_durable() && fault.seen(FaultKind::Flush) > flushes {
-                    candidates.clear();
-                    pending.clear();
-                }
-                candidates.push(model.clone());
+                let durable = op.is_durable() && fault.seen(FaultKind::Flush) > flushes;
+                acceptable.done(&model, durable);
             }
             Err(e) => {
-                candidates.push(before.predict(&op));
+                acceptable.interrupted(&before, &op);
                 assert!(
                     matches!(e, Error::Io { .. } | Error::Poisoned(_)),
                     "{op:?} under a {kind:?} fault gave {e}"
@@ -80,19 +75,9 @@ fn run_with_fault(kind: FaultKind, n: u64) -> bool {
     let pool = Pool::open(mem.clone(), opts()).unwrap();
     let report = pool.check().unwrap();
     assert!(report.is_clean(), "{kind:?} #{n}: {:?}", report.problems);
-    for (name, off, len) in &pending {
-        for c in &mut candidates {
-            c.adopt_range(&pool, name, *off, *len);
-        }
+    if let Err(misses) = acceptable.find(&pool) {
+        panic!("{kind:?} #{n} failing {failed_op:?}: reopened pool matches no state since the last durable point: {misses:?}");
     }
-    let misses: Vec<String> = candidates
-        .iter()
-        .map(|m| m.matches(&pool).err().unwrap_or_default())
-        .collect();
-    assert!(
-        misses.iter().any(String::is_empty),
-        "{kind:?} #{n} failing {failed_op:?}: reopened pool matches no state since the last durable point: {misses:?}"
-    );
     true
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ops_fuzz;
+pub mod oracle;
 
 use proptest::prelude::*;
 use snapvol::{Error, Pool};

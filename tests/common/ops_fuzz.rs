@@ -1,6 +1,7 @@
 //! The operations-with-faults check shared by the `operations` fuzz target and the regression
 //! test that replays every input the fuzzer ever failed on (fuzz/regressions/operations/).
 
+use super::oracle::Acceptable;
 use super::{Model, Op};
 use snapvol::device::{BlockDevice, FaultDevice, FaultKind, MemoryDevice};
 use snapvol::{Error, Pool, PoolOptions};
@@ -77,9 +78,7 @@ pub fn run(data: &[u8]) {
     let dev: Arc<dyn BlockDevice> = fault.clone();
     let mut pool = Pool::create(dev.clone(), opts()).unwrap();
     let mut model = Model::default();
-    let mut candidates = vec![model.clone()];
-    // Writes since the last durable point: in-place parts of them may have landed.
-    let mut pending: Vec<(String, u64, u64)> = Vec::new();
+    let mut acceptable = Acceptable::new(model.clone());
     let reopen = |p: Pool| {
         drop(p);
         Pool::open(dev.clone(), opts()).unwrap()
@@ -96,48 +95,32 @@ pub fn run(data: &[u8]) {
             Step::Op(op) => op,
         };
         let before = model.clone();
-        pending.extend(before.undefined_range(&op));
+        acceptable.begin(&before, &op);
         log.push(format!("{op:?}"));
         let flushes = fault.seen(FaultKind::Flush);
         match model.apply(pool.clone(), &op, &reopen) {
             Ok(p) => {
                 pool = p;
                 // Durable only if it really committed (a no-op catalog call flushes nothing).
-                if op.is_durable() && fault.seen(FaultKind::Flush) > flushes {
-                    candidates.clear();
-                    pending.clear();
-                }
-                candidates.push(model.clone());
+                let durable = op.is_durable() && fault.seen(FaultKind::Flush) > flushes;
+                acceptable.done(&model, durable);
             }
             Err(e) => {
                 assert!(
                     matches!(e, Error::Io { .. } | Error::Poisoned(_)),
                     "{op:?}: {e}"
                 );
-                candidates.push(before.predict(&op));
+                acceptable.interrupted(&before, &op);
                 fault.disarm();
                 drop(pool);
                 pool = Pool::open(dev.clone(), opts()).unwrap();
                 let report = pool.check().unwrap();
                 assert!(report.is_clean(), "{:?}", report.problems);
-                for (name, off, len) in pending.drain(..) {
-                    for c in &mut candidates {
-                        c.adopt_range(&pool, &name, off, len);
-                    }
-                }
-                let Some(m) = candidates
-                    .iter()
-                    .find(|m| m.matches(&pool).is_ok())
-                    .cloned()
-                else {
-                    let why: Vec<String> = candidates
-                        .iter()
-                        .map(|m| m.matches(&pool).unwrap_err())
-                        .collect();
-                    panic!("after {op:?} failed with {e}: reopened pool matches no allowed state: {why:?}\nlog: {log:?}");
-                };
-                model = m;
-                candidates = vec![model.clone()];
+                model = acceptable.find(&pool).unwrap_or_else(|why| {
+                    panic!("after {op:?} failed with {e}: reopened pool matches no allowed state: {why:?}\nlog: {log:?}")
+                });
+                // Reopening read the state back: it is what the media holds now.
+                acceptable = Acceptable::new(model.clone());
             }
         }
     }
@@ -146,5 +129,7 @@ pub fn run(data: &[u8]) {
     let pool = Pool::open(mem.clone(), opts()).unwrap();
     let report = pool.check().unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
-    assert!(candidates.iter().any(|m| m.matches(&pool).is_ok()));
+    if let Err(why) = acceptable.find(&pool) {
+        panic!("at the end: the reopened pool matches no allowed state: {why:?}\nlog: {log:?}");
+    }
 }
