@@ -132,6 +132,21 @@ pub enum Op {
     Grow {
         by: u64,
     },
+    /// Keeps a snapshot as a bookmark.
+    Bookmark {
+        snap: usize,
+    },
+    /// Sends a snapshot (from an earlier one of its volume when there is one and `base`
+    /// says so) and receives it into a fresh pool: the received snapshot must equal it.
+    SendReceive {
+        snap: usize,
+        base: Option<usize>,
+    },
+    /// The delta between two snapshots, applied to the first, must give the second.
+    Delta {
+        a: usize,
+        b: usize,
+    },
     Reopen,
 }
 
@@ -139,7 +154,10 @@ impl Op {
     /// Whether a successful call makes its effect durable (every catalog operation commits;
     /// writes and discards wait for a flush).
     pub fn is_durable(&self) -> bool {
-        !matches!(self, Op::Write { .. } | Op::Discard { .. })
+        !matches!(
+            self,
+            Op::Write { .. } | Op::Discard { .. } | Op::SendReceive { .. } | Op::Delta { .. }
+        )
     }
 }
 
@@ -166,6 +184,10 @@ pub fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (idx.clone(), 1u64..MAX_VOL).prop_map(|(vol, size)| Op::Resize { vol, size }),
         1 => idx.clone().prop_map(|vol| Op::Rename { vol }),
         1 => (4096u64..2 << 20).prop_map(|by| Op::Grow { by }),
+        1 => idx.clone().prop_map(|snap| Op::Bookmark { snap }),
+        1 => (idx.clone(), prop::option::of(idx.clone()))
+            .prop_map(|(snap, base)| Op::SendReceive { snap, base }),
+        1 => (idx.clone(), idx.clone()).prop_map(|(a, b)| Op::Delta { a, b }),
         1 => Just(Op::Reopen),
     ]
 }
@@ -184,6 +206,8 @@ pub struct Model {
     /// name -> (id, bytes)
     pub volumes: BTreeMap<String, (u128, Vec<u8>)>,
     pub snapshots: Vec<SnapModel>,
+    /// Ids of the bookmarks taken (0 for one a crash test only predicts).
+    pub bookmarks: Vec<u128>,
     counter: u64,
 }
 
@@ -418,6 +442,102 @@ impl Model {
             }
             // No volume changes; what grows is the room the other operations have.
             Op::Grow { by } => call!(p => p.grow(p.stats().size + by), ())?,
+            Op::Bookmark { snap } => {
+                let named = self.named_snapshots();
+                if named.is_empty() {
+                    return Ok(());
+                }
+                let s = self.snapshots[named[snap % named.len()]].clone();
+                if s.id != 0 && self.bookmarks.contains(&s.id) {
+                    // A second bookmark of one snapshot is refused (tests/stream.rs).
+                    return Ok(());
+                }
+                let vol = self.vol_name(s.volume.unwrap()).unwrap();
+                let id = call!(p => p.bookmark(&vol, &s.name), s.id)?;
+                self.bookmarks.push(id);
+            }
+            Op::SendReceive { snap, base } => {
+                let (Some(p), false) = (pool, self.snapshots.is_empty()) else {
+                    return Ok(());
+                };
+                let i = snap % self.snapshots.len();
+                let s = &self.snapshots[i];
+                // A base: an earlier snapshot of the same (live) volume.
+                let earlier: Vec<&SnapModel> = self.snapshots[..i]
+                    .iter()
+                    .filter(|b| b.volume.is_some() && b.volume == s.volume)
+                    .collect();
+                let base = base
+                    .filter(|_| !earlier.is_empty())
+                    .map(|b| earlier[b % earlier.len()]);
+                let dest = Pool::create(
+                    std::sync::Arc::new(snapvol::device::MemoryDevice::new(32 << 20)),
+                    snapvol::PoolOptions {
+                        commit_interval: None,
+                        ..snapvol::PoolOptions::default()
+                    },
+                )?;
+                let mut stream = Vec::new();
+                if let Some(b) = base {
+                    p.send(b.id, None, &mut stream)?;
+                    dest.receive(&mut &stream[..], None)?;
+                    stream.clear();
+                }
+                p.send(s.id, base.map(|b| b.id), &mut stream)?;
+                let st = dest.receive(&mut &stream[..], None)?;
+                assert_eq!(st.snapshot_id, s.id);
+                let got = dest.snapshot_by_id(s.id)?;
+                let mut buf = vec![0u8; s.data.len()];
+                assert_eq!(got.len()?, buf.len() as u64, "received size of {}", s.name);
+                got.read_at(&mut buf, 0)?;
+                assert!(
+                    buf == s.data,
+                    "send/receive of {} (base {:?}) changed its bytes",
+                    s.name,
+                    base.map(|b| &b.name)
+                );
+                assert!(dest.check()?.is_clean());
+            }
+            Op::Delta { a, b } => {
+                let (Some(p), false) = (pool, self.snapshots.is_empty()) else {
+                    return Ok(());
+                };
+                let n = self.snapshots.len();
+                let (sa, sb) = (&self.snapshots[a % n], &self.snapshots[b % n]);
+                let mut applied = sa.data.clone();
+                applied.resize(sb.data.len(), 0);
+                let mut from = 0;
+                loop {
+                    let page = p.delta(
+                        sa.id,
+                        snapvol::DiffTarget::Snapshot(sb.id),
+                        from,
+                        0,
+                        snapvol::TupleLength::Variable,
+                    )?;
+                    assert_eq!(page.volume_size, sb.data.len() as u64);
+                    for e in &page.extents {
+                        let lo = e.offset as usize;
+                        let hi = (e.offset + e.length).min(page.volume_size) as usize;
+                        match e.kind {
+                            snapvol::ExtentKind::Data => {
+                                applied[lo..hi].copy_from_slice(&sb.data[lo..hi])
+                            }
+                            snapvol::ExtentKind::Zero => applied[lo..hi].fill(0),
+                        }
+                    }
+                    match page.next_offset {
+                        Some(next) => from = next,
+                        None => break,
+                    }
+                }
+                assert!(
+                    applied == sb.data,
+                    "the delta from {} to {} does not turn one into the other",
+                    sa.name,
+                    sb.name
+                );
+            }
         }
         Ok(())
     }
@@ -485,6 +605,9 @@ impl Model {
         }
         if pool.snapshots().unwrap().len() != self.snapshots.len() {
             return Err("snapshot count".into());
+        }
+        if pool.bookmarks().unwrap().len() != self.bookmarks.len() {
+            return Err("bookmark count".into());
         }
         for s in &self.snapshots {
             let id = if s.id != 0 {

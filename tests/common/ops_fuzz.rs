@@ -60,6 +60,19 @@ fn decode(data: &[u8]) -> Vec<Step> {
                 size: 1 + n % super::MAX_VOL,
             },
             15 => Op::Rename { vol: a },
+            // The checks that change nothing ride on the fault code's spare bit (so the
+            // older inputs in fuzz/regressions mostly keep their meaning).
+            _ if c[2] & 0x80 != 0 => match c[3] % 3 {
+                0 => Op::Bookmark { snap: a },
+                1 => Op::SendReceive {
+                    snap: a,
+                    base: (c[4] % 2 == 0).then_some(c[5] as usize),
+                },
+                _ => Op::Delta {
+                    a,
+                    b: c[4] as usize,
+                },
+            },
             _ => {
                 let kind = [FaultKind::Read, FaultKind::Write, FaultKind::Flush][a % 3];
                 steps.push(Step::Fault(kind, n % 64));
