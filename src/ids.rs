@@ -30,7 +30,7 @@ pub(crate) fn new_id() -> u128 {
         h.finish()
     };
     let random = ((half(1) as u128) << 64 | half(2) as u128) & ((1u128 << 80) - 1);
-    let millis = (since.as_millis() as u128) & ((1u128 << 48) - 1);
+    let millis = since.as_millis() & ((1u128 << 48) - 1);
     (millis << 80 | random).max(1)
 }
 
@@ -50,7 +50,7 @@ mod tests {
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
-            .as_millis() as u128;
+            .as_millis();
         assert!(ms - (new_id() >> 80) < 1000);
     }
 }

@@ -333,33 +333,7 @@ impl Pool {
     pub fn create_volume(&self, name: &str, size: u64) -> Result<Volume> {
         validate_name(name)?;
         crate::format::check_volume_size(size)?;
-        let id = self.with(|e| {
-            if e.volume_exists(name)? {
-                return Err(Error::AlreadyExists {
-                    kind: "volume",
-                    name: name.into(),
-                });
-            }
-            e.catalog_op(Reserve::Keep, |e| {
-                let id = new_id();
-                let (c, sm, r) = e.cat();
-                c.add_volume(
-                    sm,
-                    r,
-                    VolumeRec {
-                        id,
-                        name: name.into(),
-                        size,
-                        root: 0,
-                        created: now_unix(),
-                        origin: None,
-                        frozen_gen: 0,
-                        hidden: false,
-                    },
-                )?;
-                Ok(id)
-            })
-        })?;
+        let id = self.with(|e| e.new_volume_from(name, 0, size, None))?;
         Ok(self.volume_handle(id))
     }
 
@@ -453,7 +427,7 @@ impl Pool {
         validate_name(new_name)?;
         let id = self.with(|e| {
             let s = e.snapshot_named(vol, snap)?;
-            e.new_volume_from(new_name, s.root, s.size, s.id)
+            e.new_volume_from(new_name, s.root, s.size, Some(s.id))
         })?;
         Ok(self.volume_handle(id))
     }
@@ -463,7 +437,7 @@ impl Pool {
         validate_name(new_name)?;
         let id = self.with(|e| {
             let v = e.volume_named(vol)?;
-            e.new_volume_from(new_name, v.root, v.size, v.id)
+            e.new_volume_from(new_name, v.root, v.size, Some(v.id))
         })?;
         Ok(self.volume_handle(id))
     }
@@ -778,9 +752,16 @@ impl Pool {
 }
 
 impl Engine {
-    /// A new volume sharing map `root` of `origin` (a snapshot, or a live volume, which is
-    /// then frozen: its blocks are no longer written in place).
-    fn new_volume_from(&mut self, name: &str, root: u64, size: u64, origin: u128) -> Result<u128> {
+    /// A new volume: empty (root 0, no origin), or sharing map `root` of `origin` (a
+    /// snapshot, or a live volume, which is then frozen: its blocks are no longer written in
+    /// place).
+    fn new_volume_from(
+        &mut self,
+        name: &str,
+        root: u64,
+        size: u64,
+        origin: Option<u128>,
+    ) -> Result<u128> {
         if self.volume_exists(name)? {
             return Err(Error::AlreadyExists {
                 kind: "volume",
@@ -792,7 +773,7 @@ impl Engine {
             let id = new_id();
             let generation = e.store.generation;
             let (c, sm, r) = e.cat();
-            if let Some(v) = c.volume_mut(sm, origin)? {
+            if let Some(v) = origin.map(|o| c.volume_mut(sm, o)).transpose()?.flatten() {
                 v.frozen_gen = generation;
             }
             c.add_volume(
@@ -804,7 +785,7 @@ impl Engine {
                     size,
                     root,
                     created: now_unix(),
-                    origin: Some(origin),
+                    origin,
                     frozen_gen: generation,
                     hidden: false,
                 },

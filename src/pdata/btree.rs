@@ -862,7 +862,9 @@ pub(crate) mod tests {
         let base = other_units(&env.sm);
         let mut model: BTreeMap<S::Key, S::Value> = BTreeMap::new();
         let mut root = 0u64;
-        let mut snaps: Vec<(u64, BTreeMap<S::Key, S::Value>)> = Vec::new();
+        // (root, the model it was frozen with)
+        type Frozen<S> = (u64, BTreeMap<<S as Schema>::Key, <S as Schema>::Value>);
+        let mut snaps: Vec<Frozen<S>> = Vec::new();
         for op in ops {
             let mut t = env.tree();
             match op {
