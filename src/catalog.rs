@@ -414,6 +414,14 @@ fn tree<'a>(
     }
 }
 
+/// The name in an index key, for messages.
+fn n_of(k: &Key) -> &str {
+    match k {
+        Key::Vol(_, Part::SnapshotName(n) | Part::BookmarkName(n)) | Key::VolumeName(n) => n,
+        _ => "",
+    }
+}
+
 fn mismatch(key: &Key, value: &Value) -> Error {
     Error::corrupt(
         "catalog leaf",
@@ -767,6 +775,117 @@ impl Catalog {
         self.nodes.commit_done();
     }
 
+    /// Checks that every record and index agree (for `check`); returns what does not.
+    pub(crate) fn verify_indexes(&mut self, sm: &mut SpaceMap) -> Result<Vec<String>> {
+        let mut all: std::collections::BTreeMap<Key, Value> = std::collections::BTreeMap::new();
+        tree(&mut self.nodes, sm, Reserve::Keep).scan(
+            self.root,
+            &Key::Vol(0, Part::Record),
+            |k, v| {
+                all.insert(k.clone(), v.clone());
+                ControlFlow::Continue(())
+            },
+        )?;
+        let mut bad = Vec::new();
+        let at_matches = |all: &std::collections::BTreeMap<Key, Value>, want: (u128, u64, u128)| matches!(all.get(&Key::Vol(want.0, Part::Snapshot(want.1, want.2))), Some(Value::Snapshot(s)) if s.id == want.2);
+        let (mut visible, mut snapshots) = (0u64, 0u64);
+        for (k, v) in &all {
+            match (k, v) {
+                (Key::Vol(id, Part::Record), Value::Volume(r)) => {
+                    let indexed = if r.hidden {
+                        all.contains_key(&Key::Hidden(*id))
+                    } else {
+                        visible += 1;
+                        all.get(&Key::VolumeName(r.name.clone())) == Some(&Value::Id(*id))
+                    };
+                    if r.id != *id || !indexed {
+                        bad.push(format!(
+                            "volume {id:032x} ({:?}) is not indexed as itself",
+                            r.name
+                        ));
+                    }
+                }
+                (Key::Vol(vol, Part::Snapshot(g, id)), Value::Snapshot(s)) => {
+                    snapshots += 1;
+                    let here = Value::At {
+                        volume: *vol,
+                        generation: *g,
+                        id: *id,
+                    };
+                    let by_name = all.get(&Key::Vol(*vol, Part::SnapshotName(s.name.clone())));
+                    if s.id != *id
+                        || s.volume != *vol
+                        || s.generation != *g
+                        || all.get(&Key::SnapshotId(*id)) != Some(&here)
+                        || by_name != Some(&here)
+                    {
+                        bad.push(format!(
+                            "snapshot {id:032x} ({:?}) is not indexed as itself",
+                            s.name
+                        ));
+                    }
+                }
+                (
+                    Key::Vol(_, Part::SnapshotName(_)) | Key::SnapshotId(_),
+                    Value::At {
+                        volume,
+                        generation,
+                        id,
+                    },
+                ) => {
+                    if !at_matches(&all, (*volume, *generation, *id)) {
+                        bad.push(format!(
+                            "{k:?} points at a snapshot that is not there ({n:?})",
+                            n = n_of(k)
+                        ));
+                    }
+                }
+                (Key::Vol(vol, Part::BookmarkName(n)), Value::Id(b)) => {
+                    let ok = matches!(all.get(&Key::Bookmark(*b)), Some(Value::Bookmark(r)) if r.volume == *vol && &r.name == n);
+                    if !ok {
+                        bad.push(format!(
+                            "bookmark name {n:?} points at a bookmark that is not there"
+                        ));
+                    }
+                }
+                (Key::Bookmark(b), Value::Bookmark(r)) => {
+                    if all.get(&Key::Vol(r.volume, Part::BookmarkName(r.name.clone())))
+                        != Some(&Value::Id(*b))
+                        || r.id != *b
+                    {
+                        bad.push(format!(
+                            "bookmark {b:032x} ({:?}) is not indexed as itself",
+                            r.name
+                        ));
+                    }
+                }
+                (Key::VolumeName(n), Value::Id(id)) => {
+                    let ok = matches!(all.get(&Key::Vol(*id, Part::Record)), Some(Value::Volume(r)) if &r.name == n && !r.hidden);
+                    if !ok {
+                        bad.push(format!(
+                            "volume name {n:?} points at a volume that is not there"
+                        ));
+                    }
+                }
+                (Key::Hidden(id), Value::Nothing) => {
+                    if !matches!(all.get(&Key::Vol(*id, Part::Record)), Some(Value::Volume(r)) if r.hidden)
+                    {
+                        bad.push(format!("hidden volume {id:032x} is not there"));
+                    }
+                }
+                (Key::Vol(_, Part::Rollback(_)), Value::Generation(_)) => {}
+                (k, v) => bad.push(format!("{k:?} holds a value of the wrong kind ({v:?})")),
+            }
+        }
+        if (visible, snapshots) != (self.counts.volumes, self.counts.snapshots) {
+            bad.push(format!(
+                "the superblock counts {} volumes and {} snapshots, the catalog holds {visible} and {snapshots}",
+                self.counts.volumes, self.counts.snapshots
+            ));
+        }
+        Ok(bad)
+    }
+
     /// Every page of the catalog tree (for `check`).
     pub(crate) fn pages(&mut self, sm: &mut SpaceMap) -> Result<Vec<u64>> {
         let mut out = Vec::new();
@@ -1110,5 +1229,199 @@ impl crate::txn::Engine {
             return Err(missing());
         };
         c.snapshot_named(sm, vid, snap)?.ok_or_else(missing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pdata::codec::{Reader, Writer};
+
+    fn keys() -> Vec<Key> {
+        vec![
+            Key::Vol(7, Part::Record),
+            Key::Vol(7, Part::Snapshot(3, 9)),
+            Key::Vol(7, Part::SnapshotName("mon".into())),
+            Key::Vol(7, Part::BookmarkName("old".into())),
+            Key::Vol(7, Part::Rollback(12)),
+            Key::SnapshotId(9),
+            Key::Bookmark(9),
+            Key::VolumeName("pvc-1234_ok.v2".into()),
+            Key::Hidden(8),
+        ]
+    }
+
+    fn values() -> Vec<Value> {
+        vec![
+            Value::Volume(VolumeRec {
+                id: 7,
+                name: "db".into(),
+                size: 1 << 30,
+                root: 9,
+                created: 1,
+                origin: Some(3),
+                frozen_gen: 4,
+                hidden: true,
+            }),
+            Value::Snapshot(SnapshotRec {
+                id: 3,
+                volume: 7,
+                volume_name: "db".into(),
+                name: "before-upgrade".into(),
+                size: 1 << 30,
+                root: 10,
+                generation: 4,
+                created: 2,
+            }),
+            Value::Bookmark(BookmarkRec {
+                id: 5,
+                volume: 7,
+                volume_name: "db".into(),
+                name: "old".into(),
+                size: 10,
+                generation: 3,
+                created: 1,
+            }),
+            Value::Id(u128::MAX),
+            Value::Generation(u64::MAX),
+            Value::At {
+                volume: 7,
+                generation: 4,
+                id: 3,
+            },
+            Value::Nothing,
+        ]
+    }
+
+    /// Every key and value round-trips with the length it claims; any cut of its bytes is
+    /// a corruption error, never a panic or a wrong entry.
+    #[test]
+    fn entries_round_trip_and_truncation_is_corruption() {
+        for k in keys() {
+            let mut w = Writer(Vec::new());
+            k.encode(&mut w);
+            assert_eq!(w.0.len(), k.encoded_len(), "{k:?}");
+            assert_eq!(Key::decode(&mut Reader::new(&w.0, "t", 1)).unwrap(), k);
+            for cut in 0..w.0.len() {
+                let r = Key::decode(&mut Reader::new(&w.0[..cut], "t", 1));
+                assert!(matches!(r, Err(Error::Corrupt { .. })), "{k:?} cut {cut}");
+            }
+        }
+        for v in values() {
+            let mut w = Writer(Vec::new());
+            v.encode(&mut w);
+            assert_eq!(w.0.len(), v.encoded_len(), "{v:?}");
+            assert_eq!(Value::decode(&mut Reader::new(&w.0, "t", 1)).unwrap(), v);
+            for cut in 0..w.0.len() {
+                let r = Value::decode(&mut Reader::new(&w.0[..cut], "t", 1));
+                assert!(matches!(r, Err(Error::Corrupt { .. })), "{v:?} cut {cut}");
+            }
+        }
+        // Unknown kinds, a name longer than the rule allows, a bad flag.
+        for bad in [
+            &[0u8][..],
+            &[6],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+        ] {
+            assert!(matches!(
+                Key::decode(&mut Reader::new(bad, "t", 1)),
+                Err(Error::Corrupt { .. })
+            ));
+        }
+        let mut long = vec![4u8, 201];
+        long.extend(std::iter::repeat_n(b'a', 201));
+        assert!(matches!(
+            Key::decode(&mut Reader::new(&long, "t", 1)),
+            Err(Error::Corrupt { .. })
+        ));
+        let mut w = Writer(Vec::new());
+        values()[0].encode(&mut w);
+        let last = w.0.len() - 1;
+        w.0[last] = 2;
+        assert!(matches!(
+            Value::decode(&mut Reader::new(&w.0, "t", 1)),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    /// The key order keeps a volume's entries together and in the documented order, so a
+    /// volume's snapshots are one range, oldest first.
+    #[test]
+    fn key_order_groups_each_volume() {
+        let mut ks = keys();
+        ks.push(Key::Vol(6, Part::Rollback(u64::MAX)));
+        ks.push(Key::Vol(8, Part::Record));
+        ks.push(Key::Vol(7, Part::Snapshot(2, u128::MAX)));
+        ks.sort();
+        let vol7: Vec<usize> = (0..ks.len())
+            .filter(|&i| matches!(ks[i], Key::Vol(7, _)))
+            .collect();
+        assert!(vol7.windows(2).all(|w| w[1] == w[0] + 1), "{ks:?}");
+        assert_eq!(ks[vol7[0]], Key::Vol(7, Part::Record));
+        assert_eq!(ks[vol7[1]], Key::Vol(7, Part::Snapshot(2, u128::MAX)));
+        assert_eq!(ks[vol7[2]], Key::Vol(7, Part::Snapshot(3, 9)));
+        assert!(matches!(ks.last(), Some(Key::Hidden(_))));
+    }
+
+    /// `check` finds an index entry that leads nowhere and a record its index lost.
+    #[test]
+    fn verify_indexes_finds_what_disagrees() {
+        let dev = std::sync::Arc::new(crate::device::MemoryDevice::new(4 << 20));
+        let mut sm = SpaceMap::create(dev.clone(), 1024);
+        let mut c = Catalog::open(dev, 0, 1, Counts::default());
+        let r = Reserve::Keep;
+        let Value::Volume(vol) = values()[0].clone() else {
+            unreachable!()
+        };
+        let vol = VolumeRec {
+            hidden: false,
+            ..vol
+        };
+        c.add_volume(&mut sm, r, vol.clone()).unwrap();
+        let Value::Snapshot(snap) = values()[1].clone() else {
+            unreachable!()
+        };
+        c.add_snapshot(&mut sm, r, snap.clone()).unwrap();
+        let Value::Bookmark(bm) = values()[2].clone() else {
+            unreachable!()
+        };
+        c.add_bookmark(&mut sm, r, bm).unwrap();
+        assert_eq!(c.verify_indexes(&mut sm).unwrap(), Vec::<String>::new());
+        // The id index of the snapshot goes: its record is no longer indexed as itself.
+        c.del(&mut sm, r, &Key::SnapshotId(snap.id)).unwrap();
+        let bad = c.verify_indexes(&mut sm).unwrap();
+        assert!(bad.iter().any(|b| b.contains("before-upgrade")), "{bad:?}");
+        // A name pointing at a volume that is not there.
+        c.put(&mut sm, r, Key::VolumeName("ghost".into()), Value::Id(99))
+            .unwrap();
+        let bad = c.verify_indexes(&mut sm).unwrap();
+        assert!(bad.iter().any(|b| b.contains("ghost")), "{bad:?}");
+        // Counts that do not add up.
+        c.counts.snapshots += 5;
+        let bad = c.verify_indexes(&mut sm).unwrap();
+        assert!(bad.iter().any(|b| b.contains("counts")), "{bad:?}");
+    }
+
+    /// A value naming a map root outside the pool, or a size past the largest volume, is
+    /// refused when its page is decoded.
+    #[test]
+    fn records_pointing_outside_the_pool_are_corrupt() {
+        let v = |root, size| {
+            Value::Volume(VolumeRec {
+                id: 1,
+                name: "v".into(),
+                size,
+                root,
+                created: 0,
+                origin: None,
+                frozen_gen: 0,
+                hidden: false,
+            })
+        };
+        assert!(CatalogSchema::check_value(&v(9, 1), 100).is_ok());
+        assert!(CatalogSchema::check_value(&v(0, 1), 100).is_ok());
+        assert!(CatalogSchema::check_value(&v(100, 1), 100).is_err());
+        assert!(CatalogSchema::check_value(&v(1, 1), 100).is_err());
+        assert!(CatalogSchema::check_value(&v(9, format::MAX_VOLUME_BYTES + 1), 100).is_err());
     }
 }

@@ -33,6 +33,9 @@ pub enum Problem {
     Misplaced { page: u64, detail: String },
     /// The superblock's used-unit total disagrees with the space map.
     UsedMismatch { recorded: u64, counted: u64 },
+    /// The catalog's records and indexes disagree (a name or id that leads nowhere, a
+    /// record its index does not name, counts that do not add up).
+    Catalog { detail: String },
 }
 
 impl std::fmt::Display for Problem {
@@ -63,6 +66,7 @@ impl std::fmt::Display for Problem {
             Problem::Misplaced { page, detail } => {
                 write!(f, "block map page {page} holds a misplaced key: {detail}")
             }
+            Problem::Catalog { detail } => write!(f, "the catalog is inconsistent: {detail}"),
             Problem::UsedMismatch { recorded, counted } => write!(
                 f,
                 "the superblock records {recorded} used units, the space map counts {counted}"
@@ -106,6 +110,11 @@ pub(crate) fn check(e: &mut Engine) -> Result<CheckReport> {
     for u in c.pages(sm)? {
         bump(&mut expected, u);
     }
+    report.problems.extend(
+        c.verify_indexes(sm)?
+            .into_iter()
+            .map(|detail| Problem::Catalog { detail }),
+    );
     // Every map root with the number of blocks its volume or snapshot may map.
     let roots: Vec<(u64, u64)> = c
         .all_volumes(sm)?
