@@ -15,6 +15,7 @@ pub(crate) const ZERO: u8 = 2;
 pub(crate) const END: u8 = 3;
 /// Largest DATA record: the receiver's one buffer.
 pub(crate) const MAX_DATA: usize = 1 << 20;
-/// Names of volumes a receive is building: '/' is refused in user names, so no user volume
-/// can collide, and an interrupted receive is recognized and removed at open.
+/// The label of a volume a receive, restore or import is building, for messages. Such
+/// volumes are a flag on their catalog record (found by id, removed at open), so the label
+/// need not be unique; '/' keeps it from looking like a user's name.
 pub(crate) const HIDDEN_PREFIX: &str = "/recv/";
