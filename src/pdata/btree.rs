@@ -188,6 +188,19 @@ impl<S: Schema> Tree<'_, S> {
         Ok(new)
     }
 
+    /// Child `i` of branch `loc` (None past its last child), for walks that hold no
+    /// borrow of the branch while they descend.
+    fn child(&mut self, loc: u64, i: usize) -> Result<Option<u64>> {
+        match self.node(loc)? {
+            Node::Branch(v) => Ok(v.get(i).map(|c| c.1)),
+            Node::Leaf(_) => Err(Error::corrupt(
+                "tree node",
+                loc,
+                "changed kind during a walk",
+            )),
+        }
+    }
+
     /// The value of `key`.
     pub(crate) fn get(&mut self, root: u64, key: &S::Key) -> Result<Option<S::Value>> {
         if root == 0 {
@@ -273,14 +286,9 @@ impl<S: Schema> Tree<'_, S> {
             };
         for i in start..end {
             // Looked up again per child: the recursion needs the cache mutably.
-            let Node::Branch(v) = self.node(loc)? else {
-                return Err(Error::corrupt(
-                    "tree node",
-                    loc,
-                    "changed kind during a walk",
-                ));
+            let Some(child) = self.child(loc, i)? else {
+                break;
             };
-            let child = v[i].1;
             self.walk_range(child, lo, hi, shared, out, depth + 1)?;
         }
         Ok(())
@@ -331,11 +339,8 @@ impl<S: Schema> Tree<'_, S> {
                 let Some((b, i)) = path.pop() else {
                     return Ok(());
                 };
-                let Node::Branch(v) = self.node(b)? else {
-                    return Err(Error::corrupt("tree node", b, "changed kind during a walk"));
-                };
-                if let Some(c) = v.get(i + 1) {
-                    loc = c.1;
+                if let Some(c) = self.child(b, i + 1)? {
+                    loc = c;
                     path.push((b, i + 1));
                     break;
                 }
@@ -384,14 +389,9 @@ impl<S: Schema> Tree<'_, S> {
         // A child's first key is a lower bound of its keys, not always one of them (removes
         // do not update it), so a child may hold nothing below `hi`: then the one before.
         for i in (0..end).rev() {
-            let Node::Branch(v) = self.node(loc)? else {
-                return Err(Error::corrupt(
-                    "tree node",
-                    loc,
-                    "changed kind during a walk",
-                ));
+            let Some(child) = self.child(loc, i)? else {
+                continue;
             };
-            let child = v[i].1;
             if let Some(found) = self.last_below_in(child, hi, depth + 1)? {
                 return Ok(Some(found));
             }
