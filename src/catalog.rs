@@ -28,6 +28,7 @@
 use crate::error::{Error, Result};
 use crate::format::{self, PageKind};
 use crate::pdata::btree::{Nodes, Tree};
+use crate::pdata::buffer::Buffer;
 use crate::pdata::codec::{Codec, Reader, Writer};
 use crate::pdata::node::{Schema, SearchKey};
 use crate::pdata::page_cache::PageCache;
@@ -53,7 +54,10 @@ pub(crate) struct VolumeRec {
     /// Snapshot or volume this one was cloned from.
     pub origin: Option<u128>,
     /// Generation of the newest snapshot or clone taken of this volume: blocks born at or
-    /// before it may be in a snapshot, so they are never overwritten in place.
+    /// before it may be in a snapshot, so they are never overwritten in place. The stored
+    /// record keeps it for clones, rollbacks and receives; a snapshot does not rewrite the
+    /// record (one leaf path less per snapshot commit), so the catalog raises the loaded
+    /// record's value to its newest snapshot's generation ([`Catalog::volume_ref`]).
     pub frozen_gen: u64,
     /// Being built by a receive, restore or import: not listed, not found by name, and
     /// removed when the pool opens (an interrupted operation).
@@ -360,6 +364,17 @@ impl Schema for CatalogSchema {
     const LEAF: PageKind = PageKind::CatalogLeaf;
     const BRANCH: PageKind = PageKind::CatalogBranch;
 
+    /// A run is one kind of entry (of one volume, for the entries under a volume): each
+    /// volume's snapshot records grow at the end of their run, and so do the time-ordered
+    /// snapshot ids, so their leaves fill instead of staying half full.
+    fn same_run(a: &Key, b: &Key) -> bool {
+        use std::mem::discriminant as d;
+        match (a, b) {
+            (Key::Vol(va, pa), Key::Vol(vb, pb)) => va == vb && d(pa) == d(pb),
+            _ => d(a) == d(b),
+        }
+    }
+
     fn check_value(v: &Value, total_units: u64) -> std::result::Result<(), String> {
         let root_ok = |r: u64| r == 0 || (format::SUPERBLOCK_UNITS..total_units).contains(&r);
         match v {
@@ -386,6 +401,9 @@ pub(crate) struct Catalog {
     nodes: Nodes<CatalogSchema>,
     /// Root of the catalog tree (0: empty).
     root: u64,
+    /// Changes not yet in the tree, committed as one page (see [`crate::pdata::buffer`]):
+    /// a snapshot's three entries cost one page at its commit instead of three leaf paths.
+    buffer: Buffer<CatalogSchema>,
     /// Volume records used by I/O; dirty ones hold changes the tree takes at the commit.
     hot: HashMap<u128, Hot>,
     /// Snapshot records used by I/O (clean copies of the tree's).
@@ -431,20 +449,25 @@ fn mismatch(key: &Key, value: &Value) -> Error {
 }
 
 impl Catalog {
-    /// The catalog whose tree has root `root`; nothing is read until used.
+    /// The catalog whose tree has root `root` and whose write buffer is page `buffer`
+    /// (0: empty); the buffer is read now, the tree when used.
     pub(crate) fn open(
         dev: std::sync::Arc<dyn crate::device::BlockDevice>,
         root: u64,
+        buffer: u64,
+        total_units: u64,
         generation: u64,
         counts: Counts,
-    ) -> Catalog {
-        Catalog {
+    ) -> Result<Catalog> {
+        let buffer = Buffer::open(&*dev, PageKind::CatalogBuffer, buffer, total_units)?;
+        Ok(Catalog {
             nodes: Nodes::new(PageCache::new(dev, generation, CATALOG_CACHE)),
             root,
+            buffer,
             hot: HashMap::new(),
             hot_snapshots: HashMap::new(),
             counts,
-        }
+        })
     }
 
     pub(crate) fn counts(&self) -> Counts {
@@ -455,20 +478,35 @@ impl Catalog {
         self.root
     }
 
+    /// Unit of the committed write buffer page (0: none), for the superblock.
+    pub(crate) fn buffer_page(&self) -> u64 {
+        self.buffer.page()
+    }
+
     fn get(&mut self, sm: &mut SpaceMap, key: &Key) -> Result<Option<Value>> {
-        tree(&mut self.nodes, sm, Reserve::Keep).get(self.root, key)
+        let mut t = tree(&mut self.nodes, sm, Reserve::Keep);
+        self.buffer.get(&mut t, self.root, key)
     }
 
     fn put(&mut self, sm: &mut SpaceMap, reserve: Reserve, key: Key, value: Value) -> Result<()> {
-        let (root, _) = tree(&mut self.nodes, sm, reserve).insert(self.root, key, value)?;
-        self.root = root;
-        Ok(())
+        let mut t = tree(&mut self.nodes, sm, reserve);
+        self.buffer.insert(&mut t, &mut self.root, key, value)
     }
 
     fn del(&mut self, sm: &mut SpaceMap, reserve: Reserve, key: &Key) -> Result<Option<Value>> {
-        let (root, old) = tree(&mut self.nodes, sm, reserve).remove(self.root, key)?;
-        self.root = root;
-        Ok(old)
+        let mut t = tree(&mut self.nodes, sm, reserve);
+        self.buffer.remove(&mut t, &mut self.root, key)
+    }
+
+    /// Calls `f` on every entry (buffered changes over the tree's) from `from` on.
+    fn scan(
+        &mut self,
+        sm: &mut SpaceMap,
+        from: &Key,
+        f: impl FnMut(&Key, &Value) -> ControlFlow<()>,
+    ) -> Result<()> {
+        let mut t = tree(&mut self.nodes, sm, Reserve::Keep);
+        self.buffer.scan(&mut t, self.root, from, f)
     }
 
     /// Every entry from `from` on while `within` holds, in key order.
@@ -479,7 +517,7 @@ impl Catalog {
         within: impl Fn(&Key) -> bool,
     ) -> Result<Vec<(Key, Value)>> {
         let mut out = Vec::new();
-        tree(&mut self.nodes, sm, Reserve::Keep).scan(self.root, from, |k, v| {
+        self.scan(sm, from, |k, v| {
             if !within(k) {
                 return ControlFlow::Break(());
             }
@@ -512,11 +550,14 @@ impl Catalog {
     pub(crate) fn volume_ref(&mut self, sm: &mut SpaceMap, id: u128) -> Result<Option<&VolumeRec>> {
         if !self.hot.contains_key(&id) {
             let key = Key::Vol(id, Part::Record);
-            let rec = match self.get(sm, &key)? {
+            let mut rec = match self.get(sm, &key)? {
                 None => return Ok(None),
                 Some(Value::Volume(v)) => v,
                 Some(v) => return Err(mismatch(&key, &v)),
             };
+            if let Some(s) = self.newest_snapshot(sm, id)? {
+                rec.frozen_gen = rec.frozen_gen.max(s.generation);
+            }
             self.trim_hot();
             self.hot.insert(id, Hot { rec, dirty: false });
         }
@@ -683,21 +724,30 @@ impl Catalog {
 
     /// Every volume record, visible and hidden, by id (with the open transaction's changes).
     pub(crate) fn all_volumes(&mut self, sm: &mut SpaceMap) -> Result<Vec<VolumeRec>> {
-        let mut ids: Vec<u128> = Vec::new();
-        let first = Key::Vol(0, Part::Record);
-        tree(&mut self.nodes, sm, Reserve::Keep).scan(self.root, &first, |k, _| match k {
-            Key::Vol(id, Part::Record) => {
-                ids.push(*id);
-                ControlFlow::Continue(())
-            }
-            Key::Vol(..) => ControlFlow::Continue(()),
-            _ => ControlFlow::Break(()),
-        })?;
+        let ids = self.volume_ids(sm)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             out.extend(self.volume(sm, id)?);
         }
         Ok(out)
+    }
+
+    /// The id of every volume that has entries (a record, or snapshots and bookmarks left
+    /// by a deleted volume), in id order. One descent per volume: the walk jumps over each
+    /// volume's entries instead of reading them, so it costs the number of volumes, not
+    /// the number of snapshots.
+    fn volume_ids(&mut self, sm: &mut SpaceMap) -> Result<Vec<u128>> {
+        let mut ids = Vec::new();
+        let mut from = Key::Vol(0, Part::Record);
+        let mut t = tree(&mut self.nodes, sm, Reserve::Keep);
+        while let Some(Key::Vol(id, _)) = self.buffer.next_key(&mut t, self.root, &from)? {
+            ids.push(id);
+            match id.checked_add(1) {
+                Some(next) => from = Key::Vol(next, Part::Record),
+                None => break,
+            }
+        }
+        Ok(ids)
     }
 
     /// Ids of the hidden volumes.
@@ -758,34 +808,36 @@ impl Catalog {
         for rec in dirty {
             self.store_volume(sm, Reserve::Use, rec)?;
         }
-        Ok(())
+        let mut t = tree(&mut self.nodes, sm, Reserve::Use);
+        self.buffer.prepare_commit(&mut t, &mut self.root)
     }
 
     /// Records and pages the commit has to write.
     pub(crate) fn dirty_count(&self) -> usize {
-        self.nodes.cache.dirty_count() + self.hot.values().filter(|h| h.dirty).count()
+        self.nodes.cache.dirty_count()
+            + self.hot.values().filter(|h| h.dirty).count()
+            + usize::from(self.buffer.changed())
     }
 
     /// Sealed images of the catalog pages this transaction wrote (after [`Catalog::flush`]).
     pub(crate) fn dirty_pages(&self) -> Vec<(u64, Box<format::Page>)> {
-        self.nodes.cache.sealed_dirty()
+        let mut pages = self.nodes.cache.sealed_dirty();
+        pages.extend(self.buffer.sealed_page());
+        pages
     }
 
     pub(crate) fn commit_done(&mut self) {
+        self.buffer.commit_done();
         self.nodes.commit_done();
     }
 
     /// Checks that every record and index agree (for `check`); returns what does not.
     pub(crate) fn verify_indexes(&mut self, sm: &mut SpaceMap) -> Result<Vec<String>> {
         let mut all: std::collections::BTreeMap<Key, Value> = std::collections::BTreeMap::new();
-        tree(&mut self.nodes, sm, Reserve::Keep).scan(
-            self.root,
-            &Key::Vol(0, Part::Record),
-            |k, v| {
-                all.insert(k.clone(), v.clone());
-                ControlFlow::Continue(())
-            },
-        )?;
+        self.scan(sm, &Key::Vol(0, Part::Record), |k, v| {
+            all.insert(k.clone(), v.clone());
+            ControlFlow::Continue(())
+        })?;
         let mut bad = Vec::new();
         let at_matches = |all: &std::collections::BTreeMap<Key, Value>, want: (u128, u64, u128)| matches!(all.get(&Key::Vol(want.0, Part::Snapshot(want.1, want.2))), Some(Value::Snapshot(s)) if s.id == want.2);
         let (mut visible, mut snapshots) = (0u64, 0u64);
@@ -893,6 +945,9 @@ impl Catalog {
             out.push(loc);
             Ok(())
         })?;
+        if self.buffer.page() != 0 {
+            out.push(self.buffer.page());
+        }
         Ok(out)
     }
 
@@ -977,6 +1032,11 @@ impl Catalog {
             id: rec.id,
         };
         let (v, g, id) = (rec.volume, rec.generation, rec.id);
+        // The volume's frozen generation follows its newest snapshot without a record
+        // rewrite: a loaded record takes it here, a record loaded later from its snapshots.
+        if let Some(h) = self.hot.get_mut(&v) {
+            h.rec.frozen_gen = h.rec.frozen_gen.max(g);
+        }
         self.put(
             sm,
             reserve,
@@ -1027,18 +1087,24 @@ impl Catalog {
         sm: &mut SpaceMap,
         volume: u128,
     ) -> Result<Vec<SnapshotRec>> {
-        let found = self.range(
-            sm,
-            &Key::Vol(volume, Part::Snapshot(0, 0)),
-            |k| matches!(k, Key::Vol(v, Part::Snapshot(..)) if *v == volume),
-        )?;
-        found
-            .into_iter()
-            .map(|(k, v)| match v {
-                Value::Snapshot(s) => Ok(s),
-                v => Err(mismatch(&k, &v)),
-            })
-            .collect()
+        let mut out = Vec::new();
+        let mut bad = None;
+        let first = Key::Vol(volume, Part::Snapshot(0, 0));
+        self.scan(sm, &first, |k, v| match (k, v) {
+            (Key::Vol(id, Part::Snapshot(..)), Value::Snapshot(s)) if *id == volume => {
+                out.push(s.clone());
+                ControlFlow::Continue(())
+            }
+            (Key::Vol(id, Part::Snapshot(..)), v) if *id == volume => {
+                bad = Some(mismatch(k, v));
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Break(()),
+        })?;
+        match bad {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     /// The newest snapshot of volume `volume` (highest generation).
@@ -1047,7 +1113,9 @@ impl Catalog {
         sm: &mut SpaceMap,
         volume: u128,
     ) -> Result<Option<SnapshotRec>> {
-        let last = tree(&mut self.nodes, sm, Reserve::Keep).last_below(
+        let mut t = tree(&mut self.nodes, sm, Reserve::Keep);
+        let last = self.buffer.last_below(
+            &mut t,
             self.root,
             &Key::Vol(volume, Part::Snapshot(u64::MAX, u128::MAX)),
         )?;
@@ -1059,18 +1127,13 @@ impl Catalog {
         }
     }
 
-    /// Every snapshot, oldest first.
+    /// Every snapshot, oldest first. Each volume's snapshot records are one run of keys,
+    /// read alone: the name indexes between them are skipped.
     pub(crate) fn all_snapshots(&mut self, sm: &mut SpaceMap) -> Result<Vec<SnapshotRec>> {
         let mut out = Vec::new();
-        let first = Key::Vol(0, Part::Record);
-        tree(&mut self.nodes, sm, Reserve::Keep).scan(self.root, &first, |k, v| match (k, v) {
-            (Key::Vol(_, Part::Snapshot(..)), Value::Snapshot(s)) => {
-                out.push(s.clone());
-                ControlFlow::Continue(())
-            }
-            (Key::Vol(..), _) => ControlFlow::Continue(()),
-            _ => ControlFlow::Break(()),
-        })?;
+        for volume in self.volume_ids(sm)? {
+            out.extend(self.snapshots_of(sm, volume)?);
+        }
         out.sort_by_key(|s| (s.generation, s.created, s.id));
         Ok(out)
     }
@@ -1368,7 +1431,7 @@ mod tests {
     fn verify_indexes_finds_what_disagrees() {
         let dev = std::sync::Arc::new(crate::device::MemoryDevice::new(4 << 20));
         let mut sm = SpaceMap::create(dev.clone(), 1024);
-        let mut c = Catalog::open(dev, 0, 1, Counts::default());
+        let mut c = Catalog::open(dev, 0, 0, 1024, 1, Counts::default()).unwrap();
         let r = Reserve::Keep;
         let Value::Volume(vol) = values()[0].clone() else {
             unreachable!()

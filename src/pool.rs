@@ -398,10 +398,11 @@ impl Pool {
                 for (vol, name) in items {
                     let id = e.volume_named(vol)?.id;
                     let (c, sm, _) = e.cat();
-                    let Some(v) = c.volume_mut(sm, id)? else {
+                    // The record is not rewritten: adding the snapshot raises the volume's
+                    // frozen generation (see `Catalog::add_snapshot`).
+                    let Some(v) = c.volume_ref(sm, id)? else {
                         return Err(Error::VolumeNotFound(vol.to_string()));
                     };
-                    v.frozen_gen = generation;
                     let rec = SnapshotRec {
                         id: new_id(),
                         volume: v.id,

@@ -107,11 +107,12 @@ impl Engine {
             space_root: 0,
             space_height: 0,
             catalog_root: 0,
+            catalog_buffer: 0,
             volumes: 0,
             snapshots: 0,
             created_unix: now_unix(),
         };
-        let catalog = Catalog::open(dev.clone(), 0, 1, Counts::default());
+        let catalog = Catalog::open(dev.clone(), 0, 0, total_units, 1, Counts::default())?;
         let mut engine = Engine::assemble(Store::new(dev, sm, 1, block_size as usize), catalog, sb);
         // The first commit writes the space map and the superblocks.
         engine.force_commit = true;
@@ -181,7 +182,14 @@ impl Engine {
             volumes: sb.volumes,
             snapshots: sb.snapshots,
         };
-        let catalog = Catalog::open(dev.clone(), sb.catalog_root, sb.generation + 1, counts);
+        let catalog = Catalog::open(
+            dev.clone(),
+            sb.catalog_root,
+            sb.catalog_buffer,
+            sb.total_units,
+            sb.generation + 1,
+            counts,
+        )?;
         let store = Store::new(dev, sm, sb.generation + 1, sb.block_size as usize);
         Ok(Engine::assemble(store, catalog, sb))
     }
@@ -336,6 +344,7 @@ impl Engine {
             space_root: self.store.sm.root(),
             space_height: self.store.sm.height(),
             catalog_root: self.catalog.root(),
+            catalog_buffer: self.catalog.buffer_page(),
             volumes: self.catalog.counts().volumes,
             snapshots: self.catalog.counts().snapshots,
             ..self.sb.clone()

@@ -36,10 +36,22 @@ fn opts() -> PoolOptions {
     }
 }
 
-/// Bytes written by (a 4 KiB first write to an unrelated volume + flush, one more
-/// snapshot of volume `db`) in a pool holding `snapshots` snapshots: of `db` alone, or
-/// spread over volumes of 10 snapshots each (as a CSI driver's pool holds them).
-fn commit_bytes(snapshots: usize, spread: bool) -> (u64, u64) {
+/// Snapshots a run measures (several of the catalog buffer's spills into the tree).
+const RUN: u64 = 64;
+
+/// What one pool shape's commits write: a 4 KiB first write to an unrelated volume + flush,
+/// one more snapshot, and the mean and largest of a run of [`RUN`] more snapshots (each
+/// after a write, as a volume in use has).
+struct Bytes {
+    write: u64,
+    snapshot: u64,
+    run_mean: u64,
+    run_max: u64,
+}
+
+/// [`Bytes`] in a pool holding `snapshots` snapshots: of `db` alone, or spread over
+/// volumes of 10 snapshots each (as a CSI driver's pool holds them).
+fn commit_bytes(snapshots: usize, spread: bool) -> Bytes {
     let dev = Arc::new(Counting {
         inner: MemoryDevice::new(1 << 30),
         written: AtomicU64::new(0),
@@ -67,48 +79,82 @@ fn commit_bytes(snapshots: usize, spread: bool) -> (u64, u64) {
     pool.flush().unwrap();
     pool.snapshot("db", "warm").unwrap();
 
-    let before = dev.written.load(Ordering::Relaxed);
+    let written = || dev.written.load(Ordering::Relaxed);
+    let before = written();
     other.write_at(&[4u8; 4096], 3 << 20).unwrap();
     pool.flush().unwrap();
-    let write = dev.written.load(Ordering::Relaxed) - before;
-    let before = dev.written.load(Ordering::Relaxed);
+    let write = written() - before;
+    let before = written();
     pool.snapshot("db", "one-more").unwrap();
-    let snap = dev.written.load(Ordering::Relaxed) - before;
+    let snapshot = written() - before;
+    let (mut total, mut run_max) = (0, 0);
+    for i in 0..RUN {
+        db.write_at(&[5u8; 4096], (i + 1) * 4096).unwrap();
+        pool.flush().unwrap();
+        let before = written();
+        pool.snapshot("db", &format!("run-{i:03}")).unwrap();
+        let b = written() - before;
+        total += b;
+        run_max = run_max.max(b);
+    }
     assert!(pool.check().unwrap().is_clean());
-    (write, snap)
+    Bytes {
+        write,
+        snapshot,
+        run_mean: total / RUN,
+        run_max,
+    }
 }
 
 /// Deterministic on a counting device. With 20,000 snapshots in the pool, a first write +
-/// flush writes at most 1.5× what it writes with 10 (the target; the old catalog,
-/// rewritten whole at every commit, wrote 89×). One more snapshot writes more: its record
-/// (with its volume's), its name and its id are three keys of a tree that has three levels
-/// at this size and one at 10, so the snapshot's catalog pages go from one to two or three
-/// leaf paths (the old catalog: 91×). Bounded here at 2.5× when the snapshots are spread
-/// over volumes and 3× when all are of one volume; see BENCHMARKS.md.
+/// flush and one more snapshot write at most 1.5× what they write with 10 (the issue's
+/// target; the old catalog, rewritten whole at every commit, wrote 89× and 91×): a
+/// snapshot's three catalog entries wait in the catalog's one-page write buffer, so its
+/// commit writes that page, not three leaf paths of a deeper tree. Averaged over a run of
+/// snapshots that includes the buffer's spills into the tree, the snapshot commit stays
+/// within 1.5× too; the largest single commit of the run (a spill) is bounded at 6× the largest at 10.
 #[test]
 fn commit_bytes_do_not_depend_on_the_number_of_snapshots() {
-    let (w10, s10) = commit_bytes(10, false);
-    let (w20k, s20k) = commit_bytes(20_000, true);
-    let (w20k1, s20k1) = commit_bytes(20_000, false);
-    eprintln!("write+flush: {w10} B with 10 snapshots, {w20k} B with 20,000 over 2,000 volumes, {w20k1} B with 20,000 of one volume");
-    eprintln!("snapshot:    {s10} B with 10 snapshots, {s20k} B with 20,000 over 2,000 volumes, {s20k1} B with 20,000 of one volume");
-    for (what, small, big) in [
-        ("write + flush, spread", w10, w20k),
-        ("write + flush, one volume", w10, w20k1),
+    let small = commit_bytes(10, false);
+    let spread = commit_bytes(20_000, true);
+    let one = commit_bytes(20_000, false);
+    for (what, b) in [
+        ("10 snapshots", &small),
+        ("20,000 over 2,000 volumes", &spread),
+        ("20,000 of one volume", &one),
     ] {
-        assert!(
-            big as f64 <= 1.5 * small as f64,
-            "{what}: {big} bytes with 20,000 snapshots vs {small} with 10"
+        eprintln!(
+            "{what}: write+flush {} B, snapshot {} B, run of {RUN} snapshots mean {} B, max {} B",
+            b.write, b.snapshot, b.run_mean, b.run_max
         );
     }
-    assert!(
-        s20k as f64 <= 2.5 * s10 as f64,
-        "snapshot with 20,000 over 2,000 volumes: {s20k} bytes vs {s10} with 10"
-    );
-    assert!(
-        s20k1 as f64 <= 3.0 * s10 as f64,
-        "snapshot of a volume with 20,000: {s20k1} bytes vs {s10} with 10"
-    );
+    for (what, big) in [("spread", &spread), ("one volume", &one)] {
+        let ratio = |f: fn(&Bytes) -> u64| f(big) as f64 / f(&small) as f64;
+        assert!(
+            ratio(|b| b.write) <= 1.5,
+            "write + flush, {what}: {} bytes with 20,000 snapshots vs {} with 10",
+            big.write,
+            small.write
+        );
+        assert!(
+            ratio(|b| b.snapshot) <= 1.5,
+            "snapshot, {what}: {} bytes with 20,000 snapshots vs {} with 10",
+            big.snapshot,
+            small.snapshot
+        );
+        assert!(
+            ratio(|b| b.run_mean) <= 1.5,
+            "mean snapshot of a run, {what}: {} bytes with 20,000 snapshots vs {} with 10",
+            big.run_mean,
+            small.run_mean
+        );
+        assert!(
+            ratio(|b| b.run_max) <= 6.0,
+            "largest snapshot commit of a run, {what}: {} bytes vs {} with 10",
+            big.run_max,
+            small.run_max
+        );
+    }
 }
 
 /// Snapshots are indexed under their volume's id: a new volume that takes a deleted one's

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Every kind of metadata page: superblock, block map leaf and branch, space map leaf and
-/// index, catalog leaf and branch.
-const MAGICS: [&[u8; 4]; 7] = [
-    b"SVSB", b"SVML", b"SVMB", b"SVSL", b"SVSI", b"SVCL", b"SVCB",
+/// index, catalog leaf, branch and write buffer.
+const MAGICS: [&[u8; 4]; 8] = [
+    b"SVSB", b"SVML", b"SVMB", b"SVSL", b"SVSI", b"SVCL", b"SVCB", b"SVCW",
 ];
 
 /// What a flipped metadata byte may cause: a refusal that says the pool is damaged.

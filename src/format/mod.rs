@@ -60,6 +60,7 @@ pub(crate) enum PageKind {
     Catalog = u32::from_le_bytes(*b"SVCT"),
     CatalogLeaf = u32::from_le_bytes(*b"SVCL"),
     CatalogBranch = u32::from_le_bytes(*b"SVCB"),
+    CatalogBuffer = u32::from_le_bytes(*b"SVCW"),
     /// Pages of the generic tree's own tests.
     #[cfg(test)]
     TestLeaf = u32::from_le_bytes(*b"SVTL"),
@@ -78,6 +79,7 @@ impl PageKind {
             PageKind::Catalog => "catalog page",
             PageKind::CatalogLeaf => "catalog leaf",
             PageKind::CatalogBranch => "catalog branch",
+            PageKind::CatalogBuffer => "catalog write buffer",
             #[cfg(test)]
             PageKind::TestLeaf => "test leaf",
             #[cfg(test)]
@@ -95,6 +97,7 @@ impl PageKind {
             PageKind::Catalog,
             PageKind::CatalogLeaf,
             PageKind::CatalogBranch,
+            PageKind::CatalogBuffer,
             #[cfg(test)]
             PageKind::TestLeaf,
             #[cfg(test)]

@@ -16,6 +16,8 @@ pub(crate) struct Superblock {
     pub space_height: u32,
     /// Root page of the catalog tree (0 = empty catalog).
     pub catalog_root: u64,
+    /// The catalog's write buffer page (0 = none): changes not yet in the tree.
+    pub catalog_buffer: u64,
     /// Visible volumes and snapshots in the catalog (so pool figures need no scan).
     pub volumes: u64,
     pub snapshots: u64,
@@ -41,6 +43,7 @@ impl Superblock {
         put_u64(&mut p[..], 104, self.volumes);
         put_u64(&mut p[..], 112, self.created_unix);
         put_u64(&mut p[..], 120, self.snapshots);
+        put_u64(&mut p[..], 128, self.catalog_buffer);
         let slot = Self::slot(self.generation);
         seal(&mut p, PageKind::Superblock, slot, self.generation);
         p
@@ -77,6 +80,7 @@ impl Superblock {
             catalog_root: get_u64(&p[..], 96),
             volumes: get_u64(&p[..], 104),
             snapshots: get_u64(&p[..], 120),
+            catalog_buffer: get_u64(&p[..], 128),
             created_unix: get_u64(&p[..], 112),
         };
         let units_on_device = device_len / PAGE_SIZE as u64;
@@ -113,6 +117,9 @@ impl Superblock {
         if sb.catalog_root != 0 && !in_pool(sb.catalog_root) {
             return Err(bad("catalog root out of range".into()));
         }
+        if sb.catalog_buffer != 0 && !in_pool(sb.catalog_buffer) {
+            return Err(bad("catalog write buffer out of range".into()));
+        }
         Ok(sb)
     }
 }
@@ -132,6 +139,7 @@ mod tests {
             space_root: 5,
             space_height: 1,
             catalog_root: 6,
+            catalog_buffer: 8,
             volumes: 3,
             snapshots: 9,
             created_unix: 1_700_000_000,

@@ -12,7 +12,7 @@
 //! child hands its reference to that child. Trees that shrink keep some half-empty nodes,
 //! which costs space, never correctness.
 
-use super::node::{leaf_entry_len, Node, Schema, SearchKey, MAX_ENTRY};
+use super::node::{leaf_entry_len, Node, Schema, SearchKey, MAX_ENTRY, PAYLOAD};
 use super::page_cache::{PageCache, PageNode};
 use crate::error::{Error, Result};
 use crate::space::{Reserve, SpaceMap};
@@ -101,16 +101,25 @@ fn too_deep(loc: u64) -> Error {
     Error::corrupt("tree node", loc, "tree deeper than 32 levels (a cycle?)")
 }
 
-/// Where an overfull node splits after an insert at `at`: an append at the end (sequential
+/// Where an overfull node splits after an insert at `at`. An append at the end (sequential
 /// writes, time-ordered ids) leaves the left node full and starts a new one, so a tree
-/// filled in order gets full nodes; any other insert splits in the middle by bytes. Both
-/// halves fit a page because no entry exceeds `MAX_ENTRY`.
-fn split_point(at: usize, lens: &[usize]) -> usize {
+/// filled in order gets full nodes. An insert that ends a run of keys (`ends_run`: the next
+/// entry belongs to another run, see [`Schema::same_run`]) splits right after it when the
+/// left part then holds at least half and fits: the next key of the run goes to the left
+/// node's successor, and the run fills nodes as an append does. Any other insert splits in
+/// the middle by bytes. Both halves fit a page because no entry exceeds `MAX_ENTRY`.
+fn split_point(at: usize, lens: &[usize], ends_run: bool) -> usize {
     let n = lens.len();
     if at + 1 == n {
         return n - 1;
     }
     let total: usize = lens.iter().sum();
+    if ends_run {
+        let left: usize = lens[..=at].iter().sum();
+        if left <= PAYLOAD && 2 * left >= total {
+            return at + 1;
+        }
+    }
     let mut left = 0;
     for (i, l) in lens.iter().enumerate() {
         if left + l > total / 2 && i > 0 {
@@ -570,7 +579,11 @@ impl<S: Schema> Tree<'_, S> {
         if node.fits() {
             return Ok(None);
         }
-        let cut = split_point(at, &node.entry_lens());
+        let ends_run = match &*node {
+            Node::Leaf(v) => v.get(at + 1).is_some_and(|n| !S::same_run(&v[at].0, &n.0)),
+            Node::Branch(v) => v.get(at + 1).is_some_and(|n| !S::same_run(&v[at].0, &n.0)),
+        };
+        let cut = split_point(at, &node.entry_lens(), ends_run);
         let right = match node {
             Node::Leaf(v) => Node::Leaf(v.split_off(cut)),
             Node::Branch(v) => Node::Branch(v.split_off(cut)),

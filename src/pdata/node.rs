@@ -50,6 +50,15 @@ pub(crate) trait Schema {
         Ok(())
     }
 
+    /// Whether `a` and `b` (adjacent keys) belong to one run of keys that grows at its end,
+    /// such as one volume's snapshot records by generation inside a catalog whose other
+    /// entries follow. A node that overflows right after the last key of a run splits
+    /// there, so runs appended to in order fill their nodes instead of leaving each one
+    /// half full. The default, one run per tree, keeps only the append split at the end.
+    fn same_run(_a: &Self::Key, _b: &Self::Key) -> bool {
+        true
+    }
+
     /// A copy of a shared leaf now holds `v` too.
     fn inc_value(&self, _sm: &mut SpaceMap, _v: &Self::Value) -> Result<()> {
         Ok(())

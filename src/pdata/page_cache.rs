@@ -65,7 +65,7 @@ impl<N: PageNode> PageCache<N> {
         self.dev.clone()
     }
 
-    #[cfg(test)]
+    /// Generation of the open transaction (what its pages are sealed with).
     pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
