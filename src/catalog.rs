@@ -1263,31 +1263,31 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
 impl crate::txn::Engine {
     /// The record of volume `id`, visible or hidden.
     pub(crate) fn volume_rec(&mut self, id: u128) -> Result<Option<VolumeRec>> {
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         c.volume(sm, id)
     }
 
     /// The visible volume named `name`.
     pub(crate) fn volume_named(&mut self, name: &str) -> Result<VolumeRec> {
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         c.volume_named(sm, name)
     }
 
     /// Whether a visible volume is named `name`.
     pub(crate) fn volume_exists(&mut self, name: &str) -> Result<bool> {
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         Ok(c.volume_id(sm, name)?.is_some())
     }
 
     pub(crate) fn snapshot_rec(&mut self, id: u128) -> Result<Option<SnapshotRec>> {
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         c.snapshot(sm, id)
     }
 
     /// `vol@snap`: snapshot `snap` of the visible volume `vol`.
     pub(crate) fn snapshot_named(&mut self, vol: &str, snap: &str) -> Result<SnapshotRec> {
         let missing = || Error::SnapshotNotFound(format!("{vol}@{snap}"));
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         let Some(vid) = c.volume_id(sm, vol)? else {
             return Err(missing());
         };

@@ -106,7 +106,7 @@ pub(crate) fn check(e: &mut Engine) -> Result<CheckReport> {
     for u in e.store.sm.own_pages() {
         bump(&mut expected, u);
     }
-    let (c, sm, _) = e.cat();
+    let (c, sm) = e.cat();
     for u in c.pages(sm)? {
         bump(&mut expected, u);
     }

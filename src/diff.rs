@@ -235,7 +235,7 @@ fn block_kind(c: &Change) -> (u64, ExtentKind) {
 impl Engine {
     /// Checks that bookmark `id` describes an ancestor of `target`; returns its generation.
     fn bookmark_base(&mut self, id: u128, target: DiffTarget) -> Result<u64> {
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         let bm = c
             .bookmark(sm, id)?
             .ok_or_else(|| Error::SnapshotNotFound(format!("snapshot or bookmark id {id:032x}")))?;
@@ -262,7 +262,7 @@ impl Engine {
         // state after d the state at g. The bookmark is an ancestor if that walk never goes
         // back before it (rolling back to the bookmarked snapshot itself, or forward again
         // to a later one, keeps it an ancestor).
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         let rollbacks = c.rollbacks(sm, volume)?;
         let mut t = at;
         while let Some(&(_, to)) = rollbacks

@@ -392,12 +392,12 @@ impl Pool {
                 }
                 seen.push((v.id, *name));
             }
-            e.catalog_op(Reserve::Keep, |e| {
+            e.catalog_op(Reserve::Keep, |e, r| {
                 let generation = e.store.generation;
                 let mut ids = Vec::new();
                 for (vol, name) in items {
                     let id = e.volume_named(vol)?.id;
-                    let (c, sm, _) = e.cat();
+                    let (c, sm) = e.cat();
                     // The record is not rewritten: adding the snapshot raises the volume's
                     // frozen generation (see `Catalog::add_snapshot`).
                     let Some(v) = c.volume_ref(sm, id)? else {
@@ -415,7 +415,7 @@ impl Pool {
                     };
                     e.store.share_tree(rec.root)?;
                     ids.push(rec.id);
-                    let (c, sm, r) = e.cat();
+                    let (c, sm) = e.cat();
                     c.add_snapshot(sm, r, rec)?;
                 }
                 Ok(ids)
@@ -448,11 +448,11 @@ impl Pool {
         self.with(|e| {
             let v = e.volume_named(vol)?;
             let s = e.snapshot_named(vol, snap)?;
-            e.catalog_op(Reserve::Use, |e| {
+            e.catalog_op(Reserve::Use, |e, r| {
                 e.store.share_tree(s.root)?;
                 e.store.drop_tree(v.root)?;
                 let generation = e.store.generation;
-                let (c, sm, r) = e.cat();
+                let (c, sm) = e.cat();
                 let Some(rec) = c.volume_mut(sm, v.id)? else {
                     return Err(Error::VolumeNotFound(vol.to_string()));
                 };
@@ -469,8 +469,8 @@ impl Pool {
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         self.with(|e| {
             let v = e.volume_named(name)?;
-            e.catalog_op(Reserve::Use, |e| {
-                let (c, sm, r) = e.cat();
+            e.catalog_op(Reserve::Use, |e, r| {
+                let (c, sm) = e.cat();
                 if let Some(rec) = c.remove_volume(sm, r, v.id)? {
                     e.store.drop_tree(rec.root)?;
                 }
@@ -499,15 +499,15 @@ impl Pool {
     pub fn bookmark(&self, vol: &str, snap: &str) -> Result<u128> {
         self.with(|e| {
             let s = e.snapshot_named(vol, snap)?;
-            let (c, sm, _) = e.cat();
+            let (c, sm) = e.cat();
             if c.bookmark(sm, s.id)?.is_some() || c.bookmark_id(sm, s.volume, &s.name)?.is_some() {
                 return Err(Error::AlreadyExists {
                     kind: "bookmark",
                     name: format!("{vol}#{snap}"),
                 });
             }
-            e.catalog_op(Reserve::Keep, |e| {
-                let (c, sm, r) = e.cat();
+            e.catalog_op(Reserve::Keep, |e, r| {
+                let (c, sm) = e.cat();
                 c.add_bookmark(
                     sm,
                     r,
@@ -530,7 +530,7 @@ impl Pool {
     pub fn bookmark_id(&self, vol: &str, name: &str) -> Result<u128> {
         self.with(|e| {
             let missing = || Error::SnapshotNotFound(format!("{vol}#{name}"));
-            let (c, sm, _) = e.cat();
+            let (c, sm) = e.cat();
             let vid = c.volume_id(sm, vol)?.ok_or_else(missing)?;
             c.bookmark_id(sm, vid, name)?.ok_or_else(missing)
         })
@@ -540,8 +540,8 @@ impl Pool {
     pub fn delete_bookmark(&self, vol: &str, name: &str) -> Result<()> {
         let id = self.bookmark_id(vol, name)?;
         self.with(|e| {
-            e.catalog_op(Reserve::Use, |e| {
-                let (c, sm, r) = e.cat();
+            e.catalog_op(Reserve::Use, |e, r| {
+                let (c, sm) = e.cat();
                 c.remove_bookmark(sm, r, id)?;
                 Ok(())
             })
@@ -551,14 +551,14 @@ impl Pool {
     /// Every bookmark.
     pub fn bookmarks(&self) -> Result<Vec<BookmarkInfo>> {
         let mut e = self.shared.engine.lock();
-        let (c, sm, _) = e.cat();
+        let (c, sm) = e.cat();
         Ok(c.bookmarks(sm)?.into_iter().map(Into::into).collect())
     }
 
     /// The bookmark with id `id` (the id of the snapshot it was made from).
     pub fn bookmark_info(&self, id: u128) -> Result<BookmarkInfo> {
         self.with(|e| {
-            let (c, sm, _) = e.cat();
+            let (c, sm) = e.cat();
             c.bookmark(sm, id)?
                 .map(Into::into)
                 .ok_or_else(|| Error::SnapshotNotFound(format!("bookmark id {id:032x}")))
@@ -577,7 +577,7 @@ impl Pool {
     /// The snapshots of the volume with id `volume_id` (also a deleted one), oldest first.
     pub fn volume_snapshots(&self, volume_id: u128) -> Result<Vec<SnapshotInfo>> {
         self.with(|e| {
-            let (c, sm, _) = e.cat();
+            let (c, sm) = e.cat();
             Ok(c.snapshots_of(sm, volume_id)?
                 .into_iter()
                 .map(Into::into)
@@ -588,7 +588,7 @@ impl Pool {
     /// The bookmarks of the volume with id `volume_id`, oldest first.
     pub fn volume_bookmarks(&self, volume_id: u128) -> Result<Vec<BookmarkInfo>> {
         self.with(|e| {
-            let (c, sm, _) = e.cat();
+            let (c, sm) = e.cat();
             let mut v = c.bookmarks_of(sm, volume_id)?;
             v.sort_by_key(|b| (b.generation, b.id));
             Ok(v.into_iter().map(Into::into).collect())
@@ -606,8 +606,8 @@ impl Pool {
                     name: new_name.into(),
                 });
             }
-            e.catalog_op(Reserve::Use, |e| {
-                let (c, sm, r) = e.cat();
+            e.catalog_op(Reserve::Use, |e, r| {
+                let (c, sm) = e.cat();
                 c.rename_volume(sm, r, id, new_name)
             })
         })
@@ -633,7 +633,7 @@ impl Pool {
                     crate::format::MAX_POOL_BYTES
                 )));
             }
-            e.catalog_op(Reserve::Keep, |e| {
+            e.catalog_op(Reserve::Keep, |e, _| {
                 e.store.dev.grow(new_size)?;
                 let units = (new_size.min(e.store.dev.len())) / unit;
                 // The new size must be durable before a superblock counts on it. A failed
@@ -666,8 +666,8 @@ impl Pool {
                 .volume_rec(id)?
                 .ok_or_else(|| Error::VolumeNotFound(format!("id {id:032x}")))?;
             let name = v.name.clone();
-            let set_size = |e: &mut Engine| {
-                let (c, sm, _) = e.cat();
+            let set_size = |e: &mut Engine, _: Reserve| {
+                let (c, sm) = e.cat();
                 match c.volume_mut(sm, v.id)? {
                     Some(rec) => {
                         rec.size = size;
@@ -680,7 +680,7 @@ impl Pool {
                 return e.catalog_op(Reserve::Keep, set_size);
             }
             let bs = e.store.block_size as u64;
-            e.catalog_op(Reserve::Use, |e| {
+            e.catalog_op(Reserve::Use, |e, r| {
                 // The tail of the new last block must read as zeros if the volume grows
                 // again. Zeroed inside the operation so a failure leaves the volume whole.
                 let tail_end = size.next_multiple_of(bs).min(v.size);
@@ -688,7 +688,7 @@ impl Pool {
                     e.write_with(v.id, size, &vec![0u8; (tail_end - size) as usize], true)?;
                 }
                 e.unmap(v.id, size.div_ceil(bs), v.size.div_ceil(bs))?;
-                set_size(e)
+                set_size(e, r)
             })
         })
     }
@@ -696,7 +696,7 @@ impl Pool {
     /// Every volume.
     pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
         let mut e = self.shared.engine.lock();
-        let (c, sm, _) = e.cat();
+        let (c, sm) = e.cat();
         Ok(c.volumes(sm)?
             .into_iter()
             .map(|v| VolumeInfo {
@@ -712,7 +712,7 @@ impl Pool {
     /// Every snapshot, oldest first.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let mut e = self.shared.engine.lock();
-        let (c, sm, _) = e.cat();
+        let (c, sm) = e.cat();
         Ok(c.all_snapshots(sm)?.into_iter().map(Into::into).collect())
     }
 
@@ -769,11 +769,11 @@ impl Engine {
                 name: name.into(),
             });
         }
-        self.catalog_op(Reserve::Keep, |e| {
+        self.catalog_op(Reserve::Keep, |e, r| {
             e.store.share_tree(root)?;
             let id = new_id();
             let generation = e.store.generation;
-            let (c, sm, r) = e.cat();
+            let (c, sm) = e.cat();
             if let Some(v) = origin.map(|o| c.volume_mut(sm, o)).transpose()?.flatten() {
                 v.frozen_gen = generation;
             }
@@ -799,8 +799,8 @@ impl Engine {
         if self.snapshot_rec(id)?.is_none() {
             return Err(Error::SnapshotNotFound(format!("id {id:032x}")));
         }
-        self.catalog_op(Reserve::Use, |e| {
-            let (c, sm, r) = e.cat();
+        self.catalog_op(Reserve::Use, |e, r| {
+            let (c, sm) = e.cat();
             if let Some(s) = c.remove_snapshot(sm, r, id)? {
                 e.store.drop_tree(s.root)?;
             }

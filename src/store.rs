@@ -24,8 +24,6 @@ pub(crate) struct Store {
     pub(crate) generation: u64,
     pub(crate) block_size: usize,
     pub(crate) block_units: u64,
-    /// Whether allocations may use the reserve (deletes and commits may; writes may not).
-    pub(crate) reserve: Reserve,
 }
 
 impl Store {
@@ -44,18 +42,23 @@ impl Store {
             generation,
             block_size,
             block_units,
-            reserve: Reserve::Keep,
         }
     }
 
-    /// The block maps, for one operation.
-    pub(crate) fn map(&mut self) -> Tree<'_, BlockMap> {
+    /// The block maps, for one operation; `reserve` says whether what it allocates may
+    /// come from the reserve (unmapping and deleting may; writes may not).
+    pub(crate) fn map(&mut self, reserve: Reserve) -> Tree<'_, BlockMap> {
         Tree {
             nodes: &mut self.maps,
             sm: &mut self.sm,
             schema: &self.schema,
-            reserve: self.reserve,
+            reserve,
         }
+    }
+
+    /// The block maps, for lookups and for changes that allocate nothing.
+    fn map_keep(&mut self) -> Tree<'_, BlockMap> {
+        self.map(Reserve::Keep)
     }
 
     /// Every mapping with `lo <= key < hi`, in key order, with whether its path is shared.
@@ -66,7 +69,7 @@ impl Store {
         hi: u64,
         out: &mut Vec<Found>,
     ) -> Result<()> {
-        self.map().range(root, &lo, Some(&hi), true, out)
+        self.map_keep().range(root, &lo, Some(&hi), true, out)
     }
 
     /// As [`Store::lookup_range`] for readers, who do not care about sharing: skips the
@@ -78,12 +81,12 @@ impl Store {
         hi: u64,
         out: &mut Vec<Found>,
     ) -> Result<()> {
-        self.map().range(root, &lo, Some(&hi), false, out)
+        self.map_keep().range(root, &lo, Some(&hi), false, out)
     }
 
     /// The smallest mapped key at or after `from`.
     pub(crate) fn next_key(&mut self, root: u64, from: u64) -> Result<Option<u64>> {
-        self.map().next_key(root, &from)
+        self.map_keep().next_key(root, &from)
     }
 
     /// Maps block `key`; returns the new root and the mapping it replaced (whose block
@@ -93,23 +96,29 @@ impl Store {
         root: u64,
         key: u64,
         value: MapValue,
+        reserve: Reserve,
     ) -> Result<(u64, Option<MapValue>)> {
-        self.map().insert(root, key, value)
+        self.map(reserve).insert(root, key, value)
     }
 
     /// Unmaps block `key`; returns the new root and the removed mapping.
-    pub(crate) fn remove(&mut self, root: u64, key: u64) -> Result<(u64, Option<MapValue>)> {
-        self.map().remove(root, &key)
+    pub(crate) fn remove(
+        &mut self,
+        root: u64,
+        key: u64,
+        reserve: Reserve,
+    ) -> Result<(u64, Option<MapValue>)> {
+        self.map(reserve).remove(root, &key)
     }
 
     /// Adds a reference to a whole map: what a snapshot or clone costs.
     pub(crate) fn share_tree(&mut self, root: u64) -> Result<()> {
-        self.map().share(root)
+        self.map_keep().share(root)
     }
 
     /// Drops a reference to a map, freeing every node and block nothing else reaches.
     pub(crate) fn drop_tree(&mut self, root: u64) -> Result<()> {
-        self.map().drop_tree(root)
+        self.map_keep().drop_tree(root)
     }
 
     /// Every block in `lo..hi` whose mapping differs between two maps.
@@ -121,7 +130,7 @@ impl Store {
         hi: u64,
         out: &mut Vec<Change>,
     ) -> Result<()> {
-        self.map().diff(base, target, &lo, Some(&hi), out)
+        self.map_keep().diff(base, target, &lo, Some(&hi), out)
     }
 
     /// See [`Tree::changed_since`].
@@ -133,7 +142,7 @@ impl Store {
         hi: u64,
         out: &mut Vec<Change>,
     ) -> Result<()> {
-        self.map().changed_since(root, since, lo, hi, out)
+        self.map_keep().changed_since(root, since, lo, hi, out)
     }
 
     /// Reads map node `loc` from the device, bypassing the cache (for `check`).
@@ -146,8 +155,8 @@ impl Store {
         self.sm.dec(unit, self.block_units)
     }
 
-    pub(crate) fn alloc_block(&mut self, op: &'static str) -> Result<u64> {
-        self.sm.alloc(self.block_units, self.reserve, op)
+    pub(crate) fn alloc_block(&mut self, op: &'static str, reserve: Reserve) -> Result<u64> {
+        self.sm.alloc(self.block_units, reserve, op)
     }
 
     /// Byte offset of a unit on the device.
@@ -194,9 +203,11 @@ mod tests {
 
     /// Maps `key` to a fresh block (as a write does); returns the new root and the unit.
     fn put(s: &mut Store, root: u64, key: u64) -> (u64, u64, Option<u64>) {
-        let unit = s.alloc_block("t").unwrap();
+        let unit = s.alloc_block("t", Reserve::Keep).unwrap();
         let birth = s.generation;
-        let (r, old) = s.insert(root, key, MapValue { unit, birth }).unwrap();
+        let (r, old) = s
+            .insert(root, key, MapValue { unit, birth }, Reserve::Keep)
+            .unwrap();
         if let Some(m) = old {
             s.dec_block(m.unit).unwrap();
         }
@@ -224,7 +235,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             let key = (x >> 33) % 5000;
             if x % 7 == 0 {
-                let (r, old) = s.remove(root, key).unwrap();
+                let (r, old) = s.remove(root, key, Reserve::Keep).unwrap();
                 root = r;
                 if let Some(m) = old {
                     s.dec_block(m.unit).unwrap();

@@ -204,9 +204,9 @@ impl Engine {
         Ok(())
     }
 
-    /// The catalog with what its changes need: the space map and the reserve mode.
-    pub(crate) fn cat(&mut self) -> (&mut Catalog, &mut SpaceMap, Reserve) {
-        (&mut self.catalog, &mut self.store.sm, self.store.reserve)
+    /// The catalog with what its changes need: the space map.
+    pub(crate) fn cat(&mut self) -> (&mut Catalog, &mut SpaceMap) {
+        (&mut self.catalog, &mut self.store.sm)
     }
 
     pub(crate) fn check_usable(&self) -> Result<()> {
@@ -241,17 +241,18 @@ impl Engine {
 
     /// Runs a catalog operation as its own durable transaction: earlier writes are committed
     /// first, and if the operation fails the pool returns to that commit (nothing is lost).
+    /// `f` gets `reserve` to pass to what it allocates: operations that free space (deletes,
+    /// rollbacks) may dip into the reserve, so they work on a full pool; the rest may not.
     pub(crate) fn catalog_op<T>(
         &mut self,
         reserve: Reserve,
-        f: impl FnOnce(&mut Engine) -> Result<T>,
+        f: impl FnOnce(&mut Engine, Reserve) -> Result<T>,
     ) -> Result<T> {
         // A snapshot or clone must not share a block an in-place write is still changing.
         self.drain_io();
         self.commit()?;
-        self.store.reserve = reserve;
         self.in_catalog_op = true;
-        let r = self.guard_panic(f);
+        let r = self.guard_panic(|e| f(e, reserve));
         self.in_catalog_op = false;
         let r = r.and_then(|v| self.commit().map(|_| v));
         // Operations that free space commit once more so what they freed is usable at once
@@ -260,7 +261,6 @@ impl Engine {
             (Ok(v), Reserve::Use) => self.commit().map(|_| v),
             (r, _) => r,
         };
-        self.store.reserve = Reserve::Keep;
         if r.is_err() && self.poisoned.is_none() {
             if let Err(e) = self.reload() {
                 self.poison(e.to_string());
@@ -310,10 +310,7 @@ impl Engine {
     /// Makes everything done so far durable (see the module docs for the protocol).
     pub(crate) fn commit(&mut self) -> Result<()> {
         self.check_usable()?;
-        let saved = self.store.reserve;
-        self.store.reserve = Reserve::Use;
         let r = self.commit_inner();
-        self.store.reserve = saved;
         if let Err(e) = &r {
             self.poison(format!("commit failed: {e}"));
         }

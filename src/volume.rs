@@ -9,6 +9,7 @@ use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::map::{Found, MapValue};
 use crate::pool::Pool;
+use crate::space::Reserve;
 use crate::store::Store;
 use crate::txn::Engine;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -82,7 +83,7 @@ enum Piece {
 impl Engine {
     /// Root, size and display name of an I/O target.
     pub(crate) fn target(&mut self, t: Target) -> Result<(u64, u64, String)> {
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         match t {
             Target::Volume(id) => c
                 .volume_ref(sm, id)?
@@ -97,7 +98,7 @@ impl Engine {
 
     /// Map root and size of an I/O target (without copying its names: every I/O asks).
     fn root_and_size(&mut self, t: Target) -> Result<Option<(u64, u64)>> {
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         Ok(match t {
             Target::Volume(id) => c.volume_ref(sm, id)?.map(|v| (v.root, v.size)),
             Target::Snapshot(id) => c.snapshot_ref(sm, id)?.map(|s| (s.root, s.size)),
@@ -189,7 +190,7 @@ impl Engine {
         if data.is_empty() {
             return Ok(WritePlan::Done);
         }
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         let frozen = c.volume_ref(sm, id)?.map_or(u64::MAX, |v| v.frozen_gen);
         let bs = self.store.block_size as u64;
         let first = offset / bs;
@@ -261,7 +262,7 @@ impl Engine {
                 });
                 continue;
             }
-            let unit = self.store.alloc_block("write")?;
+            let unit = self.store.alloc_block("write", Reserve::Keep)?;
             let at = Store::byte(unit);
             if whole {
                 pieces.push(Piece::Direct { at, src });
@@ -281,7 +282,7 @@ impl Engine {
                 unit,
                 birth: self.store.generation,
             };
-            let (r, old) = self.store.insert(root, b, m)?;
+            let (r, old) = self.store.insert(root, b, m, Reserve::Keep)?;
             root = r;
             if let Some(old) = old {
                 self.store.dec_block(old.unit)?;
@@ -322,7 +323,7 @@ impl Engine {
 
     /// Points volume `id` at map root `root` (the catalog tree takes it at the commit).
     pub(crate) fn set_root(&mut self, id: u128, root: u64) -> Result<()> {
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         if c.volume_ref(sm, id)?.is_some_and(|v| v.root != root) {
             if let Some(v) = c.volume_mut(sm, id)? {
                 v.root = root;
@@ -372,11 +373,10 @@ impl Engine {
             return Ok(());
         }
         // Unmapping frees blocks, so it may use the reserve: it must work on a full pool.
-        let saved = std::mem::replace(&mut self.store.reserve, crate::space::Reserve::Use);
-        let r = self.mutate(|e| {
+        self.mutate(|e| {
             let mut root = root;
             for f in found {
-                let (r, old) = e.store.remove(root, f.key)?;
+                let (r, old) = e.store.remove(root, f.key, Reserve::Use)?;
                 root = r;
                 if let Some(old) = old {
                     e.store.dec_block(old.unit)?;
@@ -384,9 +384,7 @@ impl Engine {
             }
             e.set_root(id, root)?;
             Ok(())
-        });
-        self.store.reserve = saved;
-        r
+        })
     }
 
     fn maybe_commit_after_io(&mut self) -> Result<()> {

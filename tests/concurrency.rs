@@ -128,6 +128,8 @@ struct Stalling {
     inner: MemoryDevice,
     armed: std::sync::Mutex<Option<(bool, std::sync::mpsc::Sender<()>)>>,
     released: AtomicBool,
+    /// The stalled I/O reached the device (what a caller waiting for it must see done).
+    stalled_done: AtomicBool,
 }
 
 impl Stalling {
@@ -142,7 +144,8 @@ impl Stalling {
         self.released.store(true, SeqCst);
     }
 
-    fn stall_if_armed(&self, write: bool) {
+    /// Stalls when armed for this direction; returns whether it did.
+    fn stall_if_armed(&self, write: bool) -> bool {
         let mut armed = self.armed.lock().unwrap();
         if armed.as_ref().is_some_and(|(w, _)| *w == write) {
             let (_, tx) = armed.take().unwrap();
@@ -152,18 +155,28 @@ impl Stalling {
             while !self.released.load(SeqCst) && t.elapsed().as_secs() < 2 {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
+            return true;
         }
+        false
+    }
+
+    /// Runs `io` after a stall if armed, and records when the stalled one is done.
+    fn io(&self, write: bool, io: impl FnOnce() -> snapvol::Result<()>) -> snapvol::Result<()> {
+        let stalled = self.stall_if_armed(write);
+        let r = io();
+        if stalled {
+            self.stalled_done.store(true, SeqCst);
+        }
+        r
     }
 }
 
 impl snapvol::device::BlockDevice for Stalling {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> snapvol::Result<()> {
-        self.stall_if_armed(false);
-        self.inner.read_at(buf, offset)
+        self.io(false, || self.inner.read_at(buf, offset))
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> snapvol::Result<()> {
-        self.stall_if_armed(true);
-        self.inner.write_at(buf, offset)
+        self.io(true, || self.inner.write_at(buf, offset))
     }
     fn flush(&self) -> snapvol::Result<()> {
         self.inner.flush()
@@ -178,6 +191,7 @@ fn stalling_pool() -> (Arc<Stalling>, Pool) {
         inner: MemoryDevice::new(64 << 20),
         armed: std::sync::Mutex::new(None),
         released: AtomicBool::new(false),
+        stalled_done: AtomicBool::new(false),
     });
     let opts = PoolOptions {
         commit_interval: None,
@@ -207,7 +221,7 @@ fn blocks_under_an_in_flight_read_are_not_reused() {
     vol.write_at(&[0x11; 1 << 20], 0).unwrap();
     pool.delete_snapshot("v", "s").unwrap();
     assert!(
-        reader.is_finished(),
+        dev.stalled_done.load(SeqCst),
         "deleting the snapshot did not wait for the read in flight"
     );
     // Two more commits: freed units become allocatable after the commit that follows the

@@ -321,7 +321,8 @@ impl<S: Schema> Tree<'_, S> {
             if path.len() as u32 > MAX_DEPTH {
                 return Err(too_deep(root));
             }
-            match self.node(loc)? {
+            let total = self.total();
+            match &*self.nodes.cache.get_scanning(loc, total)? {
                 Node::Branch(v) => {
                     let i = if first { child_index(v, from) } else { 0 };
                     let child = v[i].1;

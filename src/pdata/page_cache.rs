@@ -11,6 +11,7 @@ use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::{new_page, Page, PAGE_SIZE, SUPERBLOCK_UNITS};
 use crate::unit_hash::UnitMap;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// What a page cache holds: something decoded from, and encoded into, one page.
@@ -73,6 +74,17 @@ impl<N: PageNode> PageCache<N> {
     /// The page at `loc`, from the cache or read from the device and verified.
     pub(crate) fn get(&mut self, loc: u64, total_units: u64) -> Result<&N> {
         self.load(loc, total_units).map(|c| &c.node)
+    }
+
+    /// The page at `loc` for a long scan: a cached page as it is; a missing one is read and
+    /// kept only while the cache has room. One scan over more pages than the cache holds
+    /// (listing 100,000 snapshots) then neither pushes out the working set nor pays for
+    /// the trims and frees of pages it will not visit again.
+    pub(crate) fn get_scanning(&mut self, loc: u64, total_units: u64) -> Result<Cow<'_, N>> {
+        if !self.pages.contains_key(&loc) && self.pages.len() >= self.limit + self.dirty.len() {
+            return Ok(Cow::Owned(self.read_uncached(loc, total_units)?.0));
+        }
+        self.get(loc, total_units).map(Cow::Borrowed)
     }
 
     /// The generation of the commit that wrote page `loc` (the open one for a page written

@@ -169,7 +169,7 @@ impl Engine {
             return self.add_hidden(0, size);
         }
         let vol = self.volume_named(name)?;
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         let newest = c.newest_snapshot(sm, vol.id)?;
         let wrong = |reason: String| Error::WrongBase {
             volume: name.to_string(),
@@ -191,11 +191,11 @@ impl Engine {
 
     /// Adds a hidden volume with the given map root (shared) and size.
     pub(crate) fn add_hidden(&mut self, root: u64, size: u64) -> Result<u128> {
-        self.catalog_op(Reserve::Keep, |e| {
+        self.catalog_op(Reserve::Keep, |e, r| {
             e.store.share_tree(root)?;
             let id = new_id();
             let generation = e.store.generation;
-            let (c, sm, r) = e.cat();
+            let (c, sm) = e.cat();
             c.add_volume(
                 sm,
                 r,
@@ -224,16 +224,16 @@ impl Engine {
             });
         }
         // The volume owns every block it was given; it keeps writing them in place.
-        self.catalog_op(Reserve::Keep, |e| {
-            let (c, sm, r) = e.cat();
+        self.catalog_op(Reserve::Keep, |e, r| {
+            let (c, sm) = e.cat();
             c.rename_volume(sm, r, id, name)
         })
     }
 
     /// Deletes hidden volume `id` and drops its map.
-    fn remove_hidden(&mut self, id: u128) -> Result<()> {
-        let (c, sm, r) = self.cat();
-        if let Some(rec) = c.remove_volume(sm, r, id)? {
+    fn remove_hidden(&mut self, id: u128, reserve: Reserve) -> Result<()> {
+        let (c, sm) = self.cat();
+        if let Some(rec) = c.remove_volume(sm, reserve, id)? {
             self.store.drop_tree(rec.root)?;
         }
         Ok(())
@@ -241,14 +241,14 @@ impl Engine {
 
     /// Deletes every hidden volume (an interrupted or failed receive).
     pub(crate) fn drop_hidden(&mut self) -> Result<()> {
-        let (c, sm, _) = self.cat();
+        let (c, sm) = self.cat();
         let hidden = c.hidden_volumes(sm)?;
         if hidden.is_empty() {
             return Ok(());
         }
-        self.catalog_op(Reserve::Use, |e| {
+        self.catalog_op(Reserve::Use, |e, r| {
             for id in hidden {
-                e.remove_hidden(id)?;
+                e.remove_hidden(id, r)?;
             }
             Ok(())
         })
@@ -306,7 +306,7 @@ impl Pool {
             if e.poisoned.is_some() || e.volume_rec(id)?.is_none() {
                 return Ok(());
             }
-            e.catalog_op(Reserve::Use, |e| e.remove_hidden(id))
+            e.catalog_op(Reserve::Use, |e, r| e.remove_hidden(id, r))
         });
     }
 
@@ -451,12 +451,12 @@ impl Pool {
     /// One commit makes the received volume and snapshot visible.
     pub(crate) fn finish_receive(&self, h: &Header, name: &str, hidden: u128) -> Result<()> {
         self.with(|e| {
-            e.catalog_op(Reserve::Use, |e| {
+            e.catalog_op(Reserve::Use, |e, r| {
                 let missing = || Error::VolumeNotFound(format!("{HIDDEN_PREFIX}{hidden:032x}"));
                 let tmp = e.volume_rec(hidden)?.ok_or_else(missing)?;
                 let generation = e.store.generation;
                 let vol_id = if h.base == 0 {
-                    let (c, sm, r) = e.cat();
+                    let (c, sm) = e.cat();
                     c.rename_volume(sm, r, hidden, name)?;
                     c.volume_mut(sm, hidden)?.ok_or_else(missing)?.frozen_gen = generation;
                     hidden
@@ -464,7 +464,7 @@ impl Pool {
                     // The volume keeps its id and name and takes the received map; the hidden
                     // volume's reference to that map moves with it.
                     let id = e.volume_named(name)?.id;
-                    let (c, sm, r) = e.cat();
+                    let (c, sm) = e.cat();
                     let v = c
                         .volume_mut(sm, id)?
                         .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
@@ -477,7 +477,7 @@ impl Pool {
                 };
                 let v = e.volume_rec(vol_id)?.ok_or_else(missing)?;
                 e.store.share_tree(v.root)?;
-                let (c, sm, r) = e.cat();
+                let (c, sm) = e.cat();
                 c.add_snapshot(
                     sm,
                     r,
