@@ -84,10 +84,7 @@ impl Pool {
         // An image of unknown length starts at the largest size and is cut to its length at
         // the end; nothing past the data is ever mapped, so that costs nothing.
         let hidden = self.with(|e| e.add_hidden(0, size.unwrap_or(MAX_VOLUME_BYTES)))?;
-        let vol = Volume {
-            pool: self.clone(),
-            id: hidden,
-        };
+        let vol = self.volume_handle(hidden);
         let result = self.fill(&vol, input, size).and_then(|(len, data_bytes)| {
             if size.is_none() {
                 self.resize_hidden(hidden, len)?;

@@ -39,6 +39,7 @@ mod error;
 mod format;
 mod ids;
 pub mod image;
+mod io;
 mod map;
 #[cfg(feature = "nbd")]
 pub mod nbd;

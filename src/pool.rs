@@ -7,12 +7,12 @@ use crate::catalog::{validate_name, BookmarkRec, SnapshotRec, VolumeRec};
 use crate::device::{BlockDevice, FileDevice, FileOptions};
 use crate::error::{Error, Result};
 use crate::ids::{new_id, now_unix};
+use crate::io::{Handle, Target};
 use crate::space::Reserve;
 use crate::txn::Engine;
-use crate::volume::{read_runs, write_runs, Snapshot, Target, Volume, WritePlan};
-use parking_lot::Mutex;
+use crate::volume::{Snapshot, Volume};
 use std::path::Path;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How to create or open a pool.
@@ -39,74 +39,9 @@ impl Default for PoolOptions {
 }
 
 /// A pool of thin volumes on one device. Cheap to clone; all clones share the pool.
+#[derive(Clone)]
 pub struct Pool {
-    shared: Arc<Shared>,
-}
-
-struct Shared {
-    engine: Mutex<Engine>,
-    /// The engine's I/O gate (see `Engine::drain_io`), reachable without the engine lock.
-    io_gate: Arc<parking_lot::RwLock<()>>,
-    /// The engine's device (it never changes, not even on reload), for transfers outside
-    /// the engine lock.
-    dev: Arc<dyn BlockDevice>,
-    /// Live `Pool` handles (volumes and snapshots hold one each). The background committer
-    /// holds the pool only for a moment at a time and is not counted.
-    handles: std::sync::atomic::AtomicUsize,
-    committer: Option<Committer>,
-}
-
-/// The background commit thread and the means to stop it.
-struct Committer {
-    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Clone for Pool {
-    fn clone(&self) -> Pool {
-        self.shared
-            .handles
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Pool {
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-impl Drop for Pool {
-    /// When the last handle goes, the committer is stopped and joined first: it may be
-    /// holding the pool at that moment, and the device (and its lock on the file) must be
-    /// released by the time the last handle is gone, so the pool can be opened again at once.
-    fn drop(&mut self) {
-        if self
-            .shared
-            .handles
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            != 1
-        {
-            return;
-        }
-        if let Some(c) = &self.shared.committer {
-            *c.stop.0.lock() = true;
-            c.stop.1.notify_all();
-            if let Some(t) = c.thread.lock().take() {
-                let _ = t.join();
-            }
-        }
-    }
-}
-
-impl Drop for Shared {
-    /// The last handle going away commits what it can, as closing a file keeps its writes;
-    /// `Pool::close` is the way to see an error.
-    fn drop(&mut self) {
-        let e = self.engine.get_mut();
-        // A panic may have interrupted a change halfway (it also poisons the engine where it
-        // happened, see `Engine::mutate`): what memory holds is then not a state to commit.
-        if e.poisoned.is_none() && !std::thread::panicking() {
-            let _ = e.commit();
-        }
-    }
+    pub(crate) h: Handle,
 }
 
 /// Space used by a volume or snapshot, in bytes.
@@ -207,13 +142,17 @@ impl Pool {
     /// Formats `dev` as a new, empty pool.
     pub fn create(dev: Arc<dyn BlockDevice>, opts: PoolOptions) -> Result<Pool> {
         let engine = Engine::create(dev, opts.block_size)?;
-        Ok(Pool::start(engine, &opts))
+        Ok(Pool {
+            h: Handle::start(engine, opts.commit_interval),
+        })
     }
 
     /// Opens the pool on `dev` at its last commit.
     pub fn open(dev: Arc<dyn BlockDevice>, opts: PoolOptions) -> Result<Pool> {
         let engine = Engine::open(dev)?;
-        let pool = Pool::start(engine, &opts);
+        let pool = Pool {
+            h: Handle::start(engine, opts.commit_interval),
+        };
         // A receive interrupted by a crash leaves a hidden volume: remove it.
         pool.with(|e| e.drop_hidden())?;
         Ok(pool)
@@ -246,60 +185,13 @@ impl Pool {
         Pool::open(Arc::new(FileDevice::open_with(path, fo)?), opts)
     }
 
-    fn start(mut engine: Engine, opts: &PoolOptions) -> Pool {
-        engine.commit_interval = opts.commit_interval;
-        let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
-        let shared = Arc::new(Shared {
-            io_gate: engine.io_gate.clone(),
-            dev: engine.store.dev.clone(),
-            engine: Mutex::new(engine),
-            handles: std::sync::atomic::AtomicUsize::new(1),
-            committer: opts.commit_interval.map(|_| Committer {
-                stop: stop.clone(),
-                thread: Mutex::new(None),
-            }),
-        });
-        if let (Some(interval), Some(c)) = (opts.commit_interval, &shared.committer) {
-            *c.thread.lock() = spawn_committer(Arc::downgrade(&shared), stop, interval);
-        }
-        Pool { shared }
-    }
-
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
-        f(&mut self.shared.engine.lock())
-    }
-
-    /// Reads through a plan made under the engine lock; the device reads run outside it,
-    /// holding the I/O gate so nothing they address is reused meanwhile.
-    pub(crate) fn read(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut e = self.shared.engine.lock();
-        let runs = e.plan_read(t, offset, buf.len())?;
-        let _gate = self.shared.io_gate.read();
-        drop(e);
-        read_runs(&*self.shared.dev, &runs, buf)
-    }
-
-    /// Writes; a write wholly into owned blocks runs outside the engine lock like a read.
-    /// Anything else (redirects, map changes) completes under the lock.
-    pub(crate) fn write(&self, id: u128, offset: u64, data: &[u8]) -> Result<()> {
-        let mut e = self.shared.engine.lock();
-        let WritePlan::InPlace(runs) = e.plan_write(id, offset, data)? else {
-            return Ok(());
-        };
-        let gate = self.shared.io_gate.read();
-        drop(e);
-        let r = write_runs(&*self.shared.dev, &runs, data);
-        drop(gate);
-        if let Err(err) = &r {
-            // As under the lock: a failed write poisons the pool until it is reopened.
-            self.shared.engine.lock().poison(err.to_string());
-        }
-        r
+        self.h.with(f)
     }
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
-        self.with(|e| e.commit())
+        self.h.flush()
     }
 
     /// Commits and releases this handle. Other clones of the pool stay usable.
@@ -309,7 +201,7 @@ impl Pool {
 
     /// Pool-wide figures.
     pub fn stats(&self) -> PoolStats {
-        let e = self.shared.engine.lock();
+        let e = self.h.lock();
         let unit = crate::format::PAGE_SIZE as u64;
         PoolStats {
             id: e.sb.pool_id,
@@ -326,7 +218,7 @@ impl Pool {
 
     /// The pool's block size in bytes.
     pub fn block_size(&self) -> u32 {
-        self.shared.engine.lock().sb.block_size
+        self.h.lock().sb.block_size
     }
 
     /// Creates a thin volume of `size` bytes (no space is used until written).
@@ -337,9 +229,9 @@ impl Pool {
         Ok(self.volume_handle(id))
     }
 
-    fn volume_handle(&self, id: u128) -> Volume {
+    pub(crate) fn volume_handle(&self, id: u128) -> Volume {
         Volume {
-            pool: self.clone(),
+            h: self.h.clone(),
             id,
         }
     }
@@ -354,7 +246,7 @@ impl Pool {
     pub fn snapshot_handle(&self, vol: &str, snap: &str) -> Result<Snapshot> {
         let id = self.with(|e| Ok(e.snapshot_named(vol, snap)?.id))?;
         Ok(Snapshot {
-            pool: self.clone(),
+            h: self.h.clone(),
             id,
         })
     }
@@ -363,7 +255,7 @@ impl Pool {
     pub fn snapshot_by_id(&self, id: u128) -> Result<Snapshot> {
         self.with(|e| e.target(Target::Snapshot(id)).map(|_| ()))?;
         Ok(Snapshot {
-            pool: self.clone(),
+            h: self.h.clone(),
             id,
         })
     }
@@ -550,7 +442,7 @@ impl Pool {
 
     /// Every bookmark.
     pub fn bookmarks(&self) -> Result<Vec<BookmarkInfo>> {
-        let mut e = self.shared.engine.lock();
+        let mut e = self.h.lock();
         let (c, sm) = e.cat();
         Ok(c.bookmarks(sm)?.into_iter().map(Into::into).collect())
     }
@@ -637,11 +529,8 @@ impl Pool {
                 e.store.dev.grow(new_size)?;
                 let units = (new_size.min(e.store.dev.len())) / unit;
                 // The new size must be durable before a superblock counts on it. A failed
-                // flush poisons, as everywhere: what the device kept is unknown.
-                if let Err(err) = e.store.dev.flush() {
-                    e.poison(format!("flush failed: {err}"));
-                    return Err(err);
-                }
+                // flush poisons (the device latches it): what the device kept is unknown.
+                e.store.dev.flush()?;
                 e.store.sm.grow(units);
                 e.sb.total_units = units;
                 e.auto_commit_space_pages = (crate::space::reserve_for(units) as usize / 3).max(8);
@@ -695,7 +584,7 @@ impl Pool {
 
     /// Every volume.
     pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
-        let mut e = self.shared.engine.lock();
+        let mut e = self.h.lock();
         let (c, sm) = e.cat();
         Ok(c.volumes(sm)?
             .into_iter()
@@ -711,7 +600,7 @@ impl Pool {
 
     /// Every snapshot, oldest first.
     pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
-        let mut e = self.shared.engine.lock();
+        let mut e = self.h.lock();
         let (c, sm) = e.cat();
         Ok(c.all_snapshots(sm)?.into_iter().map(Into::into).collect())
     }
@@ -830,32 +719,18 @@ impl Engine {
 
 /// Commits dirty state older than `interval` even when nobody calls flush, so a caller that
 /// never flushes loses at most a few seconds. Ends when the pool is dropped.
-fn spawn_committer(
-    pool: Weak<Shared>,
-    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
-    interval: Duration,
-) -> Option<std::thread::JoinHandle<()>> {
-    let tick = (interval / 4).max(Duration::from_millis(50));
-    std::thread::Builder::new()
-        .name("snapvol-commit".into())
-        .spawn(move || loop {
-            {
-                let mut stopped = stop.0.lock();
-                if !*stopped {
-                    stop.1.wait_for(&mut stopped, tick);
-                }
-                if *stopped {
-                    return;
-                }
-            }
-            let Some(shared) = pool.upgrade() else { return };
-            let mut e = shared.engine.lock();
-            if e.poisoned.is_none() {
-                // A failure poisons the pool; the next caller sees the error.
-                let _ = e.maybe_commit();
-            }
-        })
-        .ok()
+impl Volume {
+    /// The pool this volume is in.
+    pub(crate) fn pool(&self) -> Pool {
+        Pool { h: self.h.clone() }
+    }
+}
+
+impl Snapshot {
+    /// The pool this snapshot is in.
+    pub(crate) fn pool(&self) -> Pool {
+        Pool { h: self.h.clone() }
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! touched; a torn superblock fails its checksum and the other one is used. Nothing is replayed.
 
 use crate::catalog::{Catalog, Counts};
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, Checked};
 use crate::error::{Error, Result};
 use crate::format::{self, new_page, PageKind, Superblock, PAGE_SIZE, SUPERBLOCK_UNITS};
 use crate::ids::{new_id, now_unix};
@@ -40,7 +40,7 @@ pub(crate) struct Engine {
     pub(crate) last_commit: Instant,
     /// `PoolOptions::commit_interval`: commit dirty state this old on the next I/O or tick.
     pub(crate) commit_interval: Option<std::time::Duration>,
-    pub(crate) poisoned: Option<String>,
+    poisoned: Option<String>,
     /// Dirty space map pages that trigger a commit: relocating them at commit draws on the
     /// reserve, so they stay well below it.
     pub(crate) auto_commit_space_pages: usize,
@@ -55,6 +55,9 @@ pub(crate) struct Engine {
     /// reused or discarded, and before blocks it may write become shared (see
     /// [`Engine::drain_io`]).
     pub(crate) io_gate: Arc<RwLock<()>>,
+    /// The device below every path (the store's, and the transfers outside the lock): it
+    /// latches the first failed write or flush and refuses later ones.
+    checked: Arc<Checked>,
 }
 
 impl Engine {
@@ -90,6 +93,8 @@ impl Engine {
     /// Formats `dev` as an empty pool.
     pub(crate) fn create(dev: Arc<dyn BlockDevice>, block_size: u32) -> Result<Engine> {
         Engine::validate_create(dev.len(), block_size)?;
+        let checked = Arc::new(Checked::new(dev));
+        let dev: Arc<dyn BlockDevice> = checked.clone();
         let total_units = dev.len() / PAGE_SIZE as u64;
         // Wipe both slots so an older pool's superblock cannot win over the new one.
         let zero = new_page();
@@ -113,14 +118,15 @@ impl Engine {
             created_unix: now_unix(),
         };
         let catalog = Catalog::open(dev.clone(), 0, 0, total_units, 1, Counts::default())?;
-        let mut engine = Engine::assemble(Store::new(dev, sm, 1, block_size as usize), catalog, sb);
+        let store = Store::new(dev, sm, 1, block_size as usize);
+        let mut engine = Engine::assemble(store, catalog, sb, checked);
         // The first commit writes the space map and the superblocks.
         engine.force_commit = true;
         engine.commit()?;
         Ok(engine)
     }
 
-    fn assemble(store: Store, catalog: Catalog, sb: Superblock) -> Engine {
+    fn assemble(store: Store, catalog: Catalog, sb: Superblock, checked: Arc<Checked>) -> Engine {
         let reserve = crate::space::reserve_for(sb.total_units) as usize;
         Engine {
             store,
@@ -133,6 +139,7 @@ impl Engine {
             in_catalog_op: false,
             scratch: Vec::new(),
             io_gate: Arc::new(RwLock::new(())),
+            checked,
             auto_commit_space_pages: (reserve / 3).max(8),
         }
     }
@@ -140,6 +147,12 @@ impl Engine {
     /// Opens the newest valid commit on `dev`: reads both superblocks, the space map index
     /// and the catalog. Nothing else is read until used.
     pub(crate) fn open(dev: Arc<dyn BlockDevice>) -> Result<Engine> {
+        Engine::open_checked(Arc::new(Checked::new(dev)))
+    }
+
+    /// [`Engine::open`] on a device already wrapped (a reload keeps its latch).
+    fn open_checked(checked: Arc<Checked>) -> Result<Engine> {
+        let dev: Arc<dyn BlockDevice> = checked.clone();
         if dev.len() < MIN_UNITS * PAGE_SIZE as u64 {
             return Err(Error::NotAPool(format!(
                 "device of {} bytes is too small",
@@ -191,12 +204,12 @@ impl Engine {
             counts,
         )?;
         let store = Store::new(dev, sm, sb.generation + 1, sb.block_size as usize);
-        Ok(Engine::assemble(store, catalog, sb))
+        Ok(Engine::assemble(store, catalog, sb, checked))
     }
 
     /// Throws away the open transaction and returns to the last commit.
     pub(crate) fn reload(&mut self) -> Result<()> {
-        let mut fresh = Engine::open(self.store.dev.clone())?;
+        let mut fresh = Engine::open_checked(self.checked.clone())?;
         // Handles hold the gate: it outlives the transaction state; so do the options.
         fresh.io_gate = self.io_gate.clone();
         fresh.commit_interval = self.commit_interval;
@@ -209,9 +222,12 @@ impl Engine {
         (&mut self.catalog, &mut self.store.sm)
     }
 
+    /// Refuses changes once the pool is poisoned: by a failed device write or flush
+    /// (latched by the device wrapper, whatever path it came from), or by a change that
+    /// failed halfway.
     pub(crate) fn check_usable(&self) -> Result<()> {
-        match &self.poisoned {
-            Some(why) => Err(Error::Poisoned(why.clone())),
+        match self.poisoned.as_deref().or(self.checked.failure()) {
+            Some(why) => Err(Error::Poisoned(why.to_string())),
             None => Ok(()),
         }
     }
@@ -261,7 +277,7 @@ impl Engine {
             (Ok(v), Reserve::Use) => self.commit().map(|_| v),
             (r, _) => r,
         };
-        if r.is_err() && self.poisoned.is_none() {
+        if r.is_err() && self.check_usable().is_ok() {
             if let Err(e) = self.reload() {
                 self.poison(e.to_string());
             }
@@ -280,12 +296,6 @@ impl Engine {
                 std::panic::resume_unwind(payload)
             }
         }
-    }
-
-    /// Waits until no volume I/O runs outside the engine lock. The caller holds the engine
-    /// lock, and I/O starts only under it, so none can start until the caller lets go.
-    pub(crate) fn drain_io(&self) {
-        drop(self.io_gate.write());
     }
 
     /// Commits when enough pages are dirty or, with a commit interval, when the dirty

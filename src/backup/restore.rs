@@ -112,10 +112,7 @@ impl Repository {
                 (hidden, base.map(|s| s.id), false)
             }
         };
-        let vol = Volume {
-            pool: pool.clone(),
-            id: hidden,
-        };
+        let vol = pool.volume_handle(hidden);
         let result = self.fill_restore(pool, &vol, &mut target, base).and_then(
             |(downloaded_chunks, downloaded_bytes)| {
                 let header = Header {

@@ -2,6 +2,7 @@
 //! and never to a file or block device directly, so tests can put a crash-simulating or
 //! fault-injecting device underneath the real engine.
 
+mod checked;
 #[cfg(any(test, feature = "testing"))]
 mod crash;
 #[cfg(any(test, feature = "testing"))]
@@ -10,6 +11,7 @@ mod file;
 mod memory;
 mod probe;
 
+pub(crate) use checked::Checked;
 #[cfg(any(test, feature = "testing"))]
 pub use crash::{CrashDevice, CrashPoint, History};
 #[cfg(any(test, feature = "testing"))]

@@ -89,9 +89,9 @@ impl Export {
         let (pool, target) = match self {
             Export::Volume(v) => {
                 name = v.name()?;
-                (&v.pool, DiffTarget::Volume(&name))
+                (v.pool(), DiffTarget::Volume(&name))
             }
-            Export::Snapshot(s) => (&s.pool, DiffTarget::Snapshot(s.id)),
+            Export::Snapshot(s) => (s.pool(), DiffTarget::Snapshot(s.id)),
         };
         let page = pool.allocated(target, from, max, TupleLength::Variable)?;
         let mut runs = Vec::new();

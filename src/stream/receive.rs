@@ -277,10 +277,7 @@ impl Pool {
             });
         }
         let hidden = self.with(|e| e.hidden_for(&name, h.base, h.size))?;
-        let vol = Volume {
-            pool: self.clone(),
-            id: hidden,
-        };
+        let vol = self.volume_handle(hidden);
         let applied = self.apply_records(&mut src, &h, &vol);
         let result = applied.and_then(|(data_bytes, zero_records)| {
             self.finish_receive(&h, &name, hidden)
@@ -303,7 +300,7 @@ impl Pool {
     /// (other operations' hidden volumes stay); if even that fails the next open cleans up.
     pub(crate) fn abandon_hidden(&self, id: u128) {
         let _ = self.with(|e| {
-            if e.poisoned.is_some() || e.volume_rec(id)?.is_none() {
+            if e.check_usable().is_err() || e.volume_rec(id)?.is_none() {
                 return Ok(());
             }
             e.catalog_op(Reserve::Use, |e, r| e.remove_hidden(id, r))

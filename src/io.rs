@@ -1,0 +1,567 @@
+//! The I/O path, in one place: what a read or write addresses, its planning under the
+//! engine lock, its device transfers outside it, and the gate whose drain keeps blocks a
+//! transfer still addresses from being freed and reused. A [`Handle`] is what the pool and
+//! every `Volume` and `Snapshot` hold: the engine behind its lock, the gate and the device.
+//!
+//! A write to a block the volume owns alone (invariant 3: count 1, no shared node on its
+//! path, born after the volume's last snapshot or clone) goes in place with no metadata
+//! change, outside the engine lock. Any other write goes to a newly allocated block and the
+//! map is updated; the old block, possibly part of a snapshot, is never touched.
+
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::map::{Found, MapValue};
+use crate::space::Reserve;
+use crate::store::Store;
+use crate::txn::Engine;
+use parking_lot::{Mutex, MutexGuard};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// The shared pool state every pool, volume and snapshot handle points at. Cloning counts
+/// a handle; the last one to go stops the background committer, and then the state's own
+/// drop commits.
+pub(crate) struct Handle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    engine: Mutex<Engine>,
+    /// The engine's I/O gate (see `Engine::drain_io`), reachable without the engine lock.
+    io_gate: Arc<parking_lot::RwLock<()>>,
+    /// The engine's device (it never changes, not even on reload), for transfers outside
+    /// the engine lock.
+    dev: Arc<dyn BlockDevice>,
+    /// Live handles (each `Pool`, `Volume` and `Snapshot` holds one). The background committer
+    /// holds the pool only for a moment at a time and is not counted.
+    handles: std::sync::atomic::AtomicUsize,
+    committer: Option<Committer>,
+}
+
+/// The background commit thread and the means to stop it.
+struct Committer {
+    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Clone for Handle {
+    fn clone(&self) -> Handle {
+        self.shared
+            .handles
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Handle {
+    /// When the last handle goes, the committer is stopped and joined first: it may be
+    /// holding the pool at that moment, and the device (and its lock on the file) must be
+    /// released by the time the last handle is gone, so the pool can be opened again at once.
+    fn drop(&mut self) {
+        if self
+            .shared
+            .handles
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            != 1
+        {
+            return;
+        }
+        if let Some(c) = &self.shared.committer {
+            *c.stop.0.lock() = true;
+            c.stop.1.notify_all();
+            if let Some(t) = c.thread.lock().take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    /// The last handle going away commits what it can, as closing a file keeps its writes;
+    /// `Pool::close` is the way to see an error.
+    fn drop(&mut self) {
+        let e = self.engine.get_mut();
+        // A panic may have interrupted a change halfway (it also poisons the engine where it
+        // happened, see `Engine::mutate`): what memory holds is then not a state to commit.
+        if e.check_usable().is_ok() && !std::thread::panicking() {
+            let _ = e.commit();
+        }
+    }
+}
+
+impl Handle {
+    /// Starts serving `engine`: the shared state, and the background committer when the
+    /// options ask for one.
+    pub(crate) fn start(mut engine: Engine, commit_interval: Option<Duration>) -> Handle {
+        engine.commit_interval = commit_interval;
+        let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
+        let shared = Arc::new(Shared {
+            io_gate: engine.io_gate.clone(),
+            dev: engine.store.dev.clone(),
+            engine: Mutex::new(engine),
+            handles: std::sync::atomic::AtomicUsize::new(1),
+            committer: commit_interval.map(|_| Committer {
+                stop: stop.clone(),
+                thread: Mutex::new(None),
+            }),
+        });
+        if let (Some(interval), Some(c)) = (commit_interval, &shared.committer) {
+            *c.thread.lock() = spawn_committer(Arc::downgrade(&shared), stop, interval);
+        }
+        Handle { shared }
+    }
+
+    /// The engine, locked.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Engine> {
+        self.shared.engine.lock()
+    }
+
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
+        f(&mut self.shared.engine.lock())
+    }
+
+    /// Reads through a plan made under the engine lock; the device reads run outside it,
+    /// holding the I/O gate so nothing they address is reused meanwhile.
+    pub(crate) fn read(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut e = self.shared.engine.lock();
+        let runs = e.plan_read(t, offset, buf.len())?;
+        let _gate = self.shared.io_gate.read();
+        drop(e);
+        read_runs(&*self.shared.dev, &runs, buf)
+    }
+
+    /// Writes; a write wholly into owned blocks runs outside the engine lock like a read.
+    /// Anything else (redirects, map changes) completes under the lock.
+    pub(crate) fn write(&self, id: u128, offset: u64, data: &[u8]) -> Result<()> {
+        let mut e = self.shared.engine.lock();
+        let WritePlan::InPlace(runs) = e.plan_write(id, offset, data)? else {
+            return Ok(());
+        };
+        let _gate = self.shared.io_gate.read();
+        drop(e);
+        // A failed write poisons the pool until it is reopened: the device wrapper latches
+        // it, as it does every failed write and flush.
+        write_runs(&*self.shared.dev, &runs, data)
+    }
+
+    /// Makes every completed write durable (one commit).
+    pub(crate) fn flush(&self) -> Result<()> {
+        self.with(|e| e.commit())
+    }
+}
+
+impl Engine {
+    /// Waits until no volume I/O runs outside the engine lock. The caller holds the engine
+    /// lock, and I/O starts only under it, so none can start until the caller lets go.
+    pub(crate) fn drain_io(&self) {
+        drop(self.io_gate.write());
+    }
+}
+
+/// What an I/O addresses: a writable volume or a read-only snapshot, by id.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Target {
+    Volume(u128),
+    Snapshot(u128),
+}
+
+/// One device transfer of a request: bytes `src` of the caller's buffer at device byte `at`.
+pub(crate) struct Run {
+    at: u64,
+    src: std::ops::Range<usize>,
+}
+
+/// The part of a request of `len` bytes at `offset` that falls in block `b`: its offset
+/// inside the block and its range in the request's buffer.
+fn span(b: u64, bs: u64, offset: u64, len: usize) -> (u64, std::ops::Range<usize>) {
+    let lo = (b * bs).max(offset);
+    let hi = ((b + 1) * bs).min(offset + len as u64);
+    (lo - b * bs, (lo - offset) as usize..(hi - offset) as usize)
+}
+
+/// Appends a transfer, extending the last one when both sides are contiguous.
+fn push_run(runs: &mut Vec<Run>, at: u64, src: std::ops::Range<usize>) {
+    match runs.last_mut() {
+        Some(r) if r.src.end == src.start && r.at + r.src.len() as u64 == at => r.src.end = src.end,
+        _ => runs.push(Run { at, src }),
+    }
+}
+
+/// Runs a planned read into `buf`, zero-filling what no run covers.
+pub(crate) fn read_runs(dev: &dyn BlockDevice, runs: &[Run], buf: &mut [u8]) -> Result<()> {
+    let mut covered = 0;
+    for r in runs {
+        buf[covered..r.src.start].fill(0);
+        dev.read_at(&mut buf[r.src.clone()], r.at)?;
+        covered = r.src.end;
+    }
+    buf[covered..].fill(0);
+    Ok(())
+}
+
+/// Runs planned in-place writes of `data`.
+pub(crate) fn write_runs(dev: &dyn BlockDevice, runs: &[Run], data: &[u8]) -> Result<()> {
+    for r in runs {
+        dev.write_at(&data[r.src.clone()], r.at)?;
+    }
+    Ok(())
+}
+
+/// What a write planned: done under the lock, or in-place transfers for the caller to run.
+pub(crate) enum WritePlan {
+    Done,
+    InPlace(Vec<Run>),
+}
+
+/// A device write planned for one block of a request.
+enum Piece {
+    /// Bytes `src` of the request go to device byte `at`.
+    Direct {
+        at: u64,
+        src: std::ops::Range<usize>,
+    },
+    /// A whole block assembled in memory (partial write into a new block).
+    Assembled { at: u64, data: Vec<u8> },
+}
+
+impl Engine {
+    /// Root, size and display name of an I/O target.
+    pub(crate) fn target(&mut self, t: Target) -> Result<(u64, u64, String)> {
+        let (c, sm) = self.cat();
+        match t {
+            Target::Volume(id) => c
+                .volume_ref(sm, id)?
+                .map(|v| (v.root, v.size, v.name.clone()))
+                .ok_or_else(|| Error::VolumeNotFound(format!("id {id:032x}"))),
+            Target::Snapshot(id) => c
+                .snapshot_ref(sm, id)?
+                .map(|s| (s.root, s.size, format!("{}@{}", s.volume_name, s.name)))
+                .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}"))),
+        }
+    }
+
+    /// Map root and size of an I/O target (without copying its names: every I/O asks).
+    fn root_and_size(&mut self, t: Target) -> Result<Option<(u64, u64)>> {
+        let (c, sm) = self.cat();
+        Ok(match t {
+            Target::Volume(id) => c.volume_ref(sm, id)?.map(|v| (v.root, v.size)),
+            Target::Snapshot(id) => c.snapshot_ref(sm, id)?.map(|s| (s.root, s.size)),
+        })
+    }
+
+    fn check_range(&mut self, t: Target, offset: u64, len: usize) -> Result<(u64, u64)> {
+        let Some((root, size)) = self.root_and_size(t)? else {
+            return Err(self
+                .target(t)
+                .err()
+                .unwrap_or_else(|| Error::VolumeNotFound("a volume that just went away".into())));
+        };
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Err(Error::OutOfRange {
+                what: self.target(t)?.2,
+                offset,
+                len: len as u64,
+                size,
+            });
+        }
+        Ok((root, size))
+    }
+
+    /// Plans a read of `len` bytes at `offset`: the device reads to make, one per run of
+    /// physically contiguous blocks, in buffer order. Bytes no run covers read as zeros.
+    pub(crate) fn plan_read(&mut self, t: Target, offset: u64, len: usize) -> Result<Vec<Run>> {
+        self.check_usable()?;
+        let (root, _) = self.check_range(t, offset, len)?;
+        let mut runs: Vec<Run> = Vec::new();
+        if len == 0 {
+            return Ok(runs);
+        }
+        let bs = self.store.block_size as u64;
+        let first = offset / bs;
+        let end = (offset + len as u64).div_ceil(bs);
+        let mut found = std::mem::take(&mut self.scratch);
+        found.clear();
+        let r = self
+            .store
+            .lookup_range_for_read(root, first, end, &mut found);
+        for f in found.drain(..) {
+            let (inner, src) = span(f.key, bs, offset, len);
+            push_run(&mut runs, Store::byte(f.value.unit) + inner, src);
+        }
+        self.scratch = found;
+        r.map(|_| runs)
+    }
+
+    /// Writes `data` at `offset` of volume `id` (see the module docs for where it lands).
+    pub(crate) fn write(&mut self, id: u128, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_with(id, offset, data, false)
+    }
+
+    /// As [`Engine::write`], except that a write going wholly in place is returned as
+    /// transfers for the caller to run after letting go of the engine lock (holding the I/O
+    /// gate), so writes to owned blocks and reads proceed in parallel.
+    pub(crate) fn plan_write(&mut self, id: u128, offset: u64, data: &[u8]) -> Result<WritePlan> {
+        self.write_planned(id, offset, data, false)
+    }
+
+    /// As [`Engine::write`]; with `redirect_all`, no block is written in place, so the write
+    /// becomes visible only with the next commit. Catalog operations that write (resize
+    /// zeroing the tail of its new last block) use it to stay atomic across a crash.
+    pub(crate) fn write_with(
+        &mut self,
+        id: u128,
+        offset: u64,
+        data: &[u8],
+        redirect_all: bool,
+    ) -> Result<()> {
+        match self.write_planned(id, offset, data, redirect_all)? {
+            WritePlan::Done => Ok(()),
+            WritePlan::InPlace(runs) => self.mutate(|e| write_runs(&*e.store.dev, &runs, data)),
+        }
+    }
+
+    /// Plans a write and carries it out, except a write wholly into owned blocks, which is
+    /// returned as device transfers (no map change) for the caller to run.
+    fn write_planned(
+        &mut self,
+        id: u128,
+        offset: u64,
+        data: &[u8],
+        redirect_all: bool,
+    ) -> Result<WritePlan> {
+        self.check_usable()?;
+        let (root, _) = self.check_range(Target::Volume(id), offset, data.len())?;
+        if data.is_empty() {
+            return Ok(WritePlan::Done);
+        }
+        let (c, sm) = self.cat();
+        let frozen = c.volume_ref(sm, id)?.map_or(u64::MAX, |v| v.frozen_gen);
+        let bs = self.store.block_size as u64;
+        let first = offset / bs;
+        let end = (offset + data.len() as u64).div_ceil(bs);
+        let mut found = Vec::new();
+        self.store.lookup_range(root, first, end, &mut found)?;
+        // Decide in place or redirect for every block before changing anything, so a full
+        // pool is reported before any state changes.
+        let mut plan: Vec<(u64, Option<Found>, bool)> = Vec::with_capacity((end - first) as usize);
+        let mut fi = found.into_iter().peekable();
+        let mut redirects = 0u64;
+        for b in first..end {
+            let f = fi.next_if(|f| f.key == b);
+            let in_place = match &f {
+                Some(_) if redirect_all => false,
+                Some(f) => {
+                    !f.path_shared
+                        && f.value.birth > frozen
+                        && self.store.sm.get(f.value.unit)? == 1
+                }
+                None => false,
+            };
+            redirects += u64::from(!in_place);
+            plan.push((b, f, in_place));
+        }
+        if redirects == 0 {
+            // Every block is mapped and owned (an unmapped one counts as a redirect).
+            let mut runs: Vec<Run> = Vec::with_capacity(1);
+            for f in plan.iter().filter_map(|p| p.1) {
+                let (inner, src) = span(f.key, bs, offset, data.len());
+                push_run(&mut runs, Store::byte(f.value.unit) + inner, src);
+            }
+            self.maybe_commit_after_io()?;
+            return Ok(WritePlan::InPlace(runs));
+        }
+        if redirects > 0 {
+            let need = redirects * self.store.block_units + 16 + redirects / 4;
+            let usable = self.store.sm.usable_units();
+            if usable < need {
+                return Err(Error::NoSpace {
+                    op: "write",
+                    needed: need * crate::format::PAGE_SIZE as u64,
+                    free: usable * crate::format::PAGE_SIZE as u64,
+                });
+            }
+        }
+        self.mutate(|e| e.apply_write(id, root, offset, data, plan))?;
+        self.maybe_commit_after_io()?;
+        Ok(WritePlan::Done)
+    }
+
+    fn apply_write(
+        &mut self,
+        id: u128,
+        mut root: u64,
+        offset: u64,
+        data: &[u8],
+        plan: Vec<(u64, Option<Found>, bool)>,
+    ) -> Result<()> {
+        let bs = self.store.block_size as u64;
+        let mut pieces = Vec::with_capacity(plan.len());
+        for (b, f, in_place) in plan {
+            let (inner, src) = span(b, bs, offset, data.len());
+            let whole = src.len() as u64 == bs;
+            if let (true, Some(f)) = (in_place, &f) {
+                pieces.push(Piece::Direct {
+                    at: Store::byte(f.value.unit) + inner,
+                    src,
+                });
+                continue;
+            }
+            let unit = self.store.alloc_block("write", Reserve::Keep)?;
+            let at = Store::byte(unit);
+            if whole {
+                pieces.push(Piece::Direct { at, src });
+            } else {
+                // A partial write into a new block carries the rest of the old one along.
+                let mut block = vec![0u8; bs as usize];
+                if let Some(f) = &f {
+                    self.store
+                        .dev
+                        .read_at(&mut block, Store::byte(f.value.unit))?;
+                }
+                let o = inner as usize;
+                block[o..o + src.len()].copy_from_slice(&data[src]);
+                pieces.push(Piece::Assembled { at, data: block });
+            }
+            let m = MapValue {
+                unit,
+                birth: self.store.generation,
+            };
+            let (r, old) = self.store.insert(root, b, m, Reserve::Keep)?;
+            root = r;
+            if let Some(old) = old {
+                self.store.dec_block(old.unit)?;
+            }
+        }
+        self.write_pieces(data, &pieces)?;
+        self.set_root(id, root)?;
+        Ok(())
+    }
+
+    /// Issues the device writes, merging neighbours that are contiguous on both sides.
+    fn write_pieces(&self, data: &[u8], pieces: &[Piece]) -> Result<()> {
+        let dev = &self.store.dev;
+        let mut i = 0;
+        while i < pieces.len() {
+            match &pieces[i] {
+                Piece::Assembled { at, data: block } => {
+                    dev.write_at(block, *at)?;
+                    i += 1;
+                }
+                Piece::Direct { at, src } => {
+                    let (start_at, start_src) = (*at, src.start);
+                    let mut end_src = src.end;
+                    i += 1;
+                    while let Some(Piece::Direct { at, src }) = pieces.get(i) {
+                        if src.start != end_src || *at != start_at + (end_src - start_src) as u64 {
+                            break;
+                        }
+                        end_src = src.end;
+                        i += 1;
+                    }
+                    dev.write_at(&data[start_src..end_src], start_at)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Points volume `id` at map root `root` (the catalog tree takes it at the commit).
+    pub(crate) fn set_root(&mut self, id: u128, root: u64) -> Result<()> {
+        let (c, sm) = self.cat();
+        if c.volume_ref(sm, id)?.is_some_and(|v| v.root != root) {
+            if let Some(v) = c.volume_mut(sm, id)? {
+                v.root = root;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `offset..offset+len` of volume `id` read as zeros, returning whole blocks to
+    /// the pool and zero-filling partial ones.
+    pub(crate) fn discard(&mut self, id: u128, offset: u64, len: u64) -> Result<()> {
+        self.check_usable()?;
+        let size =
+            usize::try_from(len).map_err(|_| Error::InvalidArgument("length too large".into()))?;
+        self.check_range(Target::Volume(id), offset, size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.store.block_size as u64;
+        let end = offset + len;
+        let first_whole = offset.div_ceil(bs);
+        let end_whole = end / bs;
+        // Partial blocks at the edges are zero-filled through the normal write path.
+        if first_whole > end_whole {
+            return self.write(id, offset, &vec![0u8; len as usize]);
+        }
+        if offset < first_whole * bs {
+            self.write(id, offset, &vec![0u8; (first_whole * bs - offset) as usize])?;
+        }
+        if end_whole * bs < end {
+            self.write(
+                id,
+                end_whole * bs,
+                &vec![0u8; (end - end_whole * bs) as usize],
+            )?;
+        }
+        self.unmap(id, first_whole, end_whole)?;
+        self.maybe_commit_after_io()
+    }
+
+    /// Removes the mappings of blocks `first..end` of volume `id`.
+    pub(crate) fn unmap(&mut self, id: u128, first: u64, end: u64) -> Result<()> {
+        let (root, _, _) = self.target(Target::Volume(id))?;
+        let mut found = Vec::new();
+        self.store.lookup_range(root, first, end, &mut found)?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        // Unmapping frees blocks, so it may use the reserve: it must work on a full pool.
+        self.mutate(|e| {
+            let mut root = root;
+            for f in found {
+                let (r, old) = e.store.remove(root, f.key, Reserve::Use)?;
+                root = r;
+                if let Some(old) = old {
+                    e.store.dec_block(old.unit)?;
+                }
+            }
+            e.set_root(id, root)?;
+            Ok(())
+        })
+    }
+
+    fn maybe_commit_after_io(&mut self) -> Result<()> {
+        self.maybe_commit()
+    }
+}
+
+fn spawn_committer(
+    pool: Weak<Shared>,
+    stop: Arc<(Mutex<bool>, parking_lot::Condvar)>,
+    interval: Duration,
+) -> Option<std::thread::JoinHandle<()>> {
+    let tick = (interval / 4).max(Duration::from_millis(50));
+    std::thread::Builder::new()
+        .name("snapvol-commit".into())
+        .spawn(move || loop {
+            {
+                let mut stopped = stop.0.lock();
+                if !*stopped {
+                    stop.1.wait_for(&mut stopped, tick);
+                }
+                if *stopped {
+                    return;
+                }
+            }
+            let Some(shared) = pool.upgrade() else { return };
+            let mut e = shared.engine.lock();
+            if e.check_usable().is_ok() {
+                // A failure poisons the pool; the next caller sees the error.
+                let _ = e.maybe_commit();
+            }
+        })
+        .ok()
+}
