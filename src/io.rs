@@ -331,7 +331,7 @@ impl Engine {
         data: &[u8],
         redirect_all: bool,
     ) -> Result<WritePlan> {
-        self.check_usable()?;
+        self.check_writable()?;
         let (root, _) = self.check_range(Target::Volume(id), offset, data.len())?;
         if data.is_empty() {
             return Ok(WritePlan::Done);
@@ -481,7 +481,7 @@ impl Engine {
     /// Makes `offset..offset+len` of volume `id` read as zeros, returning whole blocks to
     /// the pool and zero-filling partial ones.
     pub(crate) fn discard(&mut self, id: u128, offset: u64, len: u64) -> Result<()> {
-        self.check_usable()?;
+        self.check_writable()?;
         let size =
             usize::try_from(len).map_err(|_| Error::InvalidArgument("length too large".into()))?;
         self.check_range(Target::Volume(id), offset, size)?;

@@ -26,6 +26,11 @@ pub struct PoolOptions {
     /// Open files and block devices with `O_DIRECT` (bypass the page cache) in
     /// [`Pool::create_file`] and [`Pool::open_path`].
     pub direct_io: bool,
+    /// Open without ever writing (used by `open` and `open_path` only): every change is
+    /// `Error::ReadOnly`, closing commits nothing, a pool file is opened read-only under a
+    /// shared lock (other read-only opens may share it; a read-write open may not), and a
+    /// device shorter than the pool opens when nothing past its end is in use.
+    pub read_only: bool,
 }
 
 impl Default for PoolOptions {
@@ -34,6 +39,7 @@ impl Default for PoolOptions {
             block_size: crate::format::DEFAULT_BLOCK_SIZE,
             commit_interval: Some(Duration::from_secs(5)),
             direct_io: false,
+            read_only: false,
         }
     }
 }
@@ -149,6 +155,14 @@ impl Pool {
 
     /// Opens the pool on `dev` at its last commit.
     pub fn open(dev: Arc<dyn BlockDevice>, opts: PoolOptions) -> Result<Pool> {
+        if opts.read_only {
+            let engine = Engine::open_read_only(dev)?;
+            // No committer: there is nothing to commit. Hidden volumes (interrupted
+            // receives) stay; they are not listed and a read-write open removes them.
+            return Ok(Pool {
+                h: Handle::start(engine, None),
+            });
+        }
         let engine = Engine::open(dev)?;
         let pool = Pool {
             h: Handle::start(engine, opts.commit_interval),
@@ -166,6 +180,7 @@ impl Pool {
         Engine::validate_create(size, opts.block_size)?;
         let fo = FileOptions {
             direct: opts.direct_io,
+            read_only: false,
         };
         let dev = Arc::new(FileDevice::create_with(path, size, fo)?);
         match Pool::create(dev, opts) {
@@ -181,6 +196,7 @@ impl Pool {
     pub fn open_path(path: impl AsRef<Path>, opts: PoolOptions) -> Result<Pool> {
         let fo = FileOptions {
             direct: opts.direct_io,
+            read_only: opts.read_only,
         };
         Pool::open(Arc::new(FileDevice::open_with(path, fo)?), opts)
     }
@@ -719,6 +735,7 @@ impl Engine {
 
 /// Commits dirty state older than `interval` even when nobody calls flush, so a caller that
 /// never flushes loses at most a few seconds. Ends when the pool is dropped.
+#[cfg(feature = "nbd")]
 impl Volume {
     /// The pool this volume is in.
     pub(crate) fn pool(&self) -> Pool {
@@ -726,6 +743,7 @@ impl Volume {
     }
 }
 
+#[cfg(feature = "nbd")]
 impl Snapshot {
     /// The pool this snapshot is in.
     pub(crate) fn pool(&self) -> Pool {

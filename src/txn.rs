@@ -58,6 +58,8 @@ pub(crate) struct Engine {
     /// The device below every path (the store's, and the transfers outside the lock): it
     /// latches the first failed write or flush and refuses later ones.
     checked: Arc<Checked>,
+    /// Opened read-only: nothing is ever written, not even at close.
+    pub(crate) read_only: bool,
 }
 
 impl Engine {
@@ -139,6 +141,7 @@ impl Engine {
             in_catalog_op: false,
             scratch: Vec::new(),
             io_gate: Arc::new(RwLock::new(())),
+            read_only: checked.is_read_only(),
             checked,
             auto_commit_space_pages: (reserve / 3).max(8),
         }
@@ -148,6 +151,13 @@ impl Engine {
     /// and the catalog. Nothing else is read until used.
     pub(crate) fn open(dev: Arc<dyn BlockDevice>) -> Result<Engine> {
         Engine::open_checked(Arc::new(Checked::new(dev)))
+    }
+
+    /// Opens the newest commit without ever writing to `dev`: every change is refused with
+    /// `Error::ReadOnly`, and closing commits nothing. A device shorter than the pool (a
+    /// pool file that lost its unused tail) opens as long as no unit past its end is in use.
+    pub(crate) fn open_read_only(dev: Arc<dyn BlockDevice>) -> Result<Engine> {
+        Engine::open_checked(Arc::new(Checked::read_only(dev)))
     }
 
     /// [`Engine::open`] on a device already wrapped (a reload keeps its latch).
@@ -166,7 +176,14 @@ impl Engine {
             let mut page = new_page();
             dev.read_at(&mut page[..], slot * PAGE_SIZE as u64)?;
             any_magic |= format::get_u32(&page[..], 0) == PageKind::Superblock as u32;
-            match Superblock::decode(&page, slot, dev.len()) {
+            // Read-only, a device shorter than the pool is let through here and checked
+            // below against what the pool uses.
+            let room = if checked.is_read_only() {
+                format::MAX_POOL_BYTES
+            } else {
+                dev.len()
+            };
+            match Superblock::decode(&page, slot, room) {
                 Ok(sb) => candidates.push(sb),
                 Err(e) => errors.push(e),
             }
@@ -184,13 +201,30 @@ impl Engine {
                 .unwrap_or(0);
             return Err(errors.swap_remove(pick));
         };
-        let sm = SpaceMap::open(
+        let mut sm = SpaceMap::open(
             dev.clone(),
             sb.total_units,
             sb.used_units,
             sb.space_root,
             sb.space_height,
         )?;
+        let device_units = dev.len() / PAGE_SIZE as u64;
+        if sb.total_units > device_units {
+            let pool_bytes = sb.total_units * PAGE_SIZE as u64;
+            if let Some(unit) = sm.first_used_from(device_units)? {
+                return Err(Error::corrupt(
+                    "superblock",
+                    0,
+                    format!(
+                        "the pool is {pool_bytes} bytes but the device holds {}, and unit {unit} \
+                         (byte {}) past its end is in use: extend the device to {pool_bytes} \
+                         bytes to read the pool (e.g. truncate -s {pool_bytes})",
+                        dev.len(),
+                        unit * PAGE_SIZE as u64
+                    ),
+                ));
+            }
+        }
         let counts = Counts {
             volumes: sb.volumes,
             snapshots: sb.snapshots,
@@ -232,6 +266,15 @@ impl Engine {
         }
     }
 
+    /// As [`Engine::check_usable`], for a change: refused on a pool opened read-only.
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        self.check_usable()?;
+        if self.read_only {
+            return Err(Error::ReadOnly("the pool (opened read-only)".into()));
+        }
+        Ok(())
+    }
+
     /// Pages and records changed in the open transaction (drives the automatic commit).
     pub(crate) fn dirty_pages(&self) -> usize {
         self.store.dirty_pages() + self.catalog.dirty_count()
@@ -247,7 +290,7 @@ impl Engine {
     /// Runs a change that may leave memory half-updated if it fails midway: any error
     /// poisons the pool (committed data stays intact; reopening returns to the last commit).
     pub(crate) fn mutate<T>(&mut self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
-        self.check_usable()?;
+        self.check_writable()?;
         let r = self.guard_panic(f);
         if let Err(e) = &r {
             self.poisoned = Some(e.to_string());
@@ -264,6 +307,7 @@ impl Engine {
         reserve: Reserve,
         f: impl FnOnce(&mut Engine, Reserve) -> Result<T>,
     ) -> Result<T> {
+        self.check_writable()?;
         // A snapshot or clone must not share a block an in-place write is still changing.
         self.drain_io();
         self.commit()?;
@@ -320,6 +364,10 @@ impl Engine {
     /// Makes everything done so far durable (see the module docs for the protocol).
     pub(crate) fn commit(&mut self) -> Result<()> {
         self.check_usable()?;
+        if self.read_only {
+            // Nothing can have changed (every change is refused), so nothing to make durable.
+            return Ok(());
+        }
         let r = self.commit_inner();
         if let Err(e) = &r {
             self.poison(format!("commit failed: {e}"));

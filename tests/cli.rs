@@ -1015,8 +1015,12 @@ fn send_refuses_to_write_a_stream_to_a_terminal() {
     );
 }
 
+/// A pool file that lost its unused tail: commands that change nothing open it read-only
+/// and work; a change is refused with what is missing and how to restore it; extending the
+/// file restores everything. Cut into what the pool uses, even a read-only open refuses,
+/// naming the unit past the end.
 #[test]
-fn a_pool_file_cut_short_says_what_is_missing_and_extending_it_restores_it() {
+fn a_pool_file_cut_short_reads_read_only_and_extending_it_restores_it() {
     let t = Env::new();
     let p = t.pool();
     t.ok(&["pool", "create", &p, "--size", "64M"]);
@@ -1024,14 +1028,31 @@ fn a_pool_file_cut_short_says_what_is_missing_and_extending_it_restores_it() {
     let data = t.path("d");
     std::fs::write(&data, pattern(1 << 20, 8)).unwrap();
     t.ok(&["write", &p, "db", data.to_str().unwrap()]);
+    t.ok(&["snapshot", &p, "db@s"]);
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     f.set_len(63 << 20).unwrap();
-    let err = t.fails(&["list", &p]);
+    // Read-only commands: the data lies far below the cut.
+    assert!(t.ok(&["list", &p]).contains("db@s"));
+    assert_eq!(t.run(&["read", &p, "db@s"]).stdout, pattern(1 << 20, 8));
+    assert!(t.json(&["pool", "check", &p, "--json"])["clean"] == true);
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        63 << 20,
+        "a read-only command does not extend or write the file"
+    );
+    // A change needs the whole pool.
+    let err = t.fails(&["snapshot", &p, "db@t"]);
     assert!(err.contains("1048576 bytes are missing"), "{err}");
     assert!(err.contains("truncate -s 67108864"), "{err}");
     f.set_len(64 << 20).unwrap();
+    t.ok(&["snapshot", &p, "db@t"]);
     assert_eq!(t.run(&["read", &p, "db"]).stdout, pattern(1 << 20, 8));
     assert!(t.json(&["pool", "check", &p, "--json"])["clean"] == true);
+    // Cut below the data: nothing opens, and the message says why.
+    f.set_len(4 << 20).unwrap();
+    let err = t.fails(&["list", &p]);
+    assert!(err.contains("past its end is in use"), "{err}");
+    assert!(err.contains("truncate -s 67108864"), "{err}");
 }
 
 #[test]

@@ -149,7 +149,14 @@ fn raw_block_device_on_a_loop_device() {
     verify(&pool, &data);
     pool.close().unwrap();
     // The same pool through O_DIRECT: aligned to the device's logical sector size.
-    let direct = FileDevice::open_with(&loopdev.0, FileOptions { direct: true }).unwrap();
+    let direct = FileDevice::open_with(
+        &loopdev.0,
+        FileOptions {
+            direct: true,
+            read_only: false,
+        },
+    )
+    .unwrap();
     assert!(direct.is_direct());
     let pool = Pool::open(Arc::new(direct), PoolOptions::default()).unwrap();
     verify(&pool, &data);

@@ -14,6 +14,8 @@ pub(crate) struct Checked {
     inner: Arc<dyn BlockDevice>,
     /// What failed first; set once.
     failure: OnceLock<String>,
+    /// Every write, flush, discard and grow is refused (a pool opened read-only).
+    read_only: bool,
 }
 
 impl Checked {
@@ -21,7 +23,21 @@ impl Checked {
         Checked {
             inner,
             failure: OnceLock::new(),
+            read_only: false,
         }
+    }
+
+    /// A device nothing is written to: the guarantee of a read-only open, kept here at the
+    /// boundary rather than by every caller.
+    pub(crate) fn read_only(inner: Arc<dyn BlockDevice>) -> Checked {
+        Checked {
+            read_only: true,
+            ..Checked::new(inner)
+        }
+    }
+
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// The first write or flush that failed, if one did.
@@ -30,6 +46,9 @@ impl Checked {
     }
 
     fn refuse_if_failed(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly("the pool (opened read-only)".into()));
+        }
         match self.failure() {
             Some(why) => Err(Error::Poisoned(why.to_string())),
             None => Ok(()),

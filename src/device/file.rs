@@ -40,6 +40,9 @@ pub struct FileOptions {
     /// flush still issues the device cache flush. Unaligned I/O is handled inside the device
     /// layer with aligned bounce buffers.
     pub direct: bool,
+    /// Open for reading only, under a shared lock: read-only opens may share a file, and a
+    /// read-write open (which takes the lock exclusively) excludes them. Writes fail.
+    pub read_only: bool,
 }
 
 impl FileDevice {
@@ -55,7 +58,7 @@ impl FileDevice {
         let file = open_options(opts)
             .open(path)
             .map_err(|e| open_error("open", opts, e))?;
-        lock(&file, path)?;
+        lock(&file, path, opts.read_only)?;
         let meta = file.metadata().map_err(|e| Error::io("open", 0, e))?;
         let block_device = meta.file_type().is_block_device();
         let len = if block_device {
@@ -79,7 +82,7 @@ impl FileDevice {
             .open(path.as_ref())
             .map_err(|e| open_error("create", opts, e))?;
         // The file is new: if it cannot be made into a device, it goes again.
-        let made = lock(&file, path.as_ref())
+        let made = lock(&file, path.as_ref(), false)
             .and_then(|_| file.set_len(len).map_err(|e| Error::io("create", 0, e)))
             .and_then(|_| FileDevice::assemble(file, len, false, opts));
         if made.is_err() {
@@ -138,7 +141,7 @@ impl FileDevice {
 
 fn open_options(opts: FileOptions) -> OpenOptions {
     let mut o = OpenOptions::new();
-    o.read(true).write(true);
+    o.read(true).write(!opts.read_only);
     if opts.direct {
         o.custom_flags(libc::O_DIRECT);
     }
@@ -352,18 +355,20 @@ impl BlockDevice for FileDevice {
     }
 }
 
-/// Takes an exclusive advisory lock so two processes never open one pool: each would
-/// allocate from its own idea of free space and overwrite the other's blocks.
+/// Takes an advisory lock, exclusive for a read-write open, so two processes never open one pool
+/// to change it: each would allocate from its own idea of free space and overwrite the other's
+/// blocks. A read-only open takes it shared: readers may share the pool, never with a writer.
 ///
 /// A refusal is retried for a moment before it is reported: a lock belongs to the open file,
 /// which a child process forked by this one shares until it execs, so a pool closed just as
 /// the embedding program spawns a command can look held for a few milliseconds.
-fn lock(file: &File, path: &Path) -> Result<()> {
+fn lock(file: &File, path: &Path, shared: bool) -> Result<()> {
+    let mode = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
     let mut tries = 0;
     loop {
         // SAFETY: flock takes the fd of a file that stays open for the call; no memory is
         // passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
         if rc == 0 {
             return Ok(());
         }
@@ -474,7 +479,14 @@ mod tests {
     /// A direct file device in the temp dir, or None (with the reason printed) where the
     /// filesystem refuses O_DIRECT.
     fn direct_device(dir: &Path, len: u64) -> Option<FileDevice> {
-        match FileDevice::create_with(dir.join("direct"), len, FileOptions { direct: true }) {
+        match FileDevice::create_with(
+            dir.join("direct"),
+            len,
+            FileOptions {
+                direct: true,
+                read_only: false,
+            },
+        ) {
             Ok(d) => Some(d),
             Err(Error::InvalidArgument(why)) => {
                 eprintln!("SKIPPED direct I/O test: {why}");

@@ -91,7 +91,8 @@ impl Superblock {
             return Err(bad(format!(
                 "the pool is {pool_bytes} bytes but the device holds {device_len}: \
                  {} bytes are missing from its end (a truncated file is restored by extending \
-                 it to {pool_bytes} bytes, e.g. truncate -s {pool_bytes})",
+                 it to {pool_bytes} bytes, e.g. truncate -s {pool_bytes}; a read-only open \
+                 reads it as it is while nothing past its end is in use)",
                 pool_bytes - device_len
             )));
         }

@@ -329,6 +329,27 @@ impl SpaceMap {
         Ok(&mut self.leaves[i])
     }
 
+    /// The first unit at or after `from` that is in use, reading only the leaves that were
+    /// ever materialized (a leaf never written is all free).
+    pub(crate) fn first_used_from(&mut self, from: u64) -> Result<Option<u64>> {
+        let mut unit = from;
+        while unit < self.total_units {
+            let i = (unit / LEAF_ENTRIES) as usize;
+            let leaf_end = ((i as u64 + 1) * LEAF_ENTRIES).min(self.total_units);
+            if self.leaves[i].loc != 0 || self.leaves[i].counts.is_some() {
+                let base = i as u64 * LEAF_ENTRIES;
+                let counts = self.leaf(unit)?.counts.as_ref().expect("loaded by leaf()");
+                let lo = (unit - base) as usize;
+                let hi = (leaf_end - base) as usize;
+                if let Some(k) = counts[lo..hi].iter().position(|&c| c != 0) {
+                    return Ok(Some(unit + k as u64));
+                }
+            }
+            unit = leaf_end;
+        }
+        Ok(None)
+    }
+
     /// The raw count of a unit (0 free, [`CONT`] tail of a data block).
     pub(crate) fn get(&mut self, unit: u64) -> Result<u32> {
         // Fast path: the leaf is loaded (the common case on every I/O).

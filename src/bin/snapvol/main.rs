@@ -311,6 +311,17 @@ fn open(path: &Path) -> Result<Pool, String> {
     Pool::open_path(path, opts()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// For commands that change nothing (list, info, check, read, export, diff, send): they
+/// write and flush nothing, share the pool with other such commands, and read a pool file
+/// that lost its unused tail.
+fn open_read_only(path: &Path) -> Result<Pool, String> {
+    let o = PoolOptions {
+        read_only: true,
+        ..opts()
+    };
+    Pool::open_path(path, o).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// `vol@snap` -> (vol, Some(snap)); `vol` -> (vol, None).
 fn split_target(t: &str) -> (&str, Option<&str>) {
     match t.split_once('@') {
@@ -368,6 +379,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     &path,
                     FileOptions {
                         direct: o.direct_io,
+                        read_only: false,
                     },
                 )
                 .map_err(|err| format!("{}: {err}", path.display()))?;
@@ -422,7 +434,7 @@ fn run(cmd: Cmd) -> CmdResult {
             done(pool)
         }
         Cmd::Pool(PoolCmd::Info { path, out }) => {
-            let pool = open(&path)?;
+            let pool = open_read_only(&path)?;
             let st = pool.stats();
             if out.json {
                 println!(
@@ -455,7 +467,7 @@ fn run(cmd: Cmd) -> CmdResult {
             done(pool)
         }
         Cmd::Pool(PoolCmd::Check { path, json }) => {
-            let pool = open(&path)?;
+            let pool = open_read_only(&path)?;
             // The check does not know its total in advance: a spinner with the time taken,
             // not a bar that would sit full at "0 B/0 B".
             let pb = image::spinner("check");
@@ -655,7 +667,7 @@ fn run(cmd: Cmd) -> CmdResult {
             scripted,
             out,
         } => {
-            let pool = open(&path)?;
+            let pool = open_read_only(&path)?;
             list(
                 &pool,
                 out,
@@ -781,7 +793,7 @@ fn run(cmd: Cmd) -> CmdResult {
             done(pool)
         }
         Cmd::Export { path, source, file } => {
-            let pool = open(&path)?;
+            let pool = open_read_only(&path)?;
             let src = source_of(&pool, &source)?;
             let data = image::export(&src, &file, pool.block_size() as usize)?;
             // The image may be on stdout: the report goes to stderr then.
@@ -827,7 +839,7 @@ fn run(cmd: Cmd) -> CmdResult {
             length,
             output,
         } => {
-            let pool = open(&path)?;
+            let pool = open_read_only(&path)?;
             let src = source_of(&pool, &source)?;
             let size = src.len().map_err(e)?;
             let length = match length {
@@ -866,7 +878,7 @@ fn run(cmd: Cmd) -> CmdResult {
             target,
             out,
         } => {
-            let pool = open(&path)?;
+            let pool = open_read_only(&path)?;
             let base_id = base_id(&pool, &base)?;
             let target_id;
             let t = match split_target(&target) {
@@ -930,7 +942,7 @@ fn run(cmd: Cmd) -> CmdResult {
             output,
             json,
         } => {
-            let pool = open(&path)?;
+            let pool = open_read_only(&path)?;
             let (v, s) = need_snapshot(&snapshot)?;
             let id = pool.snapshot_handle(v, s).map_err(e)?.id();
             let base = from.as_deref().map(|b| base_id(&pool, b)).transpose()?;
