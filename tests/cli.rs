@@ -26,6 +26,8 @@ impl Env {
     fn run(&self, args: &[&str]) -> Output {
         let out = Command::new(env!("CARGO_BIN_EXE_snapvol"))
             .args(args)
+            // The tests name their pools; one set in the caller's shell must not move them.
+            .env_remove("SNAPVOL_POOL")
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1188,4 +1190,50 @@ fn snapshots_of_a_deleted_volume_are_destroyed_by_id() {
     assert_eq!(rows.lines().count(), 1, "{rows}");
     assert!(rows.contains("v@s") && !rows.contains("deleted"), "{rows}");
     assert!(t.ok(&["pool", "check", &p]).contains(" 0 problems"));
+}
+
+/// The pool given once: `--pool PATH` or `SNAPVOL_POOL` stands in for every command's pool
+/// argument; the flag wins; a pool given twice is a usage error (exit 2) that changes
+/// nothing, so `destroy other.img db` never reads as two volume names.
+#[test]
+fn the_pool_can_come_from_a_flag_or_the_environment() {
+    let t = Env::new();
+    let p = t.pool();
+    let run_env = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_snapvol"))
+            .args(args)
+            .env("SNAPVOL_POOL", &p)
+            .output()
+            .unwrap()
+    };
+    let ok = |o: &Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    ok(&run_env(&["pool", "create", "--size", "64M"]));
+    ok(&run_env(&["create", "db", "--size", "1M"]));
+    ok(&run_env(&["snapshot", "db@s"]));
+    assert!(ok(&run_env(&["list", "-t", "snapshot"])).contains("db@s"));
+    assert!(t.ok(&["--pool", &p, "list"]).contains("db@s"));
+    assert!(t.ok(&["list", "--pool", &p, "db"]).contains("db"));
+    // The flag wins over the environment.
+    let q = t.path("q.img").display().to_string();
+    t.ok(&["pool", "create", &q, "--size", "64M"]);
+    let o = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(["--pool", &q, "list", "--json"])
+        .env("SNAPVOL_POOL", &p)
+        .output()
+        .unwrap();
+    assert!(!ok(&o).contains("db"), "listed the environment's pool");
+    // Given twice: refused as a usage error, and nothing changed.
+    let o = run_env(&["destroy", &q, "db"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("given twice"));
+    assert!(t.ok(&["list", &p]).contains("db@s"));
+    let o = run_env(&["--pool", &q, "demo"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "a command without a pool refuses --pool"
+    );
 }

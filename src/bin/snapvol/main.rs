@@ -4,6 +4,7 @@ mod backup;
 mod demo;
 mod image;
 mod json;
+mod pool_arg;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,10 @@ struct Cli {
     /// Bypass the page cache (O_DIRECT) on the pool's file or block device.
     #[arg(long, global = true)]
     direct: bool,
+    /// The pool for any command, in place of its POOL argument (also from the SNAPVOL_POOL
+    /// environment variable; the flag wins). Example: SNAPVOL_POOL=pool.img snapvol list
+    #[arg(long, global = true, value_name = "PATH")]
+    pool: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -289,7 +294,17 @@ enum PoolCmd {
 type CmdResult = Result<ExitCode, String>;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match pool_arg::place_pool(
+        std::env::args_os().collect(),
+        std::env::var_os("SNAPVOL_POOL"),
+    ) {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("snapvol: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     DIRECT.store(cli.direct, std::sync::atomic::Ordering::Relaxed);
     match run(cli.cmd) {
         Ok(code) => code,
