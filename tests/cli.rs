@@ -1237,3 +1237,62 @@ fn the_pool_can_come_from_a_flag_or_the_environment() {
         "a command without a pool refuses --pool"
     );
 }
+
+/// Every command's --help has an example, and every argument and option says what it is.
+#[test]
+fn every_command_has_an_example_and_every_argument_a_description() {
+    let t = Env::new();
+    let commands: &[&[&str]] = &[
+        &["create"],
+        &["resize"],
+        &["rename"],
+        &["destroy"],
+        &["list"],
+        &["snapshot"],
+        &["clone"],
+        &["rollback"],
+        &["import"],
+        &["export"],
+        &["write"],
+        &["read"],
+        &["diff"],
+        &["send"],
+        &["receive"],
+        &["bookmark"],
+        &["nbd"],
+        &["demo"],
+        &["pool", "create"],
+        &["pool", "grow"],
+        &["pool", "info"],
+        &["pool", "check"],
+        &["backup", "init"],
+        &["backup", "push"],
+        &["backup", "list"],
+        &["backup", "restore"],
+        &["backup", "verify"],
+        &["backup", "delete"],
+        &["backup", "prune"],
+        &["backup", "gc"],
+    ];
+    for cmd in commands {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let help = t.ok(&args);
+        let own: String = help
+            .lines()
+            .filter(|l| !l.contains("SNAPVOL_POOL=pool.img"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            own.contains("Example: snapvol"),
+            "{cmd:?} --help has no example"
+        );
+        // Clap prints an argument or option with no text as its name alone on the line.
+        for l in help.lines() {
+            let l = l.trim();
+            let undocumented = (l.starts_with('<') || l.starts_with('[') || l.starts_with('-'))
+                && !l.contains("  ");
+            assert!(!undocumented, "{cmd:?}: {l:?} is not described");
+        }
+    }
+}

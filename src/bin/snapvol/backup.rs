@@ -37,6 +37,7 @@ pub struct S3Flags {
 #[derive(Subcommand)]
 pub enum BackupCmd {
     /// Create a repository (push creates one with the defaults if there is none).
+    /// Example: snapvol backup init s3://backups/cluster-a --chunk-size 4M
     Init {
         /// A directory, file:///path, or s3://bucket[/prefix].
         target: String,
@@ -51,7 +52,9 @@ pub enum BackupCmd {
     /// read, and only those the repository lacks are uploaded. Example:
     /// snapvol backup push pool.img db@mon --to /backups
     Push {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// The snapshot to back up: VOL@SNAP.
         snapshot: String,
         /// The repository: a directory, file:///path, or s3://bucket[/prefix].
         #[arg(long)]
@@ -60,60 +63,89 @@ pub enum BackupCmd {
         /// VOL@SNAP / VOL#BOOKMARK.
         #[arg(long, default_value = "auto")]
         base: String,
+        /// Print what was read and uploaded (see the README's --json table).
         #[arg(long)]
         json: bool,
     },
     /// List the repository's backups.
+    /// Example: snapvol backup list /backups --json
     List {
+        /// The repository: a directory, file:///path, or s3://bucket[/prefix].
         target: String,
+        /// Print {backups: [...]}.
         #[arg(long)]
         json: bool,
     },
     /// Restore backup ID (the snapshot id, 32 hex digits) into POOL, as VOL (default: the
     /// backed-up volume's name). Example: snapvol backup restore s3://b/p 0123… pool.img
     Restore {
+        /// The repository: a directory, file:///path, or s3://bucket[/prefix].
         target: String,
+        /// The backup: its snapshot id (32 hex digits), as `backup list` shows.
         id: String,
+        /// The pool to restore into: a pool file or block device (or --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// Name of the volume to create (default: the backed-up volume's name).
         vol: Option<String>,
         /// Also create this writable volume from the restored snapshot.
         #[arg(long)]
         clone: Option<String>,
+        /// Print what was restored and downloaded (see the README's --json table).
         #[arg(long)]
         json: bool,
     },
     /// Re-read every manifest and re-hash its chunks; exit status 1 on any problem.
+    /// Example: snapvol backup verify s3://backups/cluster-a --sample 10
     Verify {
+        /// The repository: a directory, file:///path, or s3://bucket[/prefix].
         target: String,
+        /// One backup to verify (default: every backup).
         id: Option<String>,
         /// Check this percentage of the chunks, chosen at random (default: all).
         #[arg(long, default_value = "100")]
         sample: f64,
+        /// Print {clean, backups, chunks_checked, bytes_checked, problems}.
         #[arg(long)]
         json: bool,
     },
     /// Delete backup ID (the others stay restorable; gc frees its chunks).
-    Delete { target: String, id: String },
-    /// Delete the backups no rule keeps, per volume.
-    Prune {
+    /// Example: snapvol backup delete /backups 0123…cdef
+    Delete {
+        /// The repository: a directory, file:///path, or s3://bucket[/prefix].
         target: String,
+        /// The backup: its snapshot id (32 hex digits), as `backup list` shows.
+        id: String,
+    },
+    /// Delete the backups no rule keeps, per volume.
+    /// Example: snapvol backup prune /backups --keep-last 7 --keep-daily 30
+    Prune {
+        /// The repository: a directory, file:///path, or s3://bucket[/prefix].
+        target: String,
+        /// Keep the newest N backups of each volume.
         #[arg(long, default_value = "0")]
         keep_last: usize,
+        /// Keep the newest backup of each of the last N days that have one.
         #[arg(long, default_value = "0")]
         keep_daily: usize,
+        /// Keep the newest backup of each of the last N weeks that have one.
         #[arg(long, default_value = "0")]
         keep_weekly: usize,
+        /// Say what would be kept and removed; remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print {dry_run, kept, removed}.
         #[arg(long)]
         json: bool,
     },
     /// Remove chunks no backup references that are older than the grace period.
+    /// Example: snapvol backup gc /backups
     Gc {
+        /// The repository: a directory, file:///path, or s3://bucket[/prefix].
         target: String,
         /// 30s, 15m, 24h, 7d (default 24h).
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         grace: Duration,
+        /// Print {manifests, referenced, removed, removed_bytes, young, leftovers}.
         #[arg(long)]
         json: bool,
     },

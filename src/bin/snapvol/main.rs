@@ -55,7 +55,9 @@ enum Cmd {
     Pool(PoolCmd),
     /// Create a thin volume. Example: snapvol create pool.img db --size 20G
     Create {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// Name of the new volume.
         vol: String,
         /// Size: bytes, or with K, M, G, T, P, E (powers of 1024); at most 1E.
         #[arg(long, value_parser = parse_size)]
@@ -65,9 +67,13 @@ enum Cmd {
         json: bool,
     },
     /// Grow or shrink a volume.
+    /// Example: snapvol resize pool.img db --size 40G
     Resize {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// The volume.
         vol: String,
+        /// The new size: bytes, or with K, M, G, T, P, E (powers of 1024); at most 1E.
         #[arg(long, value_parser = parse_size)]
         size: u64,
         /// Allow a smaller size: the data past the new end is discarded (qemu-img's rule).
@@ -75,14 +81,19 @@ enum Cmd {
         shrink: bool,
     },
     /// Rename a volume (its snapshots follow).
+    /// Example: snapvol rename pool.img db db-old
     Rename {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// The volume.
         vol: String,
+        /// Its new name.
         new_name: String,
     },
     /// Delete a volume or a snapshot (VOL@SNAP).
     /// Example: snapvol destroy pool.img db@mon db@tue db#old
     Destroy {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
         /// Volumes, snapshots (VOL@SNAP, or @ID for one whose volume is gone) and bookmarks
         /// (VOL#BM).
@@ -101,6 +112,7 @@ enum Cmd {
     /// List volumes and snapshots with their space.
     /// Example: snapvol list pool.img db -t snapshot
     List {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
         /// Only this volume, its snapshots and bookmarks.
         vol: Option<String>,
@@ -114,25 +126,36 @@ enum Cmd {
         out: Output,
     },
     /// Take snapshots; several VOL@SNAP arguments are one atomic group snapshot.
+    /// Example: snapvol snapshot pool.img db@mon web@mon
     Snapshot {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// VOL@SNAP, one or more (several are one atomic group snapshot).
         #[arg(required = true)]
         targets: Vec<String>,
+        /// Print {snapshots: [{name, id}]}.
         #[arg(long)]
         json: bool,
     },
     /// Clone a volume (frozen now) or a snapshot (VOL@SNAP) into a new writable volume.
+    /// Example: snapvol clone pool.img template@v1 vm-042
     Clone {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// A snapshot VOL@SNAP, or a volume (frozen now).
         source: String,
+        /// Name of the new volume.
         new_vol: String,
         /// Print {id, name, origin}.
         #[arg(long)]
         json: bool,
     },
     /// Return a volume to one of its snapshots, keeping every snapshot.
+    /// Example: snapvol rollback pool.img db@before-upgrade
     Rollback {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// The snapshot to return its volume to: VOL@SNAP.
         target: String,
         /// Print {volume, snapshot, id}.
         #[arg(long)]
@@ -140,8 +163,11 @@ enum Cmd {
     },
     /// Create a volume from a raw image (a file, a block device, a pipe, or - for stdin);
     /// runs of zeros stay unallocated. The volume appears only once the whole image is in.
+    /// Example: snapvol import pool.img template golden.raw
     Import {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// Name of the new volume.
         vol: String,
         /// The image: a file, a block device, a pipe, or - for stdin.
         file: PathBuf,
@@ -154,47 +180,69 @@ enum Cmd {
     },
     /// Write a volume or snapshot to a raw image: a file (unallocated ranges become holes),
     /// a block device at least as large, a pipe, or - for stdout.
+    /// Example: snapvol export pool.img db@mon db-mon.raw
     Export {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// A volume or a snapshot (VOL@SNAP).
         source: String,
+        /// Where to: a file, a block device, a pipe, or - for stdout.
         file: PathBuf,
     },
     /// Write FILE's bytes (- for stdin) into a volume at an offset.
+    /// Example: snapvol write pool.img db patch.bin --offset 1M
     Write {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// The volume.
         vol: String,
+        /// The bytes: a file, or - for stdin.
         file: PathBuf,
+        /// Where in the volume to start, in bytes (K, M, G... allowed).
         #[arg(long, value_parser = parse_size, default_value = "0")]
         offset: u64,
     },
     /// Read bytes from a volume or snapshot (to stdout, or -o FILE).
+    /// Example: snapvol read pool.img db@mon --offset 4K --length 512 -o sector.bin
     Read {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// A volume or a snapshot (VOL@SNAP).
         source: String,
+        /// Where to start, in bytes (K, M, G... allowed).
         #[arg(long, value_parser = parse_size, default_value = "0")]
         offset: u64,
         /// Bytes to read (default: to the end).
         #[arg(long, value_parser = parse_size)]
         length: Option<u64>,
+        /// Write the bytes to this file instead of stdout.
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
     /// Changed extents between BASE (VOL@SNAP or bookmark VOL#BM) and TARGET (VOL@SNAP or
     /// VOL).
+    /// Example: snapvol diff pool.img db@mon db@tue --json
     Diff {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// The base: a snapshot VOL@SNAP or a bookmark VOL#BM.
         base: String,
+        /// The target: a later snapshot VOL@SNAP, or the live volume VOL.
         target: String,
         #[command(flatten)]
         out: Output,
     },
     /// Write a snapshot as a stream (stdout by default); --from sends only the changes.
+    /// Example: snapvol send pool.img db@tue --from db@mon -o tue.stream
     Send {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// The snapshot to send: VOL@SNAP.
         snapshot: String,
         /// Base snapshot VOL@SNAP or bookmark VOL#BOOKMARK for an incremental stream.
         #[arg(long)]
         from: Option<String>,
+        /// Write the stream to this file instead of stdout (removed again if the send fails).
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
         /// Print {id, name, base_id, data_bytes, stream_bytes} (to stderr when the stream
@@ -203,18 +251,26 @@ enum Cmd {
         json: bool,
     },
     /// Apply a stream (stdin by default) into VOL (default: the stream's volume name).
+    /// Example: snapvol receive other.img db -i tue.stream
     Receive {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// The volume to create or update (default: the stream's volume name).
         vol: Option<String>,
+        /// Read the stream from this file instead of stdin.
         #[arg(short = 'i', long)]
         input: Option<PathBuf>,
+        /// Print {volume, snapshot, id, base_id, data_bytes}.
         #[arg(long)]
         json: bool,
     },
     /// Keep VOL@SNAP's id as bookmark VOL#SNAP: incremental sends can start from it after
     /// the snapshot is deleted.
+    /// Example: snapvol bookmark pool.img db@mon
     Bookmark {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// The snapshot to keep as a bookmark: VOL@SNAP.
         snapshot: String,
         /// Print {name, id}.
         #[arg(long)]
@@ -222,8 +278,10 @@ enum Cmd {
     },
     /// Serve the pool's volumes (read-write, export name VOL) and snapshots (read-only,
     /// VOL@SNAP) over NBD until killed; FLUSH from a client commits the pool.
+    /// Example: snapvol nbd pool.img --socket /run/snapvol.sock
     #[cfg(feature = "nbd")]
     Nbd {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
         /// TCP address to listen on (loopback unless you trust the network: no TLS).
         #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
@@ -247,17 +305,25 @@ enum Cmd {
     /// Run the seed's three workflows end to end on sparse file pools in DIR (or a
     /// temporary directory): template clones, snapshot and rollback around an upgrade,
     /// a consistent snapshot under load exported and imported into a second pool.
-    Demo { dir: Option<PathBuf> },
+    /// Example: snapvol demo /tmp/snapvol-demo
+    Demo {
+        /// A directory for the pools and images (it must not hold the demo's files already;
+        /// default: a temporary directory, removed at the end).
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
 enum PoolCmd {
     /// Create a pool on a file (created sparse) or a raw block device.
+    /// Example: snapvol pool create pool.img --size 100G
     Create {
+        /// The pool to create: a new file (created sparse) or a block device.
         path: PathBuf,
         /// Pool size for a file (a block device's size is its own: --size is refused).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// Allocation unit for data: 4K to 1M, a power of two (default 4K).
         #[arg(long, value_parser = parse_size)]
         block_size: Option<u64>,
         /// Format a block device even though it holds a pool, a filesystem or a partition
@@ -269,22 +335,29 @@ enum PoolCmd {
         json: bool,
     },
     /// Grow a pool: a pool file is extended; a block device must be enlarged first.
+    /// Example: snapvol pool grow pool.img --size 200G
     Grow {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
         /// The new pool size.
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
     /// Show pool-wide figures.
+    /// Example: snapvol pool info pool.img --json
     Info {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
         #[command(flatten)]
         out: Output,
     },
     /// Verify every page and reference count; exit status 3 when problems are found (1 when
     /// the check itself fails).
+    /// Example: snapvol pool check pool.img
     Check {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
+        /// Print {clean, nodes, blocks, units, problems}.
         #[arg(long)]
         json: bool,
     },
