@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: installs the outside tools the tests use when they are missing
-# (qemu-img/qemu-io/qemu-nbd and nbdinfo for the NBD tests, losetup for raw block devices, moto for the S3
-# backup target), then runs every test. A test whose tool still cannot be had says SKIPPED.
+# (qemu-img/qemu-io/qemu-nbd and nbdinfo for the NBD tests, losetup for raw block devices, moto
+# for the S3 backup target, strace for the tests that count a command's system calls), then runs
+# every test. A test whose tool still cannot be had says SKIPPED.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,9 @@ if ! command -v qemu-io >/dev/null 2>&1 || ! command -v qemu-nbd >/dev/null 2>&1
 fi
 if ! command -v nbdinfo >/dev/null 2>&1; then
   apt_install libnbd-bin
+fi
+if ! command -v strace >/dev/null 2>&1; then
+  apt_install strace
 fi
 if ! command -v moto_server >/dev/null 2>&1; then
   python3 -m pip install -q 'moto[server]' >/dev/null 2>&1 ||

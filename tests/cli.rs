@@ -1296,3 +1296,117 @@ fn every_command_has_an_example_and_every_argument_a_description() {
         }
     }
 }
+
+/// Runs `snapvol args` under strace; returns the syscalls it made, or None (with a message)
+/// where strace cannot be had.
+fn traced(t: &Env, args: &[&str], calls: &str) -> Option<String> {
+    let log = t.path("strace.log");
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-e", &format!("trace={calls}"), "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_snapvol"))
+        .args(args)
+        .env_remove("SNAPVOL_POOL")
+        .stdout(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(std::fs::read_to_string(&log).unwrap()),
+        Ok(o) => panic!("{args:?} failed: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => {
+            eprintln!("SKIPPED: strace is not available ({e})");
+            None
+        }
+    }
+}
+
+/// Commands that change nothing write and flush nothing: the pool file keeps its bytes and
+/// its modification time, and (where strace is at hand) no write or sync reaches it.
+#[test]
+fn read_only_commands_write_and_flush_nothing() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    t.ok(&["create", &p, "db", "--size", "2M"]);
+    let data = t.path("d");
+    std::fs::write(&data, pattern(1 << 20, 3)).unwrap();
+    t.ok(&["write", &p, "db", data.to_str().unwrap()]);
+    t.ok(&["snapshot", &p, "db@a"]);
+    t.ok(&[
+        "write",
+        &p,
+        "db",
+        data.to_str().unwrap(),
+        "--offset",
+        "4096",
+    ]);
+    t.ok(&["snapshot", &p, "db@b"]);
+    let before = std::fs::read(&p).unwrap();
+    let mtime = std::fs::metadata(&p).unwrap().mtime_nsec();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let out = t.path("out.raw").display().to_string();
+    let commands: &[&[&str]] = &[
+        &["list", &p],
+        &["pool", "info", &p],
+        &["pool", "check", &p],
+        &["read", &p, "db@a", "--length", "8K"],
+        &["export", &p, "db@a", &out],
+        &["diff", &p, "db@a", "db@b"],
+        &["send", &p, "db@b", "--from", "db@a"],
+    ];
+    for args in commands {
+        let o = t.run(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert!(
+        std::fs::read(&p).unwrap() == before,
+        "a read-only command changed the pool"
+    );
+    assert_eq!(std::fs::metadata(&p).unwrap().mtime_nsec(), mtime);
+    // No sync and no positioned write at all (export's output file aside).
+    for args in commands.iter().filter(|a| a[0] != "export") {
+        let Some(log) = traced(&t, args, "pwrite64,pwritev,fsync,fdatasync,sync_file_range") else {
+            return;
+        };
+        assert!(log.trim().is_empty(), "{args:?} wrote or synced:\n{log}");
+    }
+}
+
+/// Text output is buffered (a long listing is a few writes, not one per line), and a reader
+/// that goes away ends the command quietly with status 0.
+#[test]
+fn output_is_buffered_and_a_closed_pipe_ends_quietly() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M"]);
+    t.ok(&["create", &p, "db", "--size", "1M"]);
+    // 300 snapshots in one group: 300 lines to list.
+    let names: Vec<String> = (0..300).map(|i| format!("db@s{i:03}")).collect();
+    let mut args = vec!["snapshot", p.as_str()];
+    args.extend(names.iter().map(String::as_str));
+    t.ok(&args);
+    let list = ["list", p.as_str(), "-t", "snapshot", "-H"];
+    assert_eq!(t.ok(&list).lines().count(), 300);
+    if let Some(log) = traced(&t, &list, "write") {
+        let writes = log.lines().filter(|l| l.contains("write(1,")).count();
+        assert!(writes <= 2, "{writes} writes for 300 lines");
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(list)
+        .env_remove("SNAPVOL_POOL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "status {:?}", o.status);
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -2,6 +2,7 @@
 //! snapshot id into any pool, and keep the repository (list, verify, delete, prune, gc).
 
 use crate::json::{self, Value};
+use crate::output::say;
 use crate::units::{human, parse_size};
 use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
@@ -289,7 +290,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                 },
             )
             .map_err(|err| format!("{spec}: {err}"))?;
-            println!(
+            say!(
                 "created backup repository {spec} (id {:032x}, chunks of {})",
                 r.config().id,
                 human(u64::from(chunk_size))
@@ -323,7 +324,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                 .map_err(|err| format!("{to}: {err}"))?;
             pb.finish_and_clear();
             if json {
-                println!(
+                say!(
                     "{}",
                     {
                         let mut f =
@@ -339,9 +340,9 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                     .render()
                 );
             } else if st.already_present {
-                println!("{snapshot} (id {id:032x}) is already backed up in {to}");
+                say!("{snapshot} (id {id:032x}) is already backed up in {to}");
             } else {
-                println!(
+                say!(
                     "pushed {snapshot} (id {id:032x}) to {to}: {}, {} chunks read, {} uploaded ({})",
                     st.base_id
                         .map_or("full".to_string(), |b| format!("incremental from {b:032x}")),
@@ -357,17 +358,21 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
             let list = r.list().map_err(e)?;
             if json {
                 let items = list.iter().map(info_json).collect();
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![("backups", Value::Arr(items))]).render()
                 );
             } else {
-                println!(
+                say!(
                     "{:<32} {:<32} {:>10} {:>8} {:>11} BASE",
-                    "ID", "SNAPSHOT", "SIZE", "CHUNKS", "CREATED"
+                    "ID",
+                    "SNAPSHOT",
+                    "SIZE",
+                    "CHUNKS",
+                    "CREATED"
                 );
                 for b in &list {
-                    println!(
+                    say!(
                         "{:032x} {:<32} {:>10} {:>8} {:>11} {}",
                         b.id,
                         format!("{}@{}", b.volume, b.snapshot),
@@ -397,7 +402,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                 .map_err(|err| format!("{spec}: {err}"))?;
             pb.finish_and_clear();
             if json {
-                println!(
+                say!(
                     "{}",
                     {
                         let mut f =
@@ -412,7 +417,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                     .render()
                 );
             } else {
-                println!(
+                say!(
                     "restored {}@{} (id {:032x}): {} chunks downloaded ({}){}",
                     st.volume,
                     st.snapshot,
@@ -440,7 +445,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                 .map_err(|err| format!("{spec}: {err}"))?;
             pb.finish_and_clear();
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("clean", Value::Bool(rep.is_clean())),
@@ -460,7 +465,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                     .render()
                 );
             } else {
-                println!(
+                say!(
                     "{spec}: {} backups, {} chunks checked ({}), {} problems",
                     rep.backups,
                     rep.chunks_checked,
@@ -468,7 +473,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                     rep.problems.len()
                 );
                 for p in &rep.problems {
-                    println!("  {p}");
+                    say!("  {p}");
                 }
             }
             Ok(if rep.is_clean() {
@@ -480,7 +485,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
         BackupCmd::Delete { target: spec, id } => {
             let id = parse_id(&id)?;
             open_repo(&spec, s3, None)?.delete(id).map_err(e)?;
-            println!("deleted backup {id:032x}");
+            say!("deleted backup {id:032x}");
             Ok(ExitCode::SUCCESS)
         }
         BackupCmd::Prune {
@@ -507,7 +512,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                 )
                 .map_err(e)?;
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("dry_run", Value::Bool(dry_run)),
@@ -522,9 +527,9 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
             } else {
                 let verb = if dry_run { "would remove" } else { "removed" };
                 for b in &rep.removed {
-                    println!("{verb} {:032x} {}@{}", b.id, b.volume, b.snapshot);
+                    say!("{verb} {:032x} {}@{}", b.id, b.volume, b.snapshot);
                 }
-                println!("kept {}, {verb} {}", rep.kept.len(), rep.removed.len());
+                say!("kept {}, {verb} {}", rep.kept.len(), rep.removed.len());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -537,7 +542,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                 .gc(grace)
                 .map_err(|err| format!("{spec}: {err}"))?;
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("manifests", Value::Num(st.manifests)),
@@ -550,7 +555,7 @@ pub fn run(cmd: BackupCmd, s3: &S3Flags) -> Result<ExitCode, String> {
                     .render()
                 );
             } else {
-                println!(
+                say!(
                     "{spec}: {} backups reference {} chunks; removed {} chunks ({}), kept {} younger than the grace period",
                     st.manifests,
                     st.referenced,

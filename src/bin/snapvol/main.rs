@@ -4,11 +4,13 @@ mod backup;
 mod demo;
 mod image;
 mod json;
+mod output;
 mod pool_arg;
 mod units;
 
 use clap::{Parser, Subcommand};
 use json::Value;
+use output::say;
 use snapvol::device::{FileDevice, FileOptions};
 use snapvol::{Pool, PoolOptions};
 use std::io::Write;
@@ -379,7 +381,9 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(args);
     DIRECT.store(cli.direct, std::sync::atomic::Ordering::Relaxed);
-    match run(cli.cmd) {
+    let r = run(cli.cmd);
+    output::flush();
+    match r {
         Ok(code) => code,
         Err(msg) => {
             eprintln!("snapvol: {msg}");
@@ -490,7 +494,7 @@ fn run(cmd: Cmd) -> CmdResult {
             .map_err(|err| format!("{}: {err}", path.display()))?;
             let st = pool.stats();
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("id", json::id(st.id)),
@@ -501,7 +505,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     .render()
                 );
             } else {
-                println!(
+                say!(
                     "created pool {} ({}, block size {})",
                     path.display(),
                     human(st.size),
@@ -514,7 +518,7 @@ fn run(cmd: Cmd) -> CmdResult {
             let pool = open(&path)?;
             pool.grow(size)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-            println!(
+            say!(
                 "pool {} is now {}",
                 path.display(),
                 human(pool.stats().size)
@@ -525,7 +529,7 @@ fn run(cmd: Cmd) -> CmdResult {
             let pool = open_read_only(&path)?;
             let st = pool.stats();
             if out.json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("id", json::id(st.id)),
@@ -541,16 +545,16 @@ fn run(cmd: Cmd) -> CmdResult {
                     .render()
                 );
             } else {
-                println!("pool        {}", path.display());
-                println!("id          {:032x}", st.id);
-                println!("block size  {}", size_str(u64::from(st.block_size), out));
-                println!("size        {}", size_str(st.size, out));
-                println!("used        {}", size_str(st.used, out));
-                println!("free        {}", size_str(st.free, out));
-                println!("available   {}", size_str(st.available, out));
-                println!("volumes     {}", st.volumes);
-                println!("snapshots   {}", st.snapshots);
-                println!("generation  {}", st.generation);
+                say!("pool        {}", path.display());
+                say!("id          {:032x}", st.id);
+                say!("block size  {}", size_str(u64::from(st.block_size), out));
+                say!("size        {}", size_str(st.size, out));
+                say!("used        {}", size_str(st.used, out));
+                say!("free        {}", size_str(st.free, out));
+                say!("available   {}", size_str(st.available, out));
+                say!("volumes     {}", st.volumes);
+                say!("snapshots   {}", st.snapshots);
+                say!("generation  {}", st.generation);
             }
             done(pool)
         }
@@ -565,7 +569,7 @@ fn run(cmd: Cmd) -> CmdResult {
             pb.finish_and_clear();
             let problems: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("clean", Value::Bool(report.is_clean())),
@@ -580,7 +584,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     .render()
                 );
             } else {
-                println!(
+                say!(
                     "{}: {} map pages, {} block references, {} units checked, {} problems",
                     path.display(),
                     report.nodes,
@@ -589,7 +593,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     problems.len()
                 );
                 for p in &problems {
-                    println!("  {p}");
+                    say!("  {p}");
                 }
             }
             let clean = report.is_clean();
@@ -610,7 +614,7 @@ fn run(cmd: Cmd) -> CmdResult {
             let pool = open(&path)?;
             let v = pool.create_volume(&vol, size).map_err(e)?;
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("id", json::id(v.id())),
@@ -620,7 +624,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     .render()
                 );
             } else {
-                println!("created volume {vol} ({}, id {:032x})", human(size), v.id());
+                say!("created volume {vol} ({}, id {:032x})", human(size), v.id());
             }
             drop(v);
             done(pool)
@@ -642,7 +646,7 @@ fn run(cmd: Cmd) -> CmdResult {
                 ));
             }
             pool.resize_volume(&vol, size).map_err(e)?;
-            println!("resized volume {vol} to {}", human(size));
+            say!("resized volume {vol} to {}", human(size));
             done(pool)
         }
         Cmd::Rename {
@@ -652,7 +656,7 @@ fn run(cmd: Cmd) -> CmdResult {
         } => {
             let pool = open(&path)?;
             pool.rename_volume(&vol, &new_name).map_err(e)?;
-            println!("renamed volume {vol} to {new_name}");
+            say!("renamed volume {vol} to {new_name}");
             done(pool)
         }
         Cmd::Destroy {
@@ -714,7 +718,7 @@ fn run(cmd: Cmd) -> CmdResult {
                 freed += excl;
                 if dry_run {
                     if !json {
-                        println!("would destroy {name} (frees {})", human(excl));
+                        say!("would destroy {name} (frees {})", human(excl));
                     }
                 } else {
                     match what {
@@ -723,12 +727,12 @@ fn run(cmd: Cmd) -> CmdResult {
                         Destroy::Bookmark(v, b) => pool.delete_bookmark(v, b).map_err(e)?,
                     }
                     if !json {
-                        println!("destroyed {name}");
+                        say!("destroyed {name}");
                     }
                 }
             }
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("dry_run", Value::Bool(dry_run)),
@@ -741,7 +745,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     .render()
                 );
             } else if dry_run {
-                println!(
+                say!(
                     "would free at least {} (blocks shared only among the targets come free too)",
                     human(freed)
                 );
@@ -786,13 +790,13 @@ fn run(cmd: Cmd) -> CmdResult {
                         Value::Obj(vec![("name", Value::Str(t.clone())), ("id", json::id(*id))])
                     })
                     .collect();
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![("snapshots", Value::Arr(items))]).render()
                 );
             } else {
                 for (t, id) in targets.iter().zip(&ids) {
-                    println!("snapshot {t} id {id:032x}");
+                    say!("snapshot {t} id {id:032x}");
                 }
             }
             done(pool)
@@ -815,7 +819,7 @@ fn run(cmd: Cmd) -> CmdResult {
                 ),
             };
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("id", json::id(vol.id())),
@@ -825,7 +829,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     .render()
                 );
             } else {
-                println!("cloned {source} to {new_vol} (id {:032x})", vol.id());
+                say!("cloned {source} to {new_vol} (id {:032x})", vol.id());
             }
             drop(vol);
             done(pool)
@@ -836,7 +840,7 @@ fn run(cmd: Cmd) -> CmdResult {
             let id = pool.snapshot_handle(v, s).map_err(e)?.id();
             pool.rollback(v, s).map_err(e)?;
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("volume", Value::Str(v.to_string())),
@@ -846,7 +850,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     .render()
                 );
             } else {
-                println!("rolled {v} back to {target}");
+                say!("rolled {v} back to {target}");
             }
             done(pool)
         }
@@ -860,7 +864,7 @@ fn run(cmd: Cmd) -> CmdResult {
             let pool = open(&path)?;
             let stats = image::import(&pool, &vol, &file, size)?;
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("id", json::id(stats.volume_id)),
@@ -872,7 +876,7 @@ fn run(cmd: Cmd) -> CmdResult {
                 );
                 return done(pool);
             }
-            println!(
+            say!(
                 "imported {} into {vol} ({}, {} of data)",
                 file.display(),
                 human(stats.size),
@@ -893,7 +897,7 @@ fn run(cmd: Cmd) -> CmdResult {
             if file.as_os_str() == "-" {
                 eprintln!("{msg}");
             } else {
-                println!("{msg}");
+                say!("{msg}");
             }
             drop(src);
             done(pool)
@@ -916,7 +920,7 @@ fn run(cmd: Cmd) -> CmdResult {
             let written = write_stream(&v, &mut *input, offset)
                 .map_err(|err| format!("{}: {err}", file.display()))?;
             v.flush().map_err(e)?;
-            println!("wrote {written} bytes to {vol} at {offset}");
+            say!("wrote {written} bytes to {vol} at {offset}");
             drop(v);
             done(pool)
         }
@@ -995,7 +999,7 @@ fn run(cmd: Cmd) -> CmdResult {
                         ])
                     })
                     .collect();
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("volume_size", Value::Num(page.volume_size)),
@@ -1007,14 +1011,14 @@ fn run(cmd: Cmd) -> CmdResult {
             } else {
                 let changed: u64 = page.extents.iter().map(|x| x.length).sum();
                 for x in &page.extents {
-                    println!(
+                    say!(
                         "{:>14} {:>12} {}",
                         x.offset,
                         size_str(x.length, out),
                         kind(x.kind)
                     );
                 }
-                println!(
+                say!(
                     "{} extents, {} changed of {}",
                     page.extents.len(),
                     size_str(changed, out),
@@ -1121,7 +1125,7 @@ fn run(cmd: Cmd) -> CmdResult {
                 .render();
                 // stdout may be the stream itself.
                 if output.is_some() {
-                    println!("{report}");
+                    say!("{report}");
                 } else {
                     eprintln!("{report}");
                 }
@@ -1174,7 +1178,7 @@ fn run(cmd: Cmd) -> CmdResult {
             };
             pb.finish_and_clear();
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("volume", Value::Str(stats.volume.clone())),
@@ -1189,7 +1193,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     .render()
                 );
             } else {
-                println!(
+                say!(
                     "received {}@{} (id {:032x}, {} of data)",
                     stats.volume,
                     stats.snapshot,
@@ -1208,7 +1212,7 @@ fn run(cmd: Cmd) -> CmdResult {
             let (v, s) = need_snapshot(&snapshot)?;
             let id = pool.bookmark(v, s).map_err(e)?;
             if json {
-                println!(
+                say!(
                     "{}",
                     Value::Obj(vec![
                         ("name", Value::Str(format!("{v}#{s}"))),
@@ -1217,7 +1221,7 @@ fn run(cmd: Cmd) -> CmdResult {
                     .render()
                 );
             } else {
-                println!("bookmark {v}#{s} id {id:032x}");
+                say!("bookmark {v}#{s} id {id:032x}");
             }
             done(pool)
         }
@@ -1562,7 +1566,7 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
                 ])),
             }
         }
-        println!(
+        say!(
             "{}",
             Value::Obj(vec![
                 ("volumes", Value::Arr(volumes)),
@@ -1605,19 +1609,34 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
     if opts.scripted {
         // For scripts: no header, one tab between fields, times in Unix seconds.
         for r in &rows {
-            println!("{}", cells(r).join("\t"));
+            say!("{}", cells(r).join("\t"));
         }
         return Ok(());
     }
-    println!(
+    say!(
         "{:<32} {:<8} {:<28} {:>10} {:>10} {:>10} {:>10} {:<16} ORIGIN",
-        "ID", "TYPE", "NAME", "SIZE", "ALLOC", "EXCL", "SHARED", "CREATED"
+        "ID",
+        "TYPE",
+        "NAME",
+        "SIZE",
+        "ALLOC",
+        "EXCL",
+        "SHARED",
+        "CREATED"
     );
     for r in &rows {
         let c = cells(r);
-        println!(
+        say!(
             "{} {:<8} {:<28} {:>10} {:>10} {:>10} {:>10} {:<16} {}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+            c[0],
+            c[1],
+            c[2],
+            c[3],
+            c[4],
+            c[5],
+            c[6],
+            c[7],
+            c[8]
         );
     }
     Ok(())
