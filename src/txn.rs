@@ -58,8 +58,6 @@ pub(crate) struct Engine {
     /// The device below every path (the store's, and the transfers outside the lock): it
     /// latches the first failed write or flush and refuses later ones.
     checked: Arc<Checked>,
-    /// Opened read-only: nothing is ever written, not even at close.
-    pub(crate) read_only: bool,
 }
 
 impl Engine {
@@ -141,7 +139,6 @@ impl Engine {
             in_catalog_op: false,
             scratch: Vec::new(),
             io_gate: Arc::new(RwLock::new(())),
-            read_only: checked.is_read_only(),
             checked,
             auto_commit_space_pages: (reserve / 3).max(8),
         }
@@ -169,6 +166,13 @@ impl Engine {
                 dev.len()
             )));
         }
+        // Read-only, a device shorter than the pool is let through here and checked below
+        // against what the pool uses.
+        let room = if checked.is_read_only() {
+            format::MAX_POOL_BYTES
+        } else {
+            dev.len()
+        };
         let mut candidates = Vec::new();
         let mut errors = Vec::new();
         let mut any_magic = false;
@@ -176,13 +180,6 @@ impl Engine {
             let mut page = new_page();
             dev.read_at(&mut page[..], slot * PAGE_SIZE as u64)?;
             any_magic |= format::get_u32(&page[..], 0) == PageKind::Superblock as u32;
-            // Read-only, a device shorter than the pool is let through here and checked
-            // below against what the pool uses.
-            let room = if checked.is_read_only() {
-                format::MAX_POOL_BYTES
-            } else {
-                dev.len()
-            };
             match Superblock::decode(&page, slot, room) {
                 Ok(sb) => candidates.push(sb),
                 Err(e) => errors.push(e),
@@ -269,7 +266,7 @@ impl Engine {
     /// As [`Engine::check_usable`], for a change: refused on a pool opened read-only.
     pub(crate) fn check_writable(&self) -> Result<()> {
         self.check_usable()?;
-        if self.read_only {
+        if self.checked.is_read_only() {
             return Err(Error::ReadOnly("the pool (opened read-only)".into()));
         }
         Ok(())
@@ -364,7 +361,7 @@ impl Engine {
     /// Makes everything done so far durable (see the module docs for the protocol).
     pub(crate) fn commit(&mut self) -> Result<()> {
         self.check_usable()?;
-        if self.read_only {
+        if self.checked.is_read_only() {
             // Nothing can have changed (every change is refused), so nothing to make durable.
             return Ok(());
         }
