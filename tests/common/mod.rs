@@ -80,6 +80,7 @@ pub fn fixed_workload() -> Vec<Op> {
     ]
 }
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -198,13 +199,17 @@ pub struct SnapModel {
     /// Live volume id the snapshot belongs to (None once that volume is deleted).
     pub volume: Option<u128>,
     pub name: String,
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
+
+/// A volume's or snapshot's bytes, shared between the many model copies the oracles keep
+/// (every step's before and after, every candidate) and copied only when one changes.
+pub type Bytes = std::sync::Arc<Vec<u8>>;
 
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     /// name -> (id, bytes)
-    pub volumes: BTreeMap<String, (u128, Vec<u8>)>,
+    pub volumes: BTreeMap<String, (u128, Bytes)>,
     pub snapshots: Vec<SnapModel>,
     /// Ids of the bookmarks taken (0 for one a crash test only predicts).
     pub bookmarks: Vec<u128>,
@@ -311,7 +316,8 @@ impl Model {
             Op::Create { size } => {
                 let name = self.fresh("v");
                 let id = call!(p => p.create_volume(&name, *size).map(|v| v.id()), 0)?;
-                self.volumes.insert(name, (id, vec![0; *size as usize]));
+                self.volumes
+                    .insert(name, (id, Arc::new(vec![0; *size as usize])));
             }
             Op::Write {
                 vol,
@@ -326,7 +332,7 @@ impl Model {
                 let (off, len) = clamp(data.len() as u64, *offset, *len);
                 let bytes = pattern(*seed, off, len);
                 let r = call!(p => p.volume(&name)?.write_at(&bytes, off), ());
-                tolerate_full!(r, () => data[off as usize..(off + len) as usize].copy_from_slice(&bytes));
+                tolerate_full!(r, () => Arc::make_mut(data)[off as usize..(off + len) as usize].copy_from_slice(&bytes));
             }
             Op::Discard { vol, offset, len } => {
                 let Some(name) = self.nth_volume(*vol) else {
@@ -335,7 +341,7 @@ impl Model {
                 let data = &mut self.volumes.get_mut(&name).unwrap().1;
                 let (off, len) = clamp(data.len() as u64, *offset, *len);
                 let r = call!(p => p.volume(&name)?.discard(off, len), ());
-                tolerate_full!(r, () => data[off as usize..(off + len) as usize].fill(0));
+                tolerate_full!(r, () => Arc::make_mut(data)[off as usize..(off + len) as usize].fill(0));
             }
             Op::Snapshot { vol } => {
                 let Some(name) = self.nth_volume(*vol) else {
@@ -429,7 +435,7 @@ impl Model {
                     return Ok(());
                 };
                 let r = call!(p => p.resize_volume(&name, *size), ());
-                tolerate_full!(r, () => self.volumes.get_mut(&name).unwrap().1.resize(*size as usize, 0));
+                tolerate_full!(r, () => Arc::make_mut(&mut self.volumes.get_mut(&name).unwrap().1).resize(*size as usize, 0));
             }
             Op::Rename { vol } => {
                 let Some(name) = self.nth_volume(*vol) else {
@@ -491,7 +497,7 @@ impl Model {
                 assert_eq!(got.len()?, buf.len() as u64, "received size of {}", s.name);
                 got.read_at(&mut buf, 0)?;
                 assert!(
-                    buf == s.data,
+                    buf[..] == s.data[..],
                     "send/receive of {} (base {:?}) changed its bytes",
                     s.name,
                     base.map(|b| &b.name)
@@ -504,7 +510,7 @@ impl Model {
                 };
                 let n = self.snapshots.len();
                 let (sa, sb) = (&self.snapshots[a % n], &self.snapshots[b % n]);
-                let mut applied = sa.data.clone();
+                let mut applied = Vec::clone(&sa.data);
                 applied.resize(sb.data.len(), 0);
                 let mut from = 0;
                 loop {
@@ -532,7 +538,7 @@ impl Model {
                     }
                 }
                 assert!(
-                    applied == sb.data,
+                    applied[..] == sb.data[..],
                     "the delta from {} to {} does not turn one into the other",
                     sa.name,
                     sb.name
@@ -562,7 +568,7 @@ impl Model {
         if let (Some(v), Ok(vol)) = (self.volumes.get_mut(name), pool.volume(name)) {
             let mut buf = vec![0u8; len as usize];
             if vol.len().ok() == Some(v.1.len() as u64) && vol.read_at(&mut buf, off).is_ok() {
-                v.1[off as usize..(off + len) as usize].copy_from_slice(&buf);
+                Arc::make_mut(&mut v.1)[off as usize..(off + len) as usize].copy_from_slice(&buf);
             }
         }
     }
@@ -586,7 +592,7 @@ impl Model {
             }
             let mut buf = vec![0u8; data.len()];
             vol.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
-            if buf != *data {
+            if buf[..] != data[..] {
                 let at = buf
                     .iter()
                     .zip(data.iter())
@@ -627,7 +633,7 @@ impl Model {
             let snap = pool.snapshot_by_id(id).map_err(|e| e.to_string())?;
             let mut buf = vec![0u8; s.data.len()];
             snap.read_at(&mut buf, 0).map_err(|e| e.to_string())?;
-            if buf != s.data {
+            if buf[..] != s.data[..] {
                 return Err(format!("contents of snapshot {}", s.name));
             }
         }
@@ -650,14 +656,18 @@ impl Model {
             assert_eq!(vol.len().unwrap(), data.len() as u64, "size of {name}");
             let mut buf = vec![0u8; data.len()];
             vol.read_at(&mut buf, 0).unwrap();
-            assert!(buf == *data, "volume {name} differs from the model");
+            assert!(buf[..] == data[..], "volume {name} differs from the model");
         }
         assert_eq!(pool.snapshots().unwrap().len(), self.snapshots.len());
         for s in &self.snapshots {
             let snap = pool.snapshot_by_id(s.id).unwrap();
             let mut buf = vec![0u8; s.data.len()];
             snap.read_at(&mut buf, 0).unwrap();
-            assert!(buf == s.data, "snapshot {} differs from the model", s.name);
+            assert!(
+                buf[..] == s.data[..],
+                "snapshot {} differs from the model",
+                s.name
+            );
         }
     }
 }
