@@ -183,12 +183,14 @@ fn directory_repository_lifecycle() {
     suite(Arc::new(DirTarget::new(dir.path()).unwrap()));
 }
 
+#[cfg(feature = "s3")]
 /// A moto S3 server on a free loopback port, stopped when dropped.
 struct Moto {
     child: std::process::Child,
     port: u16,
 }
 
+#[cfg(feature = "s3")]
 impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -196,6 +198,7 @@ impl Drop for Moto {
     }
 }
 
+#[cfg(feature = "s3")]
 fn start_moto() -> Result<Moto, String> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -217,6 +220,7 @@ fn start_moto() -> Result<Moto, String> {
     Err("moto_server did not start listening".into())
 }
 
+#[cfg(feature = "s3")]
 /// Creates a bucket with a plain HTTP request (moto takes unsigned requests).
 fn create_bucket(port: u16, bucket: &str) {
     use std::io::{Read, Write};
