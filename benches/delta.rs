@@ -7,7 +7,7 @@
 //! pool file holds 4 GiB.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use snapvol::{DiffTarget, ExtentKind, Pool, PoolOptions, TupleLength};
+use snapvol::{Base, DiffTarget, ExtentKind, Pool, PoolOptions, SnapshotId, TupleLength};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -47,7 +47,7 @@ fn delta(c: &mut Criterion) {
         v.write_at(&page, (i * 7 % blocks) * bs + 16384).unwrap();
     }
     let cc = pool.snapshot("big", "c").unwrap();
-    let count = |x, y| {
+    let count = |x: Base, y| {
         pool.delta(x, DiffTarget::Snapshot(y), 0, 0, TupleLength::Fixed)
             .unwrap()
             .extents
@@ -55,11 +55,11 @@ fn delta(c: &mut Criterion) {
             .filter(|e| e.kind == ExtentKind::Data)
             .count()
     };
-    assert_eq!(count(a, b), 1024);
-    assert_eq!(count(b, cc), 65_536);
+    assert_eq!(count(Base::Snapshot(a), b), 1024);
+    assert_eq!(count(Base::Snapshot(b), cc), 65_536);
     let mut g = c.benchmark_group("delta-64GiB-volume");
     g.sample_size(20).measurement_time(Duration::from_secs(10));
-    let mut bench = |name: &str, x: u128, y: u128| {
+    let mut bench = |name: &str, x: Base, y: SnapshotId| {
         g.bench_function(name, |bch| {
             bch.iter(|| {
                 pool.delta(x, DiffTarget::Snapshot(y), 0, 0, TupleLength::Variable)
@@ -67,17 +67,17 @@ fn delta(c: &mut Criterion) {
             })
         });
     };
-    bench("4MiB-changed", a, b);
-    bench("4GiB-changed", b, cc);
+    bench("4MiB-changed", Base::Snapshot(a), b);
+    bench("4GiB-changed", Base::Snapshot(b), cc);
     // The same deltas once the bases are bookmarks (their snapshots deleted).
     pool.bookmark("big", "a").unwrap();
     pool.delete_snapshot("big", "a").unwrap();
-    assert_eq!(count(a, b), 1024);
-    bench("4MiB-changed-from-bookmark", a, b);
+    assert_eq!(count(Base::Bookmark(a.into()), b), 1024);
+    bench("4MiB-changed-from-bookmark", Base::Bookmark(a.into()), b);
     pool.bookmark("big", "b").unwrap();
     pool.delete_snapshot("big", "b").unwrap();
-    assert_eq!(count(b, cc), 65_536);
-    bench("4GiB-changed-from-bookmark", b, cc);
+    assert_eq!(count(Base::Bookmark(b.into()), cc), 65_536);
+    bench("4GiB-changed-from-bookmark", Base::Bookmark(b.into()), cc);
     g.finish();
 }
 

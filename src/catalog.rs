@@ -52,7 +52,7 @@ pub(crate) struct VolumeRec {
     pub root: u64,
     pub created: u64,
     /// Snapshot or volume this one was cloned from.
-    pub origin: Option<u128>,
+    pub origin: Option<crate::Origin>,
     /// Generation of the newest snapshot or clone taken of this volume: blocks born at or
     /// before it may be in a snapshot, so they are never overwritten in place. The stored
     /// record keeps it for clones, rollbacks and receives; a snapshot does not rewrite the
@@ -62,6 +62,25 @@ pub(crate) struct VolumeRec {
     /// Being built by a receive, restore or import: not listed, not found by name, and
     /// removed when the pool opens (an interrupted operation).
     pub hidden: bool,
+}
+
+impl VolumeRec {
+    /// Completes a record being decoded with its origin id and flags byte (bit 0: hidden,
+    /// bit 1: the origin is a volume). Unknown flags are refused.
+    fn decode_origin(mut self, origin: u128, flags: u8) -> std::result::Result<VolumeRec, u8> {
+        if flags & !0b11 != 0 {
+            return Err(flags);
+        }
+        self.hidden = flags & 1 != 0;
+        self.origin = (origin != 0).then(|| {
+            if flags & 2 != 0 {
+                crate::Origin::Volume(crate::VolumeId::from_u128(origin))
+            } else {
+                crate::Origin::Snapshot(crate::SnapshotId::from_u128(origin))
+            }
+        });
+        Ok(self)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -259,8 +278,14 @@ impl Codec for Value {
                 w.u64(v.root);
                 w.u64(v.created);
                 w.u64(v.frozen_gen);
-                w.u128(v.origin.unwrap_or(0));
-                w.u8(v.hidden as u8);
+                // The origin's id, and in the flags byte whether it is a volume's.
+                let (origin, from_volume) = match v.origin {
+                    None => (0, false),
+                    Some(crate::Origin::Snapshot(s)) => (s.as_u128(), false),
+                    Some(crate::Origin::Volume(v)) => (v.as_u128(), true),
+                };
+                w.u128(origin);
+                w.u8(v.hidden as u8 | (from_volume as u8) << 1);
             }
             Value::Snapshot(s) => {
                 w.u8(2);
@@ -307,20 +332,23 @@ impl Codec for Value {
 
     fn decode(r: &mut Reader<'_>) -> Result<Value> {
         Ok(match r.u8()? {
-            1 => Value::Volume(VolumeRec {
-                id: r.u128()?,
-                name: get_name(r)?,
-                size: r.u64()?,
-                root: r.u64()?,
-                created: r.u64()?,
-                frozen_gen: r.u64()?,
-                origin: Some(r.u128()?).filter(|&o| o != 0),
-                hidden: match r.u8()? {
-                    0 => false,
-                    1 => true,
-                    f => return Err(r.corrupt(format!("hidden flag {f}"))),
-                },
-            }),
+            1 => {
+                let rec = VolumeRec {
+                    id: r.u128()?,
+                    name: get_name(r)?,
+                    size: r.u64()?,
+                    root: r.u64()?,
+                    created: r.u64()?,
+                    frozen_gen: r.u64()?,
+                    origin: None,
+                    hidden: false,
+                };
+                let (origin, flags) = (r.u128()?, r.u8()?);
+                let rec = rec
+                    .decode_origin(origin, flags)
+                    .map_err(|f| r.corrupt(format!("volume flags {f:#x}")))?;
+                Value::Volume(rec)
+            }
             2 => Value::Snapshot(SnapshotRec {
                 id: r.u128()?,
                 volume: r.u128()?,
@@ -591,7 +619,7 @@ impl Catalog {
 
     /// The visible volume named `name`.
     pub(crate) fn volume_named(&mut self, sm: &mut SpaceMap, name: &str) -> Result<VolumeRec> {
-        let missing = || Error::VolumeNotFound(name.to_string());
+        let missing = || Error::VolumeNotFound(name.into());
         let id = self.volume_id(sm, name)?.ok_or_else(missing)?;
         self.volume(sm, id)?.ok_or_else(|| {
             Error::corrupt(
@@ -674,7 +702,7 @@ impl Catalog {
         name: &str,
     ) -> Result<()> {
         let Some(mut rec) = self.volume(sm, id)? else {
-            return Err(Error::VolumeNotFound(format!("id {id:032x}")));
+            return Err(Error::VolumeNotFound(crate::VolumeId::from_u128(id).into()));
         };
         if rec.hidden {
             self.del(sm, reserve, &Key::Hidden(id))?;
@@ -1286,7 +1314,7 @@ impl crate::txn::Engine {
 
     /// `vol@snap`: snapshot `snap` of the visible volume `vol`.
     pub(crate) fn snapshot_named(&mut self, vol: &str, snap: &str) -> Result<SnapshotRec> {
-        let missing = || Error::SnapshotNotFound(format!("{vol}@{snap}"));
+        let missing = || Error::SnapshotNotFound(format!("{vol}@{snap}").into());
         let (c, sm) = self.cat();
         let Some(vid) = c.volume_id(sm, vol)? else {
             return Err(missing());
@@ -1322,7 +1350,7 @@ mod tests {
                 size: 1 << 30,
                 root: 9,
                 created: 1,
-                origin: Some(3),
+                origin: Some(crate::Origin::Volume(crate::VolumeId::from_u128(3))),
                 frozen_gen: 4,
                 hidden: true,
             }),
@@ -1400,7 +1428,8 @@ mod tests {
         let mut w = Writer(Vec::new());
         values()[0].encode(&mut w);
         let last = w.0.len() - 1;
-        w.0[last] = 2;
+        // Bits 0 and 1 of the flags byte are defined (hidden, origin is a volume).
+        w.0[last] = 4;
         assert!(matches!(
             Value::decode(&mut Reader::new(&w.0, "t", 1)),
             Err(Error::Corrupt { .. })

@@ -6,6 +6,7 @@
 //! subtree they share, so its cost follows the change.
 
 use crate::error::{Error, Result};
+use crate::ids::{Base, BookmarkId, SnapshotId, VolumeId};
 use crate::map::{Change, Found};
 use crate::pool::Pool;
 use crate::txn::Engine;
@@ -47,10 +48,12 @@ pub struct ExtentPage {
 }
 
 /// The newer side of a diff: a snapshot, or the live volume.
-#[derive(Clone, Copy, Debug)]
-pub enum DiffTarget<'a> {
-    Snapshot(u128),
-    Volume(&'a str),
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffTarget {
+    /// A snapshot (also one of a deleted volume).
+    Snapshot(SnapshotId),
+    /// A live volume, as it is at the call.
+    Volume(VolumeId),
 }
 
 /// Blocks looked at per window: bounds the work of one page when the limit is small.
@@ -60,10 +63,14 @@ impl Engine {
     fn diff_target(&mut self, t: DiffTarget) -> Result<(u64, u64)> {
         match t {
             DiffTarget::Snapshot(id) => self
-                .snapshot_rec(id)?
+                .snapshot_rec(id.as_u128())?
                 .map(|s| (s.root, s.size))
-                .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}"))),
-            DiffTarget::Volume(name) => self.volume_named(name).map(|v| (v.root, v.size)),
+                .ok_or_else(|| Error::SnapshotNotFound(id.into())),
+            DiffTarget::Volume(id) => self
+                .volume_rec(id.as_u128())?
+                .filter(|v| !v.hidden)
+                .map(|v| (v.root, v.size))
+                .ok_or_else(|| Error::VolumeNotFound(id.into())),
         }
     }
 
@@ -174,7 +181,7 @@ impl Pool {
     /// applying them to a copy of the base gives the target.
     pub fn delta(
         &self,
-        base: u128,
+        base: Base,
         target: DiffTarget,
         starting_offset: u64,
         max_results: usize,
@@ -183,7 +190,11 @@ impl Pool {
         self.with(|e| {
             e.check_usable()?;
             let (root, size) = e.diff_target(target)?;
-            if let Some(base_root) = e.snapshot_rec(base)?.map(|s| s.root) {
+            if let Base::Snapshot(id) = base {
+                let base_root = e
+                    .snapshot_rec(id.as_u128())?
+                    .ok_or_else(|| Error::SnapshotNotFound(id.into()))?
+                    .root;
                 let mut changes: Vec<Change> = Vec::new();
                 return e.page(
                     size,
@@ -201,6 +212,9 @@ impl Pool {
                     },
                 );
             }
+            let Base::Bookmark(base) = base else {
+                unreachable!("a snapshot base returned above")
+            };
             let since = e.bookmark_base(base, target)?;
             // From a bookmark the base map is gone: the target's map alone says what may have
             // changed since (Store::changed_since). Unmapped blocks it cannot vouch for are
@@ -234,25 +248,23 @@ fn block_kind(c: &Change) -> (u64, ExtentKind) {
 
 impl Engine {
     /// Checks that bookmark `id` describes an ancestor of `target`; returns its generation.
-    fn bookmark_base(&mut self, id: u128, target: DiffTarget) -> Result<u64> {
+    fn bookmark_base(&mut self, id: BookmarkId, target: DiffTarget) -> Result<u64> {
         let (c, sm) = self.cat();
         let bm = c
-            .bookmark(sm, id)?
-            .ok_or_else(|| Error::SnapshotNotFound(format!("snapshot or bookmark id {id:032x}")))?;
+            .bookmark(sm, id.as_u128())?
+            .ok_or_else(|| Error::BookmarkNotFound(id.into()))?;
         let (volume, at) = match target {
             DiffTarget::Snapshot(s) => {
-                let s = self
-                    .snapshot_rec(s)?
-                    .ok_or_else(|| Error::SnapshotNotFound(format!("id {s:032x}")))?;
-                (s.volume, s.generation)
+                let rec = self
+                    .snapshot_rec(s.as_u128())?
+                    .ok_or_else(|| Error::SnapshotNotFound(s.into()))?;
+                (rec.volume, rec.generation)
             }
-            DiffTarget::Volume(name) => (self.volume_named(name)?.id, u64::MAX),
+            DiffTarget::Volume(v) => (v.as_u128(), u64::MAX),
         };
-        let not_ancestor = |why: &str| {
-            Error::InvalidArgument(format!(
-                "bookmark {}#{} is not an ancestor of the target: {why}",
-                bm.volume_name, bm.name
-            ))
+        let not_ancestor = |why: &str| Error::NotAncestor {
+            base: format!("bookmark {}#{}", bm.volume_name, bm.name),
+            reason: why.to_string(),
         };
         if volume != bm.volume || at < bm.generation {
             return Err(not_ancestor("another volume, or an older state"));

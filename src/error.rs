@@ -1,7 +1,81 @@
 //! One error type for the whole engine. Every variant names what was wrong (which volume, which
 //! page, which check) so an operator can act on the message alone.
 
+use crate::ids::{BookmarkId, SnapshotId, VolumeId};
+use std::fmt;
 use std::io;
+
+/// How an object that was not found was asked for: by name or by id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup<I> {
+    /// By name (`vol`, `vol@snap`, `vol#bookmark`).
+    Name(String),
+    /// By id.
+    Id(I),
+}
+
+impl<I: fmt::Display> fmt::Display for Lookup<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Lookup::Name(n) => write!(f, "named {n:?}"),
+            Lookup::Id(id) => write!(f, "with id {id}"),
+        }
+    }
+}
+
+impl<I> From<&str> for Lookup<I> {
+    fn from(name: &str) -> Lookup<I> {
+        Lookup::Name(name.to_string())
+    }
+}
+
+impl<I> From<String> for Lookup<I> {
+    fn from(name: String) -> Lookup<I> {
+        Lookup::Name(name)
+    }
+}
+
+impl From<VolumeId> for Lookup<VolumeId> {
+    fn from(id: VolumeId) -> Lookup<VolumeId> {
+        Lookup::Id(id)
+    }
+}
+
+impl From<SnapshotId> for Lookup<SnapshotId> {
+    fn from(id: SnapshotId) -> Lookup<SnapshotId> {
+        Lookup::Id(id)
+    }
+}
+
+impl From<BookmarkId> for Lookup<BookmarkId> {
+    fn from(id: BookmarkId) -> Lookup<BookmarkId> {
+        Lookup::Id(id)
+    }
+}
+
+/// The class of an [`Error`], for callers that map errors onto a protocol's codes. Each
+/// class is a gRPC status code of the same name (CSI's error rules are written in them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The volume, snapshot, bookmark or backup does not exist.
+    NotFound,
+    /// An object of that name exists (with another source or size).
+    AlreadyExists,
+    /// The pool (or the host filesystem under it) is full.
+    ResourceExhausted,
+    /// The request is valid but the pool's state does not allow it (a stream's base is not
+    /// there, the target is read-only, the pool is of an unsupported version).
+    FailedPrecondition,
+    /// The request itself is wrong (bad name, id, size, token or stream).
+    InvalidArgument,
+    /// I/O beyond the end of a volume or snapshot.
+    OutOfRange,
+    /// The pool or repository is busy or failed in a way a retry (or a reopen) may cure.
+    Unavailable,
+    /// Stored data or metadata is damaged.
+    DataLoss,
+}
 
 /// Result alias used throughout snapvol.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -56,6 +130,11 @@ pub enum Error {
     #[error("stream does not apply to volume {volume:?}: {reason}")]
     WrongBase { volume: String, reason: String },
 
+    /// A delta's or incremental send's base is not an ancestor of the target (another
+    /// volume's, or rolled back past). Nothing was read or changed.
+    #[error("{base} is not an ancestor of the target: {reason}")]
+    NotAncestor { base: String, reason: String },
+
     /// Another handle or process has the device open; `pid` is the holder's process id
     /// when the system says (Linux's /proc/locks).
     #[error("{what} is in use by {}", holder(*.pid))]
@@ -66,12 +145,24 @@ pub enum Error {
     Poisoned(String),
 
     /// No volume with this name or id exists.
-    #[error("no volume named {0:?}")]
-    VolumeNotFound(String),
+    #[error("no volume {0}")]
+    VolumeNotFound(Lookup<VolumeId>),
 
-    /// No snapshot with this name or id exists.
-    #[error("no snapshot named {0:?}")]
-    SnapshotNotFound(String),
+    /// No snapshot with this name (`vol@snap`) or id exists.
+    #[error("no snapshot {0}")]
+    SnapshotNotFound(Lookup<SnapshotId>),
+
+    /// No bookmark with this name (`vol#name`) or id exists.
+    #[error("no bookmark {0}")]
+    BookmarkNotFound(Lookup<BookmarkId>),
+
+    /// Text that should be an id (32 hex digits) is not one.
+    #[error("invalid {kind} id {text:?}: an id is 32 hex digits")]
+    InvalidId { kind: &'static str, text: String },
+
+    /// A listing's continuation token is malformed, or belongs to another listing.
+    #[error("invalid continuation token {0:?}")]
+    BadToken(String),
 
     /// A volume or snapshot with this name already exists.
     #[error("{kind} {name:?} already exists")]
@@ -166,6 +257,43 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The class of this error (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::VolumeNotFound(_)
+            | Error::SnapshotNotFound(_)
+            | Error::BookmarkNotFound(_)
+            | Error::BackupNotFound(_) => ErrorKind::NotFound,
+            Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+            Error::NoSpace { .. } => ErrorKind::ResourceExhausted,
+            Error::Io { source, .. } | Error::Target { source, .. }
+                if source.kind() == io::ErrorKind::StorageFull =>
+            {
+                ErrorKind::ResourceExhausted
+            }
+            Error::WrongBase { .. }
+            | Error::NotAncestor { .. }
+            | Error::ReadOnly(_)
+            | Error::NotAPool(_)
+            | Error::UnsupportedVersion { .. }
+            | Error::UnsupportedBackupVersion { .. } => ErrorKind::FailedPrecondition,
+            Error::InvalidName { .. }
+            | Error::InvalidArgument(_)
+            | Error::InvalidId { .. }
+            | Error::BadToken(_)
+            | Error::BadStream(_) => ErrorKind::InvalidArgument,
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::Io { .. }
+            | Error::Target { .. }
+            | Error::InUse { .. }
+            | Error::Poisoned(_)
+            | Error::RepositoryBusy(_) => ErrorKind::Unavailable,
+            Error::Corrupt { .. } | Error::BackupCorrupt { .. } => ErrorKind::DataLoss,
+        }
+    }
+}
+
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match &e {
@@ -180,11 +308,15 @@ impl From<Error> for io::Error {
             Error::BackupNotFound(_) => io::ErrorKind::NotFound,
             Error::RepositoryBusy(_) => io::ErrorKind::ResourceBusy,
             Error::NoSpace { .. } => io::ErrorKind::StorageFull,
-            Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) => io::ErrorKind::NotFound,
+            Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) | Error::BookmarkNotFound(_) => {
+                io::ErrorKind::NotFound
+            }
+            Error::InvalidId { .. } | Error::BadToken(_) => io::ErrorKind::InvalidInput,
             Error::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
             Error::InvalidName { .. }
             | Error::InvalidArgument(_)
             | Error::OutOfRange { .. }
+            | Error::NotAncestor { .. }
             | Error::WrongBase { .. } => io::ErrorKind::InvalidInput,
             Error::ReadOnly(_) => io::ErrorKind::PermissionDenied,
             Error::Poisoned(_) => io::ErrorKind::Other,

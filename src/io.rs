@@ -234,11 +234,11 @@ impl Engine {
             Target::Volume(id) => c
                 .volume_ref(sm, id)?
                 .map(|v| (v.root, v.size, v.name.clone()))
-                .ok_or_else(|| Error::VolumeNotFound(format!("id {id:032x}"))),
+                .ok_or_else(|| Error::VolumeNotFound(crate::VolumeId::from_u128(id).into())),
             Target::Snapshot(id) => c
                 .snapshot_ref(sm, id)?
                 .map(|s| (s.root, s.size, format!("{}@{}", s.volume_name, s.name)))
-                .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}"))),
+                .ok_or_else(|| Error::SnapshotNotFound(crate::SnapshotId::from_u128(id).into())),
         }
     }
 

@@ -55,11 +55,12 @@ mod volume;
 pub use catalog::MAX_NAME;
 pub use check::{CheckReport, Problem};
 pub use diff::{DiffTarget, Extent, ExtentKind, ExtentPage, TupleLength};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Lookup, Result};
 pub use format::{
     DEFAULT_BLOCK_SIZE, FORMAT_VERSION, MAX_BLOCK_SIZE, MAX_POOL_BYTES, MAX_VOLUME_BYTES,
     MIN_BLOCK_SIZE, PAGE_SIZE,
 };
+pub use ids::{Base, BookmarkId, Origin, PoolId, SnapshotId, VolumeId};
 pub use image::ImportStats;
 pub use pool::{BookmarkInfo, Pool, PoolOptions, PoolStats, SnapshotInfo, Usage, VolumeInfo};
 pub use stream::{ReceiveStats, SendStats};

@@ -6,7 +6,7 @@
 use crate::catalog::{validate_name, BookmarkRec, SnapshotRec, VolumeRec};
 use crate::device::{BlockDevice, FileDevice, FileOptions};
 use crate::error::{Error, Result};
-use crate::ids::{new_id, now_unix};
+use crate::ids::{new_id, now_unix, BookmarkId, Origin, PoolId, SnapshotId, VolumeId};
 use crate::io::{Handle, Target};
 use crate::space::Reserve;
 use crate::txn::Engine;
@@ -65,45 +65,65 @@ pub struct Usage {
 
 /// A volume as listed.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct VolumeInfo {
-    pub id: u128,
+    /// Its id, kept for life (renames keep it).
+    pub id: VolumeId,
+    /// Its current name.
     pub name: String,
+    /// Its size in bytes.
     pub size: u64,
-    /// Snapshot or volume id this volume was cloned from.
-    pub origin: Option<u128>,
+    /// What it was cloned from, if it is a clone.
+    pub origin: Option<Origin>,
+    /// When it was created (seconds since the Unix epoch).
     pub created_unix: u64,
 }
 
 /// A snapshot as listed.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SnapshotInfo {
-    pub id: u128,
-    pub volume_id: u128,
+    /// Its id, kept for life (also after its volume is deleted, and across sends).
+    pub id: SnapshotId,
+    /// The volume it is a snapshot of (which may have been deleted since).
+    pub volume_id: VolumeId,
+    /// That volume's name (its name when it was deleted, if it was).
     pub volume_name: String,
+    /// The snapshot's name, unique among its volume's snapshots.
     pub name: String,
+    /// The volume's size when the snapshot was taken, in bytes.
     pub size: u64,
+    /// The pool generation it was taken in: later snapshots have larger ones.
     pub generation: u64,
+    /// When it was taken (seconds since the Unix epoch).
     pub created_unix: u64,
 }
 
 /// A bookmark as listed: what is kept of a snapshot for incremental sends.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct BookmarkInfo {
     /// The id of the snapshot it was made from.
-    pub id: u128,
-    pub volume_id: u128,
+    pub id: BookmarkId,
+    /// The volume that snapshot was of.
+    pub volume_id: VolumeId,
+    /// That volume's name.
     pub volume_name: String,
+    /// The bookmark's name (the snapshot's name).
     pub name: String,
+    /// The snapshot's size in bytes.
     pub size: u64,
+    /// The snapshot's generation.
     pub generation: u64,
+    /// When the bookmark was made (seconds since the Unix epoch).
     pub created_unix: u64,
 }
 
 impl From<SnapshotRec> for SnapshotInfo {
     fn from(s: SnapshotRec) -> SnapshotInfo {
         SnapshotInfo {
-            id: s.id,
-            volume_id: s.volume,
+            id: SnapshotId::from_u128(s.id),
+            volume_id: VolumeId::from_u128(s.volume),
             volume_name: s.volume_name,
             name: s.name,
             size: s.size,
@@ -113,11 +133,23 @@ impl From<SnapshotRec> for SnapshotInfo {
     }
 }
 
+impl From<VolumeRec> for VolumeInfo {
+    fn from(v: VolumeRec) -> VolumeInfo {
+        VolumeInfo {
+            id: VolumeId::from_u128(v.id),
+            name: v.name,
+            size: v.size,
+            origin: v.origin,
+            created_unix: v.created,
+        }
+    }
+}
+
 impl From<BookmarkRec> for BookmarkInfo {
     fn from(b: BookmarkRec) -> BookmarkInfo {
         BookmarkInfo {
-            id: b.id,
-            volume_id: b.volume,
+            id: BookmarkId::from_u128(b.id),
+            volume_id: VolumeId::from_u128(b.volume),
             volume_name: b.volume_name,
             name: b.name,
             size: b.size,
@@ -129,16 +161,24 @@ impl From<BookmarkRec> for BookmarkInfo {
 
 /// Pool-wide figures, in bytes.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct PoolStats {
-    pub id: u128,
+    /// The pool's id.
+    pub id: PoolId,
+    /// Data block size.
     pub block_size: u32,
+    /// The pool's size.
     pub size: u64,
+    /// Bytes in use (data and metadata).
     pub used: u64,
+    /// Bytes not in use.
     pub free: u64,
     /// What writes may still use: `free` less the reserve kept so that deletes and commits
     /// work on a full pool, and less units freed but not yet reusable.
     pub available: u64,
+    /// Number of volumes.
     pub volumes: usize,
+    /// Number of snapshots (also those of deleted volumes).
     pub snapshots: usize,
     /// Generation of the last commit.
     pub generation: u64,
@@ -220,7 +260,7 @@ impl Pool {
         let e = self.h.lock();
         let unit = crate::format::PAGE_SIZE as u64;
         PoolStats {
-            id: e.sb.pool_id,
+            id: PoolId::from_u128(e.sb.pool_id),
             block_size: e.sb.block_size,
             size: e.store.sm.total_units() * unit,
             used: e.store.sm.used_units() * unit,
@@ -258,6 +298,13 @@ impl Pool {
         Ok(self.volume_handle(id))
     }
 
+    /// Opens a volume by its id (what CSI keeps as the `volume_id`).
+    pub fn volume_by_id(&self, id: VolumeId) -> Result<Volume> {
+        let raw = id.as_u128();
+        self.with(|e| e.target(Target::Volume(raw)).map(|_| ()))?;
+        Ok(self.volume_handle(raw))
+    }
+
     /// Opens a snapshot `vol@snap` (or a snapshot of a deleted volume that had that name).
     pub fn snapshot_handle(&self, vol: &str, snap: &str) -> Result<Snapshot> {
         let id = self.with(|e| Ok(e.snapshot_named(vol, snap)?.id))?;
@@ -268,7 +315,8 @@ impl Pool {
     }
 
     /// Opens a snapshot by its id.
-    pub fn snapshot_by_id(&self, id: u128) -> Result<Snapshot> {
+    pub fn snapshot_by_id(&self, id: SnapshotId) -> Result<Snapshot> {
+        let id = id.as_u128();
         self.with(|e| e.target(Target::Snapshot(id)).map(|_| ()))?;
         Ok(Snapshot {
             h: self.h.clone(),
@@ -278,12 +326,12 @@ impl Pool {
 
     /// Takes a read-only snapshot `vol@name`; returns its id. Every write completed before
     /// the call is in it; none after.
-    pub fn snapshot(&self, vol: &str, name: &str) -> Result<u128> {
+    pub fn snapshot(&self, vol: &str, name: &str) -> Result<SnapshotId> {
         Ok(self.snapshot_group(&[(vol, name)])?[0])
     }
 
     /// Snapshots several volumes in one atomic commit (a consistency group).
-    pub fn snapshot_group(&self, items: &[(&str, &str)]) -> Result<Vec<u128>> {
+    pub fn snapshot_group(&self, items: &[(&str, &str)]) -> Result<Vec<SnapshotId>> {
         for (vol, name) in items {
             validate_name(vol)?;
             validate_name(name)?;
@@ -309,7 +357,7 @@ impl Pool {
                     // The record is not rewritten: adding the snapshot raises the volume's
                     // frozen generation (see `Catalog::add_snapshot`).
                     let Some(v) = c.volume_ref(sm, id)? else {
-                        return Err(Error::VolumeNotFound(vol.to_string()));
+                        return Err(Error::VolumeNotFound((*vol).into()));
                     };
                     let rec = SnapshotRec {
                         id: new_id(),
@@ -322,7 +370,7 @@ impl Pool {
                         created: now_unix(),
                     };
                     e.store.share_tree(rec.root)?;
-                    ids.push(rec.id);
+                    ids.push(SnapshotId::from_u128(rec.id));
                     let (c, sm) = e.cat();
                     c.add_snapshot(sm, r, rec)?;
                 }
@@ -336,7 +384,8 @@ impl Pool {
         validate_name(new_name)?;
         let id = self.with(|e| {
             let s = e.snapshot_named(vol, snap)?;
-            e.new_volume_from(new_name, s.root, s.size, Some(s.id))
+            let origin = Origin::Snapshot(SnapshotId::from_u128(s.id));
+            e.new_volume_from(new_name, s.root, s.size, Some(origin))
         })?;
         Ok(self.volume_handle(id))
     }
@@ -346,7 +395,8 @@ impl Pool {
         validate_name(new_name)?;
         let id = self.with(|e| {
             let v = e.volume_named(vol)?;
-            e.new_volume_from(new_name, v.root, v.size, Some(v.id))
+            let origin = Origin::Volume(VolumeId::from_u128(v.id));
+            e.new_volume_from(new_name, v.root, v.size, Some(origin))
         })?;
         Ok(self.volume_handle(id))
     }
@@ -362,7 +412,7 @@ impl Pool {
                 let generation = e.store.generation;
                 let (c, sm) = e.cat();
                 let Some(rec) = c.volume_mut(sm, v.id)? else {
-                    return Err(Error::VolumeNotFound(vol.to_string()));
+                    return Err(Error::VolumeNotFound(vol.into()));
                 };
                 rec.root = s.root;
                 rec.size = s.size;
@@ -397,14 +447,14 @@ impl Pool {
 
     /// Deletes the snapshot with id `id` (also one of a deleted volume, which has no
     /// `vol@snap` name any more), freeing the blocks nothing else references.
-    pub fn delete_snapshot_by_id(&self, id: u128) -> Result<()> {
-        self.with(|e| e.delete_snapshot(id))
+    pub fn delete_snapshot_by_id(&self, id: SnapshotId) -> Result<()> {
+        self.with(|e| e.delete_snapshot(id.as_u128()))
     }
 
     /// Keeps snapshot `vol@snap`'s id and generation as bookmark `vol#snap`, so incremental
     /// sends and deltas can start from it after the snapshot is deleted (ZFS's idea). Costs
     /// one catalog entry and no space.
-    pub fn bookmark(&self, vol: &str, snap: &str) -> Result<u128> {
+    pub fn bookmark(&self, vol: &str, snap: &str) -> Result<BookmarkId> {
         self.with(|e| {
             let s = e.snapshot_named(vol, snap)?;
             let (c, sm) = e.cat();
@@ -429,24 +479,26 @@ impl Pool {
                         created: now_unix(),
                     },
                 )?;
-                Ok(s.id)
+                Ok(BookmarkId::from_u128(s.id))
             })
         })
     }
 
     /// Finds bookmark `vol#name`; returns its id.
-    pub fn bookmark_id(&self, vol: &str, name: &str) -> Result<u128> {
+    pub fn bookmark_id(&self, vol: &str, name: &str) -> Result<BookmarkId> {
         self.with(|e| {
-            let missing = || Error::SnapshotNotFound(format!("{vol}#{name}"));
+            let missing = || Error::BookmarkNotFound(format!("{vol}#{name}").into());
             let (c, sm) = e.cat();
             let vid = c.volume_id(sm, vol)?.ok_or_else(missing)?;
-            c.bookmark_id(sm, vid, name)?.ok_or_else(missing)
+            c.bookmark_id(sm, vid, name)?
+                .map(BookmarkId::from_u128)
+                .ok_or_else(missing)
         })
     }
 
     /// Deletes bookmark `vol#name`.
     pub fn delete_bookmark(&self, vol: &str, name: &str) -> Result<()> {
-        let id = self.bookmark_id(vol, name)?;
+        let id = self.bookmark_id(vol, name)?.as_u128();
         self.with(|e| {
             e.catalog_op(Reserve::Use, |e, r| {
                 let (c, sm) = e.cat();
@@ -464,29 +516,29 @@ impl Pool {
     }
 
     /// The bookmark with id `id` (the id of the snapshot it was made from).
-    pub fn bookmark_info(&self, id: u128) -> Result<BookmarkInfo> {
+    pub fn bookmark_info(&self, id: BookmarkId) -> Result<BookmarkInfo> {
         self.with(|e| {
             let (c, sm) = e.cat();
-            c.bookmark(sm, id)?
+            c.bookmark(sm, id.as_u128())?
                 .map(Into::into)
-                .ok_or_else(|| Error::SnapshotNotFound(format!("bookmark id {id:032x}")))
+                .ok_or_else(|| Error::BookmarkNotFound(id.into()))
         })
     }
 
     /// The snapshot with id `id` (also of a deleted volume).
-    pub fn snapshot_info(&self, id: u128) -> Result<SnapshotInfo> {
+    pub fn snapshot_info(&self, id: SnapshotId) -> Result<SnapshotInfo> {
         self.with(|e| {
-            e.snapshot_rec(id)?
+            e.snapshot_rec(id.as_u128())?
                 .map(Into::into)
-                .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}")))
+                .ok_or_else(|| Error::SnapshotNotFound(id.into()))
         })
     }
 
     /// The snapshots of the volume with id `volume_id` (also a deleted one), oldest first.
-    pub fn volume_snapshots(&self, volume_id: u128) -> Result<Vec<SnapshotInfo>> {
+    pub fn volume_snapshots(&self, volume_id: VolumeId) -> Result<Vec<SnapshotInfo>> {
         self.with(|e| {
             let (c, sm) = e.cat();
-            Ok(c.snapshots_of(sm, volume_id)?
+            Ok(c.snapshots_of(sm, volume_id.as_u128())?
                 .into_iter()
                 .map(Into::into)
                 .collect())
@@ -494,10 +546,10 @@ impl Pool {
     }
 
     /// The bookmarks of the volume with id `volume_id`, oldest first.
-    pub fn volume_bookmarks(&self, volume_id: u128) -> Result<Vec<BookmarkInfo>> {
+    pub fn volume_bookmarks(&self, volume_id: VolumeId) -> Result<Vec<BookmarkInfo>> {
         self.with(|e| {
             let (c, sm) = e.cat();
-            let mut v = c.bookmarks_of(sm, volume_id)?;
+            let mut v = c.bookmarks_of(sm, volume_id.as_u128())?;
             v.sort_by_key(|b| (b.generation, b.id));
             Ok(v.into_iter().map(Into::into).collect())
         })
@@ -569,7 +621,7 @@ impl Pool {
         self.with(|e| {
             let v = e
                 .volume_rec(id)?
-                .ok_or_else(|| Error::VolumeNotFound(format!("id {id:032x}")))?;
+                .ok_or_else(|| Error::VolumeNotFound(VolumeId::from_u128(id).into()))?;
             let name = v.name.clone();
             let set_size = |e: &mut Engine, _: Reserve| {
                 let (c, sm) = e.cat();
@@ -578,7 +630,7 @@ impl Pool {
                         rec.size = size;
                         Ok(())
                     }
-                    None => Err(Error::VolumeNotFound(name.clone())),
+                    None => Err(Error::VolumeNotFound(name.clone().into())),
                 }
             };
             if size >= v.size {
@@ -602,16 +654,7 @@ impl Pool {
     pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
         let mut e = self.h.lock();
         let (c, sm) = e.cat();
-        Ok(c.volumes(sm)?
-            .into_iter()
-            .map(|v| VolumeInfo {
-                id: v.id,
-                name: v.name,
-                size: v.size,
-                origin: v.origin,
-                created_unix: v.created,
-            })
-            .collect())
+        Ok(c.volumes(sm)?.into_iter().map(VolumeInfo::from).collect())
     }
 
     /// Every snapshot, oldest first.
@@ -638,13 +681,23 @@ impl Pool {
     }
 
     /// Space used by a snapshot, by id. Walks its block map.
-    pub fn snapshot_usage_by_id(&self, id: u128) -> Result<Usage> {
+    pub fn snapshot_usage_by_id(&self, id: SnapshotId) -> Result<Usage> {
         self.with(|e| {
             let s = e
-                .snapshot_rec(id)?
-                .ok_or_else(|| Error::SnapshotNotFound(format!("id {id:032x}")))?;
+                .snapshot_rec(id.as_u128())?
+                .ok_or_else(|| Error::SnapshotNotFound(id.into()))?;
             e.usage(s.root, s.size)
         })
+    }
+
+    /// `id` as a delta's base: the snapshot if it still exists, else its bookmark (for
+    /// callers that hold a raw id from a manifest or a stream, which does not say which).
+    pub(crate) fn base_of(&self, id: u128) -> crate::Base {
+        let snapshot = SnapshotId::from_u128(id);
+        match self.with(|e| e.snapshot_rec(id)) {
+            Ok(None) => crate::Base::Bookmark(snapshot.into()),
+            _ => crate::Base::Snapshot(snapshot),
+        }
     }
 
     /// Walks everything and verifies it; see [`crate::CheckReport`]. Commits first, so the
@@ -666,7 +719,7 @@ impl Engine {
         name: &str,
         root: u64,
         size: u64,
-        origin: Option<u128>,
+        origin: Option<Origin>,
     ) -> Result<u128> {
         if self.volume_exists(name)? {
             return Err(Error::AlreadyExists {
@@ -679,8 +732,10 @@ impl Engine {
             let id = new_id();
             let generation = e.store.generation;
             let (c, sm) = e.cat();
-            if let Some(v) = origin.map(|o| c.volume_mut(sm, o)).transpose()?.flatten() {
-                v.frozen_gen = generation;
+            if let Some(Origin::Volume(o)) = origin {
+                if let Some(v) = c.volume_mut(sm, o.as_u128())? {
+                    v.frozen_gen = generation;
+                }
             }
             c.add_volume(
                 sm,
@@ -702,7 +757,7 @@ impl Engine {
 
     fn delete_snapshot(&mut self, id: u128) -> Result<()> {
         if self.snapshot_rec(id)?.is_none() {
-            return Err(Error::SnapshotNotFound(format!("id {id:032x}")));
+            return Err(Error::SnapshotNotFound(SnapshotId::from_u128(id).into()));
         }
         self.catalog_op(Reserve::Use, |e, r| {
             let (c, sm) = e.cat();

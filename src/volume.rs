@@ -15,8 +15,8 @@ pub struct Volume {
 
 impl Volume {
     /// The volume's stable id.
-    pub fn id(&self) -> u128 {
-        self.id
+    pub fn id(&self) -> crate::VolumeId {
+        crate::VolumeId::from_u128(self.id)
     }
 
     /// The volume's current name.
@@ -79,8 +79,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The snapshot's stable 128-bit id (kept across send/receive).
-    pub fn id(&self) -> u128 {
-        self.id
+    pub fn id(&self) -> crate::SnapshotId {
+        crate::SnapshotId::from_u128(self.id)
     }
 
     /// `volume@snapshot`.

@@ -6,7 +6,7 @@ use snapvol::backup::{
     TargetFault,
 };
 use snapvol::device::MemoryDevice;
-use snapvol::{Error, Pool, PoolOptions};
+use snapvol::{Error, Pool, PoolOptions, SnapshotId};
 use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
@@ -47,7 +47,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn snap_bytes(p: &Pool, id: u128) -> Vec<u8> {
+fn snap_bytes(p: &Pool, id: SnapshotId) -> Vec<u8> {
     let s = p.snapshot_by_id(id).unwrap();
     let mut b = vec![0u8; s.len().unwrap() as usize];
     s.read_at(&mut b, 0).unwrap();
@@ -277,7 +277,7 @@ fn s3_repository_lifecycle_on_moto() {
 
 /// A pool holding volume "db" with three snapshots pushed in turn; returns the pool, the
 /// snapshot ids and a clone of each snapshot's bytes.
-fn populated(r: &Repository) -> (Pool, Vec<u128>, Vec<Vec<u8>>) {
+fn populated(r: &Repository) -> (Pool, Vec<SnapshotId>, Vec<Vec<u8>>) {
     let a = pool();
     let v = a.create_volume("db", 4 * MIB).unwrap();
     let mut ids = Vec::new();
@@ -470,8 +470,8 @@ fn hostile_repositories_are_typed_errors_and_leave_the_pool_unchanged() {
     let r = repo(Arc::new(DirTarget::new(dir.path()).unwrap()));
     let (_a, ids, _) = populated(&r);
     let chunks = chunk_files(dir.path());
-    let manifest = |id: u128| dir.path().join(format!("manifests/{id:032x}"));
-    let restore_fails = |id: u128, what: &str| {
+    let manifest = |id: SnapshotId| dir.path().join(format!("manifests/{id:032x}"));
+    let restore_fails = |id: SnapshotId, what: &str| {
         let b = pool();
         let e = r
             .restore(id, &b, &RestoreOptions::default())
@@ -482,7 +482,7 @@ fn hostile_repositories_are_typed_errors_and_leave_the_pool_unchanged() {
     // A missing chunk.
     let saved = std::fs::read(&chunks[0]).unwrap();
     std::fs::remove_file(&chunks[0]).unwrap();
-    let bad: Vec<u128> = ids
+    let bad: Vec<SnapshotId> = ids
         .iter()
         .copied()
         .filter(|&id| r.restore(id, &pool(), &RestoreOptions::default()).is_err())

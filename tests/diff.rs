@@ -6,7 +6,7 @@
 
 use proptest::prelude::*;
 use snapvol::device::MemoryDevice;
-use snapvol::{DiffTarget, Extent, ExtentKind, Pool, PoolOptions, TupleLength};
+use snapvol::{Base, DiffTarget, Extent, ExtentKind, Pool, PoolOptions, SnapshotId, TupleLength};
 use std::sync::Arc;
 
 fn opts(block_size: u32) -> PoolOptions {
@@ -40,8 +40,8 @@ fn read(pool: &Pool, target: DiffTarget) -> Vec<u8> {
             s.read_at(&mut b, 0).unwrap();
             b
         }
-        DiffTarget::Volume(name) => {
-            let v = pool.volume(name).unwrap();
+        DiffTarget::Volume(id) => {
+            let v = pool.volume_by_id(id).unwrap();
             let mut b = vec![0u8; v.len().unwrap() as usize];
             v.read_at(&mut b, 0).unwrap();
             b
@@ -49,9 +49,17 @@ fn read(pool: &Pool, target: DiffTarget) -> Vec<u8> {
     }
 }
 
+/// `id` as a delta's base: the snapshot while it exists, then its bookmark.
+fn base_of(pool: &Pool, id: SnapshotId) -> Base {
+    match pool.snapshot_info(id) {
+        Ok(_) => Base::Snapshot(id),
+        Err(_) => Base::Bookmark(id.into()),
+    }
+}
+
 fn all_pages(
     pool: &Pool,
-    base: Option<u128>,
+    base: Option<SnapshotId>,
     target: DiffTarget,
     max: usize,
     tuples: TupleLength,
@@ -60,7 +68,9 @@ fn all_pages(
     let mut from = 0;
     loop {
         let page = match base {
-            Some(b) => pool.delta(b, target, from, max, tuples).unwrap(),
+            Some(b) => pool
+                .delta(base_of(pool, b), target, from, max, tuples)
+                .unwrap(),
             None => pool.allocated(target, from, max, tuples).unwrap(),
         };
         assert!(max == 0 || page.extents.len() <= max);
@@ -142,7 +152,10 @@ fn run(block_size: u32, first: Vec<Change>, second: Vec<Change>, max: usize) {
     apply(&second);
     let snap = pool.snapshot("v", "next").unwrap();
     let bs = block_size as u64;
-    for target in [DiffTarget::Snapshot(snap), DiffTarget::Volume("v")] {
+    for target in [
+        DiffTarget::Snapshot(snap),
+        DiffTarget::Volume(pool.volume("v").unwrap().id()),
+    ] {
         let old = read(&pool, DiffTarget::Snapshot(base));
         let new = read(&pool, target);
         let whole = all_pages(&pool, Some(base), target, 0, TupleLength::Variable);
@@ -179,13 +192,16 @@ fn run(block_size: u32, first: Vec<Change>, second: Vec<Change>, max: usize) {
         }
     }
     // The same deltas from a bookmark once the base snapshot is gone.
-    let targets = [DiffTarget::Snapshot(snap), DiffTarget::Volume("v")];
+    let targets = [
+        DiffTarget::Snapshot(snap),
+        DiffTarget::Volume(pool.volume("v").unwrap().id()),
+    ];
     let exact: Vec<Vec<Extent>> = targets
         .iter()
         .map(|&t| all_pages(&pool, Some(base), t, 0, TupleLength::Variable))
         .collect();
     let old = read(&pool, DiffTarget::Snapshot(base));
-    assert_eq!(pool.bookmark("v", "base").unwrap(), base);
+    assert_eq!(pool.bookmark("v", "base").unwrap(), base.into());
     pool.delete_snapshot("v", "base").unwrap();
     for (target, exact) in targets.into_iter().zip(exact) {
         let new = read(&pool, target);
@@ -244,7 +260,13 @@ fn delta_of_a_large_sparse_change_touches_few_nodes() {
         v.write_at(&[2u8; 10], i * 40_000_000).unwrap();
     }
     let page = pool
-        .delta(base, DiffTarget::Volume("v"), 0, 0, TupleLength::Variable)
+        .delta(
+            Base::Snapshot(base),
+            DiffTarget::Volume(pool.volume("v").unwrap().id()),
+            0,
+            0,
+            TupleLength::Variable,
+        )
         .unwrap();
     assert_eq!(page.extents.len(), 100);
     assert!(page
@@ -264,14 +286,19 @@ fn huge_sparse_volumes_are_walked_by_their_entries_not_their_size() {
     let base = pool.snapshot("huge", "s").unwrap();
     v.write_at(b"c", (1 << 50) - 1).unwrap();
     let alloc = pool
-        .allocated(DiffTarget::Volume("huge"), 0, 0, TupleLength::Variable)
+        .allocated(
+            DiffTarget::Volume(pool.volume("huge").unwrap().id()),
+            0,
+            0,
+            TupleLength::Variable,
+        )
         .unwrap();
     let offsets: Vec<u64> = alloc.extents.iter().map(|e| e.offset).collect();
     assert_eq!(offsets, [0, 1 << 40, (1 << 50) - 4096]);
     let delta = pool
         .delta(
-            base,
-            DiffTarget::Volume("huge"),
+            Base::Snapshot(base),
+            DiffTarget::Volume(pool.volume("huge").unwrap().id()),
             0,
             0,
             TupleLength::Variable,
@@ -281,7 +308,12 @@ fn huge_sparse_volumes_are_walked_by_their_entries_not_their_size() {
     assert_eq!(delta.extents[0].offset, (1 << 50) - 4096);
     // Resuming from the middle finds the next entry.
     let page = pool
-        .allocated(DiffTarget::Volume("huge"), 4096, 1, TupleLength::Fixed)
+        .allocated(
+            DiffTarget::Volume(pool.volume("huge").unwrap().id()),
+            4096,
+            1,
+            TupleLength::Fixed,
+        )
         .unwrap();
     assert_eq!(page.extents[0].offset, 1 << 40);
     assert_eq!(
@@ -307,11 +339,11 @@ fn a_delta_from_a_bookmark_sees_leaves_removed_since() {
         pool.bookmark("v", "base").unwrap();
         pool.delete_snapshot("v", "base").unwrap();
         v.discard(start * bs, 300 * bs).unwrap();
-        let new = read(&pool, DiffTarget::Volume("v"));
+        let new = read(&pool, DiffTarget::Volume(pool.volume("v").unwrap().id()));
         let delta = all_pages(
             &pool,
             Some(base),
-            DiffTarget::Volume("v"),
+            DiffTarget::Volume(pool.volume("v").unwrap().id()),
             0,
             TupleLength::Variable,
         );
@@ -346,7 +378,7 @@ fn a_delta_from_a_bookmark_follows_the_change() {
     let delta = all_pages(
         &pool,
         Some(base),
-        DiffTarget::Volume("v"),
+        DiffTarget::Volume(pool.volume("v").unwrap().id()),
         0,
         TupleLength::Variable,
     );

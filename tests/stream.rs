@@ -3,7 +3,7 @@
 //! receiving pool exactly as it was.
 
 use snapvol::device::MemoryDevice;
-use snapvol::{Error, Pool, PoolOptions};
+use snapvol::{Base, Error, Lookup, Pool, PoolOptions, SnapshotId};
 use std::io::Read as _;
 use std::sync::Arc;
 
@@ -19,14 +19,14 @@ fn pool(size: u64, block_size: u32) -> Pool {
     .unwrap()
 }
 
-fn snap_bytes(p: &Pool, id: u128) -> Vec<u8> {
+fn snap_bytes(p: &Pool, id: SnapshotId) -> Vec<u8> {
     let s = p.snapshot_by_id(id).unwrap();
     let mut b = vec![0u8; s.len().unwrap() as usize];
     s.read_at(&mut b, 0).unwrap();
     b
 }
 
-fn send(p: &Pool, id: u128, base: Option<u128>) -> Vec<u8> {
+fn send(p: &Pool, id: SnapshotId, base: Option<Base>) -> Vec<u8> {
     let mut out = Vec::new();
     p.send(id, base, &mut out).unwrap();
     out
@@ -35,7 +35,7 @@ fn send(p: &Pool, id: u128, base: Option<u128>) -> Vec<u8> {
 /// What must not change when a receive fails: the volumes, the snapshots, and the space
 /// used, up to the space map pages that now exist (one per 4 MiB of pool at most).
 #[derive(Debug)]
-struct State(Vec<String>, Vec<u128>, u64, u64);
+struct State(Vec<String>, Vec<SnapshotId>, u64, u64);
 
 impl PartialEq for State {
     fn eq(&self, o: &State) -> bool {
@@ -47,7 +47,7 @@ impl PartialEq for State {
 fn state(p: &Pool) -> State {
     let mut v: Vec<String> = p.volumes().unwrap().into_iter().map(|v| v.name).collect();
     v.sort();
-    let mut s: Vec<u128> = p.snapshots().unwrap().into_iter().map(|s| s.id).collect();
+    let mut s: Vec<SnapshotId> = p.snapshots().unwrap().into_iter().map(|s| s.id).collect();
     s.sort();
     let st = p.stats();
     State(v, s, st.used, st.size)
@@ -73,7 +73,7 @@ fn full_then_incremental_chain_round_trips() {
             a.resize_volume("db", 6_000_000).unwrap();
         }
         let s = a.snapshot("db", &format!("s{}", i + 2)).unwrap();
-        let stream = send(&a, s, Some(prev));
+        let stream = send(&a, s, Some(prev.into()));
         let full = send(&a, s, None);
         assert!(
             stream.len() < full.len() / 3,
@@ -111,7 +111,7 @@ fn wrong_base_and_changed_volume_are_refused() {
     // No base on the receiver at all.
     let before = state(&b);
     let e = b
-        .receive(&mut &send(&a, s2, Some(s1))[..], None)
+        .receive(&mut &send(&a, s2, Some(s1.into()))[..], None)
         .unwrap_err();
     assert!(matches!(e, Error::VolumeNotFound(_)), "{e}");
     assert_eq!(state(&b), before);
@@ -119,18 +119,19 @@ fn wrong_base_and_changed_volume_are_refused() {
     // s3 from s2, but the receiver's newest is s1: lineage is checked by id.
     let before = state(&b);
     let e = b
-        .receive(&mut &send(&a, s3, Some(s2))[..], None)
+        .receive(&mut &send(&a, s3, Some(s2.into()))[..], None)
         .unwrap_err();
     assert!(matches!(e, Error::WrongBase { .. }), "{e}");
     assert_eq!(state(&b), before);
     // The receiver's volume changed since s1: refused until rolled back.
     b.volume("v").unwrap().write_at(&[9u8; 10], 0).unwrap();
     let e = b
-        .receive(&mut &send(&a, s2, Some(s1))[..], None)
+        .receive(&mut &send(&a, s2, Some(s1.into()))[..], None)
         .unwrap_err();
     assert!(matches!(e, Error::WrongBase { .. }), "{e}");
     b.rollback("v", "s1").unwrap();
-    b.receive(&mut &send(&a, s2, Some(s1))[..], None).unwrap();
+    b.receive(&mut &send(&a, s2, Some(s1.into()))[..], None)
+        .unwrap();
     assert_eq!(snap_bytes(&b, s2), snap_bytes(&a, s2));
     assert!(b.check().unwrap().is_clean());
 }
@@ -147,7 +148,7 @@ fn damaged_streams_leave_the_receiver_unchanged() {
     v.write_at(&[0xEE; 9_000], 1_500_000).unwrap();
     let s2 = a.snapshot("v", "s2").unwrap();
     let full = send(&a, s1, None);
-    let incr = send(&a, s2, Some(s1));
+    let incr = send(&a, s2, Some(s1.into()));
 
     let b = pool(32 << 20, 4096);
     // Truncation anywhere.
@@ -238,7 +239,7 @@ fn incremental_from_a_bookmark_after_the_base_is_deleted() {
     v.write_at(&vec![1u8; 2_000_000], 0).unwrap();
     let s1 = a.snapshot("v", "s1").unwrap();
     b.receive(&mut &send(&a, s1, None)[..], None).unwrap();
-    assert_eq!(a.bookmark("v", "s1").unwrap(), s1);
+    assert_eq!(a.bookmark("v", "s1").unwrap(), s1.into());
     a.delete_snapshot("v", "s1").unwrap();
     v.write_at(&[7u8; 10_000], 500_000).unwrap();
     v.discard(1_000_000, 300_000).unwrap();
@@ -246,7 +247,7 @@ fn incremental_from_a_bookmark_after_the_base_is_deleted() {
     // The delta from the bookmark covers what changed; zeros are reported conservatively.
     let page = a
         .delta(
-            s1,
+            Base::Bookmark(s1.into()),
             snapvol::DiffTarget::Snapshot(s2),
             0,
             0,
@@ -261,7 +262,7 @@ fn incremental_from_a_bookmark_after_the_base_is_deleted() {
         .sum();
     // Three rewritten blocks and the two partly discarded edge blocks.
     assert_eq!(data, 5 * 4096, "only the rewritten blocks are data");
-    let stream = send(&a, s2, Some(s1));
+    let stream = send(&a, s2, Some(Base::Bookmark(s1.into())));
     b.receive(&mut &stream[..], None).unwrap();
     assert_eq!(snap_bytes(&b, s2), snap_bytes(&a, s2));
     assert!(b.check().unwrap().is_clean());
@@ -278,8 +279,17 @@ fn incremental_from_a_bookmark_after_the_base_is_deleted() {
     a.delete_snapshot("w", "mark").unwrap();
     a.rollback("w", "old").unwrap();
     let later = a.snapshot("w", "later").unwrap();
-    let e = a.send(later, Some(wb), &mut Vec::new()).unwrap_err();
+    let e = a
+        .send(later, Some(Base::Bookmark(wb.into())), &mut Vec::new())
+        .unwrap_err();
+    assert!(matches!(e, Error::NotAncestor { .. }), "{e:?}");
     assert!(e.to_string().contains("rolled back past it"), "{e}");
+    // A snapshot base that is gone is not found, even though its bookmark is there.
+    let e = a.send(later, Some(wb.into()), &mut Vec::new()).unwrap_err();
+    assert!(
+        matches!(e, Error::SnapshotNotFound(Lookup::Id(id)) if id == wb),
+        "{e:?}"
+    );
 }
 
 /// An output that fails after `left` bytes, as a full disk or a closed pipe does.
@@ -426,12 +436,15 @@ fn a_bookmark_stays_a_base_after_rolling_back_and_forward_again() {
     a.delete_snapshot("v", "mark").unwrap();
     v.write_at(&[3u8; 4096], 65536).unwrap();
     let next = a.snapshot("v", "next").unwrap();
-    let stream = send(&a, next, Some(mark));
+    let stream = send(&a, next, Some(Base::Bookmark(mark.into())));
     b.receive(&mut &stream[..], None).unwrap();
     assert_eq!(snap_bytes(&b, next), snap_bytes(&a, next));
     // Back past the bookmark for good: refused.
     a.rollback("v", "old").unwrap();
     let past = a.snapshot("v", "past").unwrap();
-    let e = a.send(past, Some(mark), &mut Vec::new()).unwrap_err();
+    let e = a
+        .send(past, Some(Base::Bookmark(mark.into())), &mut Vec::new())
+        .unwrap_err();
+    assert!(matches!(e, Error::NotAncestor { .. }), "{e:?}");
     assert!(e.to_string().contains("rolled back past it"), "{e}");
 }

@@ -17,8 +17,8 @@ fn pool() -> Pool {
 
 /// A repository with two backups (the second incremental); the key and bytes of the
 /// second's manifest.
-fn seed() -> &'static (Arc<MemoryTarget>, u128, Vec<u8>) {
-    static S: OnceLock<(Arc<MemoryTarget>, u128, Vec<u8>)> = OnceLock::new();
+fn seed() -> &'static (Arc<MemoryTarget>, snapvol::SnapshotId, Vec<u8>) {
+    static S: OnceLock<(Arc<MemoryTarget>, snapvol::SnapshotId, Vec<u8>)> = OnceLock::new();
     S.get_or_init(|| {
         let t = Arc::new(MemoryTarget::new());
         let r = Repository::create(t.clone(), &RepoOptions { chunk_size: 64 << 10, ..RepoOptions::default() }).unwrap();

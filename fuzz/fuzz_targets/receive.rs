@@ -30,7 +30,7 @@ fn seeds() -> &'static Seeds {
         let s2 = p.snapshot("v", "b").unwrap();
         let (mut full, mut incremental) = (Vec::new(), Vec::new());
         p.send(s1, None, &mut full).unwrap();
-        p.send(s2, Some(s1), &mut incremental).unwrap();
+        p.send(s2, Some(s1.into()), &mut incremental).unwrap();
         Seeds { full, incremental }
     })
 }

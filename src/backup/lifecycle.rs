@@ -11,6 +11,7 @@
 use super::format::{decode_chunk, manifest_key, parse_chunk_key, Hash, ManifestReader};
 use super::{lock_body, BackupInfo, Repository};
 use crate::error::{Error, Result};
+use crate::ids::{PoolId, SnapshotId, VolumeId};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -20,9 +21,10 @@ use std::time::{Duration, SystemTime};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifyProblem {
     /// The backup (snapshot id) the problem breaks.
-    pub backup: u128,
+    pub backup: SnapshotId,
     /// The object's key.
     pub object: String,
+    /// What is wrong with it.
     pub detail: String,
 }
 
@@ -30,7 +32,7 @@ impl std::fmt::Display for VerifyProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "backup {:032x}: {}: {}",
+            "backup {}: {}: {}",
             self.backup, self.object, self.detail
         )
     }
@@ -93,7 +95,7 @@ impl Repository {
     pub fn list(&self) -> Result<Vec<BackupInfo>> {
         let mut out = Vec::new();
         for id in self.manifest_ids()? {
-            match self.info(id) {
+            match self.info(SnapshotId::from_u128(id)) {
                 Ok(b) => out.push(b),
                 // Deleted since it was listed.
                 Err(Error::BackupNotFound(_)) => {}
@@ -125,7 +127,8 @@ impl Repository {
     /// Re-reads backups and checks them: every manifest's structure and checksum, and every
     /// chunk it lists (or `sample_percent` of them, chosen at random each run) against its
     /// hash. Each distinct chunk is downloaded once. `id`: only that backup.
-    pub fn verify(&self, id: Option<u128>, sample_percent: f64) -> Result<VerifyReport> {
+    pub fn verify(&self, id: Option<SnapshotId>, sample_percent: f64) -> Result<VerifyReport> {
+        let id = id.map(SnapshotId::as_u128);
         let only = id;
         let ids = match id {
             Some(id) => {
@@ -215,10 +218,10 @@ impl Repository {
 
     /// Deletes backup `id`. Every other backup stays restorable (each lists all its chunks);
     /// the space its chunks alone held comes back with the next [`Repository::gc`].
-    pub fn delete(&self, id: u128) -> Result<()> {
-        let key = manifest_key(id);
+    pub fn delete(&self, id: SnapshotId) -> Result<()> {
+        let key = manifest_key(id.as_u128());
         if self.target.head(&key)?.is_none() {
-            return Err(Error::BackupNotFound(format!("{id:032x}")));
+            return Err(Error::BackupNotFound(id.to_string()));
         }
         self.target.delete(&key)
     }
@@ -230,7 +233,7 @@ impl Repository {
         // Newest first, grouped by the volume they came from.
         // Within one second, a volume's generations still tell which came first.
         all.sort_by_key(|b| std::cmp::Reverse((b.created_unix, b.generation, b.id)));
-        let mut groups: Vec<((u128, u128), Vec<BackupInfo>)> = Vec::new();
+        let mut groups: Vec<((PoolId, VolumeId), Vec<BackupInfo>)> = Vec::new();
         for b in all {
             let k = (b.pool_id, b.volume_id);
             match groups.iter_mut().find(|g| g.0 == k) {
@@ -347,7 +350,7 @@ fn push_problem(problems: &Mutex<Vec<VerifyProblem>>, backup: u128, key: &str, e
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(VerifyProblem {
-            backup,
+            backup: SnapshotId::from_u128(backup),
             object,
             detail,
         });

@@ -64,6 +64,7 @@ pub use s3::{S3Options, S3Target};
 pub use target::{DirTarget, MemoryTarget, ObjectMeta, Target};
 
 use crate::error::{Error, Result};
+use crate::ids::{PoolId, SnapshotId, VolumeId};
 use format::CONFIG_KEY;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -116,17 +117,23 @@ impl std::fmt::Debug for Repository {
 #[non_exhaustive]
 pub struct BackupInfo {
     /// The snapshot id: the backup's handle.
-    pub id: u128,
+    pub id: SnapshotId,
+    /// The name of the snapshot's volume when it was pushed.
     pub volume: String,
+    /// The snapshot's name.
     pub snapshot: String,
     /// The volume's size in bytes.
     pub size: u64,
-    pub base_id: Option<u128>,
+    /// The backup it was computed against (informational: every backup restores alone).
+    pub base_id: Option<SnapshotId>,
     /// Chunks holding data.
     pub chunks: u64,
+    /// When the snapshot was taken (seconds since the Unix epoch).
     pub created_unix: u64,
-    pub pool_id: u128,
-    pub volume_id: u128,
+    /// The pool it was pushed from.
+    pub pool_id: PoolId,
+    /// The volume the snapshot is of.
+    pub volume_id: VolumeId,
     /// The snapshot's generation in its pool (orders a volume's backups).
     pub generation: u64,
 }
@@ -134,15 +141,15 @@ pub struct BackupInfo {
 impl From<&ManifestHeader> for BackupInfo {
     fn from(h: &ManifestHeader) -> BackupInfo {
         BackupInfo {
-            id: h.snapshot_id,
+            id: SnapshotId::from_u128(h.snapshot_id),
             volume: h.volume.clone(),
             snapshot: h.snapshot.clone(),
             size: h.size,
-            base_id: h.base_id,
+            base_id: h.base_id.map(SnapshotId::from_u128),
             chunks: h.entries,
             created_unix: h.created_unix,
-            pool_id: h.pool_id,
-            volume_id: h.volume_id,
+            pool_id: PoolId::from_u128(h.pool_id),
+            volume_id: VolumeId::from_u128(h.volume_id),
             generation: h.generation,
         }
     }
@@ -292,8 +299,11 @@ impl Repository {
     }
 
     /// Information about backup `id`.
-    pub fn info(&self, id: u128) -> Result<BackupInfo> {
-        Ok(BackupInfo::from(&format::read_header(&*self.target, id)?))
+    pub fn info(&self, id: SnapshotId) -> Result<BackupInfo> {
+        Ok(BackupInfo::from(&format::read_header(
+            &*self.target,
+            id.as_u128(),
+        )?))
     }
 
     /// Takes the push lock of snapshot `id` once no garbage collection runs (see `gc`).

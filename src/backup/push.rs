@@ -8,6 +8,7 @@ use super::format::{
 use super::{is_zero, Repository};
 use crate::diff::{DiffTarget, Extent, TupleLength};
 use crate::error::{Error, Result};
+use crate::ids::{Base, SnapshotId};
 use crate::pool::{Pool, SnapshotInfo};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,20 +23,22 @@ pub enum BaseChoice {
     /// A full push: every allocated chunk is read (chunks the repository has are still not
     /// uploaded).
     Full,
-    /// This snapshot or bookmark id, which must have a backup in the repository.
-    From(u128),
+    /// This snapshot or bookmark, which must have a backup in the repository.
+    From(Base),
 }
 
 /// What a push did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PushStats {
     /// The backup's id: the snapshot's.
-    pub id: u128,
+    pub id: SnapshotId,
+    /// The snapshot's volume.
     pub volume: String,
+    /// The snapshot's name.
     pub snapshot: String,
     /// The backup it was computed against.
-    pub base_id: Option<u128>,
+    pub base_id: Option<SnapshotId>,
     /// Chunks holding data in the backup.
     pub chunks: u64,
     /// Chunks read from the pool and hashed (those covering the change).
@@ -60,8 +63,8 @@ const EXTENTS_PER_PAGE: usize = 4096;
 /// extra indices (the chunks at a size change), read a page of extents at a time.
 struct DirtyChunks<'a> {
     pool: &'a Pool,
-    base: Option<u128>,
-    target: u128,
+    base: Option<Base>,
+    target: SnapshotId,
     chunk: u64,
     count: u64,
     /// The target's size in bytes.
@@ -100,7 +103,7 @@ impl<'a> DirtyChunks<'a> {
         }
         DirtyChunks {
             pool,
-            base: base.map(|b| b.0),
+            base: base.map(|b| pool.base_of(b.0)),
             target: info.id,
             chunk,
             count,
@@ -201,13 +204,13 @@ impl Repository {
     /// Backs up snapshot `snapshot` of `pool` (see the module docs). Idempotent: a backup that
     /// is already in the repository is left as it is. The pool keeps a bookmark of the pushed
     /// snapshot (named like it) so later pushes stay incremental after it is deleted.
-    pub fn push(&self, pool: &Pool, snapshot: u128, base: BaseChoice) -> Result<PushStats> {
+    pub fn push(&self, pool: &Pool, snapshot: SnapshotId, base: BaseChoice) -> Result<PushStats> {
         let info = pool.snapshot_info(snapshot)?;
-        let mut lock = self.lock_push(snapshot)?;
+        let mut lock = self.lock_push(snapshot.as_u128())?;
         let stats = self.push_locked(pool, &info, base, &mut lock)?;
         drop(lock);
         // Keep what a later incremental push needs, whatever happens to the snapshot.
-        if pool.bookmark_info(snapshot).is_err() {
+        if pool.bookmark_info(snapshot.into()).is_err() {
             match pool.bookmark(&info.volume_name, &info.name) {
                 Ok(_) | Err(Error::AlreadyExists { .. }) | Err(Error::SnapshotNotFound(_)) => {}
                 Err(e) => return Err(e),
@@ -223,21 +226,14 @@ impl Repository {
         info: &SnapshotInfo,
         base: BaseChoice,
     ) -> Result<Option<(u128, u64)>> {
-        let local = |id: u128| -> Option<(u128, u64, u64)> {
-            pool.snapshot_info(id)
-                .map(|s| (s.volume_id, s.size, s.generation))
-                .or_else(|_| {
-                    pool.bookmark_info(id)
-                        .map(|b| (b.volume_id, b.size, b.generation))
-                })
-                .ok()
-        };
         match base {
             BaseChoice::Full => Ok(None),
-            BaseChoice::From(id) => {
-                let (_, size, _) = local(id).ok_or_else(|| {
-                    Error::SnapshotNotFound(format!("snapshot or bookmark id {id:032x}"))
-                })?;
+            BaseChoice::From(b) => {
+                let size = match b {
+                    Base::Snapshot(s) => pool.snapshot_info(s)?.size,
+                    Base::Bookmark(b) => pool.bookmark_info(b)?.size,
+                };
+                let id = b.as_u128();
                 if self.target.head(&manifest_key(id))?.is_none() {
                     return Err(Error::BackupNotFound(format!(
                         "{id:032x} (the base must be backed up first)"
@@ -250,12 +246,12 @@ impl Repository {
                     .volume_snapshots(info.volume_id)?
                     .into_iter()
                     .filter(|s| s.generation < info.generation)
-                    .map(|s| (s.generation, s.id, s.size))
+                    .map(|s| (s.generation, s.id.as_u128(), s.size))
                     .chain(
                         pool.volume_bookmarks(info.volume_id)?
                             .into_iter()
                             .filter(|b| b.generation < info.generation)
-                            .map(|b| (b.generation, b.id, b.size)),
+                            .map(|b| (b.generation, b.id.as_u128(), b.size)),
                     )
                     .collect();
                 candidates.sort_unstable_by(|a, b| b.cmp(a));
@@ -279,16 +275,21 @@ impl Repository {
         base: BaseChoice,
         lock: &mut super::PushLock<'_>,
     ) -> Result<PushStats> {
-        let key = manifest_key(info.id);
+        let key = manifest_key(info.id.as_u128());
         let mut stats = PushStats {
             id: info.id,
             volume: info.volume_name.clone(),
             snapshot: info.name.clone(),
-            ..PushStats::default()
+            base_id: None,
+            chunks: 0,
+            read_chunks: 0,
+            uploaded_chunks: 0,
+            uploaded_bytes: 0,
+            already_present: false,
         };
         if self.target.head(&key)?.is_some() {
-            let h = super::format::read_header(&*self.target, info.id)?;
-            stats.base_id = h.base_id;
+            let h = super::format::read_header(&*self.target, info.id.as_u128())?;
+            stats.base_id = h.base_id.map(SnapshotId::from_u128);
             stats.chunks = h.entries;
             stats.already_present = true;
             return Ok(stats);
@@ -322,20 +323,20 @@ impl Repository {
         };
         match count(base_pick) {
             Ok(n) => total = n,
-            Err(Error::InvalidArgument(_)) if base == BaseChoice::Auto && base_pick.is_some() => {
+            Err(Error::NotAncestor { .. }) if base == BaseChoice::Auto && base_pick.is_some() => {
                 base_pick = None;
                 base_reader = None;
                 total = count(None)?;
             }
             Err(e) => return Err(e),
         }
-        stats.base_id = base_pick.map(|b| b.0);
+        stats.base_id = base_pick.map(|b| SnapshotId::from_u128(b.0));
         let snap = pool.snapshot_by_id(info.id)?;
         let header = ManifestHeader {
-            snapshot_id: info.id,
-            base_id: stats.base_id,
-            pool_id: pool.stats().id,
-            volume_id: info.volume_id,
+            snapshot_id: info.id.as_u128(),
+            base_id: base_pick.map(|b| b.0),
+            pool_id: pool.stats().id.as_u128(),
+            volume_id: info.volume_id.as_u128(),
             volume: info.volume_name.clone(),
             snapshot: info.name.clone(),
             size: info.size,

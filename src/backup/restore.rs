@@ -5,6 +5,7 @@
 use super::format::{chunk_key, decode_chunk, manifest_key, Hash, ManifestReader};
 use super::Repository;
 use crate::error::{Error, Result};
+use crate::ids::SnapshotId;
 use crate::pool::Pool;
 use crate::stream::receive::Header;
 use crate::volume::Volume;
@@ -23,18 +24,22 @@ pub struct RestoreOptions {
 }
 
 /// What a restore did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RestoreStats {
     /// The restored snapshot's id (the backup's).
-    pub id: u128,
+    pub id: SnapshotId,
+    /// The volume restored into.
     pub volume: String,
+    /// The snapshot's name.
     pub snapshot: String,
     /// The local snapshot the restore started from, if any.
-    pub base_id: Option<u128>,
+    pub base_id: Option<SnapshotId>,
     /// Chunks holding data in the backup.
     pub chunks: u64,
+    /// Chunks downloaded (those the base did not already hold).
     pub downloaded_chunks: u64,
+    /// Bytes downloaded, as stored.
     pub downloaded_bytes: u64,
     /// The clone made, if one was asked for.
     pub clone: Option<String>,
@@ -52,14 +57,20 @@ impl Repository {
     /// Restores backup `id` into `pool` (see [`RestoreOptions`]). Atomic: on any error, or if
     /// the process dies, no part of it is visible (a partial volume is removed at once or at
     /// the next open).
-    pub fn restore(&self, id: u128, pool: &Pool, opts: &RestoreOptions) -> Result<RestoreStats> {
+    pub fn restore(
+        &self,
+        id: SnapshotId,
+        pool: &Pool,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreStats> {
         if pool.snapshot_by_id(id).is_ok() {
             return Err(Error::AlreadyExists {
                 kind: "snapshot id",
-                name: format!("{id:032x}"),
+                name: id.to_string(),
             });
         }
-        let mut target = ManifestReader::open(&*self.target, id)?;
+        let raw_id = id.as_u128();
+        let mut target = ManifestReader::open(&*self.target, raw_id)?;
         let h = target.header.clone();
         let name = opts.volume.clone().unwrap_or_else(|| h.volume.clone());
         crate::catalog::validate_name(&name)?;
@@ -84,9 +95,10 @@ impl Repository {
                     .into_iter()
                     .max_by_key(|s| s.generation);
                 match newest {
-                    Some(s) if has_backup(s.id)? => {
-                        let hidden = pool.with(|e| e.hidden_for(&name, s.id, s.size))?;
-                        (hidden, Some(s.id), true)
+                    Some(s) if has_backup(s.id.as_u128())? => {
+                        let sid = s.id.as_u128();
+                        let hidden = pool.with(|e| e.hidden_for(&name, sid, s.size))?;
+                        (hidden, Some(sid), true)
                     }
                     _ => {
                         return Err(Error::AlreadyExists {
@@ -97,19 +109,21 @@ impl Repository {
                 }
             }
             None => {
-                let local = h.base_id.and_then(|b| pool.snapshot_info(b).ok());
+                let local = h
+                    .base_id
+                    .and_then(|b| pool.snapshot_info(SnapshotId::from_u128(b)).ok());
                 let base = match local {
-                    Some(s) if has_backup(s.id)? => Some(s),
+                    Some(s) if has_backup(s.id.as_u128())? => Some(s),
                     _ => None,
                 };
                 let hidden = pool.with(|e| match &base {
                     Some(s) => {
-                        let root = e.snapshot_rec(s.id)?.map_or(0, |r| r.root);
+                        let root = e.snapshot_rec(s.id.as_u128())?.map_or(0, |r| r.root);
                         e.add_hidden(root, s.size)
                     }
                     None => e.add_hidden(0, h.size),
                 })?;
-                (hidden, base.map(|s| s.id), false)
+                (hidden, base.map(|s| s.id.as_u128()), false)
             }
         };
         let vol = pool.volume_handle(hidden);
@@ -117,7 +131,7 @@ impl Repository {
             |(downloaded_chunks, downloaded_bytes)| {
                 let header = Header {
                     size: h.size,
-                    target: id,
+                    target: raw_id,
                     base: if in_place { base.unwrap_or(0) } else { 0 },
                     volume: name.clone(),
                     snapshot: h.snapshot.clone(),
@@ -127,7 +141,7 @@ impl Repository {
                     id,
                     volume: name.clone(),
                     snapshot: h.snapshot.clone(),
-                    base_id: base,
+                    base_id: base.map(SnapshotId::from_u128),
                     chunks: h.entries,
                     downloaded_chunks,
                     downloaded_bytes,

@@ -85,13 +85,9 @@ impl Export {
     /// zero flags), starting at `from`. At most `max` runs; fewer than reach `to` when the
     /// map has more extents than that (the client asks again from where they end).
     pub(crate) fn block_status(&self, from: u64, to: u64, max: usize) -> Result<Vec<(u32, u32)>> {
-        let name;
         let (pool, target) = match self {
-            Export::Volume(v) => {
-                name = v.name()?;
-                (v.pool(), DiffTarget::Volume(&name))
-            }
-            Export::Snapshot(s) => (s.pool(), DiffTarget::Snapshot(s.id)),
+            Export::Volume(v) => (v.pool(), DiffTarget::Volume(v.id())),
+            Export::Snapshot(s) => (s.pool(), DiffTarget::Snapshot(s.id())),
         };
         let page = pool.allocated(target, from, max, TupleLength::Variable)?;
         let mut runs = Vec::new();

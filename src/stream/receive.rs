@@ -11,12 +11,17 @@ use std::io::Read;
 /// What a receive created.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReceiveStats {
+    /// The volume received into.
     pub volume: String,
+    /// The received snapshot's name.
     pub snapshot: String,
-    pub snapshot_id: u128,
-    /// The base snapshot id of an incremental stream.
-    pub base_id: Option<u128>,
+    /// Its id (the sender's: ids travel with streams).
+    pub snapshot_id: crate::SnapshotId,
+    /// The base snapshot of an incremental stream.
+    pub base_id: Option<crate::SnapshotId>,
+    /// Bytes of data records applied.
     pub data_bytes: u64,
+    /// Zero records applied.
     pub zero_records: u64,
 }
 
@@ -270,7 +275,10 @@ impl Pool {
         let h = read_header(&mut src)?;
         let name = volume.unwrap_or(&h.volume).to_string();
         validate_name(&name)?;
-        if self.snapshot_by_id(h.target).is_ok() {
+        if self
+            .snapshot_by_id(crate::SnapshotId::from_u128(h.target))
+            .is_ok()
+        {
             return Err(Error::AlreadyExists {
                 kind: "snapshot id",
                 name: format!("{:032x}", h.target),
@@ -284,8 +292,8 @@ impl Pool {
                 .map(|_| ReceiveStats {
                     volume: name.clone(),
                     snapshot: h.snapshot.clone(),
-                    snapshot_id: h.target,
-                    base_id: (h.base != 0).then_some(h.base),
+                    snapshot_id: crate::SnapshotId::from_u128(h.target),
+                    base_id: (h.base != 0).then_some(crate::SnapshotId::from_u128(h.base)),
                     data_bytes,
                     zero_records,
                 })
@@ -449,7 +457,8 @@ impl Pool {
     pub(crate) fn finish_receive(&self, h: &Header, name: &str, hidden: u128) -> Result<()> {
         self.with(|e| {
             e.catalog_op(Reserve::Use, |e, r| {
-                let missing = || Error::VolumeNotFound(format!("{HIDDEN_PREFIX}{hidden:032x}"));
+                let missing =
+                    || Error::VolumeNotFound(format!("{HIDDEN_PREFIX}{hidden:032x}").into());
                 let tmp = e.volume_rec(hidden)?.ok_or_else(missing)?;
                 let generation = e.store.generation;
                 let vol_id = if h.base == 0 {
@@ -464,7 +473,7 @@ impl Pool {
                     let (c, sm) = e.cat();
                     let v = c
                         .volume_mut(sm, id)?
-                        .ok_or_else(|| Error::VolumeNotFound(name.to_string()))?;
+                        .ok_or_else(|| Error::VolumeNotFound(name.into()))?;
                     let old_root = std::mem::replace(&mut v.root, tmp.root);
                     v.size = tmp.size;
                     v.frozen_gen = generation;

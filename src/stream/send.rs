@@ -58,8 +58,8 @@ fn reader_count() -> usize {
 /// into records of at most `MAX_DATA` bytes.
 struct Pieces<'a> {
     pool: &'a Pool,
-    target: u128,
-    base: Option<u128>,
+    target: crate::SnapshotId,
+    base: Option<crate::Base>,
     /// Where the next page of extents starts; `None` once the last page was fetched.
     next_page: Option<u64>,
     extents: std::collections::VecDeque<crate::diff::Extent>,
@@ -198,21 +198,20 @@ impl Pool {
     /// docs/stream-format.md.
     pub fn send(
         &self,
-        snapshot: u128,
-        base: Option<u128>,
+        snapshot: crate::SnapshotId,
+        base: Option<crate::Base>,
         out: &mut dyn Write,
     ) -> Result<SendStats> {
         let info = self.snapshot_info(snapshot)?;
         if let Some(b) = base {
-            if b == snapshot {
+            if b.as_u128() == snapshot.as_u128() {
                 return Err(Error::InvalidArgument(
                     "base and target are the same snapshot".into(),
                 ));
             }
-            if self.snapshot_by_id(b).is_err() && self.bookmark_info(b).is_err() {
-                return Err(Error::SnapshotNotFound(format!(
-                    "snapshot or bookmark id {b:032x}"
-                )));
+            match b {
+                crate::Base::Snapshot(s) => self.snapshot_info(s).map(drop)?,
+                crate::Base::Bookmark(b) => self.bookmark_info(b).map(drop)?,
             }
         }
         let handle = self.snapshot_by_id(snapshot)?;
@@ -227,8 +226,8 @@ impl Pool {
         header.extend_from_slice(&VERSION.to_le_bytes());
         header.extend_from_slice(&self.block_size().to_le_bytes());
         header.extend_from_slice(&info.size.to_le_bytes());
-        header.extend_from_slice(&snapshot.to_le_bytes());
-        header.extend_from_slice(&base.unwrap_or(0).to_le_bytes());
+        header.extend_from_slice(&snapshot.as_u128().to_le_bytes());
+        header.extend_from_slice(&base.map_or(0, crate::Base::as_u128).to_le_bytes());
         header.extend_from_slice(&(name.len() as u16).to_le_bytes());
         header.extend_from_slice(name.as_bytes());
         let hcrc = crc32fast::hash(&header);

@@ -6,7 +6,11 @@ pub mod ops_fuzz;
 pub mod oracle;
 
 use proptest::prelude::*;
-use snapvol::{Error, Pool};
+use snapvol::{Base, BookmarkId, Error, Pool, SnapshotId, VolumeId};
+
+/// The raw id a model gives an object whose real id it cannot know (an operation a crash
+/// test only predicts). Real ids are never 0.
+pub const UNKNOWN: u128 = 0;
 
 /// A fixed workload touching every kind of operation, for fault and crash walks.
 pub fn fixed_workload() -> Vec<Op> {
@@ -195,9 +199,9 @@ pub fn op_strategy() -> impl Strategy<Value = Op> {
 
 #[derive(Clone, Debug)]
 pub struct SnapModel {
-    pub id: u128,
+    pub id: SnapshotId,
     /// Live volume id the snapshot belongs to (None once that volume is deleted).
-    pub volume: Option<u128>,
+    pub volume: Option<VolumeId>,
     pub name: String,
     pub data: Bytes,
 }
@@ -209,10 +213,10 @@ pub type Bytes = std::sync::Arc<Vec<u8>>;
 #[derive(Clone, Debug, Default)]
 pub struct Model {
     /// name -> (id, bytes)
-    pub volumes: BTreeMap<String, (u128, Bytes)>,
+    pub volumes: BTreeMap<String, (VolumeId, Bytes)>,
     pub snapshots: Vec<SnapModel>,
-    /// Ids of the bookmarks taken (0 for one a crash test only predicts).
-    pub bookmarks: Vec<u128>,
+    /// Ids of the bookmarks taken ([`UNKNOWN`] for one a crash test only predicts).
+    pub bookmarks: Vec<BookmarkId>,
     counter: u64,
 }
 
@@ -241,7 +245,7 @@ impl Model {
         format!("{prefix}{}", self.counter)
     }
 
-    fn vol_name(&self, id: u128) -> Option<String> {
+    fn vol_name(&self, id: VolumeId) -> Option<String> {
         self.volumes
             .iter()
             .find(|(_, v)| v.0 == id)
@@ -315,7 +319,7 @@ impl Model {
             }
             Op::Create { size } => {
                 let name = self.fresh("v");
-                let id = call!(p => p.create_volume(&name, *size).map(|v| v.id()), 0)?;
+                let id = call!(p => p.create_volume(&name, *size).map(|v| v.id()), VolumeId::from_u128(UNKNOWN))?;
                 self.volumes
                     .insert(name, (id, Arc::new(vec![0; *size as usize])));
             }
@@ -348,7 +352,7 @@ impl Model {
                     return Ok(());
                 };
                 let snap = self.fresh("s");
-                let r = call!(p => p.snapshot(&name, &snap), 0);
+                let r = call!(p => p.snapshot(&name, &snap), SnapshotId::from_u128(UNKNOWN));
                 tolerate_full!(r, id => {
                     let (vid, data) = self.volumes[&name].clone();
                     self.snapshots.push(SnapModel { id, volume: Some(vid), name: snap, data });
@@ -362,7 +366,7 @@ impl Model {
                 if x == y {
                     return Ok(());
                 }
-                let r = call!(p => p.snapshot_group(&[(&x, &sx), (&y, &sy)]), vec![0, 0]);
+                let r = call!(p => p.snapshot_group(&[(&x, &sx), (&y, &sy)]), vec![SnapshotId::from_u128(UNKNOWN); 2]);
                 tolerate_full!(r, ids => {
                     for (id, (v, s)) in ids.into_iter().zip([(x, sx), (y, sy)]) {
                         let (vid, data) = self.volumes[&v].clone();
@@ -378,7 +382,7 @@ impl Model {
                 let s = self.snapshots[named[snap % named.len()]].clone();
                 let vol = self.vol_name(s.volume.unwrap()).unwrap();
                 let new = self.fresh("c");
-                let r = call!(p => p.clone_snapshot(&vol, &s.name, &new).map(|v| v.id()), 0);
+                let r = call!(p => p.clone_snapshot(&vol, &s.name, &new).map(|v| v.id()), VolumeId::from_u128(UNKNOWN));
                 tolerate_full!(r, id => { self.volumes.insert(new, (id, s.data.clone())); });
             }
             Op::CloneVolume { vol } => {
@@ -386,7 +390,7 @@ impl Model {
                     return Ok(());
                 };
                 let new = self.fresh("c");
-                let r = call!(p => p.clone_volume(&name, &new).map(|v| v.id()), 0);
+                let r = call!(p => p.clone_volume(&name, &new).map(|v| v.id()), VolumeId::from_u128(UNKNOWN));
                 tolerate_full!(r, id => {
                     let data = self.volumes[&name].1.clone();
                     self.volumes.insert(new, (id, data));
@@ -454,12 +458,12 @@ impl Model {
                     return Ok(());
                 }
                 let s = self.snapshots[named[snap % named.len()]].clone();
-                if s.id != 0 && self.bookmarks.contains(&s.id) {
+                if s.id.as_u128() != UNKNOWN && self.bookmarks.contains(&s.id.into()) {
                     // A second bookmark of one snapshot is refused (tests/stream.rs).
                     return Ok(());
                 }
                 let vol = self.vol_name(s.volume.unwrap()).unwrap();
-                let id = call!(p => p.bookmark(&vol, &s.name), s.id)?;
+                let id = call!(p => p.bookmark(&vol, &s.name), s.id.into())?;
                 self.bookmarks.push(id);
             }
             Op::SendReceive { snap, base } => {
@@ -489,7 +493,7 @@ impl Model {
                     dest.receive(&mut &stream[..], None)?;
                     stream.clear();
                 }
-                p.send(s.id, base.map(|b| b.id), &mut stream)?;
+                p.send(s.id, base.map(|b| Base::Snapshot(b.id)), &mut stream)?;
                 let st = dest.receive(&mut &stream[..], None)?;
                 assert_eq!(st.snapshot_id, s.id);
                 let got = dest.snapshot_by_id(s.id)?;
@@ -515,7 +519,7 @@ impl Model {
                 let mut from = 0;
                 loop {
                     let page = p.delta(
-                        sa.id,
+                        Base::Snapshot(sa.id),
                         snapvol::DiffTarget::Snapshot(sb.id),
                         from,
                         0,
@@ -616,7 +620,7 @@ impl Model {
             return Err("bookmark count".into());
         }
         for s in &self.snapshots {
-            let id = if s.id != 0 {
+            let id = if s.id.as_u128() != UNKNOWN {
                 s.id
             } else {
                 // A predicted snapshot: its id is unknown, its name is unique.

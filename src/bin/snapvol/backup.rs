@@ -171,11 +171,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("bad duration {s:?}: too long"))
 }
 
-fn parse_id(s: &str) -> Result<u128, String> {
-    if s.len() != 32 {
-        return Err(format!("{s:?} is not a backup id (32 hex digits)"));
-    }
-    u128::from_str_radix(s, 16).map_err(|_| format!("{s:?} is not a backup id (32 hex digits)"))
+fn parse_id(s: &str) -> Result<snapvol::SnapshotId, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not a backup id (32 hex digits)"))
 }
 
 /// The target a TARGET argument names.
@@ -252,10 +250,10 @@ fn info_json(b: &BackupInfo) -> Value {
 
 /// The fields push and restore reports share: which backup, of what, from which base.
 fn backup_fields(
-    id: u128,
+    id: snapvol::SnapshotId,
     volume: &str,
     snapshot: &str,
-    base: Option<u128>,
+    base: Option<snapvol::SnapshotId>,
     chunks: u64,
 ) -> Vec<(&'static str, Value)> {
     vec![

@@ -160,7 +160,7 @@ fn run_inner(dir: Option<PathBuf>) -> Result<()> {
     let app = pool.create_volume("app", 256 * MIB)?;
     fill(&app, 32 * MIB, 3)?;
     let stop = AtomicBool::new(false);
-    let snap_id = std::thread::scope(|s| -> Result<u128> {
+    let snap_id = std::thread::scope(|s| -> Result<snapvol::SnapshotId> {
         let writer = s.spawn(|| -> snapvol::Result<u64> {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -252,7 +252,7 @@ fn run_inner(dir: Option<PathBuf>) -> Result<()> {
     println!(
         "     base app@backup ({:032x}): {} of {} chunks read (the writer's last writes and \
          the 16 new ones), {} uploaded ({})",
-        inc.base_id.unwrap_or(0),
+        inc.base_id.map_or(0, |b| b.as_u128()),
         inc.read_chunks,
         (256 * MIB).div_ceil(u64::from(repo.config().chunk_size)),
         inc.uploaded_chunks,

@@ -61,8 +61,8 @@ impl Value {
     }
 }
 
-pub fn id(id: u128) -> Value {
-    Value::Str(format!("{id:032x}"))
+pub fn id(id: impl Into<u128>) -> Value {
+    Value::Str(format!("{:032x}", id.into()))
 }
 
 #[cfg(test)]

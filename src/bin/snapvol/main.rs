@@ -677,10 +677,9 @@ fn run(cmd: Cmd) -> CmdResult {
                     }
                     // `@ID`: a snapshot by its id (how one of a deleted volume is reached).
                     (None, ("", Some(s))) => {
-                        let id = u128::from_str_radix(s, 16)
-                            .ok()
-                            .filter(|_| s.len() == 32)
-                            .ok_or_else(|| format!("{t}: expected @ and a 32-digit hex id"))?;
+                        let id: snapvol::SnapshotId = s
+                            .parse()
+                            .map_err(|_| format!("{t}: expected @ and a 32-digit hex id"))?;
                         pool.snapshot_info(id).map_err(e)?;
                         plan.push((t.clone(), Destroy::Snapshot(id)));
                     }
@@ -811,11 +810,11 @@ fn run(cmd: Cmd) -> CmdResult {
             let (vol, origin) = match split_target(&source) {
                 (v, Some(s)) => (
                     pool.clone_snapshot(v, s, &new_vol).map_err(e)?,
-                    pool.snapshot_handle(v, s).map_err(e)?.id(),
+                    pool.snapshot_handle(v, s).map_err(e)?.id().as_u128(),
                 ),
                 (v, None) => (
                     pool.clone_volume(v, &new_vol).map_err(e)?,
-                    pool.volume(v).map_err(e)?.id(),
+                    pool.volume(v).map_err(e)?.id().as_u128(),
                 ),
             };
             if json {
@@ -972,13 +971,11 @@ fn run(cmd: Cmd) -> CmdResult {
         } => {
             let pool = open_read_only(&path)?;
             let base_id = base_id(&pool, &base)?;
-            let target_id;
             let t = match split_target(&target) {
                 (v, Some(s)) => {
-                    target_id = pool.snapshot_handle(v, s).map_err(e)?.id();
-                    snapvol::DiffTarget::Snapshot(target_id)
+                    snapvol::DiffTarget::Snapshot(pool.snapshot_handle(v, s).map_err(e)?.id())
                 }
-                (v, None) => snapvol::DiffTarget::Volume(v),
+                (v, None) => snapvol::DiffTarget::Volume(pool.volume(v).map_err(e)?.id()),
             };
             let page = pool
                 .delta(base_id, t, 0, 0, snapvol::TupleLength::Variable)
@@ -1118,7 +1115,10 @@ fn run(cmd: Cmd) -> CmdResult {
                 let report = Value::Obj(vec![
                     ("id", json::id(id)),
                     ("name", Value::Str(snapshot.clone())),
-                    ("base_id", base.map_or(Value::Null, json::id)),
+                    (
+                        "base_id",
+                        base.map_or(Value::Null, |b| json::id(b.as_u128())),
+                    ),
                     ("data_bytes", Value::Num(stats.data_bytes)),
                     ("stream_bytes", Value::Num(stats.stream_bytes)),
                 ])
@@ -1273,7 +1273,7 @@ fn run(cmd: Cmd) -> CmdResult {
 
 /// One thing `destroy` removes.
 enum Destroy {
-    Snapshot(u128),
+    Snapshot(snapvol::SnapshotId),
     Volume(String),
     Bookmark(String, String),
 }
@@ -1326,13 +1326,16 @@ fn write_stream(
 
 /// The id of a base given as VOL@SNAP or VOL#BM. A snapshot that is gone but left a bookmark
 /// gets an error that says so.
-fn base_id(pool: &Pool, base: &str) -> Result<u128, String> {
+fn base_id(pool: &Pool, base: &str) -> Result<snapvol::Base, String> {
     if let Some((v, b)) = base.split_once('#') {
-        return pool.bookmark_id(v, b).map_err(|e| e.to_string());
+        return pool
+            .bookmark_id(v, b)
+            .map(snapvol::Base::Bookmark)
+            .map_err(|e| e.to_string());
     }
     let (v, s) = need_snapshot(base)?;
     match pool.snapshot_handle(v, s) {
-        Ok(h) => Ok(h.id()),
+        Ok(h) => Ok(snapvol::Base::Snapshot(h.id())),
         Err(err @ snapvol::Error::SnapshotNotFound(_)) => match pool.bookmark_id(v, s) {
             Ok(_) => Err(format!(
                 "the base snapshot {base} was destroyed; its bookmark {v}#{s} can be the base"
@@ -1406,17 +1409,17 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
             || all_snaps.iter().any(|x| &x.volume_name == v)
             || all_bms.iter().any(|x| &x.volume_name == v);
         if !known {
-            return Err(snapvol::Error::VolumeNotFound(v.clone()).to_string());
+            return Err(snapvol::Error::VolumeNotFound(v.clone().into()).to_string());
         }
     }
-    let live: std::collections::HashSet<u128> = all_vols.iter().map(|v| v.id).collect();
+    let live: std::collections::HashSet<u128> = all_vols.iter().map(|v| v.id.as_u128()).collect();
     let names: std::collections::HashMap<u128, String> = all_vols
         .iter()
-        .map(|v| (v.id, v.name.clone()))
+        .map(|v| (v.id.as_u128(), v.name.clone()))
         .chain(
             all_snaps
                 .iter()
-                .map(|s| (s.id, format!("{}@{}", s.volume_name, s.name))),
+                .map(|s| (s.id.as_u128(), format!("{}@{}", s.volume_name, s.name))),
         )
         .collect();
     let vols: Vec<_> = all_vols
@@ -1436,7 +1439,7 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
         for v in &vols {
             rows.push(Row {
                 kind: "volume",
-                id: v.id,
+                id: v.id.as_u128(),
                 name: v.name.clone(),
                 volume: v.name.clone(),
                 usage: Some(pool.volume_usage(&v.name).map_err(e)?),
@@ -1445,9 +1448,9 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
                 generation: 0,
                 origin: v.origin.map_or("-".into(), |o| {
                     names
-                        .get(&o)
+                        .get(&o.as_u128())
                         .cloned()
-                        .unwrap_or_else(|| format!("{o:032x}"))
+                        .unwrap_or_else(|| format!("{:032x}", o.as_u128()))
                 }),
                 volume_gone: false,
             });
@@ -1457,7 +1460,7 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
         for s in &snaps {
             rows.push(Row {
                 kind: "snapshot",
-                id: s.id,
+                id: s.id.as_u128(),
                 name: format!("{}@{}", s.volume_name, s.name),
                 volume: s.volume_name.clone(),
                 usage: Some(pool.snapshot_usage_by_id(s.id).map_err(e)?),
@@ -1465,7 +1468,7 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
                 created: s.created_unix,
                 generation: s.generation,
                 origin: "-".into(),
-                volume_gone: !live.contains(&s.volume_id),
+                volume_gone: !live.contains(&s.volume_id.as_u128()),
             });
         }
     }
@@ -1473,7 +1476,7 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
         for b in &bms {
             rows.push(Row {
                 kind: "bookmark",
-                id: b.id,
+                id: b.id.as_u128(),
                 name: format!("{}#{}", b.volume_name, b.name),
                 volume: b.volume_name.clone(),
                 usage: None,
@@ -1481,7 +1484,7 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
                 created: b.created_unix,
                 generation: b.generation,
                 origin: "-".into(),
-                volume_gone: !live.contains(&b.volume_id),
+                volume_gone: !live.contains(&b.volume_id.as_u128()),
             });
         }
     }
@@ -1509,9 +1512,13 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
         let gen = |id: u128| {
             snaps
                 .iter()
-                .find(|s| s.id == id)
+                .find(|s| s.id.as_u128() == id)
                 .map(|s| s.generation)
-                .or_else(|| bms.iter().find(|b| b.id == id).map(|b| b.generation))
+                .or_else(|| {
+                    bms.iter()
+                        .find(|b| b.id.as_u128() == id)
+                        .map(|b| b.generation)
+                })
                 .unwrap_or(0)
         };
         for r in &rows {
@@ -1523,9 +1530,9 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
                     (
                         "origin",
                         vols.iter()
-                            .find(|v| v.id == r.id)
+                            .find(|v| v.id.as_u128() == r.id)
                             .and_then(|v| v.origin)
-                            .map_or(Value::Null, json::id),
+                            .map_or(Value::Null, |o| json::id(o.as_u128())),
                     ),
                     ("size", Value::Num(u.logical)),
                     ("allocated", Value::Num(u.allocated)),
@@ -1541,8 +1548,8 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
                         json::id(
                             snaps
                                 .iter()
-                                .find(|s| s.id == r.id)
-                                .map_or(0, |s| s.volume_id),
+                                .find(|s| s.id.as_u128() == r.id)
+                                .map_or(0, |s| s.volume_id.as_u128()),
                         ),
                     ),
                     ("volume_deleted", Value::Bool(r.volume_gone)),
@@ -1558,7 +1565,11 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
                     ("name", Value::Str(r.name.clone())),
                     (
                         "volume_id",
-                        json::id(bms.iter().find(|b| b.id == r.id).map_or(0, |b| b.volume_id)),
+                        json::id(
+                            bms.iter()
+                                .find(|b| b.id.as_u128() == r.id)
+                                .map_or(0, |b| b.volume_id.as_u128()),
+                        ),
                     ),
                     ("size", Value::Num(r.size)),
                     ("created", Value::Num(r.created)),
