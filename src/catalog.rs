@@ -1115,24 +1115,7 @@ impl Catalog {
         sm: &mut SpaceMap,
         volume: u128,
     ) -> Result<Vec<SnapshotRec>> {
-        let mut out = Vec::new();
-        let mut bad = None;
-        let first = Key::Vol(volume, Part::Snapshot(0, 0));
-        self.scan(sm, &first, |k, v| match (k, v) {
-            (Key::Vol(id, Part::Snapshot(..)), Value::Snapshot(s)) if *id == volume => {
-                out.push(s.clone());
-                ControlFlow::Continue(())
-            }
-            (Key::Vol(id, Part::Snapshot(..)), v) if *id == volume => {
-                bad = Some(mismatch(k, v));
-                ControlFlow::Break(())
-            }
-            _ => ControlFlow::Break(()),
-        })?;
-        match bad {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        Ok(self.snapshots_after(sm, Some(volume), None, usize::MAX)?.0)
     }
 
     /// The newest snapshot of volume `volume` (highest generation).
@@ -1256,6 +1239,145 @@ impl Catalog {
             }
         }
         Ok(out)
+    }
+
+    // ---- pages of listings (see listing.rs)
+
+    /// Up to `max` visible volumes in name order after `after` (exclusive), and whether
+    /// more follow. Costs the page, not the catalog: one descent to the first name.
+    pub(crate) fn volumes_after(
+        &mut self,
+        sm: &mut SpaceMap,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<(Vec<VolumeRec>, bool)> {
+        let from = Key::VolumeName(after.unwrap_or("").to_string());
+        let (mut ids, mut more, mut bad) = (Vec::new(), false, None);
+        self.scan(sm, &from, |k, v| match (k, v) {
+            (Key::VolumeName(n), _) if Some(n.as_str()) == after => ControlFlow::Continue(()),
+            (Key::VolumeName(_), Value::Id(id)) => {
+                if ids.len() == max {
+                    more = true;
+                    return ControlFlow::Break(());
+                }
+                ids.push(*id);
+                ControlFlow::Continue(())
+            }
+            (Key::VolumeName(_), v) => {
+                bad = Some(mismatch(k, v));
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Break(()),
+        })?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(self.volume(sm, id)?.ok_or_else(|| {
+                Error::corrupt(
+                    "catalog leaf",
+                    0,
+                    format!("a name names no volume {id:032x}"),
+                )
+            })?);
+        }
+        Ok((out, more))
+    }
+
+    /// Up to `max` snapshots in key order (volume id, then oldest first) after the one at
+    /// `after` = (volume, generation, id), exclusive; only volume `only`'s when given. And
+    /// whether more follow. Each volume's snapshot run is read alone.
+    pub(crate) fn snapshots_after(
+        &mut self,
+        sm: &mut SpaceMap,
+        only: Option<u128>,
+        after: Option<(u128, u64, u128)>,
+        max: usize,
+    ) -> Result<(Vec<SnapshotRec>, bool)> {
+        let mut out = Vec::new();
+        let (mut volume, mut from) = match after {
+            Some((v, g, i)) => (v, Part::Snapshot(g, i)),
+            None => (only.unwrap_or(0), Part::Snapshot(0, 0)),
+        };
+        loop {
+            if only.is_some_and(|o| o != volume) {
+                return Ok((out, false));
+            }
+            let (mut more, mut bad) = (false, None);
+            self.scan(sm, &Key::Vol(volume, from), |k, v| match (k, v) {
+                (Key::Vol(id, Part::Snapshot(g, i)), Value::Snapshot(s)) if *id == volume => {
+                    if after == Some((volume, *g, *i)) {
+                        return ControlFlow::Continue(());
+                    }
+                    if out.len() == max {
+                        more = true;
+                        return ControlFlow::Break(());
+                    }
+                    out.push(s.clone());
+                    ControlFlow::Continue(())
+                }
+                (Key::Vol(id, Part::Snapshot(..)), v) if *id == volume => {
+                    bad = Some(mismatch(k, v));
+                    ControlFlow::Break(())
+                }
+                _ => ControlFlow::Break(()),
+            })?;
+            if let Some(e) = bad {
+                return Err(e);
+            }
+            if more || only.is_some() {
+                return Ok((out, more));
+            }
+            // The next volume that has entries (records, or snapshots of a deleted one).
+            let Some(next) = volume.checked_add(1) else {
+                return Ok((out, false));
+            };
+            let mut t = tree(&mut self.nodes, sm, Reserve::Keep);
+            match self
+                .buffer
+                .next_key(&mut t, self.root, &Key::Vol(next, Part::Record))?
+            {
+                Some(Key::Vol(id, _)) => {
+                    volume = id;
+                    from = Part::Snapshot(0, 0);
+                }
+                _ => return Ok((out, false)),
+            }
+        }
+    }
+
+    /// Up to `max` bookmarks in id order after id `after` (exclusive), and whether more
+    /// follow.
+    pub(crate) fn bookmarks_after(
+        &mut self,
+        sm: &mut SpaceMap,
+        after: Option<u128>,
+        max: usize,
+    ) -> Result<(Vec<BookmarkRec>, bool)> {
+        let (mut out, mut more, mut bad) = (Vec::new(), false, None);
+        self.scan(sm, &Key::Bookmark(after.unwrap_or(0)), |k, v| {
+            match (k, v) {
+                (Key::Bookmark(id), _) if Some(*id) == after => ControlFlow::Continue(()),
+                (Key::Bookmark(_), Value::Bookmark(b)) => {
+                    if out.len() == max {
+                        more = true;
+                        return ControlFlow::Break(());
+                    }
+                    out.push(b.clone());
+                    ControlFlow::Continue(())
+                }
+                (Key::Bookmark(_), v) => {
+                    bad = Some(mismatch(k, v));
+                    ControlFlow::Break(())
+                }
+                _ => ControlFlow::Break(()),
+            }
+        })?;
+        match bad {
+            Some(e) => Err(e),
+            None => Ok((out, more)),
+        }
     }
 }
 

@@ -165,8 +165,14 @@ pub enum Error {
     BadToken(String),
 
     /// A volume or snapshot with this name already exists.
-    #[error("{kind} {name:?} already exists")]
-    AlreadyExists { kind: &'static str, name: String },
+    #[error("{kind} {name:?} already exists{}", conflict_text(.conflict))]
+    AlreadyExists {
+        kind: &'static str,
+        name: String,
+        /// How the existing object differs from the one asked for (empty when the
+        /// operation does not take an existing one as done: a rename, a receive).
+        conflict: String,
+    },
 
     /// A name is empty, too long or contains a reserved character.
     #[error("invalid name {name:?}: {reason}")]
@@ -224,6 +230,14 @@ pub enum Error {
     /// Another push or a garbage collection holds the repository; retry later.
     #[error("backup repository busy: {0}")]
     RepositoryBusy(String),
+}
+
+fn conflict_text(conflict: &str) -> String {
+    if conflict.is_empty() {
+        String::new()
+    } else {
+        format!(" ({conflict})")
+    }
 }
 
 fn holder(pid: Option<u32>) -> String {

@@ -79,6 +79,7 @@ impl Pool {
             return Err(Error::AlreadyExists {
                 kind: "volume",
                 name: name.into(),
+                conflict: String::new(),
             });
         }
         // An image of unknown length starts at the largest size and is cut to its length at

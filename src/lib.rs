@@ -40,9 +40,11 @@ mod format;
 mod ids;
 pub mod image;
 mod io;
+mod listing;
 mod map;
 #[cfg(feature = "nbd")]
 pub mod nbd;
+mod operations;
 mod pdata;
 mod pool;
 mod space;
@@ -62,6 +64,7 @@ pub use format::{
 };
 pub use ids::{Base, BookmarkId, Origin, PoolId, SnapshotId, VolumeId};
 pub use image::ImportStats;
+pub use listing::Page;
 pub use pool::{BookmarkInfo, Pool, PoolOptions, PoolStats, SnapshotInfo, Usage, VolumeInfo};
 pub use stream::{ReceiveStats, SendStats};
 pub use volume::{Snapshot, Volume, VolumeIo};

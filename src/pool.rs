@@ -3,10 +3,10 @@
 //! Every catalog operation is its own transaction and is durable when it returns. Snapshots
 //! and clones add one reference to a block map root: O(1) whatever the volume holds.
 
-use crate::catalog::{validate_name, BookmarkRec, SnapshotRec, VolumeRec};
+use crate::catalog::{BookmarkRec, SnapshotRec, VolumeRec};
 use crate::device::{BlockDevice, FileDevice, FileOptions};
 use crate::error::{Error, Result};
-use crate::ids::{new_id, now_unix, BookmarkId, Origin, PoolId, SnapshotId, VolumeId};
+use crate::ids::{BookmarkId, Origin, PoolId, SnapshotId, VolumeId};
 use crate::io::{Handle, Target};
 use crate::space::Reserve;
 use crate::txn::Engine;
@@ -184,6 +184,14 @@ pub struct PoolStats {
     pub generation: u64,
 }
 
+impl std::fmt::Debug for Pool {
+    /// Prints no figures: they need the engine lock, which the printing thread may be
+    /// waiting for or holding. `stats()` has them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").finish_non_exhaustive()
+    }
+}
+
 impl Pool {
     /// Formats `dev` as a new, empty pool.
     pub fn create(dev: Arc<dyn BlockDevice>, opts: PoolOptions) -> Result<Pool> {
@@ -277,14 +285,6 @@ impl Pool {
         self.h.lock().sb.block_size
     }
 
-    /// Creates a thin volume of `size` bytes (no space is used until written).
-    pub fn create_volume(&self, name: &str, size: u64) -> Result<Volume> {
-        validate_name(name)?;
-        crate::format::check_volume_size(size)?;
-        let id = self.with(|e| e.new_volume_from(name, 0, size, None))?;
-        Ok(self.volume_handle(id))
-    }
-
     pub(crate) fn volume_handle(&self, id: u128) -> Volume {
         Volume {
             h: self.h.clone(),
@@ -321,190 +321,6 @@ impl Pool {
         Ok(Snapshot {
             h: self.h.clone(),
             id,
-        })
-    }
-
-    /// Takes a read-only snapshot `vol@name`; returns its id. Every write completed before
-    /// the call is in it; none after.
-    pub fn snapshot(&self, vol: &str, name: &str) -> Result<SnapshotId> {
-        Ok(self.snapshot_group(&[(vol, name)])?[0])
-    }
-
-    /// Snapshots several volumes in one atomic commit (a consistency group).
-    pub fn snapshot_group(&self, items: &[(&str, &str)]) -> Result<Vec<SnapshotId>> {
-        for (vol, name) in items {
-            validate_name(vol)?;
-            validate_name(name)?;
-        }
-        self.with(|e| {
-            let mut seen = Vec::new();
-            for (vol, name) in items {
-                let v = e.volume_named(vol)?;
-                if e.snapshot_named(vol, name).is_ok() || seen.contains(&(v.id, *name)) {
-                    return Err(Error::AlreadyExists {
-                        kind: "snapshot",
-                        name: format!("{vol}@{name}"),
-                    });
-                }
-                seen.push((v.id, *name));
-            }
-            e.catalog_op(Reserve::Keep, |e, r| {
-                let generation = e.store.generation;
-                let mut ids = Vec::new();
-                for (vol, name) in items {
-                    let id = e.volume_named(vol)?.id;
-                    let (c, sm) = e.cat();
-                    // The record is not rewritten: adding the snapshot raises the volume's
-                    // frozen generation (see `Catalog::add_snapshot`).
-                    let Some(v) = c.volume_ref(sm, id)? else {
-                        return Err(Error::VolumeNotFound((*vol).into()));
-                    };
-                    let rec = SnapshotRec {
-                        id: new_id(),
-                        volume: v.id,
-                        volume_name: v.name.clone(),
-                        name: name.to_string(),
-                        size: v.size,
-                        root: v.root,
-                        generation,
-                        created: now_unix(),
-                    };
-                    e.store.share_tree(rec.root)?;
-                    ids.push(SnapshotId::from_u128(rec.id));
-                    let (c, sm) = e.cat();
-                    c.add_snapshot(sm, r, rec)?;
-                }
-                Ok(ids)
-            })
-        })
-    }
-
-    /// A writable clone of snapshot `vol@snap`, sharing every block with it.
-    pub fn clone_snapshot(&self, vol: &str, snap: &str, new_name: &str) -> Result<Volume> {
-        validate_name(new_name)?;
-        let id = self.with(|e| {
-            let s = e.snapshot_named(vol, snap)?;
-            let origin = Origin::Snapshot(SnapshotId::from_u128(s.id));
-            e.new_volume_from(new_name, s.root, s.size, Some(origin))
-        })?;
-        Ok(self.volume_handle(id))
-    }
-
-    /// A writable clone of the live volume `vol`, frozen at this instant.
-    pub fn clone_volume(&self, vol: &str, new_name: &str) -> Result<Volume> {
-        validate_name(new_name)?;
-        let id = self.with(|e| {
-            let v = e.volume_named(vol)?;
-            let origin = Origin::Volume(VolumeId::from_u128(v.id));
-            e.new_volume_from(new_name, v.root, v.size, Some(origin))
-        })?;
-        Ok(self.volume_handle(id))
-    }
-
-    /// Returns volume `vol` to snapshot `vol@snap` in O(1), keeping every snapshot.
-    pub fn rollback(&self, vol: &str, snap: &str) -> Result<()> {
-        self.with(|e| {
-            let v = e.volume_named(vol)?;
-            let s = e.snapshot_named(vol, snap)?;
-            e.catalog_op(Reserve::Use, |e, r| {
-                e.store.share_tree(s.root)?;
-                e.store.drop_tree(v.root)?;
-                let generation = e.store.generation;
-                let (c, sm) = e.cat();
-                let Some(rec) = c.volume_mut(sm, v.id)? else {
-                    return Err(Error::VolumeNotFound(vol.into()));
-                };
-                rec.root = s.root;
-                rec.size = s.size;
-                rec.frozen_gen = generation;
-                c.add_rollback(sm, r, v.id, generation, s.generation)
-            })
-        })
-    }
-
-    /// Deletes a volume, freeing the blocks nothing else references. Its snapshots stay
-    /// (addressable as before, by `oldname@snap` or id).
-    pub fn delete_volume(&self, name: &str) -> Result<()> {
-        self.with(|e| {
-            let v = e.volume_named(name)?;
-            e.catalog_op(Reserve::Use, |e, r| {
-                let (c, sm) = e.cat();
-                if let Some(rec) = c.remove_volume(sm, r, v.id)? {
-                    e.store.drop_tree(rec.root)?;
-                }
-                Ok(())
-            })
-        })
-    }
-
-    /// Deletes snapshot `vol@snap`, freeing the blocks nothing else references.
-    pub fn delete_snapshot(&self, vol: &str, snap: &str) -> Result<()> {
-        self.with(|e| {
-            let s = e.snapshot_named(vol, snap)?;
-            e.delete_snapshot(s.id)
-        })
-    }
-
-    /// Deletes the snapshot with id `id` (also one of a deleted volume, which has no
-    /// `vol@snap` name any more), freeing the blocks nothing else references.
-    pub fn delete_snapshot_by_id(&self, id: SnapshotId) -> Result<()> {
-        self.with(|e| e.delete_snapshot(id.as_u128()))
-    }
-
-    /// Keeps snapshot `vol@snap`'s id and generation as bookmark `vol#snap`, so incremental
-    /// sends and deltas can start from it after the snapshot is deleted (ZFS's idea). Costs
-    /// one catalog entry and no space.
-    pub fn bookmark(&self, vol: &str, snap: &str) -> Result<BookmarkId> {
-        self.with(|e| {
-            let s = e.snapshot_named(vol, snap)?;
-            let (c, sm) = e.cat();
-            if c.bookmark(sm, s.id)?.is_some() || c.bookmark_id(sm, s.volume, &s.name)?.is_some() {
-                return Err(Error::AlreadyExists {
-                    kind: "bookmark",
-                    name: format!("{vol}#{snap}"),
-                });
-            }
-            e.catalog_op(Reserve::Keep, |e, r| {
-                let (c, sm) = e.cat();
-                c.add_bookmark(
-                    sm,
-                    r,
-                    BookmarkRec {
-                        id: s.id,
-                        volume: s.volume,
-                        volume_name: s.volume_name.clone(),
-                        name: s.name.clone(),
-                        size: s.size,
-                        generation: s.generation,
-                        created: now_unix(),
-                    },
-                )?;
-                Ok(BookmarkId::from_u128(s.id))
-            })
-        })
-    }
-
-    /// Finds bookmark `vol#name`; returns its id.
-    pub fn bookmark_id(&self, vol: &str, name: &str) -> Result<BookmarkId> {
-        self.with(|e| {
-            let missing = || Error::BookmarkNotFound(format!("{vol}#{name}").into());
-            let (c, sm) = e.cat();
-            let vid = c.volume_id(sm, vol)?.ok_or_else(missing)?;
-            c.bookmark_id(sm, vid, name)?
-                .map(BookmarkId::from_u128)
-                .ok_or_else(missing)
-        })
-    }
-
-    /// Deletes bookmark `vol#name`.
-    pub fn delete_bookmark(&self, vol: &str, name: &str) -> Result<()> {
-        let id = self.bookmark_id(vol, name)?.as_u128();
-        self.with(|e| {
-            e.catalog_op(Reserve::Use, |e, r| {
-                let (c, sm) = e.cat();
-                c.remove_bookmark(sm, r, id)?;
-                Ok(())
-            })
         })
     }
 
@@ -555,24 +371,6 @@ impl Pool {
         })
     }
 
-    /// Renames a volume; its snapshots follow it.
-    pub fn rename_volume(&self, name: &str, new_name: &str) -> Result<()> {
-        validate_name(new_name)?;
-        self.with(|e| {
-            let id = e.volume_named(name)?.id;
-            if e.volume_exists(new_name)? {
-                return Err(Error::AlreadyExists {
-                    kind: "volume",
-                    name: new_name.into(),
-                });
-            }
-            e.catalog_op(Reserve::Use, |e, r| {
-                let (c, sm) = e.cat();
-                c.rename_volume(sm, r, id, new_name)
-            })
-        })
-    }
-
     /// Grows the pool to `new_size` bytes of its device. A pool file is extended (sparse); a
     /// block device must have been enlarged underneath first (its size is read again). The
     /// new space is free at once; like every catalog operation this is durable on return and
@@ -606,13 +404,6 @@ impl Pool {
                 Ok(())
             })
         })
-    }
-
-    /// Grows or shrinks a volume. Shrinking frees the blocks past the new end; growing
-    /// adds a range that reads as zeros.
-    pub fn resize_volume(&self, name: &str, size: u64) -> Result<()> {
-        let id = self.with(|e| Ok(e.volume_named(name)?.id))?;
-        self.resize_by_id(id, size)
     }
 
     /// [`Pool::resize_volume`] of volume `id`, visible or hidden.
@@ -664,32 +455,6 @@ impl Pool {
         Ok(c.all_snapshots(sm)?.into_iter().map(Into::into).collect())
     }
 
-    /// Space used by a volume. Walks its block map.
-    pub fn volume_usage(&self, name: &str) -> Result<Usage> {
-        self.with(|e| {
-            let v = e.volume_named(name)?;
-            e.usage(v.root, v.size)
-        })
-    }
-
-    /// Space used by snapshot `vol@snap`. Walks its block map.
-    pub fn snapshot_usage(&self, vol: &str, snap: &str) -> Result<Usage> {
-        self.with(|e| {
-            let s = e.snapshot_named(vol, snap)?;
-            e.usage(s.root, s.size)
-        })
-    }
-
-    /// Space used by a snapshot, by id. Walks its block map.
-    pub fn snapshot_usage_by_id(&self, id: SnapshotId) -> Result<Usage> {
-        self.with(|e| {
-            let s = e
-                .snapshot_rec(id.as_u128())?
-                .ok_or_else(|| Error::SnapshotNotFound(id.into()))?;
-            e.usage(s.root, s.size)
-        })
-    }
-
     /// `id` as a delta's base: the snapshot if it still exists, else its bookmark (for
     /// callers that hold a raw id from a manifest or a stream, which does not say which).
     pub(crate) fn base_of(&self, id: u128) -> crate::Base {
@@ -710,87 +475,6 @@ impl Pool {
     }
 }
 
-impl Engine {
-    /// A new volume: empty (root 0, no origin), or sharing map `root` of `origin` (a
-    /// snapshot, or a live volume, which is then frozen: its blocks are no longer written in
-    /// place).
-    fn new_volume_from(
-        &mut self,
-        name: &str,
-        root: u64,
-        size: u64,
-        origin: Option<Origin>,
-    ) -> Result<u128> {
-        if self.volume_exists(name)? {
-            return Err(Error::AlreadyExists {
-                kind: "volume",
-                name: name.into(),
-            });
-        }
-        self.catalog_op(Reserve::Keep, |e, r| {
-            e.store.share_tree(root)?;
-            let id = new_id();
-            let generation = e.store.generation;
-            let (c, sm) = e.cat();
-            if let Some(Origin::Volume(o)) = origin {
-                if let Some(v) = c.volume_mut(sm, o.as_u128())? {
-                    v.frozen_gen = generation;
-                }
-            }
-            c.add_volume(
-                sm,
-                r,
-                VolumeRec {
-                    id,
-                    name: name.into(),
-                    size,
-                    root,
-                    created: now_unix(),
-                    origin,
-                    frozen_gen: generation,
-                    hidden: false,
-                },
-            )?;
-            Ok(id)
-        })
-    }
-
-    fn delete_snapshot(&mut self, id: u128) -> Result<()> {
-        if self.snapshot_rec(id)?.is_none() {
-            return Err(Error::SnapshotNotFound(SnapshotId::from_u128(id).into()));
-        }
-        self.catalog_op(Reserve::Use, |e, r| {
-            let (c, sm) = e.cat();
-            if let Some(s) = c.remove_snapshot(sm, r, id)? {
-                e.store.drop_tree(s.root)?;
-            }
-            Ok(())
-        })
-    }
-
-    fn usage(&mut self, root: u64, size: u64) -> Result<Usage> {
-        let mut found = Vec::new();
-        self.store.lookup_range(root, 0, u64::MAX, &mut found)?;
-        let bs = self.store.block_size as u64;
-        let mut u = Usage {
-            logical: size,
-            ..Usage::default()
-        };
-        for f in found {
-            u.allocated += bs;
-            if !f.path_shared && self.store.sm.get(f.value.unit)? == 1 {
-                u.exclusive += bs;
-            } else {
-                u.shared += bs;
-            }
-        }
-        Ok(u)
-    }
-}
-
-/// Commits dirty state older than `interval` even when nobody calls flush, so a caller that
-/// never flushes loses at most a few seconds. Ends when the pool is dropped.
-#[cfg(feature = "nbd")]
 impl Volume {
     /// The pool this volume is in.
     pub(crate) fn pool(&self) -> Pool {
@@ -798,7 +482,6 @@ impl Volume {
     }
 }
 
-#[cfg(feature = "nbd")]
 impl Snapshot {
     /// The pool this snapshot is in.
     pub(crate) fn pool(&self) -> Pool {

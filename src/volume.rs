@@ -6,6 +6,18 @@ use crate::error::Result;
 use crate::io::{Handle, Target};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume").field("id", &self.id()).finish()
+    }
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot").field("id", &self.id()).finish()
+    }
+}
+
 /// A writable thin volume. Cheap to clone; `Send + Sync`, so many threads may do I/O at once.
 #[derive(Clone)]
 pub struct Volume {
@@ -107,6 +119,7 @@ impl Snapshot {
 }
 
 /// `std::io` adapter for a [`Volume`].
+#[derive(Debug)]
 pub struct VolumeIo {
     vol: Volume,
     pos: u64,

@@ -274,8 +274,7 @@ fn another_format_version_is_refused_by_name() {
         page[4..8].copy_from_slice(&crc.to_le_bytes());
     }
     let e = Pool::open(Arc::new(MemoryDevice::from_image(image)), opts())
-        .err()
-        .expect("a version 1 pool must not open");
+        .expect_err("a version 1 pool must not open");
     assert!(
         matches!(
             e,

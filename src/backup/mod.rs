@@ -184,6 +184,7 @@ impl Repository {
             return Err(Error::AlreadyExists {
                 kind: "backup repository",
                 name: target.describe(),
+                conflict: String::new(),
             });
         }
         Ok(Repository::with_config(target, config))

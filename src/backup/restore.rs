@@ -67,6 +67,7 @@ impl Repository {
             return Err(Error::AlreadyExists {
                 kind: "snapshot id",
                 name: id.to_string(),
+                conflict: String::new(),
             });
         }
         let raw_id = id.as_u128();
@@ -80,6 +81,7 @@ impl Repository {
                 return Err(Error::AlreadyExists {
                     kind: "volume",
                     name: c.clone(),
+                    conflict: String::new(),
                 });
             }
         }
@@ -104,6 +106,7 @@ impl Repository {
                         return Err(Error::AlreadyExists {
                             kind: "volume",
                             name: name.clone(),
+                            conflict: String::new(),
                         })
                     }
                 }

@@ -169,6 +169,7 @@ impl Engine {
                 return Err(Error::AlreadyExists {
                     kind: "volume",
                     name: name.to_string(),
+                    conflict: String::new(),
                 });
             }
             return self.add_hidden(0, size);
@@ -226,6 +227,7 @@ impl Engine {
             return Err(Error::AlreadyExists {
                 kind: "volume",
                 name: name.into(),
+                conflict: String::new(),
             });
         }
         // The volume owns every block it was given; it keeps writing them in place.
@@ -282,6 +284,7 @@ impl Pool {
             return Err(Error::AlreadyExists {
                 kind: "snapshot id",
                 name: format!("{:032x}", h.target),
+                conflict: String::new(),
             });
         }
         let hidden = self.with(|e| e.hidden_for(&name, h.base, h.size))?;

@@ -612,6 +612,7 @@ fn run(cmd: Cmd) -> CmdResult {
             json,
         } => {
             let pool = open(&path)?;
+            refuse_existing(&pool, &vol, None)?;
             let v = pool.create_volume(&vol, size).map_err(e)?;
             if json {
                 say!(
@@ -780,6 +781,9 @@ fn run(cmd: Cmd) -> CmdResult {
                 .iter()
                 .map(|t| need_snapshot(t))
                 .collect::<Result<Vec<_>, _>>()?;
+            for (v, s) in &pairs {
+                refuse_existing(&pool, v, Some(s))?;
+            }
             let ids = pool.snapshot_group(&pairs).map_err(e)?;
             if json {
                 let items = targets
@@ -807,6 +811,7 @@ fn run(cmd: Cmd) -> CmdResult {
             json,
         } => {
             let pool = open(&path)?;
+            refuse_existing(&pool, &new_vol, None)?;
             let (vol, origin) = match split_target(&source) {
                 (v, Some(s)) => (
                     pool.clone_snapshot(v, s, &new_vol).map_err(e)?,
@@ -1269,6 +1274,30 @@ fn run(cmd: Cmd) -> CmdResult {
         }
         Cmd::Demo { dir } => demo::run(dir).map(|_| ExitCode::SUCCESS),
     }
+}
+
+/// The library takes creating what exists as done (CSI's idempotency); an operator who
+/// types `create` or `snapshot` for a name that is taken made a mistake, and is told.
+fn refuse_existing(pool: &Pool, vol: &str, snap: Option<&str>) -> Result<(), String> {
+    let (kind, name, taken) = match snap {
+        None => ("volume", vol.to_string(), pool.volume(vol).is_ok()),
+        Some(s) => (
+            "snapshot",
+            format!("{vol}@{s}"),
+            pool.volume(vol)
+                .and_then(|v| pool.volume_snapshots(v.id()))
+                .is_ok_and(|all| all.iter().any(|x| x.name == s)),
+        ),
+    };
+    if taken {
+        return Err(snapvol::Error::AlreadyExists {
+            kind,
+            name,
+            conflict: String::new(),
+        }
+        .to_string());
+    }
+    Ok(())
 }
 
 /// One thing `destroy` removes.
