@@ -28,10 +28,7 @@ fn main() {
         .unwrap_or(100_000);
     let dir = tempfile::tempdir_in(&base).unwrap();
     let path = dir.path().join("pool.img");
-    let opts = PoolOptions {
-        commit_interval: None,
-        ..PoolOptions::default()
-    };
+    let opts = PoolOptions::default().commit_interval(None);
     println!(
         "directory: {} ({n} snapshots of one volume)",
         base.display()

@@ -22,10 +22,7 @@ fn delta(c: &mut Criterion) {
     let pool = Pool::create_file(
         dir.path().join("pool"),
         80 * GIB,
-        PoolOptions {
-            block_size: bs as u32,
-            ..PoolOptions::default()
-        },
+        PoolOptions::default().block_size(bs as u32),
     )
     .unwrap();
     let size = 64 * GIB;

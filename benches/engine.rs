@@ -21,13 +21,12 @@ fn bench_dir() -> tempfile::TempDir {
 }
 
 fn opts() -> PoolOptions {
-    PoolOptions {
-        block_size: std::env::var("SNAPVOL_BENCH_BLOCK")
+    PoolOptions::default().block_size(
+        std::env::var("SNAPVOL_BENCH_BLOCK")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(snapvol::DEFAULT_BLOCK_SIZE),
-        ..PoolOptions::default()
-    }
+    )
 }
 
 fn fill(vol: &Volume, bytes: u64) {

@@ -14,28 +14,57 @@ use std::collections::{HashMap, HashSet};
 #[non_exhaustive]
 pub enum Problem {
     /// A page failed validation (checksum, location, kind, order, pointers).
-    Corrupt { page: u64, detail: String },
+    Corrupt {
+        /// The page (4 KiB unit) number.
+        page: u64,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// A unit has references recorded but nothing references it.
-    Leaked { unit: u64, count: u32 },
+    Leaked {
+        /// The unit number.
+        unit: u64,
+        /// Its recorded reference count.
+        count: u32,
+    },
     /// A unit's recorded count is higher than its references.
     OverReferenced {
+        /// The unit number.
         unit: u64,
+        /// Its recorded reference count.
         count: u32,
+        /// The references found.
         expected: u32,
     },
     /// A unit's recorded count is lower than its references (it could be reused while live).
     UnderReferenced {
+        /// The unit number.
         unit: u64,
+        /// Its recorded reference count.
         count: u32,
+        /// The references found.
         expected: u32,
     },
     /// A block map holds a key outside the keys of its parent, or past the volume's end.
-    Misplaced { page: u64, detail: String },
+    Misplaced {
+        /// The map page holding it.
+        page: u64,
+        /// Which key, and where it should be.
+        detail: String,
+    },
     /// The superblock's used-unit total disagrees with the space map.
-    UsedMismatch { recorded: u64, counted: u64 },
+    UsedMismatch {
+        /// The superblock's figure.
+        recorded: u64,
+        /// The space map's.
+        counted: u64,
+    },
     /// The catalog's records and indexes disagree (a name or id that leads nowhere, a
     /// record its index does not name, counts that do not add up).
-    Catalog { detail: String },
+    Catalog {
+        /// What disagrees.
+        detail: String,
+    },
 }
 
 impl std::fmt::Display for Problem {
@@ -84,6 +113,7 @@ pub struct CheckReport {
     pub blocks: u64,
     /// Units examined in the space map.
     pub units: u64,
+    /// Everything found wrong; empty for a clean pool.
     pub problems: Vec<Problem>,
 }
 

@@ -23,21 +23,27 @@ pub enum ExtentKind {
 /// A byte range of a volume or snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
+    /// Where it starts, in bytes.
     pub offset: u64,
+    /// Its length in bytes.
     pub length: u64,
+    /// What it reads as in the target.
     pub kind: ExtentKind,
 }
 
 /// CSI's BlockMetadataType: one tuple per block, or runs merged into variable-length tuples.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TupleLength {
+    /// One extent per block (CSI's FIXED_LENGTH).
     Fixed,
+    /// Adjacent blocks of one kind merged into one extent (CSI's VARIABLE_LENGTH).
     Variable,
 }
 
 /// One page of results.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExtentPage {
+    /// The extents, in increasing offset order, not overlapping.
     pub extents: Vec<Extent>,
     /// Size of the target in bytes (CSI's volume_capacity_bytes).
     pub volume_size: u64,

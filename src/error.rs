@@ -75,6 +75,8 @@ pub enum ErrorKind {
     Unavailable,
     /// Stored data or metadata is damaged.
     DataLoss,
+    /// A bug or a broken invariant inside snapvol.
+    Internal,
 }
 
 /// Result alias used throughout snapvol.
@@ -87,8 +89,11 @@ pub enum Error {
     /// The device failed an operation (`op` is "read", "write", "flush", "open", ...).
     #[error("device {op} failed{}: {source}", at_byte(.op, *.offset))]
     Io {
+        /// The operation ("read", "write", "flush", "open", ...).
         op: &'static str,
+        /// The byte offset it was at (0 for whole-device operations).
         offset: u64,
+        /// What the system said.
         #[source]
         source: io::Error,
     },
@@ -97,8 +102,11 @@ pub enum Error {
     /// wrong type or impossible contents. The page was not trusted.
     #[error("corrupt {what} at page {page}: {detail}")]
     Corrupt {
+        /// What the page should have been ("superblock", "map node", ...).
         what: &'static str,
+        /// Its page number.
         page: u64,
+        /// What failed.
         detail: String,
     },
 
@@ -108,15 +116,23 @@ pub enum Error {
 
     /// The pool was written by a newer format version than this build understands.
     #[error("unsupported pool format version {found} (this build reads up to {supported})")]
-    UnsupportedVersion { found: u32, supported: u32 },
+    UnsupportedVersion {
+        /// The pool's version.
+        found: u32,
+        /// The newest version this build reads.
+        supported: u32,
+    },
 
     /// The pool has no room for the operation (`needed` and `free` in bytes; `free` is what
     /// ordinary writes may still use, the reserve for deletes and commits excluded). Nothing
     /// was changed.
     #[error("pool is full: {op} needs {needed} bytes, {free} bytes are usable (free space by deleting snapshots or volumes, or grow the pool)")]
     NoSpace {
+        /// The operation that needed the space.
         op: &'static str,
+        /// Bytes it needed.
         needed: u64,
+        /// Bytes ordinary writes may use.
         free: u64,
     },
 
@@ -128,17 +144,32 @@ pub enum Error {
     /// An incremental stream does not apply: its base is not the volume's newest snapshot, or
     /// the volume changed since then. The receiving pool is unchanged.
     #[error("stream does not apply to volume {volume:?}: {reason}")]
-    WrongBase { volume: String, reason: String },
+    WrongBase {
+        /// The volume the stream was to go into.
+        volume: String,
+        /// Why it does not apply.
+        reason: String,
+    },
 
     /// A delta's or incremental send's base is not an ancestor of the target (another
     /// volume's, or rolled back past). Nothing was read or changed.
     #[error("{base} is not an ancestor of the target: {reason}")]
-    NotAncestor { base: String, reason: String },
+    NotAncestor {
+        /// The base asked for.
+        base: String,
+        /// Why it is not an ancestor.
+        reason: String,
+    },
 
     /// Another handle or process has the device open; `pid` is the holder's process id
     /// when the system says (Linux's /proc/locks).
     #[error("{what} is in use by {}", holder(*.pid))]
-    InUse { what: String, pid: Option<u32> },
+    InUse {
+        /// The device or file.
+        what: String,
+        /// The holder's process id, when known.
+        pid: Option<u32>,
+    },
 
     /// An earlier write or flush failed; the pool refuses further work until reopened.
     #[error("pool is poisoned by an earlier I/O failure ({0}); reopen it")]
@@ -158,7 +189,12 @@ pub enum Error {
 
     /// Text that should be an id (32 hex digits) is not one.
     #[error("invalid {kind} id {text:?}: an id is 32 hex digits")]
-    InvalidId { kind: &'static str, text: String },
+    InvalidId {
+        /// Which kind of id ("volume", "snapshot", "bookmark", "pool").
+        kind: &'static str,
+        /// The text given (at most 80 characters of it).
+        text: String,
+    },
 
     /// A listing's continuation token is malformed, or belongs to another listing.
     #[error("invalid continuation token {0:?}")]
@@ -167,7 +203,9 @@ pub enum Error {
     /// A volume or snapshot with this name already exists.
     #[error("{kind} {name:?} already exists{}", conflict_text(.conflict))]
     AlreadyExists {
+        /// "volume", "snapshot", "bookmark", ...
         kind: &'static str,
+        /// Its name.
         name: String,
         /// How the existing object differs from the one asked for (empty when the
         /// operation does not take an existing one as done: a rename, a receive).
@@ -176,14 +214,23 @@ pub enum Error {
 
     /// A name is empty, too long or contains a reserved character.
     #[error("invalid name {name:?}: {reason}")]
-    InvalidName { name: String, reason: &'static str },
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
 
     /// I/O outside the volume or snapshot.
     #[error("{what}: range {offset}+{len} is beyond the end ({size} bytes)")]
     OutOfRange {
+        /// The volume or snapshot.
         what: String,
+        /// Where the I/O starts.
         offset: u64,
+        /// Its length.
         len: u64,
+        /// The size of the volume or snapshot.
         size: u64,
     },
 
@@ -204,16 +251,22 @@ pub enum Error {
     /// or "repository", `object` the object's key. Nothing in a pool was changed.
     #[error("backup {backup}: {object}: {detail}")]
     BackupCorrupt {
+        /// The backup (its snapshot id) or "repository".
         backup: String,
+        /// The object's key.
         object: String,
+        /// What is wrong with it.
         detail: String,
     },
 
     /// A repository object of a newer format than this build reads.
     #[error("backup {what} format version {found}; this build reads up to version {supported}")]
     UnsupportedBackupVersion {
+        /// The object ("config", a manifest's key).
         what: String,
+        /// Its version.
         found: u32,
+        /// The newest version this build reads.
         supported: u32,
     },
 
@@ -221,11 +274,19 @@ pub enum Error {
     /// "put", "get", "list", "delete" or "head", `key` the object. Retrying may succeed.
     #[error("backup target {op} {key}: {source}")]
     Target {
+        /// "put", "get", "list", "delete" or "head".
         op: &'static str,
+        /// The object's key.
         key: String,
+        /// What the store or the system said.
         #[source]
         source: io::Error,
     },
+
+    /// A helper thread of an operation ended before its work was done (it panicked, or
+    /// its own error was reported elsewhere). Nothing was committed by the operation.
+    #[error("internal error: {0}")]
+    Internal(String),
 
     /// Another push or a garbage collection holds the repository; retry later.
     #[error("backup repository busy: {0}")]
@@ -304,6 +365,7 @@ impl Error {
             | Error::Poisoned(_)
             | Error::RepositoryBusy(_) => ErrorKind::Unavailable,
             Error::Corrupt { .. } | Error::BackupCorrupt { .. } => ErrorKind::DataLoss,
+            Error::Internal(_) => ErrorKind::Internal,
         }
     }
 }
@@ -333,7 +395,7 @@ impl From<Error> for io::Error {
             | Error::NotAncestor { .. }
             | Error::WrongBase { .. } => io::ErrorKind::InvalidInput,
             Error::ReadOnly(_) => io::ErrorKind::PermissionDenied,
-            Error::Poisoned(_) => io::ErrorKind::Other,
+            Error::Poisoned(_) | Error::Internal(_) => io::ErrorKind::Other,
             Error::InUse { .. } => io::ErrorKind::ResourceBusy,
         };
         io::Error::new(kind, e)

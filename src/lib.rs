@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! # snapvol
 //!
 //! Copy-on-write snapshot storage: a file or raw block device becomes a [`Pool`] of thin

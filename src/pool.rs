@@ -15,8 +15,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How to create or open a pool.
+/// How to create or open a pool. Built from the default with the setters, so options added
+/// later do not break callers:
+///
+/// ```
+/// let opts = snapvol::PoolOptions::default().block_size(64 << 10).commit_interval(None);
+/// assert_eq!(opts.block_size, 64 << 10);
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct PoolOptions {
     /// Allocation unit for data, 4 KiB to 1 MiB, power of two (used by `create` only).
     pub block_size: u32,
@@ -31,6 +38,36 @@ pub struct PoolOptions {
     /// shared lock (other read-only opens may share it; a read-write open may not), and a
     /// device shorter than the pool opens when nothing past its end is in use.
     pub read_only: bool,
+}
+
+impl PoolOptions {
+    /// Sets [`PoolOptions::block_size`].
+    #[must_use]
+    pub fn block_size(mut self, bytes: u32) -> Self {
+        self.block_size = bytes;
+        self
+    }
+
+    /// Sets [`PoolOptions::commit_interval`].
+    #[must_use]
+    pub fn commit_interval(mut self, interval: Option<Duration>) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+
+    /// Sets [`PoolOptions::direct_io`].
+    #[must_use]
+    pub fn direct_io(mut self, on: bool) -> Self {
+        self.direct_io = on;
+        self
+    }
+
+    /// Sets [`PoolOptions::read_only`].
+    #[must_use]
+    pub fn read_only(mut self, on: bool) -> Self {
+        self.read_only = on;
+        self
+    }
 }
 
 impl Default for PoolOptions {

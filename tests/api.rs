@@ -12,10 +12,7 @@ fn pool() -> Pool {
 
 fn pool_on() -> (Pool, Arc<MemoryDevice>) {
     let dev = Arc::new(MemoryDevice::new(64 << 20));
-    let opts = PoolOptions {
-        commit_interval: None,
-        ..PoolOptions::default()
-    };
+    let opts = PoolOptions::default().commit_interval(None);
     (Pool::create(dev.clone(), opts).unwrap(), dev)
 }
 

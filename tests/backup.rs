@@ -16,10 +16,7 @@ const CHUNK: u32 = 256 << 10;
 fn pool() -> Pool {
     Pool::create(
         Arc::new(MemoryDevice::new(256 * MIB)),
-        PoolOptions {
-            commit_interval: None,
-            ..PoolOptions::default()
-        },
+        PoolOptions::default().commit_interval(None),
     )
     .unwrap()
 }

@@ -30,10 +30,7 @@ impl BlockDevice for Counting {
 }
 
 fn opts() -> PoolOptions {
-    PoolOptions {
-        commit_interval: None,
-        ..PoolOptions::default()
-    }
+    PoolOptions::default().commit_interval(None)
 }
 
 /// Snapshots a run measures (several of the catalog buffer's spills into the tree).

@@ -193,10 +193,7 @@ fn stalling_pool() -> (Arc<Stalling>, Pool) {
         released: AtomicBool::new(false),
         stalled_done: AtomicBool::new(false),
     });
-    let opts = PoolOptions {
-        commit_interval: None,
-        ..PoolOptions::default()
-    };
+    let opts = PoolOptions::default().commit_interval(None);
     let pool = Pool::create(dev.clone(), opts).unwrap();
     (dev, pool)
 }

@@ -23,11 +23,9 @@ fn is_damage(e: &snapvol::Error) -> bool {
 }
 
 fn opts() -> PoolOptions {
-    PoolOptions {
-        block_size: 4096,
-        commit_interval: None,
-        ..PoolOptions::default()
-    }
+    PoolOptions::default()
+        .block_size(4096)
+        .commit_interval(None)
 }
 
 fn read(v: &Volume) -> snapvol::Result<Vec<u8>> {

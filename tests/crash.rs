@@ -18,11 +18,9 @@ use snapvol::{Pool, PoolOptions};
 use std::sync::Arc;
 
 fn opts() -> PoolOptions {
-    PoolOptions {
-        block_size: 4096,
-        commit_interval: None,
-        ..PoolOptions::default()
-    }
+    PoolOptions::default()
+        .block_size(4096)
+        .commit_interval(None)
 }
 
 struct Step {

@@ -63,10 +63,7 @@ fn sparse_file_pool_round_trip_and_space_returns_to_host() {
 fn direct_io_pool_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool.img");
-    let direct = PoolOptions {
-        direct_io: true,
-        ..PoolOptions::default()
-    };
+    let direct = PoolOptions::default().direct_io(true);
     let pool = match Pool::create_file(&path, 1 << 30, direct.clone()) {
         Ok(p) => p,
         Err(snapvol::Error::InvalidArgument(why)) => {
@@ -312,10 +309,7 @@ impl BlockDevice for FailsToGrow {
 fn close_then_reopen_never_finds_the_pool_in_use() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool.img");
-    let fast = PoolOptions {
-        commit_interval: Some(std::time::Duration::from_millis(1)),
-        ..PoolOptions::default()
-    };
+    let fast = PoolOptions::default().commit_interval(Some(std::time::Duration::from_millis(1)));
     let pool = Pool::create_file(&path, 64 << 20, fast.clone()).unwrap();
     pool.create_volume("v", 1 << 20).unwrap();
     pool.close().unwrap();

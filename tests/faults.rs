@@ -12,11 +12,9 @@ use snapvol::{Error, Pool, PoolOptions};
 use std::sync::Arc;
 
 fn opts() -> PoolOptions {
-    PoolOptions {
-        block_size: 4096,
-        commit_interval: None,
-        ..PoolOptions::default()
-    }
+    PoolOptions::default()
+        .block_size(4096)
+        .commit_interval(None)
 }
 
 /// Runs the workload with the `n`th I/O of `kind` failing. Returns false once `n` is past

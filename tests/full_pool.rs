@@ -6,11 +6,9 @@ use snapvol::{Error, Pool, PoolOptions};
 use std::sync::Arc;
 
 fn opts() -> PoolOptions {
-    PoolOptions {
-        block_size: 4096,
-        commit_interval: None,
-        ..PoolOptions::default()
-    }
+    PoolOptions::default()
+        .block_size(4096)
+        .commit_interval(None)
 }
 
 fn fill(vol: &snapvol::Volume, seed: u8) -> u64 {

@@ -26,11 +26,9 @@ fn slot(n: u64) -> u64 {
 }
 
 fn opts() -> PoolOptions {
-    PoolOptions {
-        block_size: 4096,
-        commit_interval: Some(Duration::from_millis(200)),
-        ..PoolOptions::default()
-    }
+    PoolOptions::default()
+        .block_size(4096)
+        .commit_interval(Some(Duration::from_millis(200)))
 }
 
 /// The child: writes numbered records forever, flushing and snapshotting now and then, and

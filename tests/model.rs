@@ -10,11 +10,9 @@ use snapvol::{Pool, PoolOptions};
 use std::sync::Arc;
 
 fn opts(block_size: u32) -> PoolOptions {
-    PoolOptions {
-        block_size,
-        commit_interval: None,
-        ..PoolOptions::default()
-    }
+    PoolOptions::default()
+        .block_size(block_size)
+        .commit_interval(None)
 }
 
 fn run(block_size: u32, ops: &[Op]) {

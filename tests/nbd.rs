@@ -465,10 +465,7 @@ fn qemu_tools_write_read_copy_and_list_and_the_pool_keeps_it_after_a_kill() {
 #[test]
 fn flush_and_fua_make_writes_durable_before_the_reply() {
     let dev = Arc::new(CrashDevice::new(64 << 20));
-    let opts = || PoolOptions {
-        commit_interval: None,
-        ..PoolOptions::default()
-    };
+    let opts = || PoolOptions::default().commit_interval(None);
     let pool = Pool::create(dev.clone(), opts()).unwrap();
     pool.create_volume("vm", 4 << 20).unwrap();
     let (mut c, server) = Client::connect(&pool);

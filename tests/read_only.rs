@@ -32,10 +32,7 @@ impl BlockDevice for Counting {
 }
 
 fn ro() -> PoolOptions {
-    PoolOptions {
-        read_only: true,
-        ..PoolOptions::default()
-    }
+    PoolOptions::default().read_only(true)
 }
 
 #[test]

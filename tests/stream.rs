@@ -10,11 +10,9 @@ use std::sync::Arc;
 fn pool(size: u64, block_size: u32) -> Pool {
     Pool::create(
         Arc::new(MemoryDevice::new(size)),
-        PoolOptions {
-            block_size,
-            commit_interval: None,
-            ..PoolOptions::default()
-        },
+        PoolOptions::default()
+            .block_size(block_size)
+            .commit_interval(None),
     )
     .unwrap()
 }

@@ -11,7 +11,7 @@ use snapvol::{Pool, PoolOptions};
 use std::sync::{Arc, OnceLock};
 
 fn pool() -> Pool {
-    let opts = PoolOptions { commit_interval: None, ..PoolOptions::default() };
+    let opts = PoolOptions::default().commit_interval(None);
     Pool::create(Arc::new(MemoryDevice::new(16 << 20)), opts).unwrap()
 }
 

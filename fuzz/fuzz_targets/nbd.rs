@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let opts = PoolOptions { block_size: 4096, commit_interval: None, ..PoolOptions::default() };
+    let opts = PoolOptions::default().block_size(4096).commit_interval(None);
     let pool = Pool::create(Arc::new(MemoryDevice::new(16 << 20)), opts).unwrap();
     let v = pool.create_volume("vm", 256 << 10).unwrap();
     v.write_at(&[7u8; 20_000], 5_000).unwrap();

@@ -19,12 +19,12 @@ struct Seed {
 const MAGICS: [&[u8; 4]; 6] = [b"SVSB", b"SVML", b"SVMB", b"SVSL", b"SVSI", b"SVCT"];
 
 fn opts() -> PoolOptions {
-    PoolOptions { commit_interval: None, ..PoolOptions::default() }
+    PoolOptions::default().commit_interval(None)
 }
 
 fn build(shape: u8) -> Seed {
     let mem = Arc::new(MemoryDevice::new(8 << 20));
-    let pool = Pool::create(mem.clone(), PoolOptions { block_size: if shape == 2 { 16384 } else { 4096 }, commit_interval: None, ..PoolOptions::default() }).unwrap();
+    let pool = Pool::create(mem.clone(), PoolOptions::default().block_size(if shape == 2 { 16384 } else { 4096 }).commit_interval(None)).unwrap();
     let a = pool.create_volume("a", 3 << 20).unwrap();
     let n = if shape == 0 { 40 } else { 600 };
     for i in 0..n {

@@ -9,7 +9,7 @@ use snapvol::{Pool, PoolOptions};
 use std::sync::{Arc, OnceLock};
 
 fn opts() -> PoolOptions {
-    PoolOptions { block_size: 4096, commit_interval: None, ..PoolOptions::default() }
+    PoolOptions::default().block_size(4096).commit_interval(None)
 }
 
 struct Seeds {

@@ -41,6 +41,7 @@ pub struct FaultTarget {
 }
 
 impl FaultTarget {
+    /// A target passing everything through to `inner` until told to fail.
     pub fn new(inner: Arc<dyn Target>) -> FaultTarget {
         FaultTarget {
             inner,

@@ -11,6 +11,7 @@ pub const REPO_VERSION: u32 = 1;
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 /// Smallest and largest chunk size a repository may be created with.
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
+/// See [`MIN_CHUNK_SIZE`].
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 
 pub(crate) const CONFIG_KEY: &str = "config";
@@ -55,6 +56,7 @@ impl Compression {
 pub struct RepoConfig {
     /// The repository's own id.
     pub id: u128,
+    /// The repository format version (see docs/backup-format.md).
     pub version: u32,
     /// Bytes of volume per chunk.
     pub chunk_size: u32,
@@ -260,13 +262,19 @@ pub struct ManifestHeader {
     /// The backup this one was computed against (informational: every manifest lists every
     /// chunk it needs).
     pub base_id: Option<u128>,
+    /// The pool it was pushed from.
     pub pool_id: u128,
+    /// The snapshot's volume.
     pub volume_id: u128,
+    /// That volume's name when it was pushed.
     pub volume: String,
+    /// The snapshot's name.
     pub snapshot: String,
     /// The volume's size in bytes.
     pub size: u64,
+    /// Bytes of volume per chunk (the repository's).
     pub chunk_size: u32,
+    /// When the snapshot was taken (seconds since the Unix epoch).
     pub created_unix: u64,
     /// The snapshot's generation in its pool.
     pub generation: u64,

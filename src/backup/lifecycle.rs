@@ -42,10 +42,13 @@ impl std::fmt::Display for VerifyProblem {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VerifyReport {
+    /// Backups (manifests) checked.
     pub backups: u64,
     /// Distinct chunks downloaded and re-hashed.
     pub chunks_checked: u64,
+    /// Bytes of chunks downloaded, as stored.
     pub bytes_checked: u64,
+    /// Everything found wrong; empty when all is well.
     pub problems: Vec<VerifyProblem>,
 }
 
@@ -61,8 +64,11 @@ impl VerifyReport {
 /// newest of each of the `weekly` most recent weeks. A backup any rule keeps is kept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Retention {
+    /// Keep this many newest backups.
     pub last: usize,
+    /// Keep the newest backup of each of this many most recent days that have one.
     pub daily: usize,
+    /// Keep the newest backup of each of this many most recent weeks that have one.
     pub weekly: usize,
 }
 
@@ -70,7 +76,9 @@ pub struct Retention {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PruneReport {
+    /// The backups kept.
     pub kept: Vec<BackupInfo>,
+    /// The backups deleted (or that would be, in a dry run).
     pub removed: Vec<BackupInfo>,
 }
 
@@ -78,11 +86,13 @@ pub struct PruneReport {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct GcStats {
+    /// Manifests read.
     pub manifests: u64,
     /// Chunks referenced by some manifest.
     pub referenced: u64,
     /// Chunks removed.
     pub removed: u64,
+    /// Bytes of the chunks removed, as stored.
     pub removed_bytes: u64,
     /// Unreferenced chunks kept because they are younger than the grace period.
     pub young: u64,

@@ -18,11 +18,13 @@ use std::time::{Duration, SystemTime};
 /// and `AWS_ENDPOINT_URL` are read when the fields below are not set.
 #[derive(Clone, Debug, Default)]
 pub struct S3Options {
+    /// The bucket, which must exist.
     pub bucket: String,
     /// Key prefix inside the bucket ("" for the bucket's root).
     pub prefix: String,
     /// Endpoint URL for a store other than AWS (MinIO, Ceph RGW, moto…).
     pub endpoint: Option<String>,
+    /// The region (`AWS_REGION` when not set; stores other than AWS mostly ignore it).
     pub region: Option<String>,
     /// Path-style requests (`endpoint/bucket/key`), which most self-hosted stores need.
     pub path_style: bool,
@@ -32,6 +34,7 @@ pub struct S3Options {
     pub max_retries: usize,
     /// Credentials, when not from the environment.
     pub access_key_id: Option<String>,
+    /// The secret for `access_key_id`.
     pub secret_access_key: Option<String>,
 }
 

@@ -370,6 +370,7 @@ pub struct MemoryTarget {
 }
 
 impl MemoryTarget {
+    /// An empty target.
     pub fn new() -> MemoryTarget {
         MemoryTarget::default()
     }

@@ -9,9 +9,13 @@ use std::sync::Arc;
 /// Which kind of I/O to fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultKind {
+    /// `read_at`.
     Read,
+    /// `write_at`.
     Write,
+    /// `flush`.
     Flush,
+    /// `discard`.
     Discard,
 }
 

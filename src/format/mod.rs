@@ -21,6 +21,7 @@ pub(crate) const SUPERBLOCK_UNITS: u64 = 2;
 
 /// Smallest and largest pool block size.
 pub const MIN_BLOCK_SIZE: u32 = 4096;
+/// See [`MIN_BLOCK_SIZE`].
 pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 /// Default block size: 4 KiB keeps copy-on-write of a 4 KiB guest write a single 4 KiB write
 /// (see docs/architecture.md for the measurements behind the choice).

@@ -66,9 +66,10 @@ impl Export {
     pub(crate) fn writable(&self) -> Result<&Volume> {
         match self {
             Export::Volume(v) => Ok(v),
-            Export::Snapshot(_) => Err(Error::InvalidArgument(
-                "a snapshot export is read-only".into(),
-            )),
+            Export::Snapshot(s) => Err(Error::ReadOnly(format!(
+                "snapshot export {}",
+                s.name().unwrap_or_else(|_| s.id().to_string())
+            ))),
         }
     }
 

@@ -14,7 +14,8 @@ use std::io::{self, Read, Write};
 fn errno(e: &Error) -> u32 {
     match e {
         Error::NoSpace { .. } => ENOSPC,
-        Error::InvalidArgument(_) => EINVAL,
+        Error::ReadOnly(_) => EPERM,
+        Error::InvalidArgument(_) | Error::OutOfRange { .. } => EINVAL,
         _ => EIO,
     }
 }

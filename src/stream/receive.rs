@@ -367,7 +367,7 @@ enum Change {
 
 /// The applier stopped (its own error is the one to report).
 fn applier_gone() -> Error {
-    Error::InvalidArgument("receive stopped: the volume writes failed".into())
+    Error::Internal("receive stopped: the volume writes failed".into())
 }
 
 /// Reads and verifies every record up to and including END, handing each change to the

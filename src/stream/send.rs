@@ -7,9 +7,13 @@ use std::io::Write;
 /// What a send wrote.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SendStats {
+    /// Data records written.
     pub data_records: u64,
+    /// Zero records written (ranges that read as zeros, sent without data).
     pub zero_records: u64,
+    /// Bytes of data carried.
     pub data_bytes: u64,
+    /// Bytes of stream written in all.
     pub stream_bytes: u64,
 }
 
@@ -311,7 +315,7 @@ impl Pool {
                     }
                     Slot::Helper(h) => {
                         let r = done_rxs[h].recv().map_err(|_| {
-                            Error::InvalidArgument("send stopped: a reader thread ended".into())
+                            Error::Internal("send stopped: a reader thread ended".into())
                         })??;
                         data_record(&mut tee, &mut stats, r.off, &r.buf[..r.len], r.crc)?;
                         let _ = spare_txs[h].send(r.buf);

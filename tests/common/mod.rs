@@ -482,10 +482,7 @@ impl Model {
                     .map(|b| earlier[b % earlier.len()]);
                 let dest = Pool::create(
                     std::sync::Arc::new(snapvol::device::MemoryDevice::new(32 << 20)),
-                    snapvol::PoolOptions {
-                        commit_interval: None,
-                        ..snapvol::PoolOptions::default()
-                    },
+                    snapvol::PoolOptions::default().commit_interval(None),
                 )?;
                 let mut stream = Vec::new();
                 if let Some(b) = base {

@@ -393,10 +393,7 @@ fn main() -> ExitCode {
 }
 
 fn opts() -> PoolOptions {
-    PoolOptions {
-        direct_io: DIRECT.load(std::sync::atomic::Ordering::Relaxed),
-        ..PoolOptions::default()
-    }
+    PoolOptions::default().direct_io(DIRECT.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 fn open(path: &Path) -> Result<Pool, String> {
@@ -407,11 +404,7 @@ fn open(path: &Path) -> Result<Pool, String> {
 /// write and flush nothing, share the pool with other such commands, and read a pool file
 /// that lost its unused tail.
 fn open_read_only(path: &Path) -> Result<Pool, String> {
-    let o = PoolOptions {
-        read_only: true,
-        ..opts()
-    };
-    Pool::open_path(path, o).map_err(|e| format!("{}: {e}", path.display()))
+    Pool::open_path(path, opts().read_only(true)).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// `vol@snap` -> (vol, Some(snap)); `vol` -> (vol, None).
