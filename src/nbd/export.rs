@@ -12,7 +12,51 @@ pub(crate) enum Export {
     Snapshot(Snapshot),
 }
 
+/// Which export a connection serves, whatever name it used: a volume's or a snapshot's id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum ExportKey {
+    Volume(crate::VolumeId),
+    Snapshot(crate::SnapshotId),
+}
+
+/// The exports a server offers: the pool's volumes and snapshots, less those it closed.
+pub(crate) struct Exports<'a> {
+    pub pool: &'a Pool,
+    pub closed: Option<&'a parking_lot::Mutex<std::collections::HashSet<ExportKey>>>,
+}
+
+impl Exports<'_> {
+    /// The export called `name`, unless it is closed.
+    pub(crate) fn open(&self, name: &str) -> Option<Export> {
+        let e = Export::open(self.pool, name)?;
+        match self.closed {
+            Some(c) if c.lock().contains(&e.key()) => None,
+            _ => Some(e),
+        }
+    }
+
+    /// The names of the exports offered.
+    pub(crate) fn names(&self) -> Result<Vec<String>> {
+        let names = Export::names(self.pool)?;
+        Ok(match self.closed {
+            Some(c) if !c.lock().is_empty() => names
+                .into_iter()
+                .filter(|n| self.open(n).is_some())
+                .collect(),
+            _ => names,
+        })
+    }
+}
+
 impl Export {
+    /// The export's identity.
+    pub(crate) fn key(&self) -> ExportKey {
+        match self {
+            Export::Volume(v) => ExportKey::Volume(v.id()),
+            Export::Snapshot(s) => ExportKey::Snapshot(s.id()),
+        }
+    }
+
     /// The export called `name`; the empty name (a client that asked for none) is the
     /// pool's only volume when it has exactly one.
     pub(crate) fn open(pool: &Pool, name: &str) -> Option<Export> {

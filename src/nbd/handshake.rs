@@ -2,9 +2,8 @@
 //! (NBD_OPT_GO or NBD_OPT_EXPORT_NAME) or leaves. Every length the client sends is checked
 //! before anything is read into memory.
 
-use super::export::Export;
+use super::export::{Export, Exports};
 use super::wire::*;
-use crate::pool::Pool;
 use std::io::{self, Read, Write};
 
 /// The export chosen, its size as told to the client, and what else was agreed.
@@ -37,7 +36,7 @@ pub(crate) fn transmission_flags(export: &Export) -> u16 {
 /// Runs the handshake, reading the client's options from `r` and answering on `s`. `None`: the client aborted, left, or asked for an export that does
 /// not exist with NBD_OPT_EXPORT_NAME (which has no way to say so but closing).
 pub(crate) fn negotiate(
-    pool: &Pool,
+    exports: &Exports<'_>,
     r: &mut impl Read,
     s: &mut impl Write,
 ) -> io::Result<Option<Chosen>> {
@@ -78,7 +77,7 @@ pub(crate) fn negotiate(
             OPT_EXPORT_NAME => {
                 let Some(export) = std::str::from_utf8(&data)
                     .ok()
-                    .and_then(|name| Export::open(pool, name))
+                    .and_then(|name| exports.open(name))
                 else {
                     return Ok(None);
                 };
@@ -106,7 +105,7 @@ pub(crate) fn negotiate(
             OPT_LIST if !data.is_empty() => {
                 option_reply(s, option, REP_ERR_INVALID, b"LIST takes no data")?;
             }
-            OPT_LIST => match Export::names(pool) {
+            OPT_LIST => match exports.names() {
                 Ok(names) => {
                     for name in names {
                         let mut d = (name.len() as u32).to_be_bytes().to_vec();
@@ -133,10 +132,10 @@ pub(crate) fn negotiate(
                 option_reply(s, option, REP_ACK, &[])?;
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                meta_context(pool, s, option, &data, &mut agreed)?;
+                meta_context(exports, s, option, &data, &mut agreed)?;
             }
             OPT_INFO | OPT_GO => {
-                if let Some(chosen) = info(pool, s, option, &data, &agreed)? {
+                if let Some(chosen) = info(exports, s, option, &data, &agreed)? {
                     if option == OPT_GO {
                         s.flush()?;
                         return Ok(Some(chosen));
@@ -161,7 +160,7 @@ fn description(snapshot: bool) -> &'static str {
 /// Answers NBD_OPT_INFO or NBD_OPT_GO: the export's size and flags and its block sizes, or
 /// an error reply. Returns the export when the answer was a success.
 fn info<S: Write>(
-    pool: &Pool,
+    exports: &Exports<'_>,
     s: &mut S,
     option: u32,
     data: &[u8],
@@ -183,10 +182,7 @@ fn info<S: Write>(
         option_reply(s, option, REP_ERR_INVALID, b"malformed request")?;
         return Ok(None);
     };
-    let Some(export) = std::str::from_utf8(name)
-        .ok()
-        .and_then(|n| Export::open(pool, n))
-    else {
+    let Some(export) = std::str::from_utf8(name).ok().and_then(|n| exports.open(n)) else {
         option_reply(s, option, REP_ERR_UNKNOWN, b"no such volume or snapshot")?;
         return Ok(None);
     };
@@ -202,7 +198,7 @@ fn info<S: Write>(
     d.extend_from_slice(&transmission_flags(&export).to_be_bytes());
     option_reply(s, option, REP_INFO, &d)?;
     // Any length and offset work (minimum 1); whole blocks avoid read-modify-write.
-    let preferred = pool.block_size().clamp(512, MAX_REQUEST);
+    let preferred = exports.pool.block_size().clamp(512, MAX_REQUEST);
     let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
     d.extend_from_slice(&1u32.to_be_bytes());
     d.extend_from_slice(&preferred.to_be_bytes());
@@ -232,7 +228,7 @@ fn info<S: Write>(
 /// `base:allocation`; listing with no query, or the query `base:`, names it too. Setting
 /// needs structured replies first and replaces any earlier selection.
 fn meta_context<S: Write>(
-    pool: &Pool,
+    exports: &Exports<'_>,
     s: &mut S,
     option: u32,
     data: &[u8],
@@ -261,7 +257,7 @@ fn meta_context<S: Write>(
     if option == OPT_SET_META_CONTEXT && !agreed.structured {
         return option_reply(s, option, REP_ERR_INVALID, b"structured replies first");
     }
-    if Export::open(pool, name).is_none() {
+    if exports.open(name).is_none() {
         return option_reply(s, option, REP_ERR_UNKNOWN, b"no such volume or snapshot");
     }
     let matches =

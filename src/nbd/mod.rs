@@ -20,10 +20,12 @@
 
 mod export;
 mod handshake;
+mod server;
 mod transmission;
 mod wire;
 
 use crate::pool::Pool;
+pub use server::Server;
 use std::io::{self, Read, Write};
 
 /// Serves one client on `stream` until it disconnects: the handshake, then its requests.
@@ -32,14 +34,15 @@ use std::io::{self, Read, Write};
 pub fn serve_connection<S: Read + Write>(pool: &Pool, stream: S) -> io::Result<()> {
     let stream = std::cell::RefCell::new(stream);
     let (mut r, mut w) = (Half(&stream), Half(&stream));
-    match handshake::negotiate(pool, &mut r, &mut w)? {
+    let exports = export::Exports { pool, closed: None };
+    match handshake::negotiate(&exports, &mut r, &mut w)? {
         Some(chosen) => transmission::serve(&chosen, &mut r, &mut w),
         None => Ok(()),
     }
 }
 
 /// One stream used as both the request side and the reply side, one call at a time.
-struct Half<'a, S>(&'a std::cell::RefCell<S>);
+pub(crate) struct Half<'a, S>(pub(crate) &'a std::cell::RefCell<S>);
 
 impl<S: Read> Read for Half<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -56,57 +59,14 @@ impl<S: Write> Write for Half<'_, S> {
     }
 }
 
-/// Accepts clients on `listener` forever, each on its own thread.
+/// Accepts clients on `listener` until an unrecoverable error, each on its own thread. A
+/// failed `accept` that concerns one attempt, or a passing lack of file descriptors, is
+/// waited out, not the end of the server. [`Server`] is the form that can be stopped.
 pub fn serve_tcp(pool: &Pool, listener: std::net::TcpListener) -> io::Result<()> {
-    for stream in listener.incoming() {
-        let stream = stream?;
-        // Replies are whole messages; do not hold them back waiting for more.
-        stream.set_nodelay(true)?;
-        spawn(pool, stream);
-    }
-    Ok(())
+    server::accept_loop(pool, &listener, &server::Shared::new())
 }
 
-/// Accepts clients on a Unix socket forever, each on its own thread.
+/// [`serve_tcp`] on a Unix socket.
 pub fn serve_unix(pool: &Pool, listener: std::os::unix::net::UnixListener) -> io::Result<()> {
-    for stream in listener.incoming() {
-        spawn(pool, stream?);
-    }
-    Ok(())
-}
-
-/// A socket that can be split into a reading and a writing handle.
-trait Socket: Read + Write + Send + Sized + 'static {
-    fn try_clone(&self) -> io::Result<Self>;
-}
-
-impl Socket for std::net::TcpStream {
-    fn try_clone(&self) -> io::Result<Self> {
-        std::net::TcpStream::try_clone(self)
-    }
-}
-
-impl Socket for std::os::unix::net::UnixStream {
-    fn try_clone(&self) -> io::Result<Self> {
-        std::os::unix::net::UnixStream::try_clone(self)
-    }
-}
-
-fn spawn<S: Socket>(pool: &Pool, stream: S) {
-    let pool = pool.clone();
-    std::thread::spawn(move || {
-        // One client's protocol error or disconnect concerns only its own connection.
-        let _ = serve_socket(&pool, stream);
-    });
-}
-
-fn serve_socket<S: Socket>(pool: &Pool, stream: S) -> io::Result<()> {
-    // Buffered both ways: a pipelining client's requests are read many per system call, and
-    // a reply's header and data leave in one (every reply is flushed).
-    let mut writer = io::BufWriter::with_capacity(64 << 10, stream.try_clone()?);
-    let mut reader = io::BufReader::with_capacity(64 << 10, stream);
-    match handshake::negotiate(pool, &mut reader, &mut writer)? {
-        Some(chosen) => transmission::serve(&chosen, &mut reader, &mut writer),
-        None => Ok(()),
-    }
+    server::accept_loop(pool, &listener, &server::Shared::new())
 }
