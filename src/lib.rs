@@ -43,6 +43,7 @@ pub mod image;
 mod io;
 mod listing;
 mod map;
+mod names;
 #[cfg(feature = "nbd")]
 pub mod nbd;
 mod operations;
@@ -66,6 +67,7 @@ pub use format::{
 pub use ids::{Base, BookmarkId, Origin, PoolId, SnapshotId, VolumeId};
 pub use image::ImportStats;
 pub use listing::Page;
+pub use names::ObjectName;
 pub use pool::{BookmarkInfo, Pool, PoolOptions, PoolStats, SnapshotInfo, Usage, VolumeInfo};
 pub use stream::{ReceiveStats, SendStats};
 pub use volume::{Snapshot, Volume, VolumeIo};

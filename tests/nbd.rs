@@ -808,3 +808,23 @@ fn a_server_closes_one_export_and_stops() {
 fn connect_quiet(path: &std::path::Path) -> Client {
     Client(UnixStream::connect(path).unwrap())
 }
+
+/// `@ID` exports a snapshot by id, also one whose volume is gone (it has no `VOL@SNAP`
+/// name left); the name grammar is the library's, so a bookmark name is no export.
+#[test]
+fn a_snapshot_of_a_deleted_volume_is_exported_by_id() {
+    let pool = memory_pool();
+    let id = pool.snapshot_handle("vm", "s").unwrap().id();
+    pool.bookmark("vm", "s").unwrap();
+    pool.delete_volume("vm").unwrap();
+    let (mut c, _server) = Client::connect(&pool);
+    assert_eq!(c.go("vm@s"), Err(0x8000_0006));
+    assert_eq!(c.go("vm#s"), Err(0x8000_0006));
+    let (size, flags) = c.go(&format!("@{id}")).unwrap();
+    assert_eq!(size, 4 << 20);
+    assert_ne!(flags & 2, 0, "read-only");
+    let mut got = vec![0u8; 8192];
+    c.request(0, 0, 1, 0, 8192, &[]);
+    assert_eq!(c.reply(1, &mut got), 0);
+    assert_eq!(got, vec![7u8; 8192]);
+}

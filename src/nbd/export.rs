@@ -67,9 +67,15 @@ impl Export {
                 _ => None,
             };
         }
-        match name.split_once('@') {
-            Some((v, s)) => pool.snapshot_handle(v, s).ok().map(Export::Snapshot),
-            None => pool.volume(name).ok().map(Export::Volume),
+        match name.parse::<crate::ObjectName>().ok()? {
+            crate::ObjectName::Volume(v) => pool.volume(&v).ok().map(Export::Volume),
+            crate::ObjectName::Snapshot { volume, snapshot } => pool
+                .snapshot_handle(&volume, &snapshot)
+                .ok()
+                .map(Export::Snapshot),
+            // `@ID`: also a snapshot of a deleted volume, which has no `VOL@SNAP` name.
+            crate::ObjectName::SnapshotId(id) => pool.snapshot_by_id(id).ok().map(Export::Snapshot),
+            _ => None,
         }
     }
 

@@ -145,17 +145,17 @@ fn read_header(src: &mut Src) -> Result<Header> {
         return Err(bad("target snapshot id is 0 or equals the base"));
     }
     let name = String::from_utf8(name).map_err(|_| bad("target name is not UTF-8"))?;
-    let (volume, snapshot) = name
-        .split_once('@')
-        .ok_or_else(|| bad(format!("target name {name:?} is not volume@snapshot")))?;
-    validate_name(volume).map_err(|e| bad(e.to_string()))?;
-    validate_name(snapshot).map_err(|e| bad(e.to_string()))?;
+    let (volume, snapshot) = match name.parse::<crate::ObjectName>() {
+        Ok(crate::ObjectName::Snapshot { volume, snapshot }) => (volume, snapshot),
+        Ok(_) => return Err(bad(format!("target name {name:?} is not volume@snapshot"))),
+        Err(e) => return Err(bad(e.to_string())),
+    };
     Ok(Header {
         size,
         target,
         base,
-        volume: volume.into(),
-        snapshot: snapshot.into(),
+        volume,
+        snapshot,
     })
 }
 

@@ -664,24 +664,34 @@ fn run(cmd: Cmd) -> CmdResult {
             // Everything is checked before anything is destroyed.
             let mut plan: Vec<(String, Destroy)> = Vec::new();
             for t in &targets {
-                match (t.split_once('#'), split_target(t)) {
-                    (Some((v, b)), _) => {
+                let name: snapvol::ObjectName = t.parse().map_err(|err| match err {
+                    snapvol::Error::InvalidId { .. } => {
+                        format!("{t}: expected @ and a 32-digit hex id")
+                    }
+                    other => other.to_string(),
+                })?;
+                match &name {
+                    snapvol::ObjectName::Bookmark {
+                        volume: v,
+                        bookmark: b,
+                    } => {
                         pool.bookmark_id(v, b).map_err(e)?;
-                        plan.push((t.clone(), Destroy::Bookmark(v.into(), b.into())));
+                        plan.push((t.clone(), Destroy::Bookmark(v.clone(), b.clone())));
                     }
                     // `@ID`: a snapshot by its id (how one of a deleted volume is reached).
-                    (None, ("", Some(s))) => {
-                        let id: snapvol::SnapshotId = s
-                            .parse()
-                            .map_err(|_| format!("{t}: expected @ and a 32-digit hex id"))?;
-                        pool.snapshot_info(id).map_err(e)?;
-                        plan.push((t.clone(), Destroy::Snapshot(id)));
+                    snapvol::ObjectName::SnapshotId(id) => {
+                        pool.snapshot_info(*id).map_err(e)?;
+                        plan.push((t.clone(), Destroy::Snapshot(*id)));
                     }
-                    (None, (v, Some(s))) => {
+                    snapvol::ObjectName::Snapshot {
+                        volume: v,
+                        snapshot: s,
+                    } => {
                         let id = pool.snapshot_handle(v, s).map_err(e)?.id();
                         plan.push((t.clone(), Destroy::Snapshot(id)));
                     }
-                    (None, (v, None)) => {
+                    _ => {
+                        let v = t.as_str();
                         let vol = pool.volume(v).map_err(e)?;
                         let snaps = pool.volume_snapshots(vol.id()).map_err(e)?;
                         if !snaps.is_empty() && !recursive {
