@@ -407,16 +407,21 @@ fn open_read_only(path: &Path) -> Result<Pool, String> {
     Pool::open_path(path, opts().read_only(true)).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// `vol@snap` -> (vol, Some(snap)); `vol` -> (vol, None).
-fn split_target(t: &str) -> (&str, Option<&str>) {
-    match t.split_once('@') {
-        Some((v, s)) => (v, Some(s)),
-        None => (t, None),
+/// `VOL@SNAP` -> (VOL, Some(SNAP)); `VOL` -> (VOL, None), by the library's grammar
+/// (`snapvol::ObjectName`); a bad name is refused with the library's reason.
+fn split_target(t: &str) -> Result<(&str, Option<&str>), String> {
+    match t.parse::<snapvol::ObjectName>() {
+        Ok(snapvol::ObjectName::Volume(_)) => Ok((t, None)),
+        Ok(snapvol::ObjectName::Snapshot { volume, .. }) => {
+            Ok((&t[..volume.len()], Some(&t[volume.len() + 1..])))
+        }
+        Ok(_) => Err(format!("{t:?}: expected VOL or VOL@SNAP")),
+        Err(e) => Err(e.to_string()),
     }
 }
 
 fn need_snapshot(t: &str) -> Result<(&str, &str), String> {
-    match split_target(t) {
+    match split_target(t)? {
         (v, Some(s)) => Ok((v, s)),
         _ => Err(format!("{t:?} is not a snapshot: expected VOL@SNAP")),
     }
@@ -815,7 +820,7 @@ fn run(cmd: Cmd) -> CmdResult {
         } => {
             let pool = open(&path)?;
             refuse_existing(&pool, &new_vol, None)?;
-            let (vol, origin) = match split_target(&source) {
+            let (vol, origin) = match split_target(&source)? {
                 (v, Some(s)) => (
                     pool.clone_snapshot(v, s, &new_vol).map_err(e)?,
                     pool.snapshot_handle(v, s).map_err(e)?.id().as_u128(),
@@ -979,7 +984,7 @@ fn run(cmd: Cmd) -> CmdResult {
         } => {
             let pool = open_read_only(&path)?;
             let base_id = base_id(&pool, &base)?;
-            let t = match split_target(&target) {
+            let t = match split_target(&target)? {
                 (v, Some(s)) => {
                     snapvol::DiffTarget::Snapshot(pool.snapshot_handle(v, s).map_err(e)?.id())
                 }
@@ -1359,9 +1364,9 @@ fn write_stream(
 /// The id of a base given as VOL@SNAP or VOL#BM. A snapshot that is gone but left a bookmark
 /// gets an error that says so.
 fn base_id(pool: &Pool, base: &str) -> Result<snapvol::Base, String> {
-    if let Some((v, b)) = base.split_once('#') {
+    if let Ok(snapvol::ObjectName::Bookmark { volume, bookmark }) = base.parse() {
         return pool
-            .bookmark_id(v, b)
+            .bookmark_id(&volume, &bookmark)
             .map(snapvol::Base::Bookmark)
             .map_err(|e| e.to_string());
     }
@@ -1379,7 +1384,7 @@ fn base_id(pool: &Pool, base: &str) -> Result<snapvol::Base, String> {
 }
 
 fn source_of(pool: &Pool, source: &str) -> Result<image::Source, String> {
-    Ok(match split_target(source) {
+    Ok(match split_target(source)? {
         (v, Some(s)) => {
             image::Source::Snapshot(pool.snapshot_handle(v, s).map_err(|e| e.to_string())?)
         }
@@ -1404,7 +1409,7 @@ struct Row {
     usage: Option<snapvol::Usage>,
     size: u64,
     created: u64,
-    /// Orders what was made within one second.
+    /// Orders a volume's snapshots and bookmarks by age (a bookmark has its snapshot's).
     generation: u64,
     origin: String,
     volume_gone: bool,
@@ -1520,20 +1525,23 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
             });
         }
     }
-    // By volume, the volume first, then its snapshots and bookmarks oldest first.
+    // By volume, the volume first, then its snapshots and bookmarks oldest first. Oldest by
+    // generation, not by creation second: a bookmark made a second after its snapshot has
+    // the snapshot's generation and belongs beside it (ordering by seconds made the order
+    // depend on when the clock ticked).
     rows.sort_by(|a, b| {
         (
             &a.volume,
             a.kind != "volume",
-            a.created,
             a.generation,
+            a.created,
             &a.name,
         )
             .cmp(&(
                 &b.volume,
                 b.kind != "volume",
-                b.created,
                 b.generation,
+                b.created,
                 &b.name,
             ))
     });
