@@ -3,6 +3,7 @@
 //! the export, oversized and read-only writes, unknown commands, a broken header.
 
 use snapvol::device::{CrashDevice, MemoryDevice};
+use snapvol::nbd::ServerOptions;
 use snapvol::{Pool, PoolOptions};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -740,7 +741,8 @@ fn a_server_closes_one_export_and_stops() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nbd.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    let server = snapvol::nbd::Server::start_unix(&pool, listener).unwrap();
+    let server =
+        snapvol::nbd::Server::start_unix(&pool, listener, ServerOptions::default()).unwrap();
     let connect = || Client::greet(UnixStream::connect(&path).unwrap());
     let (mut a, mut b, mut o) = (connect(), connect(), connect());
     a.go("vm").unwrap();
@@ -802,6 +804,51 @@ fn a_server_closes_one_export_and_stops() {
         vec![5u8; 4096],
         "a write acknowledged before stop is durable"
     );
+}
+
+/// A server keeps its limits: a connection over `max_connections` is closed at once, and a
+/// client that does not finish the handshake in time is closed and its thread freed, while
+/// a client that finished it may stay idle.
+#[test]
+fn a_server_limits_connections_and_handshake_time() {
+    let pool = memory_pool();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let opts = ServerOptions::default()
+        .max_connections(2)
+        .handshake_timeout(std::time::Duration::from_millis(300));
+    let server = snapvol::nbd::Server::start_unix(&pool, listener, opts).unwrap();
+    let mut serving = Client::greet(UnixStream::connect(&path).unwrap());
+    serving.go("vm").unwrap();
+    let mut silent = connect_quiet(&path);
+    // Both are counted once accepted.
+    let t = std::time::Instant::now();
+    while server.connections() < 2 && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(server.connections(), 2);
+    let mut third = connect_quiet(&path);
+    assert!(closed(&mut third), "a connection over the limit is closed");
+    // The silent client never sends its flags: it is closed after the handshake timeout.
+    let mut greeting = [0u8; 18];
+    silent.0.read_exact(&mut greeting).unwrap();
+    assert!(closed(&mut silent), "a stalled handshake is closed");
+    let t = std::time::Instant::now();
+    while server.connections() > 1 && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(server.connections(), 1, "its thread is gone");
+    // The serving client, idle for longer than the handshake timeout, is still served.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let mut got = vec![0u8; 4096];
+    serving.request(0, 0, 1, 0, 4096, &[]);
+    assert_eq!(serving.reply(1, &mut got), 0);
+    assert_eq!(got, vec![7u8; 4096]);
+    // And there is room again.
+    let mut next = Client::greet(UnixStream::connect(&path).unwrap());
+    next.go("vm@s").unwrap();
+    server.stop().unwrap();
 }
 
 /// A raw connection, without reading the greeting.

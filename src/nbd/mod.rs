@@ -25,7 +25,7 @@ mod transmission;
 mod wire;
 
 use crate::pool::Pool;
-pub use server::Server;
+pub use server::{Server, ServerOptions};
 use std::io::{self, Read, Write};
 
 /// Serves one client on `stream` until it disconnects: the handshake, then its requests.
@@ -59,14 +59,22 @@ impl<S: Write> Write for Half<'_, S> {
     }
 }
 
-/// Accepts clients on `listener` until an unrecoverable error, each on its own thread. A
-/// failed `accept` that concerns one attempt, or a passing lack of file descriptors, is
-/// waited out, not the end of the server. [`Server`] is the form that can be stopped.
+/// Accepts clients on `listener` until an unrecoverable error, each on its own thread, with
+/// [`ServerOptions::default`]'s limits. A failed `accept` that concerns one attempt, or a
+/// passing lack of file descriptors, is waited out, not the end of the server. [`Server`] is the form that can be stopped.
 pub fn serve_tcp(pool: &Pool, listener: std::net::TcpListener) -> io::Result<()> {
-    server::accept_loop(pool, &listener, &server::Shared::new())
+    server::accept_loop(
+        pool,
+        &listener,
+        &server::Shared::new(ServerOptions::default()),
+    )
 }
 
 /// [`serve_tcp`] on a Unix socket.
 pub fn serve_unix(pool: &Pool, listener: std::os::unix::net::UnixListener) -> io::Result<()> {
-    server::accept_loop(pool, &listener, &server::Shared::new())
+    server::accept_loop(
+        pool,
+        &listener,
+        &server::Shared::new(ServerOptions::default()),
+    )
 }

@@ -26,6 +26,13 @@ pub(crate) enum Conn {
 }
 
 impl Conn {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(t),
+            Conn::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
     fn shutdown(&self) {
         // The connection may have ended on its own: nothing to do then.
         let _ = match self {
@@ -42,8 +49,46 @@ struct Live {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Limits a server keeps, so idle or stuck clients cannot hold its threads without bound.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServerOptions {
+    /// Connections served at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// How long a client may take over the handshake (from connecting to choosing an
+    /// export) before it is closed. Once serving, an idle client is never timed out:
+    /// qemu and nbd-client keep idle connections open by design.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ServerOptions {
+    /// Sets [`ServerOptions::max_connections`].
+    #[must_use]
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Sets [`ServerOptions::handshake_timeout`].
+    #[must_use]
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+}
+
 /// What the accept thread and the connection threads share with the [`Server`] handle.
 pub(crate) struct Shared {
+    opts: ServerOptions,
     stopping: AtomicBool,
     next: AtomicU64,
     live: Mutex<HashMap<u64, Live>>,
@@ -51,8 +96,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new() -> Arc<Shared> {
+    pub(crate) fn new(opts: ServerOptions) -> Arc<Shared> {
         Arc::new(Shared {
+            opts,
             stopping: AtomicBool::new(false),
             next: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
@@ -152,9 +198,19 @@ pub(crate) fn accept_loop<L: Listener>(
         if shared.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
+        if shared.live.lock().len() >= shared.opts.max_connections {
+            // Over the limit: closed at once (the client sees the connection end).
+            continue;
+        }
         let Ok((conn, stream)) = L::prepare(&stream) else {
             continue;
         };
+        if conn
+            .set_read_timeout(Some(shared.opts.handshake_timeout))
+            .is_err()
+        {
+            continue;
+        }
         let id = shared.next.fetch_add(1, Ordering::Relaxed);
         shared.live.lock().insert(
             id,
@@ -194,6 +250,10 @@ fn serve_one<S: Read + Write>(pool: &Pool, stream: S, shared: &Shared, id: u64) 
     };
     let key = chosen.export.key();
     {
+        // The handshake is over: no timeout while serving.
+        if let Some(l) = shared.live.lock().get(&id) {
+            l.conn.set_read_timeout(None)?;
+        }
         // Registered before serving, and checked again: an export closed during the
         // handshake is not served.
         let mut live = shared.live.lock();
@@ -217,20 +277,25 @@ pub struct Server {
 
 impl Server {
     /// Serves `pool` on a TCP listener, from a thread of its own.
-    pub fn start_tcp(pool: &Pool, listener: std::net::TcpListener) -> io::Result<Server> {
-        Server::start(pool, listener)
+    pub fn start_tcp(
+        pool: &Pool,
+        listener: std::net::TcpListener,
+        opts: ServerOptions,
+    ) -> io::Result<Server> {
+        Server::start(pool, listener, opts)
     }
 
     /// Serves `pool` on a Unix socket listener, from a thread of its own.
     pub fn start_unix(
         pool: &Pool,
         listener: std::os::unix::net::UnixListener,
+        opts: ServerOptions,
     ) -> io::Result<Server> {
-        Server::start(pool, listener)
+        Server::start(pool, listener, opts)
     }
 
-    fn start<L: Listener>(pool: &Pool, listener: L) -> io::Result<Server> {
-        let shared = Shared::new();
+    fn start<L: Listener>(pool: &Pool, listener: L, opts: ServerOptions) -> io::Result<Server> {
+        let shared = Shared::new(opts);
         let listener = Arc::new(listener);
         let (p, sh, l) = (pool.clone(), shared.clone(), listener.clone());
         let accept = std::thread::Builder::new()
