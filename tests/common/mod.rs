@@ -575,6 +575,37 @@ impl Model {
     }
 
     /// Whether the pool holds exactly this model's volumes and snapshots.
+    /// Takes the pool's ids for the objects this model only predicted (an interrupted
+    /// operation that took effect returned no id), so later operations name them by id.
+    /// Names are unique (`fresh`), so each is found by name.
+    pub fn adopt_ids(&mut self, pool: &Pool) {
+        for (name, (id, _)) in self.volumes.iter_mut() {
+            if id.as_u128() == UNKNOWN {
+                if let Ok(v) = pool.volume(name) {
+                    *id = v.id();
+                }
+            }
+        }
+        if self.snapshots.iter().any(|s| s.id.as_u128() == UNKNOWN) {
+            let all = pool.snapshots().unwrap();
+            for s in &mut self.snapshots {
+                if s.id.as_u128() == UNKNOWN {
+                    if let Some(x) = all.iter().find(|x| x.name == s.name) {
+                        s.id = x.id;
+                    }
+                }
+            }
+        }
+        if self.bookmarks.iter().any(|b| b.as_u128() == UNKNOWN) {
+            self.bookmarks = pool
+                .bookmarks()
+                .unwrap()
+                .into_iter()
+                .map(|b| b.id)
+                .collect();
+        }
+    }
+
     pub fn matches(&self, pool: &Pool) -> Result<(), String> {
         let mut names: Vec<String> = pool
             .volumes()

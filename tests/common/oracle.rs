@@ -47,8 +47,8 @@ impl Acceptable {
         self.candidates.push(before.predict(op));
     }
 
-    /// The acceptable state `pool` shows (with the undefined bytes taken from the pool), or
-    /// why each candidate does not match.
+    /// The acceptable state `pool` shows (with the undefined bytes, and the ids of objects
+    /// only predicted, taken from the pool), or why each candidate does not match.
     pub fn find(&self, pool: &Pool) -> Result<Model, Vec<String>> {
         let mut misses = Vec::new();
         for c in &self.candidates {
@@ -57,7 +57,10 @@ impl Acceptable {
                 c.adopt_range(pool, name, *off, *len);
             }
             match c.matches(pool) {
-                Ok(()) => return Ok(c),
+                Ok(()) => {
+                    c.adopt_ids(pool);
+                    return Ok(c);
+                }
                 Err(why) => misses.push(why),
             }
         }
