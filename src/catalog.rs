@@ -1243,6 +1243,40 @@ impl Catalog {
 
     // ---- pages of listings (see listing.rs)
 
+    /// Scans from `from`, appending what `classify` takes to `out` until `out` holds `max`
+    /// (then returns true: more follow) or `classify` says the run ended. An entry of the
+    /// run with a value of the wrong kind is corruption.
+    fn scan_page<T>(
+        &mut self,
+        sm: &mut SpaceMap,
+        from: &Key,
+        max: usize,
+        out: &mut Vec<T>,
+        mut classify: impl FnMut(&Key, &Value) -> Seen<T>,
+    ) -> Result<bool> {
+        let (mut more, mut bad) = (false, None);
+        self.scan(sm, from, |k, v| match classify(k, v) {
+            Seen::Skip => ControlFlow::Continue(()),
+            Seen::Take(_) if out.len() == max => {
+                more = true;
+                ControlFlow::Break(())
+            }
+            Seen::Take(t) => {
+                out.push(t);
+                ControlFlow::Continue(())
+            }
+            Seen::Wrong => {
+                bad = Some(mismatch(k, v));
+                ControlFlow::Break(())
+            }
+            Seen::End => ControlFlow::Break(()),
+        })?;
+        match bad {
+            Some(e) => Err(e),
+            None => Ok(more),
+        }
+    }
+
     /// Up to `max` visible volumes in name order after `after` (exclusive), and whether
     /// more follow. Costs the page, not the catalog: one descent to the first name.
     pub(crate) fn volumes_after(
@@ -1252,26 +1286,13 @@ impl Catalog {
         max: usize,
     ) -> Result<(Vec<VolumeRec>, bool)> {
         let from = Key::VolumeName(after.unwrap_or("").to_string());
-        let (mut ids, mut more, mut bad) = (Vec::new(), false, None);
-        self.scan(sm, &from, |k, v| match (k, v) {
-            (Key::VolumeName(n), _) if Some(n.as_str()) == after => ControlFlow::Continue(()),
-            (Key::VolumeName(_), Value::Id(id)) => {
-                if ids.len() == max {
-                    more = true;
-                    return ControlFlow::Break(());
-                }
-                ids.push(*id);
-                ControlFlow::Continue(())
-            }
-            (Key::VolumeName(_), v) => {
-                bad = Some(mismatch(k, v));
-                ControlFlow::Break(())
-            }
-            _ => ControlFlow::Break(()),
+        let mut ids = Vec::new();
+        let more = self.scan_page(sm, &from, max, &mut ids, |k, v| match (k, v) {
+            (Key::VolumeName(n), _) if Some(n.as_str()) == after => Seen::Skip,
+            (Key::VolumeName(_), Value::Id(id)) => Seen::Take(*id),
+            (Key::VolumeName(_), _) => Seen::Wrong,
+            _ => Seen::End,
         })?;
-        if let Some(e) = bad {
-            return Err(e);
-        }
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             out.push(self.volume(sm, id)?.ok_or_else(|| {
@@ -1304,28 +1325,21 @@ impl Catalog {
             if only.is_some_and(|o| o != volume) {
                 return Ok((out, false));
             }
-            let (mut more, mut bad) = (false, None);
-            self.scan(sm, &Key::Vol(volume, from), |k, v| match (k, v) {
-                (Key::Vol(id, Part::Snapshot(g, i)), Value::Snapshot(s)) if *id == volume => {
-                    if after == Some((volume, *g, *i)) {
-                        return ControlFlow::Continue(());
+            let more =
+                self.scan_page(sm, &Key::Vol(volume, from), max, &mut out, |k, v| {
+                    match (k, v) {
+                        (Key::Vol(id, Part::Snapshot(g, i)), _)
+                            if *id == volume && after == Some((volume, *g, *i)) =>
+                        {
+                            Seen::Skip
+                        }
+                        (Key::Vol(id, Part::Snapshot(..)), Value::Snapshot(s)) if *id == volume => {
+                            Seen::Take(s.clone())
+                        }
+                        (Key::Vol(id, Part::Snapshot(..)), _) if *id == volume => Seen::Wrong,
+                        _ => Seen::End,
                     }
-                    if out.len() == max {
-                        more = true;
-                        return ControlFlow::Break(());
-                    }
-                    out.push(s.clone());
-                    ControlFlow::Continue(())
-                }
-                (Key::Vol(id, Part::Snapshot(..)), v) if *id == volume => {
-                    bad = Some(mismatch(k, v));
-                    ControlFlow::Break(())
-                }
-                _ => ControlFlow::Break(()),
-            })?;
-            if let Some(e) = bad {
-                return Err(e);
-            }
+                })?;
             if more || only.is_some() {
                 return Ok((out, more));
             }
@@ -1355,30 +1369,28 @@ impl Catalog {
         after: Option<u128>,
         max: usize,
     ) -> Result<(Vec<BookmarkRec>, bool)> {
-        let (mut out, mut more, mut bad) = (Vec::new(), false, None);
-        self.scan(sm, &Key::Bookmark(after.unwrap_or(0)), |k, v| {
-            match (k, v) {
-                (Key::Bookmark(id), _) if Some(*id) == after => ControlFlow::Continue(()),
-                (Key::Bookmark(_), Value::Bookmark(b)) => {
-                    if out.len() == max {
-                        more = true;
-                        return ControlFlow::Break(());
-                    }
-                    out.push(b.clone());
-                    ControlFlow::Continue(())
-                }
-                (Key::Bookmark(_), v) => {
-                    bad = Some(mismatch(k, v));
-                    ControlFlow::Break(())
-                }
-                _ => ControlFlow::Break(()),
-            }
+        let mut out = Vec::new();
+        let from = Key::Bookmark(after.unwrap_or(0));
+        let more = self.scan_page(sm, &from, max, &mut out, |k, v| match (k, v) {
+            (Key::Bookmark(id), _) if Some(*id) == after => Seen::Skip,
+            (Key::Bookmark(_), Value::Bookmark(b)) => Seen::Take(b.clone()),
+            (Key::Bookmark(_), _) => Seen::Wrong,
+            _ => Seen::End,
         })?;
-        match bad {
-            Some(e) => Err(e),
-            None => Ok((out, more)),
-        }
+        Ok((out, more))
     }
+}
+
+/// What a page scan makes of one catalog entry.
+enum Seen<T> {
+    /// Not part of the page (the entry the page continues after).
+    Skip,
+    /// The page's next entry.
+    Take(T),
+    /// In the run, but its value is of the wrong kind: corruption.
+    Wrong,
+    /// Past the run: the scan ends.
+    End,
 }
 
 /// Checks a volume or snapshot name: non-empty, at most [`MAX_NAME`] bytes, none of the

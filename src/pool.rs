@@ -337,9 +337,10 @@ impl Pool {
 
     /// Opens a volume by its id (what CSI keeps as the `volume_id`).
     pub fn volume_by_id(&self, id: VolumeId) -> Result<Volume> {
-        let raw = id.as_u128();
-        self.with(|e| e.target(Target::Volume(raw)).map(|_| ()))?;
-        Ok(self.volume_handle(raw))
+        // Hidden volumes (a receive, restore or import under way) are not found by id
+        // either.
+        self.with(|e| e.visible_volume(id).map(drop))?;
+        Ok(self.volume_handle(id.as_u128()))
     }
 
     /// Opens a snapshot `vol@snap` (or a snapshot of a deleted volume that had that name).
