@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's test command: installs the outside tools the tests use when they are missing
 # (qemu-img/qemu-io/qemu-nbd and nbdinfo for the NBD tests, losetup for raw block devices, moto
-# for the S3 backup target, strace for the tests that count a command's system calls), then runs
-# every test. A test whose tool still cannot be had says SKIPPED.
+# for the S3 backup target, grpcio and grpcio-tools for the CSI client tests, strace for the
+# tests that count a command's system calls), then runs every test. A test whose tool still
+# cannot be had says SKIPPED.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,11 @@ if ! command -v moto_server >/dev/null 2>&1; then
     echo "test.sh: could not install moto (the S3 tests will say SKIPPED)"
   # pip may put the script outside PATH (a user install).
   export PATH="$PATH:$HOME/.local/bin"
+fi
+
+if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
+  python3 -m pip install -q grpcio grpcio-tools >/dev/null 2>&1 ||
+    echo "test.sh: could not install grpcio/grpcio-tools (the CSI client tests will say SKIPPED)"
 fi
 
 set -e

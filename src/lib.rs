@@ -34,6 +34,8 @@
 pub mod backup;
 mod catalog;
 mod check;
+#[cfg(feature = "csi")]
+pub mod csi;
 pub mod device;
 mod diff;
 mod error;

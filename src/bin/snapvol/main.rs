@@ -292,6 +292,28 @@ enum Cmd {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// Serve the pool as a CSI controller (Identity, Controller, GroupController and
+    /// SnapshotMetadata services) over gRPC on a Unix socket until SIGTERM or SIGINT.
+    /// Example: snapvol csi --pool pool.img --endpoint unix:///run/csi/csi.sock
+    #[cfg(feature = "csi")]
+    Csi {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
+        path: PathBuf,
+        /// Where to listen: unix:///path/to/csi.sock (CSI_ENDPOINT, as sidecars set it).
+        #[arg(long, env = "CSI_ENDPOINT")]
+        endpoint: String,
+        /// The plugin name GetPluginInfo reports.
+        #[arg(long, default_value = snapvol::csi::DEFAULT_DRIVER_NAME)]
+        driver_name: String,
+        /// Size of a volume created with no capacity range (e.g. 1GiB).
+        #[arg(long, default_value = "1GiB", value_parser = units::parse_size)]
+        default_size: u64,
+        /// Also serve the volumes over NBD on this Unix socket (export names as in
+        /// volume_context's snapvol.io/nbd-export), as a node plugin would reach them.
+        #[cfg(feature = "nbd")]
+        #[arg(long)]
+        nbd_socket: Option<PathBuf>,
+    },
     /// Print a shell completion script: snapvol completions bash > /etc/bash_completion.d/snapvol
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -1272,6 +1294,53 @@ fn run(cmd: Cmd) -> CmdResult {
                 }
             };
             served.map_err(|err| format!("NBD server: {err}"))?;
+            done(pool)
+        }
+        #[cfg(feature = "csi")]
+        Cmd::Csi {
+            path,
+            endpoint,
+            driver_name,
+            default_size,
+            #[cfg(feature = "nbd")]
+            nbd_socket,
+        } => {
+            let pool = open(&path)?;
+            #[cfg(feature = "nbd")]
+            let nbd = match nbd_socket {
+                Some(sock) => {
+                    let l = std::os::unix::net::UnixListener::bind(&sock)
+                        .map_err(|err| format!("{}: {err}", sock.display()))?;
+                    eprintln!(
+                        "snapvol: serving the volumes over NBD on {}",
+                        sock.display()
+                    );
+                    let opts = snapvol::nbd::ServerOptions::default();
+                    let server = snapvol::nbd::Server::start_unix(&pool, l, opts)
+                        .map_err(|err| format!("NBD server: {err}"))?;
+                    Some((server, sock))
+                }
+                None => None,
+            };
+            let sock = snapvol::csi::endpoint_path(&endpoint).map_err(|e| e.to_string())?;
+            let opts = snapvol::csi::CsiOptions::default()
+                .driver_name(driver_name)
+                .default_volume_size(default_size)
+                .stop_on_signal(true);
+            let server = snapvol::csi::Server::start_unix(&pool, &sock, opts)
+                .map_err(|e| format!("{}: {e}", sock.display()))?;
+            eprintln!(
+                "snapvol: serving {} as a CSI controller on {}",
+                path.display(),
+                sock.display()
+            );
+            let served = server.wait().map_err(|e| format!("CSI server: {e}"));
+            #[cfg(feature = "nbd")]
+            if let Some((nbd, sock)) = nbd {
+                nbd.stop().map_err(|e| format!("NBD server: {e}"))?;
+                let _ = std::fs::remove_file(sock);
+            }
+            served?;
             done(pool)
         }
         Cmd::Backup { cmd, s3 } => backup::run(cmd, &s3),
