@@ -23,6 +23,11 @@ pub(crate) enum ExportKey {
 pub(crate) struct Exports<'a> {
     pub pool: &'a Pool,
     pub closed: Option<&'a parking_lot::Mutex<std::collections::HashSet<ExportKey>>>,
+    /// Called when a client chooses an export, before the reply that lets it start: the
+    /// server registers the connection under the export there, so a `close_export` that
+    /// runs after the client saw its choice accepted always finds it. `false`: the export
+    /// was closed meanwhile and is refused as unknown.
+    pub claim: Option<&'a dyn Fn(ExportKey) -> bool>,
 }
 
 impl Exports<'_> {
@@ -36,6 +41,11 @@ impl Exports<'_> {
     }
 
     /// The names of the exports offered.
+    /// Claims `export` for the connection (see [`Exports::claim`]).
+    pub(crate) fn claim(&self, export: &Export) -> bool {
+        self.claim.is_none_or(|c| c(export.key()))
+    }
+
     pub(crate) fn names(&self) -> Result<Vec<String>> {
         let names = Export::names(self.pool)?;
         Ok(match self.closed {

@@ -78,6 +78,7 @@ pub(crate) fn negotiate(
                 let Some(export) = std::str::from_utf8(&data)
                     .ok()
                     .and_then(|name| exports.open(name))
+                    .filter(|e| exports.claim(e))
                 else {
                     return Ok(None);
                 };
@@ -193,6 +194,10 @@ fn info<S: Write>(
             return Ok(None);
         }
     };
+    if option == OPT_GO && !exports.claim(&export) {
+        option_reply(s, option, REP_ERR_UNKNOWN, b"no such volume or snapshot")?;
+        return Ok(None);
+    }
     let mut d = INFO_EXPORT.to_be_bytes().to_vec();
     d.extend_from_slice(&size.to_be_bytes());
     d.extend_from_slice(&transmission_flags(&export).to_be_bytes());

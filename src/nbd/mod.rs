@@ -34,7 +34,11 @@ use std::io::{self, Read, Write};
 pub fn serve_connection<S: Read + Write>(pool: &Pool, stream: S) -> io::Result<()> {
     let stream = std::cell::RefCell::new(stream);
     let (mut r, mut w) = (Half(&stream), Half(&stream));
-    let exports = export::Exports { pool, closed: None };
+    let exports = export::Exports {
+        pool,
+        closed: None,
+        claim: None,
+    };
     match handshake::negotiate(&exports, &mut r, &mut w)? {
         Some(chosen) => transmission::serve(&chosen, &mut r, &mut w),
         None => Ok(()),

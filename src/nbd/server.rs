@@ -241,28 +241,30 @@ fn serve_one<S: Read + Write>(pool: &Pool, stream: S, shared: &Shared, id: u64) 
     let stream = std::cell::RefCell::new(stream);
     let mut reader = io::BufReader::with_capacity(64 << 10, super::Half(&stream));
     let mut writer = io::BufWriter::with_capacity(64 << 10, super::Half(&stream));
-    let exports = Exports {
-        pool,
-        closed: Some(&shared.closed),
-    };
-    let Some(chosen) = handshake::negotiate(&exports, &mut reader, &mut writer)? else {
-        return Ok(());
-    };
-    let key = chosen.export.key();
-    {
-        // The handshake is over: no timeout while serving.
-        if let Some(l) = shared.live.lock().get(&id) {
-            l.conn.set_read_timeout(None)?;
-        }
-        // Registered before serving, and checked again: an export closed during the
-        // handshake is not served.
+    // Registered under the export before the client hears its choice is accepted, and
+    // checked against the closed set under the same lock `close_export` takes: a close
+    // either sees this connection or this connection sees the close.
+    let claim = |key: ExportKey| {
         let mut live = shared.live.lock();
         if shared.closed.lock().contains(&key) {
-            return Ok(());
+            return false;
         }
         if let Some(l) = live.get_mut(&id) {
             l.export = Some(key);
         }
+        true
+    };
+    let exports = Exports {
+        pool,
+        closed: Some(&shared.closed),
+        claim: Some(&claim),
+    };
+    let Some(chosen) = handshake::negotiate(&exports, &mut reader, &mut writer)? else {
+        return Ok(());
+    };
+    // The handshake is over: no timeout while serving.
+    if let Some(l) = shared.live.lock().get(&id) {
+        l.conn.set_read_timeout(None)?;
     }
     transmission::serve(&chosen, &mut reader, &mut writer)
 }
