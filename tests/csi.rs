@@ -109,3 +109,63 @@ fn python_grpc_client_runs_the_csi_checklist_and_the_seed_workflows() {
         .collect();
     assert!(left.is_empty(), "bookmarks left: {left:?}");
 }
+
+/// A client that stops reading (here: its runtime is no longer polled, so it never answers
+/// the server's GOAWAY nor closes) keeps a graceful stop waiting only for the grace period:
+/// then the server drops the connection, removes its socket, and the pool can close.
+#[test]
+fn a_stop_drops_a_silent_client_after_the_grace_period() {
+    use snapvol::csi::proto::identity_client::IdentityClient;
+    use snapvol::csi::proto::ProbeRequest;
+    use snapvol::csi::{CsiOptions, Server};
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::create_file(
+        dir.path().join("pool.img"),
+        64 << 20,
+        PoolOptions::default().commit_interval(None),
+    )
+    .unwrap();
+    let sock = dir.path().join("csi.sock");
+    let grace = Duration::from_millis(300);
+    let server = Server::start_unix(&pool, &sock, CsiOptions::default().stop_grace(grace)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let path = sock.clone();
+    let channel = rt.block_on(async move {
+        tonic::transport::Endpoint::try_from("http://localhost")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .unwrap()
+    });
+    let mut client = IdentityClient::new(channel);
+    let ready = rt
+        .block_on(client.probe(ProbeRequest {}))
+        .unwrap()
+        .into_inner()
+        .ready;
+    assert_eq!(ready, Some(true));
+    // The client's connection stays open and unanswered from here on.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = Instant::now();
+    std::thread::spawn(move || tx.send(server.stop()).unwrap());
+    let stopped = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("stop waited for a client that never closes");
+    stopped.unwrap();
+    assert!(
+        started.elapsed() >= grace,
+        "the client got its grace period"
+    );
+    assert!(!sock.exists(), "the socket is removed");
+    drop((client, rt));
+    pool.close().unwrap();
+}

@@ -52,41 +52,49 @@ fn check_offset(offset: u64, size: u64) -> Result<(), Status> {
     Ok(())
 }
 
-/// Streams the pages of `page` from `offset`: the first page is computed before the call
-/// answers, so a bad request fails as the call's status rather than in the stream.
-async fn stream<T, F>(
+/// Streams `first` and the pages of `page` after it. The first page was computed in the
+/// same blocking call that resolved the handles, before the call answers, so a bad request
+/// fails as the call's status rather than in the stream; a stream that fits in one page
+/// (the common case for a delta between snapshots) is answered without another hop to a
+/// blocking thread.
+fn stream<T, F>(
     driver: &Arc<Driver>,
-    offset: u64,
+    first: ExtentPage,
     mut page: PageFn,
     wrap: F,
-) -> Result<ReceiverStream<Result<T, Status>>, Status>
+) -> ReceiverStream<Result<T, Status>>
 where
     T: Send + 'static,
     F: Fn(&ExtentPage) -> T + Send + 'static,
 {
-    let (first, page) = driver
-        .run(move |d| {
-            let first = page(d, offset).or_status()?;
-            Ok((first, page))
-        })
-        .await?;
+    let Some(mut next) = first.next_offset else {
+        let (tx, rx) = mpsc::channel(1);
+        // A fresh channel with room for one: this send cannot fail.
+        let _ = tx.try_send(Ok(wrap(&first)));
+        return ReceiverStream::new(rx);
+    };
     let (tx, rx) = mpsc::channel(AHEAD);
     let d = driver.clone();
     tokio::task::spawn_blocking(move || {
-        let mut page = page;
-        let mut next = first.next_offset;
         if tx.blocking_send(Ok(wrap(&first))).is_err() {
             return;
         }
-        while let Some(at) = next {
-            let msg = match page(&d, at) {
+        loop {
+            let msg = match page(&d, next) {
                 Ok(p) => {
-                    next = p.next_offset;
-                    Ok(wrap(&p))
+                    let msg = Ok(wrap(&p));
+                    match p.next_offset {
+                        Some(at) => next = at,
+                        None => {
+                            let _ = tx.blocking_send(msg);
+                            return;
+                        }
+                    }
+                    msg
                 }
                 Err(e) => {
-                    next = None;
-                    Err(super::status::status(e))
+                    let _ = tx.blocking_send(Err(super::status::status(e)));
+                    return;
                 }
             };
             // A client that went away closes the channel: stop walking.
@@ -95,7 +103,7 @@ where
             }
         }
     });
-    Ok(ReceiverStream::new(rx))
+    ReceiverStream::new(rx)
 }
 
 fn limit(n: i32) -> Result<usize, Status> {
@@ -120,18 +128,23 @@ impl SnapshotMetadata for MetadataService {
         }
         let offset = bytes("starting_offset", req.starting_offset)?;
         let max = limit(req.max_results)?;
-        let handle = req.snapshot_id.clone();
-        let snap = self.0.run(move |d| snapshot_info(d, &handle)).await?;
-        check_offset(offset, snap.size)?;
-        let target = DiffTarget::Snapshot(snap.id);
-        let page: PageFn =
-            Box::new(move |d, at| d.pool.allocated(target, at, max, TupleLength::Variable));
-        let s = stream(&self.0, offset, page, |p| GetMetadataAllocatedResponse {
+        let handle = req.snapshot_id;
+        let (first, page) = self
+            .0
+            .run(move |d| {
+                let snap = snapshot_info(d, &handle)?;
+                check_offset(offset, snap.size)?;
+                let target = DiffTarget::Snapshot(snap.id);
+                let mut page: PageFn =
+                    Box::new(move |d, at| d.pool.allocated(target, at, max, TupleLength::Variable));
+                Ok((page(d, offset).or_status()?, page))
+            })
+            .await?;
+        let s = stream(&self.0, first, page, |p| GetMetadataAllocatedResponse {
             block_metadata_type: BlockMetadataType::VariableLength as i32,
             volume_capacity_bytes: int64(p.volume_size),
             block_metadata: tuples(p),
-        })
-        .await?;
+        });
         Ok(Response::new(s))
     }
 
@@ -149,7 +162,7 @@ impl SnapshotMetadata for MetadataService {
         let offset = bytes("starting_offset", req.starting_offset)?;
         let max = limit(req.max_results)?;
         let (base_handle, target_handle) = (req.base_snapshot_id, req.target_snapshot_id);
-        let (base, target) = self
+        let (first, page) = self
             .0
             .run(move |d| {
                 let target = snapshot_info(d, &target_handle)?;
@@ -172,19 +185,18 @@ impl SnapshotMetadata for MetadataService {
                     }
                     Err(e) => return Err(super::status::status(e)),
                 };
-                Ok((base, target))
+                check_offset(offset, target.size)?;
+                let to = DiffTarget::Snapshot(target.id);
+                let mut page: PageFn =
+                    Box::new(move |d, at| d.pool.delta(base, to, at, max, TupleLength::Variable));
+                Ok((page(d, offset).or_status()?, page))
             })
             .await?;
-        check_offset(offset, target.size)?;
-        let to = DiffTarget::Snapshot(target.id);
-        let page: PageFn =
-            Box::new(move |d, at| d.pool.delta(base, to, at, max, TupleLength::Variable));
-        let s = stream(&self.0, offset, page, |p| GetMetadataDeltaResponse {
+        let s = stream(&self.0, first, page, |p| GetMetadataDeltaResponse {
             block_metadata_type: BlockMetadataType::VariableLength as i32,
             volume_capacity_bytes: int64(p.volume_size),
             block_metadata: tuples(p),
-        })
-        .await?;
+        });
         Ok(Response::new(s))
     }
 }

@@ -32,6 +32,7 @@ mod status;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
@@ -62,6 +63,10 @@ pub struct CsiOptions {
     pub bookmark_deleted_snapshots: bool,
     /// Stop serving (gracefully: in-flight calls finish) on SIGINT or SIGTERM.
     pub stop_on_signal: bool,
+    /// How long a stop waits for calls in flight and for clients to close their
+    /// connections before it drops them (default 10 s): a client that never answers the
+    /// server's GOAWAY cannot keep the server, and the pool, from stopping.
+    pub stop_grace: Duration,
 }
 
 impl Default for CsiOptions {
@@ -71,6 +76,7 @@ impl Default for CsiOptions {
             default_volume_size: 1 << 30,
             bookmark_deleted_snapshots: true,
             stop_on_signal: false,
+            stop_grace: Duration::from_secs(10),
         }
     }
 }
@@ -97,6 +103,12 @@ impl CsiOptions {
     /// Sets [`CsiOptions::stop_on_signal`].
     pub fn stop_on_signal(mut self, on: bool) -> Self {
         self.stop_on_signal = on;
+        self
+    }
+
+    /// Sets [`CsiOptions::stop_grace`].
+    pub fn stop_grace(mut self, grace: Duration) -> Self {
+        self.stop_grace = grace;
         self
     }
 }
@@ -284,22 +296,27 @@ fn serve(
         .enable_time()
         .build()
         .map_err(io_err("start runtime"))?;
-    rt.block_on(async move {
+    let grace = driver.opts.stop_grace;
+    let served = rt.block_on(async move {
         let listener = tokio::net::UnixListener::from_std(listener).map_err(io_err("listen"))?;
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
         let on_signal = driver.opts.stop_on_signal;
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let told = stopping.clone();
         let shutdown = async move {
             if on_signal {
                 wait_for_signal(stop).await;
             } else {
                 let _ = stop.await;
             }
+            // A permit is stored if the grace timer below is not waiting yet.
+            told.notify_one();
         };
         use proto::controller_server::ControllerServer;
         use proto::group_controller_server::GroupControllerServer;
         use proto::identity_server::IdentityServer;
         use proto::snapshot_metadata_server::SnapshotMetadataServer;
-        tonic::transport::Server::builder()
+        let serving = tonic::transport::Server::builder()
             .add_service(IdentityServer::new(identity::IdentityService(
                 driver.clone(),
             )))
@@ -312,14 +329,24 @@ fn serve(
             .add_service(SnapshotMetadataServer::new(metadata::MetadataService(
                 driver.clone(),
             )))
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .map_err(|e| Error::Io {
+            .serve_with_incoming_shutdown(incoming, shutdown);
+        // A graceful stop waits for every connection to close; past the grace period the
+        // remaining ones are dropped with the runtime.
+        tokio::select! {
+            r = serving => r.map_err(|e| Error::Io {
                 op: "serve",
                 offset: 0,
                 source: io::Error::other(e),
-            })
-    })
+            }),
+            () = async {
+                stopping.notified().await;
+                tokio::time::sleep(grace).await;
+            } => Ok(()),
+        }
+    });
+    // Blocking calls still running (a commit) get the same grace to finish.
+    rt.shutdown_timeout(grace);
+    served
 }
 
 /// Waits for SIGINT, SIGTERM or an explicit stop, whichever comes first.
