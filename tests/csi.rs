@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use snapvol::{Pool, PoolOptions};
@@ -132,20 +133,7 @@ fn a_stop_drops_a_silent_client_after_the_grace_period() {
         .enable_all()
         .build()
         .unwrap();
-    let path = sock.clone();
-    let channel = rt.block_on(async move {
-        tonic::transport::Endpoint::try_from("http://localhost")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            }))
-            .await
-            .unwrap()
-    });
+    let channel = connect(&rt, &sock);
     let mut client = IdentityClient::new(channel);
     let ready = rt
         .block_on(client.probe(ProbeRequest {}))
@@ -168,4 +156,390 @@ fn a_stop_drops_a_silent_client_after_the_grace_period() {
     assert!(!sock.exists(), "the socket is removed");
     drop((client, rt));
     pool.close().unwrap();
+}
+
+/// A tonic channel to the CSI server on `sock`, driven by `rt`.
+fn connect(rt: &tokio::runtime::Runtime, sock: &Path) -> tonic::transport::Channel {
+    let path = sock.to_path_buf();
+    rt.block_on(async move {
+        tonic::transport::Endpoint::try_from("http://localhost")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .unwrap()
+    })
+}
+
+/// One pool served over CSI, with a client.
+struct Cluster {
+    pool: Pool,
+    server: Option<snapvol::csi::Server>,
+    ctl: snapvol::csi::proto::controller_client::ControllerClient<tonic::transport::Channel>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new(rt: &tokio::runtime::Runtime, opts: snapvol::csi::CsiOptions) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::create_file(
+            dir.path().join("pool.img"),
+            256 << 20,
+            PoolOptions::default().commit_interval(None),
+        )
+        .unwrap();
+        let sock = dir.path().join("csi.sock");
+        let server = snapvol::csi::Server::start_unix(&pool, &sock, opts).unwrap();
+        let ctl = snapvol::csi::proto::controller_client::ControllerClient::new(connect(rt, &sock));
+        Cluster {
+            pool,
+            server: Some(server),
+            ctl,
+            _dir: dir,
+        }
+    }
+}
+
+fn backup_class(target: &str) -> std::collections::HashMap<String, String> {
+    [("snapvol.io/backup-target".to_string(), target.to_string())]
+        .into_iter()
+        .collect()
+}
+
+/// The seed's third workflow through CSI alone: a snapshot whose class names a backup
+/// target is pushed there and becomes ready once its backup is complete; another pool
+/// (another cluster, the same target name configured) lists it by its handle and restores
+/// a volume from it with the data intact; a second volume from it is a local clone; deleting
+/// it by handle deletes the backup. Bad parameters are INVALID_ARGUMENT, and a push that
+/// fails is reported once, then retried.
+#[test]
+fn a_backup_class_pushes_snapshots_and_another_pool_restores_them_by_handle() {
+    use snapvol::backup::{DirTarget, FaultTarget, RepoOptions, Repository, Target, TargetFault};
+    use snapvol::csi::proto::*;
+    use snapvol::csi::CsiOptions;
+    use tonic::Code;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let offsite: Arc<dyn Target> = Arc::new(DirTarget::new(store.path().join("offsite")).unwrap());
+    let flaky = Arc::new(FaultTarget::new(Arc::new(
+        DirTarget::new(store.path().join("flaky")).unwrap(),
+    )));
+    Repository::create(flaky.clone(), &RepoOptions::default()).unwrap();
+    let opts = CsiOptions::default()
+        .backup_target("offsite", offsite.clone())
+        .unwrap()
+        .backup_target("flaky", flaky.clone())
+        .unwrap();
+    assert!(matches!(
+        CsiOptions::default().backup_target("Off site", offsite.clone()),
+        Err(snapvol::Error::InvalidArgument(_))
+    ));
+    let mut a = Cluster::new(&rt, opts.clone());
+
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let v = a.pool.create_volume("pvc-db", 16 << 20).unwrap();
+    v.write_at(&data, 3 << 20).unwrap();
+    v.flush().unwrap();
+    let vol = format!("vol-{}", v.info().unwrap().id);
+    let request = |name: &str, params| CreateSnapshotRequest {
+        source_volume_id: vol.clone(),
+        name: name.to_string(),
+        parameters: params,
+        ..Default::default()
+    };
+
+    // Bad parameters: nothing is made.
+    for params in [
+        backup_class("nowhere"),
+        [("snapvol.io/colour".to_string(), "blue".to_string())]
+            .into_iter()
+            .collect(),
+    ] {
+        let e = rt
+            .block_on(a.ctl.create_snapshot(request("bad", params)))
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    assert!(a
+        .pool
+        .list_snapshots(None, 0, None)
+        .unwrap()
+        .entries
+        .is_empty());
+
+    // Cut at once, ready once pushed.
+    let nightly = |a: &mut Cluster| {
+        rt.block_on(
+            a.ctl
+                .create_snapshot(request("nightly", backup_class("offsite"))),
+        )
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+    };
+    let first = nightly(&mut a);
+    assert!(
+        !first.ready_to_use,
+        "not ready before the backup is complete"
+    );
+    let handle = first.snapshot_id.clone();
+    assert!(
+        handle.starts_with("snap-") && handle.ends_with("@offsite"),
+        "{handle}"
+    );
+    let start = Instant::now();
+    loop {
+        let s = nightly(&mut a);
+        assert_eq!(s.snapshot_id, handle, "a retry finds the same snapshot");
+        if s.ready_to_use {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the push never completed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let id: snapvol::SnapshotId = handle["snap-".len()..handle.len() - "@offsite".len()]
+        .parse()
+        .unwrap();
+    let repo = Repository::open(offsite.clone()).unwrap();
+    assert_eq!(
+        repo.info(id).unwrap().size,
+        16 << 20,
+        "the manifest is written"
+    );
+
+    // Another cluster: the handle alone.
+    let mut b = Cluster::new(&rt, opts.clone());
+    let listed = rt
+        .block_on(b.ctl.list_snapshots(ListSnapshotsRequest {
+            snapshot_id: handle.clone(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1);
+    let s = listed[0].snapshot.clone().unwrap();
+    assert!(s.ready_to_use);
+    assert_eq!(
+        (s.snapshot_id.as_str(), s.size_bytes),
+        (handle.as_str(), 16 << 20)
+    );
+    assert_eq!(s.source_volume_id, vol);
+    let restore = |b: &mut Cluster, name: &str| {
+        rt.block_on(b.ctl.create_volume(CreateVolumeRequest {
+            name: name.to_string(),
+            volume_capabilities: vec![VolumeCapability {
+                access_type: Some(volume_capability::AccessType::Block(
+                    volume_capability::BlockVolume {},
+                )),
+                access_mode: Some(volume_capability::AccessMode {
+                    mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+                }),
+            }],
+            volume_content_source: Some(VolumeContentSource {
+                r#type: Some(volume_content_source::Type::Snapshot(
+                    volume_content_source::SnapshotSource {
+                        snapshot_id: handle.clone(),
+                    },
+                )),
+            }),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 16 << 20,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+    };
+    let restored = restore(&mut b, "pvc-restored")
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(restored.capacity_bytes, 16 << 20);
+    let mut got = vec![0u8; data.len()];
+    b.pool
+        .volume("pvc-restored")
+        .unwrap()
+        .read_at(&mut got, 3 << 20)
+        .unwrap();
+    assert!(got == data, "the restored volume holds the snapshot's data");
+    assert_eq!(
+        b.pool.snapshot_info(id).unwrap().id,
+        id,
+        "the snapshot is local now"
+    );
+    restore(&mut b, "pvc-restored-2").unwrap();
+    let names: Vec<String> = b
+        .pool
+        .list_volumes(0, None)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(
+        names,
+        ["pvc-restored", "pvc-restored-2"],
+        "no helper volume is left"
+    );
+
+    // Deleting by handle deletes the backup (a Retain policy would not call it); again: done.
+    for _ in 0..2 {
+        rt.block_on(b.ctl.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: handle.clone(),
+            ..Default::default()
+        }))
+        .unwrap();
+    }
+    assert!(matches!(
+        repo.info(id),
+        Err(snapvol::Error::BackupNotFound(_))
+    ));
+    let listed = rt
+        .block_on(a.ctl.list_snapshots(ListSnapshotsRequest {
+            snapshot_id: handle.clone(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        !listed[0].snapshot.as_ref().unwrap().ready_to_use,
+        "no backup any more"
+    );
+
+    // A push that fails is the call's error once; the next retry pushes again.
+    flaky.arm(TargetFault::FailPut(1));
+    let s = rt
+        .block_on(
+            a.ctl
+                .create_snapshot(request("weekly", backup_class("flaky"))),
+        )
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(!s.ready_to_use);
+    let start = Instant::now();
+    let failed = loop {
+        match rt.block_on(
+            a.ctl
+                .create_snapshot(request("weekly", backup_class("flaky"))),
+        ) {
+            Err(e) => break e,
+            Ok(r) => assert!(!r.into_inner().snapshot.unwrap().ready_to_use),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the failure was never reported"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    assert!(
+        failed.message().contains("backup push failed"),
+        "{failed:?}"
+    );
+    assert_eq!(flaky.fired(), 1);
+    flaky.disarm();
+    let start = Instant::now();
+    while !rt
+        .block_on(
+            a.ctl
+                .create_snapshot(request("weekly", backup_class("flaky"))),
+        )
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .ready_to_use
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the retried push never completed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A backup in flight cannot be deleted: the push would write its manifest after the
+    // delete and bring it back. Once it is complete it can.
+    flaky.arm(TargetFault::HoldPut(1));
+    let monthly = rt
+        .block_on(
+            a.ctl
+                .create_snapshot(request("monthly", backup_class("flaky"))),
+        )
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let start = Instant::now();
+    while !flaky.holding() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the push never reached the store"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let delete_monthly = |a: &mut Cluster| {
+        rt.block_on(a.ctl.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: monthly.snapshot_id.clone(),
+            ..Default::default()
+        }))
+    };
+    let busy = delete_monthly(&mut a).unwrap_err();
+    assert_eq!(busy.code(), Code::FailedPrecondition, "{busy:?}");
+    let monthly_id: snapvol::SnapshotId = monthly.snapshot_id["snap-".len()..]
+        .split('@')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        a.pool.snapshot_info(monthly_id).unwrap().id,
+        monthly_id,
+        "a refused delete keeps the snapshot"
+    );
+    flaky.disarm();
+    let flaky_repo = Repository::open(flaky.clone()).unwrap();
+    let start = Instant::now();
+    loop {
+        match delete_monthly(&mut a) {
+            Ok(_) => break,
+            Err(e) => assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}"),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the push never finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(
+        flaky_repo.info(monthly_id),
+        Err(snapvol::Error::BackupNotFound(_))
+    ));
+    assert!(matches!(
+        a.pool.snapshot_info(monthly_id),
+        Err(snapvol::Error::SnapshotNotFound(_))
+    ));
+
+    // The clients' connections close with their runtime, so the stops need no grace.
+    let servers = [a.server.take().unwrap(), b.server.take().unwrap()];
+    drop(rt);
+    for server in servers {
+        server.stop().unwrap();
+    }
+    drop((a, b));
 }

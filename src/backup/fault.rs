@@ -3,7 +3,7 @@
 
 use super::target::{ObjectMeta, Target};
 use crate::error::{Error, Result};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -22,6 +22,9 @@ pub enum TargetFault {
     FailList(u64),
     /// The Nth delete fails with an I/O error.
     FailDelete(u64),
+    /// The Nth put waits until the fault is disarmed, then goes through: a push caught in
+    /// flight, for what a concurrent delete or stop does meanwhile.
+    HoldPut(u64),
 }
 
 #[derive(Default)]
@@ -32,12 +35,15 @@ struct State {
     lists: u64,
     deletes: u64,
     fired: u64,
+    /// A put is waiting in [`TargetFault::HoldPut`].
+    holding: bool,
 }
 
 /// Wraps a target; by default it passes everything through.
 pub struct FaultTarget {
     inner: Arc<dyn Target>,
     state: Mutex<State>,
+    released: Condvar,
 }
 
 impl FaultTarget {
@@ -46,6 +52,7 @@ impl FaultTarget {
         FaultTarget {
             inner,
             state: Mutex::new(State::default()),
+            released: Condvar::new(),
         }
     }
 
@@ -55,11 +62,41 @@ impl FaultTarget {
             fault: Some(fault),
             ..State::default()
         };
+        self.released.notify_all();
     }
 
-    /// Passes everything through again.
+    /// Passes everything through again (a held put goes on).
     pub fn disarm(&self) {
         self.state.lock().fault = None;
+        self.released.notify_all();
+    }
+
+    /// Whether a put is waiting in [`TargetFault::HoldPut`].
+    pub fn holding(&self) -> bool {
+        self.state.lock().holding
+    }
+
+    /// Counts a put and applies a put fault to it.
+    fn before_put(&self, key: &str) -> Result<()> {
+        let mut s = self.state.lock();
+        s.puts += 1;
+        let n = s.puts;
+        match s.fault {
+            Some(TargetFault::FailPut(k)) if k == n => {
+                s.fired += 1;
+                Err(injected("put", key))
+            }
+            Some(TargetFault::HoldPut(k)) if k == n => {
+                s.fired += 1;
+                s.holding = true;
+                while s.fault == Some(TargetFault::HoldPut(k)) {
+                    self.released.wait(&mut s);
+                }
+                s.holding = false;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// How many times the armed fault has fired.
@@ -84,14 +121,7 @@ fn injected(op: &'static str, key: &str) -> Error {
 
 impl Target for FaultTarget {
     fn put(&self, key: &str, data: &[u8], create_only: bool) -> Result<bool> {
-        {
-            let mut s = self.state.lock();
-            s.puts += 1;
-            if s.fault == Some(TargetFault::FailPut(s.puts)) {
-                s.fired += 1;
-                return Err(injected("put", key));
-            }
-        }
+        self.before_put(key)?;
         self.inner.put(key, data, create_only)
     }
 
@@ -155,14 +185,7 @@ impl Target for FaultTarget {
     }
 
     fn put_batched(&self, key: &str, data: &[u8]) -> Result<bool> {
-        {
-            let mut s = self.state.lock();
-            s.puts += 1;
-            if s.fault == Some(TargetFault::FailPut(s.puts)) {
-                s.fired += 1;
-                return Err(injected("put", key));
-            }
-        }
+        self.before_put(key)?;
         self.inner.put_batched(key, data)
     }
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use tonic::{Code, Request, Response, Status};
 
-use super::handles::{self, parse_snapshot, parse_volume};
+use super::backups;
+use super::handles::{self, parse_snapshot, parse_snapshot_target, parse_volume};
 use super::proto::controller_server::Controller;
 use super::proto::volume_capability::access_mode::Mode;
 use super::proto::volume_capability::AccessType;
@@ -287,7 +288,17 @@ fn create_volume(d: &Driver, req: CreateVolumeRequest) -> Result<Volume, Status>
     let (origin, min) = match &source {
         None => (None, 0),
         Some(volume_content_source::Type::Snapshot(s)) => {
-            let src = snapshot_info(d, &s.snapshot_id)?;
+            let src = match parse_snapshot_target(&s.snapshot_id) {
+                // A backed-up snapshot this pool does not hold (another cluster's): restored
+                // first, under its own id, so it is then a local snapshot like any other.
+                Some((id, Some(target)))
+                    if matches!(d.pool.snapshot_info(id), Err(Error::SnapshotNotFound(_))) =>
+                {
+                    backups::restore(d, target, id)?;
+                    d.pool.snapshot_info(id).or_status()?
+                }
+                _ => snapshot_info(d, &s.snapshot_id)?,
+            };
             (Some(Origin::Snapshot(src.id)), src.size)
         }
         Some(volume_content_source::Type::Volume(v)) => {
@@ -331,11 +342,22 @@ fn create_snapshot(d: &Driver, req: CreateSnapshotRequest) -> Result<Snapshot, S
     if req.source_volume_id.is_empty() {
         return Err(required("source_volume_id"));
     }
+    let target = backups::target_parameter(d, &req.parameters)?;
+    // With a backup target, the handle names it and the snapshot is ready once its backup
+    // is complete: each retry of the call asks (and restarts a push that failed).
+    let answer = |s: &SnapshotInfo| -> Result<Snapshot, Status> {
+        let mut msg = snapshot_msg(s, None);
+        if let Some(t) = target {
+            msg.snapshot_id = handles::backed_up_snapshot(s.id, t);
+            msg.ready_to_use = backups::ready(d, t, s.id)?;
+        }
+        Ok(msg)
+    };
     let _one_at_a_time = d.create.lock();
     let src = volume_info(d, &req.source_volume_id)?;
     let same_name = snapshots_named(d, &req.name)?;
     if let Some(s) = same_name.iter().find(|s| s.volume_id == src.id) {
-        return Ok(snapshot_msg(s, None));
+        return answer(s);
     }
     if let Some(other) = same_name.first() {
         return Err(Status::already_exists(format!(
@@ -349,7 +371,43 @@ fn create_snapshot(d: &Driver, req: CreateSnapshotRequest) -> Result<Snapshot, S
         .snapshot_group_by_id(&[(src.id, req.name.as_str())])
         .or_status()?;
     let info = d.pool.snapshot_info(ids[0]).or_status()?;
-    Ok(snapshot_msg(&info, None))
+    answer(&info)
+}
+
+/// The CSI view of the snapshot a handle names, `None` if it names none. A backed-up
+/// snapshot's handle answers from the pool when the pool holds it (ready once the backup is
+/// complete), else from the backup's manifest on its target (a pre-provisioned snapshot
+/// of another cluster: ready, it restores on first use).
+fn snapshot_view(d: &Driver, handle: &str) -> Result<Option<Snapshot>, Status> {
+    let Some((id, target)) = parse_snapshot_target(handle) else {
+        return Ok(None);
+    };
+    match (d.pool.snapshot_info(id), target) {
+        (Ok(s), None) => Ok(Some(snapshot_msg(&s, None))),
+        (Ok(s), Some(t)) => {
+            let mut msg = snapshot_msg(&s, None);
+            msg.snapshot_id = handle.to_string();
+            msg.ready_to_use = backups::complete(d, t, id)?;
+            Ok(Some(msg))
+        }
+        (Err(Error::SnapshotNotFound(_)), Some(t)) => match backups::info(d, t, id) {
+            Ok(b) => Ok(Some(Snapshot {
+                size_bytes: int64(b.size),
+                snapshot_id: handle.to_string(),
+                source_volume_id: handles::volume(b.volume_id),
+                creation_time: Some(prost_types::Timestamp {
+                    seconds: i64::try_from(b.created_unix).unwrap_or(i64::MAX),
+                    nanos: 0,
+                }),
+                ready_to_use: true,
+                group_snapshot_id: String::new(),
+            })),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(s),
+        },
+        (Err(Error::SnapshotNotFound(_)), None) => Ok(None),
+        (Err(e), _) => Err(super::status::status(e)),
+    }
 }
 
 fn list_snapshots(d: &Driver, req: ListSnapshotsRequest) -> Result<ListSnapshotsResponse, Status> {
@@ -367,17 +425,15 @@ fn list_snapshots(d: &Driver, req: ListSnapshotsRequest) -> Result<ListSnapshots
         }
     };
     if !req.snapshot_id.is_empty() {
-        let Some(id) = parse_snapshot(&req.snapshot_id) else {
-            return Ok(empty);
-        };
-        return match d.pool.snapshot_info(id) {
-            Ok(s) if only.is_none_or(|v| v == s.volume_id) => Ok(ListSnapshotsResponse {
-                entries: vec![entry(&s)],
-                next_token: String::new(),
-            }),
-            Ok(_) | Err(Error::SnapshotNotFound(_)) => Ok(empty),
-            Err(e) => Err(super::status::status(e)),
-        };
+        return Ok(match snapshot_view(d, &req.snapshot_id)? {
+            Some(s) if only.is_none_or(|v| handles::volume(v) == s.source_volume_id) => {
+                ListSnapshotsResponse {
+                    entries: vec![list_snapshots_response::Entry { snapshot: Some(s) }],
+                    next_token: String::new(),
+                }
+            }
+            _ => empty,
+        });
     }
     let token = (!req.starting_token.is_empty()).then_some(req.starting_token.as_str());
     let page = d
@@ -594,14 +650,21 @@ impl Controller for ControllerService {
         if req.snapshot_id.is_empty() {
             return Err(required("snapshot_id"));
         }
-        let Some(id) = parse_snapshot(&req.snapshot_id) else {
+        let Some((id, target)) = parse_snapshot_target(&req.snapshot_id) else {
             return Ok(Response::new(DeleteSnapshotResponse {}));
         };
+        let target = target.map(str::to_string);
         self.0
-            .run(move |d| match d.pool.snapshot_info(id) {
-                Ok(s) => retire_snapshot(d, &s),
-                Err(Error::SnapshotNotFound(_)) => Ok(()),
-                Err(e) => Err(super::status::status(e)),
+            .run(move |d| {
+                // The backup first: a push still running refuses the whole deletion.
+                if let Some(t) = &target {
+                    backups::delete(d, t, id)?;
+                }
+                match d.pool.snapshot_info(id) {
+                    Ok(s) => retire_snapshot(d, &s),
+                    Err(Error::SnapshotNotFound(_)) => Ok(()),
+                    Err(e) => Err(super::status::status(e)),
+                }
             })
             .await?;
         Ok(Response::new(DeleteSnapshotResponse {}))
@@ -625,13 +688,15 @@ impl Controller for ControllerService {
         if req.snapshot_id.is_empty() {
             return Err(required("snapshot_id"));
         }
+        let handle = req.snapshot_id;
         let s = self
             .0
-            .run(move |d| snapshot_info(d, &req.snapshot_id))
+            .run(move |d| {
+                snapshot_view(d, &handle)?
+                    .ok_or_else(|| Status::not_found(format!("no snapshot {handle}")))
+            })
             .await?;
-        Ok(Response::new(GetSnapshotResponse {
-            snapshot: Some(snapshot_msg(&s, None)),
-        }))
+        Ok(Response::new(GetSnapshotResponse { snapshot: Some(s) }))
     }
 
     async fn controller_expand_volume(

@@ -9,7 +9,8 @@ use crate::ids::{SnapshotId, VolumeId};
 pub enum Handle {
     /// `vol-<32 hex>`: a volume.
     Volume(VolumeId),
-    /// `snap-<32 hex>`: a snapshot (or, once deleted, its bookmark: same id).
+    /// `snap-<32 hex>`: a snapshot (or, once deleted, its bookmark: same id);
+    /// `snap-<32 hex>@<target>` when it is backed up to the named backup target.
     Snapshot(SnapshotId),
     /// `group-<32 hex>`: a group snapshot, named by its member with the smallest id.
     Group(SnapshotId),
@@ -20,8 +21,8 @@ impl Handle {
     pub fn parse(s: &str) -> Option<Handle> {
         if let Some(hex) = s.strip_prefix("vol-") {
             hex_id(hex).map(|v| Handle::Volume(VolumeId::from_u128(v)))
-        } else if let Some(hex) = s.strip_prefix("snap-") {
-            hex_id(hex).map(|v| Handle::Snapshot(SnapshotId::from_u128(v)))
+        } else if s.starts_with("snap-") {
+            parse_snapshot_target(s).map(|(id, _)| Handle::Snapshot(id))
         } else if let Some(hex) = s.strip_prefix("group-") {
             hex_id(hex).map(|v| Handle::Group(SnapshotId::from_u128(v)))
         } else {
@@ -67,6 +68,22 @@ pub(crate) fn parse_volume(s: &str) -> Option<VolumeId> {
     }
 }
 
+/// The handle of snapshot `id` backed up to target `target`.
+pub(crate) fn backed_up_snapshot(id: SnapshotId, target: &str) -> String {
+    format!("snap-{id}@{target}")
+}
+
+/// The snapshot a snapshot handle names, and the backup target it names, if any.
+pub(crate) fn parse_snapshot_target(s: &str) -> Option<(SnapshotId, Option<&str>)> {
+    let rest = s.strip_prefix("snap-")?;
+    let (hex, target) = match rest.split_once('@') {
+        Some((hex, t)) if super::backups::valid_target_name(t) => (hex, Some(t)),
+        Some(_) => return None,
+        None => (rest, None),
+    };
+    hex_id(hex).map(|v| (SnapshotId::from_u128(v), target))
+}
+
 /// The snapshot a handle names, if it names one.
 pub(crate) fn parse_snapshot(s: &str) -> Option<SnapshotId> {
     match Handle::parse(s) {
@@ -94,6 +111,12 @@ mod tests {
         // A snapshot handle is not a volume handle and the other way round.
         assert_eq!(parse_volume(&snapshot(s)), None);
         assert_eq!(parse_snapshot(&volume(v)), None);
+        // A backed-up snapshot's handle names the same snapshot, and its target.
+        let b = backed_up_snapshot(s, "offsite-1");
+        assert_eq!(b, "snap-0000000000000000000000000000002a@offsite-1");
+        assert_eq!(parse_snapshot(&b), Some(s));
+        assert_eq!(parse_snapshot_target(&b), Some((s, Some("offsite-1"))));
+        assert_eq!(parse_snapshot_target(&snapshot(s)), Some((s, None)));
     }
 
     #[test]
@@ -108,6 +131,11 @@ mod tests {
             "VOL-123456789abcdef01122334455667788",
             "pvc-123456789abcdef01122334455667788",
             "snap-zz3456789abcdef01122334455667788",
+            "snap-0000000000000000000000000000002a@",
+            "snap-0000000000000000000000000000002a@Offsite",
+            "snap-0000000000000000000000000000002a@-x",
+            "snap-0000000000000000000000000000002a@a/b",
+            "vol-123456789abcdef01122334455667788@offsite",
         ] {
             assert_eq!(Handle::parse(bad), None, "{bad:?}");
         }

@@ -22,6 +22,7 @@
 //! start from it. There is no Node service: volumes reach nodes as NBD exports (see
 //! docs/csi.md).
 
+mod backups;
 mod controller;
 mod group;
 mod handles;
@@ -37,8 +38,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use crate::backup::Target;
 use crate::error::{Error, Result};
 use crate::Pool;
+pub use backups::{valid_target_name, BackupTargets, BACKUP_TARGET_PARAMETER};
 
 pub use handles::Handle;
 
@@ -67,6 +70,9 @@ pub struct CsiOptions {
     /// connections before it drops them (default 10 s): a client that never answers the
     /// server's GOAWAY cannot keep the server, and the pool, from stopping.
     pub stop_grace: Duration,
+    /// The backup targets a VolumeSnapshotClass may name (`snapvol.io/backup-target`), by
+    /// name: see [`CsiOptions::backup_target`].
+    pub backup_targets: BackupTargets,
 }
 
 impl Default for CsiOptions {
@@ -77,6 +83,7 @@ impl Default for CsiOptions {
             bookmark_deleted_snapshots: true,
             stop_on_signal: false,
             stop_grace: Duration::from_secs(10),
+            backup_targets: BackupTargets::default(),
         }
     }
 }
@@ -106,6 +113,21 @@ impl CsiOptions {
         self
     }
 
+    /// Adds backup target `name` (1 to 63 of `a-z 0-9 - _ .`; it becomes part of snapshot
+    /// handles, `snap-<id>@name`): snapshots whose class has the parameter
+    /// `snapvol.io/backup-target: name` are pushed there, and a handle naming it restores
+    /// from it in any pool that has the same name configured. `InvalidArgument` for a bad
+    /// name.
+    pub fn backup_target(mut self, name: &str, target: Arc<dyn Target>) -> Result<Self> {
+        if !backups::valid_target_name(name) {
+            return Err(Error::InvalidArgument(format!(
+                "backup target name {name:?}: use 1 to 63 of a-z, 0-9, '-', '_', '.', starting with a letter or digit"
+            )));
+        }
+        self.backup_targets.0.insert(name.to_string(), target);
+        Ok(self)
+    }
+
     /// Sets [`CsiOptions::stop_grace`].
     pub fn stop_grace(mut self, grace: Duration) -> Self {
         self.stop_grace = grace;
@@ -120,6 +142,7 @@ pub(crate) struct Driver {
     pub(crate) pool: Pool,
     pub(crate) opts: CsiOptions,
     pub(crate) create: Mutex<()>,
+    pub(crate) backups: backups::Backups,
 }
 
 impl Driver {
@@ -218,6 +241,7 @@ impl Server {
             pool: pool.clone(),
             opts,
             create: Mutex::new(()),
+            backups: Default::default(),
         });
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -297,6 +321,7 @@ fn serve(
         .build()
         .map_err(io_err("start runtime"))?;
     let grace = driver.opts.stop_grace;
+    let held = driver.clone();
     let served = rt.block_on(async move {
         let listener = tokio::net::UnixListener::from_std(listener).map_err(io_err("listen"))?;
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -346,6 +371,9 @@ fn serve(
     });
     // Blocking calls still running (a commit) get the same grace to finish.
     rt.shutdown_timeout(grace);
+    // Backup pushes run on threads of their own and cannot be cut short: a stop waits for
+    // them (one interrupted by a kill resumes on the CO's next CreateSnapshot).
+    held.backups.join();
     served
 }
 

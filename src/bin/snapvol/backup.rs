@@ -35,6 +35,25 @@ pub struct S3Flags {
     jobs: Option<usize>,
 }
 
+impl S3Flags {
+    /// S3 settings given under other flag names (`snapvol csi` has its own `--endpoint`).
+    #[cfg_attr(not(feature = "csi"), allow(dead_code))]
+    pub fn new(
+        endpoint: Option<String>,
+        region: Option<String>,
+        path_style: bool,
+        allow_http: bool,
+    ) -> Self {
+        S3Flags {
+            endpoint,
+            region,
+            path_style,
+            allow_http,
+            jobs: None,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum BackupCmd {
     /// Create a repository (push creates one with the defaults if there is none).
@@ -176,8 +195,8 @@ fn parse_id(s: &str) -> Result<snapvol::SnapshotId, String> {
         .map_err(|_| format!("{s:?} is not a backup id (32 hex digits)"))
 }
 
-/// The target a TARGET argument names.
-fn target(spec: &str, s3: &S3Flags) -> Result<Arc<dyn Target>, String> {
+/// The target a repository argument names (a directory, file:///path or s3://…).
+pub fn target(spec: &str, s3: &S3Flags) -> Result<Arc<dyn Target>, String> {
     if let Some(rest) = spec.strip_prefix("s3://") {
         return s3_target(rest, s3);
     }

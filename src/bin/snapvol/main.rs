@@ -313,6 +313,24 @@ enum Cmd {
         #[cfg(feature = "nbd")]
         #[arg(long)]
         nbd_socket: Option<PathBuf>,
+        /// A backup target snapshot classes may name with the parameter
+        /// snapvol.io/backup-target: NAME=DIR, NAME=file:///path or NAME=s3://bucket[/prefix]
+        /// (repeat for more; s3 reads --s3-endpoint, --s3-region, --s3-path-style,
+        /// --s3-allow-http and the AWS_* variables).
+        #[arg(long = "backup-target", value_name = "NAME=TARGET")]
+        backup_targets: Vec<String>,
+        /// S3 endpoint URL of s3:// backup targets, for stores other than AWS.
+        #[arg(long)]
+        s3_endpoint: Option<String>,
+        /// S3 region of s3:// backup targets.
+        #[arg(long)]
+        s3_region: Option<String>,
+        /// Path-style requests for s3:// backup targets.
+        #[arg(long)]
+        s3_path_style: bool,
+        /// Allow a plain http:// S3 endpoint (a local server: nothing is encrypted).
+        #[arg(long)]
+        s3_allow_http: bool,
     },
     /// Print a shell completion script: snapvol completions bash > /etc/bash_completion.d/snapvol
     Completions {
@@ -1304,7 +1322,26 @@ fn run(cmd: Cmd) -> CmdResult {
             default_size,
             #[cfg(feature = "nbd")]
             nbd_socket,
+            backup_targets,
+            s3_endpoint,
+            s3_region,
+            s3_path_style,
+            s3_allow_http,
         } => {
+            let s3 = backup::S3Flags::new(s3_endpoint, s3_region, s3_path_style, s3_allow_http);
+            let mut opts = snapvol::csi::CsiOptions::default()
+                .driver_name(driver_name)
+                .default_volume_size(default_size)
+                .stop_on_signal(true);
+            for spec in &backup_targets {
+                let Some((name, at)) = spec.split_once('=') else {
+                    return Err(format!(
+                        "--backup-target {spec:?}: expected NAME=TARGET, e.g. offsite=s3://backups/cluster-a"
+                    ));
+                };
+                let t = backup::target(at, &s3)?;
+                opts = opts.backup_target(name, t).map_err(|e| e.to_string())?;
+            }
             let pool = open(&path)?;
             #[cfg(feature = "nbd")]
             let nbd = match nbd_socket {
@@ -1323,10 +1360,6 @@ fn run(cmd: Cmd) -> CmdResult {
                 None => None,
             };
             let sock = snapvol::csi::endpoint_path(&endpoint).map_err(|e| e.to_string())?;
-            let opts = snapvol::csi::CsiOptions::default()
-                .driver_name(driver_name)
-                .default_volume_size(default_size)
-                .stop_on_signal(true);
             let server = snapvol::csi::Server::start_unix(&pool, &sock, opts)
                 .map_err(|e| format!("{}: {e}", sock.display()))?;
             eprintln!(
@@ -1760,4 +1793,18 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// clap checks a command's definition only when that command is parsed: two flags
+    /// of one name (a global one and a subcommand's own) panic at run time for just that
+    /// subcommand. This walks every subcommand of the build under test.
+    #[test]
+    fn every_subcommand_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }
