@@ -1,6 +1,11 @@
 //! Backups: the same suite on a directory repository and on a real S3-compatible server on
 //! loopback (moto), then fault injection, races, hostile repositories and deletion orders.
 
+#[cfg(feature = "s3")]
+#[path = "support/moto.rs"]
+mod moto;
+#[cfg(feature = "s3")]
+use moto::{create_bucket, start_moto};
 use snapvol::backup::{
     BaseChoice, DirTarget, FaultTarget, RepoOptions, Repository, RestoreOptions, Retention, Target,
     TargetFault,
@@ -178,58 +183,6 @@ fn suite(target: Arc<dyn Target>) {
 fn directory_repository_lifecycle() {
     let dir = tempfile::tempdir().unwrap();
     suite(Arc::new(DirTarget::new(dir.path()).unwrap()));
-}
-
-#[cfg(feature = "s3")]
-/// A moto S3 server on a free loopback port, stopped when dropped.
-struct Moto {
-    child: std::process::Child,
-    port: u16,
-}
-
-#[cfg(feature = "s3")]
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[cfg(feature = "s3")]
-fn start_moto() -> Result<Moto, String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let child = std::process::Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("moto_server: {e} (pip install 'moto[server]')"))?;
-    let moto = Moto { child, port };
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(moto);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    Err("moto_server did not start listening".into())
-}
-
-#[cfg(feature = "s3")]
-/// Creates a bucket with a plain HTTP request (moto takes unsigned requests).
-fn create_bucket(port: u16, bucket: &str) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
 }
 
 #[cfg(feature = "s3")]

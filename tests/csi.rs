@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use snapvol::{Pool, PoolOptions};
 
+#[cfg(feature = "s3")]
+#[path = "support/moto.rs"]
+mod moto;
+
 fn python_has_grpc() -> Result<(), String> {
     let out = Command::new("python3")
         .args(["-c", "import grpc, grpc_tools"])
@@ -205,6 +209,38 @@ impl Cluster {
     }
 }
 
+/// CreateVolume of a block volume of `size` bytes from snapshot handle `handle`.
+fn volume_from_snapshot(
+    name: &str,
+    handle: &str,
+    size: i64,
+) -> snapvol::csi::proto::CreateVolumeRequest {
+    use snapvol::csi::proto::*;
+    CreateVolumeRequest {
+        name: name.to_string(),
+        volume_capabilities: vec![VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Block(
+                volume_capability::BlockVolume {},
+            )),
+            access_mode: Some(volume_capability::AccessMode {
+                mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }],
+        volume_content_source: Some(VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(
+                volume_content_source::SnapshotSource {
+                    snapshot_id: handle.to_string(),
+                },
+            )),
+        }),
+        capacity_range: Some(CapacityRange {
+            required_bytes: size,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    }
+}
+
 fn backup_class(target: &str) -> std::collections::HashMap<String, String> {
     [("snapvol.io/backup-target".to_string(), target.to_string())]
         .into_iter()
@@ -338,29 +374,10 @@ fn a_backup_class_pushes_snapshots_and_another_pool_restores_them_by_handle() {
     );
     assert_eq!(s.source_volume_id, vol);
     let restore = |b: &mut Cluster, name: &str| {
-        rt.block_on(b.ctl.create_volume(CreateVolumeRequest {
-            name: name.to_string(),
-            volume_capabilities: vec![VolumeCapability {
-                access_type: Some(volume_capability::AccessType::Block(
-                    volume_capability::BlockVolume {},
-                )),
-                access_mode: Some(volume_capability::AccessMode {
-                    mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-                }),
-            }],
-            volume_content_source: Some(VolumeContentSource {
-                r#type: Some(volume_content_source::Type::Snapshot(
-                    volume_content_source::SnapshotSource {
-                        snapshot_id: handle.clone(),
-                    },
-                )),
-            }),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 16 << 20,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        }))
+        rt.block_on(
+            b.ctl
+                .create_volume(volume_from_snapshot(name, &handle, 16 << 20)),
+        )
     };
     let restored = restore(&mut b, "pvc-restored")
         .unwrap()
@@ -542,4 +559,135 @@ fn a_backup_class_pushes_snapshots_and_another_pool_restores_them_by_handle() {
         server.stop().unwrap();
     }
     drop((a, b));
+}
+
+/// The seed's third workflow as an operator runs it: two `snapvol csi` processes (two
+/// clusters) configured with the same S3 backup target name on one S3 server (moto on
+/// loopback). A snapshot of a backup class in cluster A becomes ready once pushed; cluster
+/// B, which never saw A's pool, makes a volume from the handle alone, and after both
+/// drivers stop on SIGTERM, B's pool holds A's data.
+#[cfg(feature = "s3")]
+#[test]
+fn two_clusters_restore_a_snapshot_through_s3_by_its_handle_alone() {
+    use snapvol::csi::proto::controller_client::ControllerClient;
+    use snapvol::csi::proto::*;
+    let moto = match moto::start_moto() {
+        Ok(m) => m,
+        Err(why) => {
+            println!("SKIPPED: no S3 server to test against ({why})");
+            return;
+        }
+    };
+    moto::create_bucket(moto.port, "csi-backups");
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..(3u32 << 19)).map(|i| (i % 241) as u8).collect();
+    let (a_pool, b_pool) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    for path in [&a_pool, &b_pool] {
+        let pool = Pool::create_file(path, 256 << 20, PoolOptions::default()).unwrap();
+        if path == &a_pool {
+            let v = pool.create_volume("pvc-db", 16 << 20).unwrap();
+            v.write_at(&data, 5 << 20).unwrap();
+        }
+        pool.close().unwrap();
+    }
+    let endpoint = format!("http://127.0.0.1:{}", moto.port);
+    let start = |pool: &Path, sock: &Path| {
+        let child = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+            .arg("csi")
+            .arg(pool)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", sock.display()))
+            .args(["--backup-target", "offsite=s3://csi-backups/clusters"])
+            .args(["--s3-endpoint", &endpoint, "--s3-region", "us-east-1"])
+            .args(["--s3-path-style", "--s3-allow-http"])
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(sock);
+        child
+    };
+    let (a_sock, b_sock) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut a = start(&a_pool, &a_sock);
+    let mut b = start(&b_pool, &b_sock);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut a_ctl = ControllerClient::new(connect(&rt, &a_sock));
+    let mut b_ctl = ControllerClient::new(connect(&rt, &b_sock));
+
+    let volumes = rt
+        .block_on(a_ctl.list_volumes(ListVolumesRequest::default()))
+        .unwrap()
+        .into_inner()
+        .entries;
+    let vol = volumes[0].volume.as_ref().unwrap().volume_id.clone();
+    let snapshot = |ctl: &mut ControllerClient<_>| {
+        rt.block_on(ctl.create_snapshot(CreateSnapshotRequest {
+            source_volume_id: vol.clone(),
+            name: "nightly".into(),
+            parameters: backup_class("offsite"),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+    };
+    let started = Instant::now();
+    let handle = loop {
+        let s = snapshot(&mut a_ctl);
+        if s.ready_to_use {
+            break s.snapshot_id;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the push to S3 never completed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(handle.ends_with("@offsite"), "{handle}");
+
+    let restored = rt
+        .block_on(b_ctl.create_volume(volume_from_snapshot("pvc-db-restored", &handle, 16 << 20)))
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(restored.capacity_bytes, 16 << 20);
+
+    drop((a_ctl, b_ctl, rt));
+    for child in [&mut a, &mut b] {
+        let killed = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "snapvol csi exited with {status} on SIGTERM"
+        );
+    }
+    let pool = Pool::open_path(&b_pool, PoolOptions::default()).unwrap();
+    let mut got = vec![0u8; data.len()];
+    pool.volume("pvc-db-restored")
+        .unwrap()
+        .read_at(&mut got, 5 << 20)
+        .unwrap();
+    assert!(got == data, "cluster B's volume holds cluster A's data");
+    let mut before = vec![1u8; 4096];
+    pool.volume("pvc-db-restored")
+        .unwrap()
+        .read_at(&mut before, (5 << 20) - 4096)
+        .unwrap();
+    assert!(
+        before.iter().all(|&b| b == 0),
+        "unwritten ranges read as zeros"
+    );
+    assert!(pool.check().unwrap().is_clean());
+    pool.close().unwrap();
 }
