@@ -30,6 +30,7 @@ impl Codec for MapValue {
         w.u64(self.unit);
         w.u64(self.birth);
     }
+    #[inline]
     fn decode(r: &mut Reader<'_>) -> Result<MapValue> {
         Ok(MapValue {
             unit: r.u64()?,

@@ -131,7 +131,7 @@ fn split_point(at: usize, lens: &[usize], ends_run: bool) -> usize {
 }
 
 impl<S: Schema> Tree<'_, S> {
-    fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.sm.total_units()
     }
 

@@ -41,10 +41,13 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[cold]
+    #[inline(never)]
     pub(crate) fn corrupt(&self, detail: impl Into<String>) -> Error {
         Error::corrupt(self.what, self.location, detail)
     }
 
+    #[inline]
     pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self
             .at
@@ -56,6 +59,7 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    #[inline]
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
         let s = self.take(N)?;
         let mut a = [0u8; N];
@@ -63,15 +67,19 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
 
+    #[inline]
     pub(crate) fn u8(&mut self) -> Result<u8> {
         Ok(self.array::<1>()?[0])
     }
+    #[inline]
     pub(crate) fn u16(&mut self) -> Result<u16> {
         Ok(u16::from_le_bytes(self.array()?))
     }
+    #[inline]
     pub(crate) fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.array()?))
     }
+    #[inline]
     pub(crate) fn u128(&mut self) -> Result<u128> {
         Ok(u128::from_le_bytes(self.array()?))
     }
@@ -107,6 +115,7 @@ impl Codec for u64 {
     fn encode(&self, w: &mut Writer) {
         w.u64(*self);
     }
+    #[inline]
     fn decode(r: &mut Reader<'_>) -> Result<u64> {
         r.u64()
     }

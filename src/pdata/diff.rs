@@ -84,45 +84,7 @@ where
             return Err(Error::corrupt("tree node", b, "diff recursion too deep"));
         }
         if ha == 0 && hb == 0 {
-            let ea = self.leaf_entries(a, lo, hi)?;
-            let eb = self.leaf_entries(b, lo, hi)?;
-            let (mut i, mut j) = (0, 0);
-            loop {
-                match (ea.get(i), eb.get(j)) {
-                    (Some(x), Some(y)) if x.0 == y.0 => {
-                        if x.1 != y.1 {
-                            out.push(Change {
-                                key: y.0.clone(),
-                                now: Some(y.1.clone()),
-                            });
-                        }
-                        i += 1;
-                        j += 1;
-                    }
-                    (Some(x), Some(y)) if x.0 < y.0 => {
-                        out.push(Change {
-                            key: x.0.clone(),
-                            now: None,
-                        });
-                        i += 1;
-                    }
-                    (Some(x), None) => {
-                        out.push(Change {
-                            key: x.0.clone(),
-                            now: None,
-                        });
-                        i += 1;
-                    }
-                    (_, Some(y)) => {
-                        out.push(Change {
-                            key: y.0.clone(),
-                            now: Some(y.1.clone()),
-                        });
-                        j += 1;
-                    }
-                    (None, None) => return Ok(()),
-                }
-            }
+            return self.diff_leaves(a, b, lo, hi, out);
         }
         // Split the taller side by its children; the other side is compared, restricted to
         // each child's range, until equal pointers meet.
@@ -138,6 +100,89 @@ where
             }
         }
         Ok(())
+    }
+}
+
+impl<S: Schema> Tree<'_, S>
+where
+    S::Value: PartialEq,
+{
+    /// The changes between leaves `a` and `b` (0: none) within `lo..hi`. Leaves the cache
+    /// does not hold are read without being kept ([`PageCache::get_passing`]): a diff visits
+    /// each leaf once, and keeping them would cost a cold process more than reading them.
+    ///
+    /// [`PageCache::get_passing`]: crate::pdata::page_cache::PageCache::get_passing
+    fn diff_leaves(
+        &mut self,
+        a: u64,
+        b: u64,
+        lo: &S::Key,
+        hi: Option<&S::Key>,
+        out: &mut Vec<Change<S::Key, S::Value>>,
+    ) -> Result<()> {
+        let total = self.total();
+        for loc in [a, b] {
+            if loc != 0 {
+                self.nodes.cache.get_passing(loc, total)?;
+            }
+        }
+        let cache = &self.nodes.cache;
+        let entries = |loc: u64| -> Result<&[(S::Key, S::Value)]> {
+            if loc == 0 {
+                return Ok(&[]);
+            }
+            match cache.peek(loc) {
+                Some(Node::Leaf(v)) => {
+                    let s = S::Key::lower_bound(v, lo, |e| &e.0);
+                    let n = v[s..].partition_point(|e| below(&e.0, hi));
+                    Ok(&v[s..s + n])
+                }
+                Some(Node::Branch(_)) => Err(Error::corrupt("tree node", loc, "expected a leaf")),
+                None => Err(Error::corrupt(
+                    "tree node",
+                    loc,
+                    "leaf read for a diff went missing",
+                )),
+            }
+        };
+        let (ea, eb) = (entries(a)?, entries(b)?);
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (ea.get(i), eb.get(j)) {
+                (Some(x), Some(y)) if x.0 == y.0 => {
+                    if x.1 != y.1 {
+                        out.push(Change {
+                            key: y.0.clone(),
+                            now: Some(y.1.clone()),
+                        });
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                (Some(x), Some(y)) if x.0 < y.0 => {
+                    out.push(Change {
+                        key: x.0.clone(),
+                        now: None,
+                    });
+                    i += 1;
+                }
+                (Some(x), None) => {
+                    out.push(Change {
+                        key: x.0.clone(),
+                        now: None,
+                    });
+                    i += 1;
+                }
+                (_, Some(y)) => {
+                    out.push(Change {
+                        key: y.0.clone(),
+                        now: Some(y.1.clone()),
+                    });
+                    j += 1;
+                }
+                (None, None) => return Ok(()),
+            }
+        }
     }
 }
 
@@ -265,6 +310,54 @@ mod tests {
         let mut none = Vec::new();
         t.diff(root, root, &first, None, &mut none).unwrap();
         assert!(none.is_empty());
+    }
+
+    /// A diff keeps in the cache only the leaves it is asked for a second time: the first
+    /// diff of a pair reads its leaves and passes them (the cache then holds about the
+    /// branches only), the second keeps them, the third reads nothing. Every answer is the
+    /// same.
+    #[test]
+    fn a_diff_keeps_the_leaves_it_reads_only_when_asked_again() {
+        let mut env = Env::new(Numbers, 1 << 16);
+        let mut root = 0;
+        for k in 0..100_000u64 {
+            root = env.tree().insert(root, k, k).unwrap().0;
+        }
+        env.commit();
+        let base = root;
+        env.tree().share(base).unwrap();
+        for i in 0..200u64 {
+            root = env.tree().insert(root, i * 487 % 100_000, 7).unwrap().0;
+        }
+        env.commit();
+        env.nodes.cache.drop_clean();
+        let run = |env: &mut Env<Numbers>| {
+            let before = (env.nodes.cache.reads(), env.nodes.cache.len());
+            let mut out = Vec::new();
+            env.tree().diff(base, root, &0, None, &mut out).unwrap();
+            let after = (env.nodes.cache.reads(), env.nodes.cache.len());
+            (out, after.0 - before.0, after.1 - before.1)
+        };
+        let (first, read1, kept1) = run(&mut env);
+        assert_eq!(first.len(), 200);
+        // About 2 leaves per change were read; only branches and the roots' leftmost
+        // paths stayed.
+        assert!(read1 >= 300, "{read1} reads");
+        assert!(
+            kept1 * 10 < read1 as usize,
+            "kept {kept1} of {read1} pages read"
+        );
+        let (second, read2, kept2) = run(&mut env);
+        assert_eq!(second, first);
+        // The second diff reads the leaves again (less the few still kept aside) and keeps
+        // every page it reads.
+        assert!(
+            read2 <= read1 && read2 * 10 >= read1 * 9 && kept2 as u64 == read2,
+            "first read {read1}, second read {read2} and kept {kept2}"
+        );
+        let (third, read3, _) = run(&mut env);
+        assert_eq!(third, first);
+        assert_eq!(read3, 0);
     }
 
     /// A cold diff reads only what differs: the nodes on the changed paths of both trees

@@ -186,15 +186,24 @@ impl<S: Schema> Node<S> {
         }
         let mut r = Reader::new(&p[HEADER_LEN..], kind.name(), location);
         let node = if kind == S::LEAF {
-            let mut v = Vec::with_capacity(n);
+            let mut v: Vec<(S::Key, S::Value)> = Vec::with_capacity(n);
+            // Fixed-size entries (block maps) are bounded once for the whole node, so a
+            // cold scan does not pay a bounds check per field of every entry it reads.
+            if let (Some(kl), Some(vl)) = (<S::Key as Codec>::FIXED, <S::Value as Codec>::FIXED) {
+                let len = n
+                    .checked_mul(kl + vl)
+                    .filter(|&l| l <= PAYLOAD)
+                    .ok_or_else(|| bad(format!("{n} entries do not fit the page")))?;
+                r = Reader::new(&p[HEADER_LEN..HEADER_LEN + len], kind.name(), location);
+            }
             for _ in 0..n {
                 let k = S::Key::decode(&mut r)?;
                 let x = S::Value::decode(&mut r)?;
+                if v.last().is_some_and(|last| last.0 >= k) {
+                    return Err(bad("keys out of order".into()));
+                }
                 S::check_value(&x, total_units).map_err(|d| bad(format!("key {k:?}: {d}")))?;
                 v.push((k, x));
-            }
-            if !v.windows(2).all(|w| w[0].0 < w[1].0) {
-                return Err(bad("keys out of order".into()));
             }
             Node::Leaf(v)
         } else {
