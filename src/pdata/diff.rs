@@ -101,12 +101,7 @@ where
         }
         Ok(())
     }
-}
 
-impl<S: Schema> Tree<'_, S>
-where
-    S::Value: PartialEq,
-{
     /// The changes between leaves `a` and `b` (0: none) within `lo..hi`. Leaves the cache
     /// does not hold are read without being kept ([`PageCache::get_passing`]): a diff visits
     /// each leaf once, and keeping them would cost a cold process more than reading them.
