@@ -132,6 +132,31 @@ impl Handle {
         read_runs(&*self.shared.dev, &runs, buf)
     }
 
+    /// Reads only what is mapped: bytes of `buf` that no block backs are left as they are
+    /// (the caller keeps them zero), and the ranges of `buf` that were read are appended to
+    /// `filled`, in order, adjacent ones merged. A backup push reads mostly-hole chunks this
+    /// way, without zero-filling and then scanning the holes.
+    pub(crate) fn read_data(
+        &self,
+        t: Target,
+        offset: u64,
+        buf: &mut [u8],
+        filled: &mut Vec<std::ops::Range<usize>>,
+    ) -> Result<()> {
+        let mut e = self.shared.engine.lock();
+        let runs = e.plan_read(t, offset, buf.len())?;
+        let _gate = self.shared.io_gate.read();
+        drop(e);
+        for r in &runs {
+            self.shared.dev.read_at(&mut buf[r.src.clone()], r.at)?;
+            match filled.last_mut() {
+                Some(f) if f.end == r.src.start => f.end = r.src.end,
+                _ => filled.push(r.src.clone()),
+            }
+        }
+        Ok(())
+    }
+
     /// Writes; a write wholly into owned blocks runs outside the engine lock like a read.
     /// Anything else (redirects, map changes) completes under the lock.
     pub(crate) fn write(&self, id: u128, offset: u64, data: &[u8]) -> Result<()> {

@@ -116,6 +116,19 @@ impl Snapshot {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.h.read(Target::Snapshot(self.id), offset, buf)
     }
+
+    /// Reads the mapped parts of `buf.len()` bytes at `offset`, leaving the bytes of holes
+    /// untouched, and appends the ranges of `buf` that were read to `filled` (see
+    /// `Handle::read_data`).
+    pub(crate) fn read_data_at(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        filled: &mut Vec<std::ops::Range<usize>>,
+    ) -> Result<()> {
+        self.h
+            .read_data(Target::Snapshot(self.id), offset, buf, filled)
+    }
 }
 
 /// `std::io` adapter for a [`Volume`].

@@ -180,6 +180,33 @@ fn suite(target: Arc<dyn Target>) {
 }
 
 #[test]
+fn sparse_chunks_read_by_one_worker_restore_byte_for_byte() {
+    // One worker reuses one buffer for every chunk, which holds zeros between chunks: data
+    // from one chunk must never leak into the next one's hash or object.
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = repo(Arc::new(DirTarget::new(dir.path()).unwrap()));
+    r.set_parallelism(1);
+    let a = pool();
+    // 5 chunks and a short sixth one.
+    let size = 5 * u64::from(CHUNK) + 12288;
+    let v = a.create_volume("sp", size).unwrap();
+    let c = u64::from(CHUNK);
+    v.write_at(&pattern(4096, 1), 8192).unwrap();
+    v.write_at(&pattern(100_000, 2), c + 50_000).unwrap();
+    v.write_at(&pattern(7, 3), 2 * c + c - 7).unwrap();
+    // Mapped blocks that hold zeros: a chunk of them is stored as nothing, like a hole.
+    v.write_at(&vec![0u8; 8192], 3 * c + 4096).unwrap();
+    v.write_at(&pattern(4096, 5), 5 * c + 4096).unwrap();
+    let s = a.snapshot("sp", "s").unwrap();
+    let p = r.push(&a, s, BaseChoice::Auto).unwrap();
+    assert_eq!((p.chunks, p.read_chunks, p.uploaded_chunks), (4, 5, 4));
+    let b = pool();
+    r.restore(s, &b, &RestoreOptions::default()).unwrap();
+    assert_eq!(snap_bytes(&b, s), snap_bytes(&a, s));
+    assert!(r.verify(None, 100.0).unwrap().problems.is_empty());
+}
+
+#[test]
 fn directory_repository_lifecycle() {
     let dir = tempfile::tempdir().unwrap();
     suite(Arc::new(DirTarget::new(dir.path()).unwrap()));

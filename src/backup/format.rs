@@ -170,8 +170,9 @@ pub(crate) fn chunk_header(transform: u8, content_len: usize) -> [u8; CHUNK_HEAD
 
 /// Makes `buf` a whole chunk object. `buf` holds the content after `CHUNK_HEADER` bytes of
 /// room, so stored as it is, nothing is copied; compressed, `spare` receives the object and
-/// is swapped into `buf` (both buffers are the caller's, reused from chunk to chunk).
-pub(crate) fn seal_chunk(buf: &mut Vec<u8>, spare: &mut Vec<u8>, compression: Compression) {
+/// `true` is returned, `buf` keeping the content (both buffers are the caller's, reused from
+/// chunk to chunk). Returns whether the object is in `spare`.
+pub(crate) fn seal_chunk(buf: &mut [u8], spare: &mut Vec<u8>, compression: Compression) -> bool {
     let len = buf.len() - CHUNK_HEADER;
     if compression == Compression::Lz4 {
         let bound = lz4_flex::block::get_maximum_output_size(len);
@@ -183,12 +184,12 @@ pub(crate) fn seal_chunk(buf: &mut Vec<u8>, spare: &mut Vec<u8>, compression: Co
             if n < len {
                 spare.truncate(CHUNK_HEADER + n);
                 spare[..CHUNK_HEADER].copy_from_slice(&chunk_header(1, len));
-                std::mem::swap(buf, spare);
-                return;
+                return true;
             }
         }
     }
     buf[..CHUNK_HEADER].copy_from_slice(&chunk_header(0, len));
+    false
 }
 
 /// A chunk object for `content` (see [`seal_chunk`]).
@@ -196,8 +197,12 @@ pub(crate) fn seal_chunk(buf: &mut Vec<u8>, spare: &mut Vec<u8>, compression: Co
 pub(crate) fn encode_chunk(content: &[u8], compression: Compression) -> Vec<u8> {
     let mut buf = vec![0u8; CHUNK_HEADER];
     buf.extend_from_slice(content);
-    seal_chunk(&mut buf, &mut Vec::new(), compression);
-    buf
+    let mut spare = Vec::new();
+    if seal_chunk(&mut buf, &mut spare, compression) {
+        spare
+    } else {
+        buf
+    }
 }
 
 /// Decodes a chunk object and checks it is what its name says: `expect` bytes whose BLAKE3

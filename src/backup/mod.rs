@@ -48,6 +48,7 @@ mod push;
 mod restore;
 #[cfg(feature = "s3")]
 mod s3;
+mod sparse_hash;
 mod target;
 
 #[cfg(any(test, feature = "testing"))]

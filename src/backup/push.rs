@@ -5,7 +5,7 @@ use super::format::CHUNK_HEADER;
 use super::format::{
     chunk_key, manifest_key, seal_chunk, Hash, ManifestHeader, ManifestReader, ManifestWriter,
 };
-use super::{is_zero, Repository};
+use super::{is_zero, sparse_hash, Repository};
 use crate::diff::{DiffTarget, Extent, TupleLength};
 use crate::error::{Error, Result};
 use crate::ids::{Base, SnapshotId};
@@ -56,6 +56,17 @@ pub struct PushStats {
 /// each other only at a batch's end: large batches keep that wait rare (with 4 per thread,
 /// about a fifth of a 1 GiB push was spent in it).
 pub(crate) const BATCH_PER_THREAD: usize = 64;
+/// What a push worker reuses from chunk to chunk.
+#[derive(Default)]
+struct ChunkBuffers {
+    /// A chunk header's room, then the chunk's bytes: zeros between chunks.
+    buf: Vec<u8>,
+    /// Where the chunk object is compressed into.
+    spare: Vec<u8>,
+    /// The ranges of the chunk that a read filled.
+    filled: Vec<std::ops::Range<usize>>,
+}
+
 /// Extents fetched from the pool per delta page.
 const EXTENTS_PER_PAGE: usize = 4096;
 
@@ -352,8 +363,8 @@ impl Repository {
             None => None,
         };
         let uploaded = AtomicU64::new(0);
-        let buffers: parking_lot::Mutex<Vec<(Vec<u8>, Vec<u8>)>> =
-            parking_lot::Mutex::new(Vec::new());
+        let buffers: parking_lot::Mutex<Vec<ChunkBuffers>> = parking_lot::Mutex::new(Vec::new());
+        let zeros = sparse_hash::ZeroSubtrees::new(chunk as usize);
         let uploaded_bytes = AtomicU64::new(0);
         let batch_len = self.parallelism * BATCH_PER_THREAD;
         let mut batch = Vec::with_capacity(batch_len);
@@ -375,27 +386,43 @@ impl Repository {
                 }
                 let len = header.chunk_len(index);
                 // Buffers are reused: a fresh 4 MiB allocation per chunk costs a page fault
-                // per 4 KiB, more than the copy it holds.
-                let (mut buf, mut spare) = buffers.lock().pop().unwrap_or_default();
-                buf.clear();
-                buf.resize(CHUNK_HEADER + len, 0);
+                // per 4 KiB, more than the copy it holds. A worker's chunk buffer is all
+                // zeros past its header between chunks, so a read fills only what is mapped
+                // and the holes cost nothing: no zero-fill, no scan, no hashing
+                // (`sparse_hash`).
+                let ChunkBuffers {
+                    mut buf,
+                    mut spare,
+                    mut filled,
+                } = buffers.lock().pop().unwrap_or_default();
+                if buf.len() != CHUNK_HEADER + len {
+                    buf.clear();
+                    buf.resize(CHUNK_HEADER + len, 0);
+                }
+                filled.clear();
                 let r = (|| {
-                    snap.read_at(&mut buf[CHUNK_HEADER..], index * chunk)?;
-                    if is_zero(&buf[CHUNK_HEADER..]) {
+                    snap.read_data_at(&mut buf[CHUNK_HEADER..], index * chunk, &mut filled)?;
+                    let data = &buf[CHUNK_HEADER..];
+                    if filled.iter().all(|f| is_zero(&data[f.clone()])) {
                         return Ok(None);
                     }
-                    let hash: Hash = *blake3::hash(&buf[CHUNK_HEADER..]).as_bytes();
+                    let hash: Hash = *sparse_hash::hash(data, &filled, &zeros).as_bytes();
                     let ck = chunk_key(&hash);
                     if self.target.head(&ck)?.is_none() {
-                        seal_chunk(&mut buf, &mut spare, self.config.compression);
-                        if self.target.put_batched(&ck, &buf)? {
+                        let compressed = seal_chunk(&mut buf, &mut spare, self.config.compression);
+                        let object = if compressed { &spare } else { &buf };
+                        if self.target.put_batched(&ck, object)? {
                             uploaded.fetch_add(1, Ordering::Relaxed);
-                            uploaded_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                            uploaded_bytes.fetch_add(object.len() as u64, Ordering::Relaxed);
                         }
                     }
                     Ok(Some(hash))
                 })();
-                buffers.lock().push((buf, spare));
+                // Back to all zeros for the next chunk.
+                for f in &filled {
+                    buf[CHUNK_HEADER + f.start..CHUNK_HEADER + f.end].fill(0);
+                }
+                buffers.lock().push(ChunkBuffers { buf, spare, filled });
                 r
             })?;
             for (&(index, _), result) in batch.iter().zip(results) {
