@@ -198,6 +198,101 @@ fn raw_block_device_on_a_loop_device() {
     verify(&pool, &data);
 }
 
+/// Root and a working losetup, or why the test cannot run.
+fn loop_over(backing: &std::path::Path, test: &str) -> Option<Loop> {
+    let is_root = effective_uid() == 0;
+    let have_losetup = Command::new("losetup").arg("--version").output().is_ok();
+    if !is_root || !have_losetup {
+        eprintln!(
+            "SKIPPED {test}: needs root and losetup (root={is_root}, losetup={have_losetup})"
+        );
+        return None;
+    }
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(backing)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "SKIPPED {test}: losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    Some(Loop(
+        String::from_utf8(out.stdout).unwrap().trim().to_string(),
+    ))
+}
+
+#[test]
+fn a_pool_held_through_its_file_cannot_be_opened_through_a_loop_device_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.img");
+    let pool = Pool::create_file(&file, 64 << 20, PoolOptions::default()).unwrap();
+    pool.create_volume("v", 1 << 20).unwrap();
+    let Some(loopdev) = loop_over(
+        &file,
+        "a_pool_held_through_its_file_cannot_be_opened_through_a_loop_device_and_back",
+    ) else {
+        return;
+    };
+    // While the file is held, the loop device over it is refused, for writing and reading:
+    // a second writer would commit over the first (the CLI once reported snapshots that
+    // vanished at the server's next commit).
+    for read_only in [false, true] {
+        let opened = FileDevice::open_with(
+            &loopdev.0,
+            FileOptions {
+                direct: false,
+                read_only,
+            },
+        );
+        match opened {
+            Err(snapvol::Error::InUse { what, pid }) => {
+                assert!(what.contains("backing file"), "{what}");
+                assert_eq!(pid, Some(std::process::id()));
+            }
+            other => panic!("read_only={read_only}: {:?}", other.map(|_| ())),
+        }
+    }
+    pool.close().unwrap();
+    // A device another user opened exclusively (as a filesystem's mount or device-mapper
+    // does) is refused: the open uses O_EXCL. O_EXCL is 0o200 on Linux.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _other = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(0o200)
+            .open(&loopdev.0)
+            .unwrap();
+        match FileDevice::open(&loopdev.0) {
+            Err(snapvol::Error::InUse { what, .. }) => {
+                assert!(what.contains("exclusively"), "{what}")
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+    // Free now; and while the loop device holds it, the file is refused in turn.
+    let dev = FileDevice::open(&loopdev.0).unwrap();
+    assert!(matches!(
+        Pool::open_path(&file, PoolOptions::default()),
+        Err(snapvol::Error::InUse { .. })
+    ));
+    // A second writable open of the block device itself: refused as well (O_EXCL).
+    assert!(matches!(
+        FileDevice::open(&loopdev.0),
+        Err(snapvol::Error::InUse { .. })
+    ));
+    let pool = Pool::open(Arc::new(dev), PoolOptions::default()).unwrap();
+    assert_eq!(pool.volume("v").unwrap().len().unwrap(), 1 << 20);
+    pool.close().unwrap();
+    Pool::open_path(&file, PoolOptions::default())
+        .unwrap()
+        .close()
+        .unwrap();
+}
+
 fn open_device(path: &str) -> Pool {
     Pool::open(
         Arc::new(FileDevice::open(path).unwrap()),

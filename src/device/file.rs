@@ -19,6 +19,9 @@ pub struct FileDevice {
     /// Set when opened with `O_DIRECT`: I/O must be aligned, so unaligned requests go through
     /// an aligned bounce buffer.
     direct: Option<Direct>,
+    /// For a loop device, its backing file, held under the same lock as the pool would be:
+    /// the same bytes reached through the file and through the loop device are one pool.
+    _backing: Option<File>,
 }
 
 struct Direct {
@@ -55,18 +58,39 @@ impl FileDevice {
     /// the `BLKGETSIZE64` ioctl.
     pub fn open_with(path: impl AsRef<Path>, opts: FileOptions) -> Result<FileDevice> {
         let path = path.as_ref();
-        let file = open_options(opts)
-            .open(path)
-            .map_err(|e| open_error("open", opts, e))?;
+        let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let mut o = open_options(opts);
+        if is_block && !opts.read_only {
+            // Linux: O_EXCL on a block device fails with EBUSY while it is mounted or opened
+            // with O_EXCL by anyone else (another pool, a filesystem, device-mapper).
+            o.custom_flags(libc::O_EXCL | if opts.direct { libc::O_DIRECT } else { 0 });
+        }
+        let file = o.open(path).map_err(|e| {
+            if is_block && e.raw_os_error() == Some(libc::EBUSY) {
+                Error::InUse {
+                    what: format!("{} (mounted, or opened exclusively)", path.display()),
+                    pid: None,
+                }
+            } else {
+                open_error("open", opts, e)
+            }
+        })?;
         lock(&file, path, opts.read_only)?;
         let meta = file.metadata().map_err(|e| Error::io("open", 0, e))?;
         let block_device = meta.file_type().is_block_device();
+        let backing = if block_device {
+            lock_loop_backing(&meta, opts.read_only)?
+        } else {
+            None
+        };
         let len = if block_device {
             block_device_size(&file)?
         } else {
             meta.len()
         };
-        FileDevice::assemble(file, len, block_device, opts)
+        let mut dev = FileDevice::assemble(file, len, block_device, opts)?;
+        dev._backing = backing;
+        Ok(dev)
     }
 
     /// Creates a new sparse file of `len` bytes; fails if `path` exists. A file it created
@@ -110,6 +134,7 @@ impl FileDevice {
             len: AtomicU64::new(0),
             block_device,
             direct,
+            _backing: None,
         };
         dev.len = AtomicU64::new(dev.usable(len));
         Ok(dev)
@@ -387,15 +412,45 @@ fn lock(file: &File, path: &Path, shared: bool) -> Result<()> {
     }
 }
 
+/// When the block device `meta` describes is a loop device, opens its backing file and takes
+/// the pool lock on it too, so a pool file held by one process cannot be opened by another
+/// through `losetup` (each would commit over the other). The backing file is found in sysfs
+/// (`/sys/dev/block/MAJ:MIN/loop/backing_file`); a device that is not a loop device, or a
+/// backing file that is gone, has nothing to lock.
+fn lock_loop_backing(meta: &std::fs::Metadata, shared: bool) -> Result<Option<File>> {
+    use std::os::unix::fs::MetadataExt;
+    let (major, minor) = split_dev(meta.rdev());
+    let sys = format!("/sys/dev/block/{major}:{minor}/loop/backing_file");
+    let Ok(backing) = std::fs::read_to_string(&sys) else {
+        return Ok(None);
+    };
+    let backing = Path::new(backing.trim_end_matches('\n'));
+    let Ok(file) = File::open(backing) else {
+        return Ok(None);
+    };
+    lock(&file, backing, shared).map_err(|e| match e {
+        Error::InUse { what, pid } => Error::InUse {
+            what: format!("{what} (the backing file of this loop device)"),
+            pid,
+        },
+        e => e,
+    })?;
+    Ok(Some(file))
+}
+
+/// glibc's major()/minor() split of a dev_t.
+fn split_dev(dev: u64) -> (u64, u64) {
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    (major, minor)
+}
+
 /// The process holding the flock on `file`, from /proc/locks (Linux), if it can be told:
 /// an entry `N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE ...` for the file's device and inode.
 fn lock_holder(file: &File) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata().ok()?;
-    let dev = meta.dev();
-    // glibc's major()/minor() split of a dev_t.
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let (major, minor) = split_dev(meta.dev());
     let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     locks.lines().find_map(|l| {
