@@ -171,6 +171,26 @@ pub enum Error {
         pid: Option<u32>,
     },
 
+    /// Another writer committed to the pool since this one last did (it reached the same
+    /// bytes by another path: a loop device over the pool file, another host on a shared
+    /// disk). Nothing of this commit was written over it; the pool refuses further work
+    /// until reopened, and reopening shows the other writer's commit.
+    #[error(
+        "another writer committed to this pool (superblock generation {}{}) after this          process's last commit (generation {ours}); refusing to write over it: reopen the pool",
+        found.map_or("unreadable".to_string(), |g| g.to_string()),
+        writer(*.pid, .host)
+    )]
+    ConcurrentWriter {
+        /// The generation this process last committed or opened.
+        ours: u64,
+        /// The generation found on the device, if its superblock is readable.
+        found: Option<u64>,
+        /// The process id the found superblock records (0 when unknown).
+        pid: u32,
+        /// The host name it records (empty when unknown).
+        host: String,
+    },
+
     /// An earlier write or flush failed; the pool refuses further work until reopened.
     #[error("pool is poisoned by an earlier I/O failure ({0}); reopen it")]
     Poisoned(String),
@@ -301,6 +321,15 @@ fn conflict_text(conflict: &str) -> String {
     }
 }
 
+/// ", written by process P on host H" for a superblock's recorded writer, when known.
+fn writer(pid: u32, host: &str) -> String {
+    match (pid, host) {
+        (0, _) => String::new(),
+        (p, "") => format!(", written by process {p}"),
+        (p, h) => format!(", written by process {p} on host {h}"),
+    }
+}
+
 fn holder(pid: Option<u32>) -> String {
     match pid {
         Some(p) if p == std::process::id() => "another pool handle in this process".into(),
@@ -362,6 +391,7 @@ impl Error {
             Error::Io { .. }
             | Error::Target { .. }
             | Error::InUse { .. }
+            | Error::ConcurrentWriter { .. }
             | Error::Poisoned(_)
             | Error::RepositoryBusy(_) => ErrorKind::Unavailable,
             Error::Corrupt { .. } | Error::BackupCorrupt { .. } => ErrorKind::DataLoss,
@@ -396,7 +426,7 @@ impl From<Error> for io::Error {
             | Error::WrongBase { .. } => io::ErrorKind::InvalidInput,
             Error::ReadOnly(_) => io::ErrorKind::PermissionDenied,
             Error::Poisoned(_) | Error::Internal(_) => io::ErrorKind::Other,
-            Error::InUse { .. } => io::ErrorKind::ResourceBusy,
+            Error::InUse { .. } | Error::ConcurrentWriter { .. } => io::ErrorKind::ResourceBusy,
         };
         io::Error::new(kind, e)
     }

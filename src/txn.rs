@@ -16,7 +16,7 @@
 use crate::catalog::{Catalog, Counts};
 use crate::device::{BlockDevice, Checked};
 use crate::error::{Error, Result};
-use crate::format::{self, new_page, PageKind, Superblock, PAGE_SIZE, SUPERBLOCK_UNITS};
+use crate::format::{self, new_page, Page, PageKind, Superblock, PAGE_SIZE, SUPERBLOCK_UNITS};
 use crate::ids::{new_id, now_unix};
 use crate::space::{Reserve, SpaceMap};
 use crate::store::Store;
@@ -55,6 +55,11 @@ pub(crate) struct Engine {
     /// reused or discarded, and before blocks it may write become shared (see
     /// [`Engine::drain_io`]).
     pub(crate) io_gate: Arc<RwLock<()>>,
+    /// The superblock page this engine last wrote or opened, as it is on the device (none
+    /// before a new pool's first commit). Every commit first checks the device still holds
+    /// it and nothing newer: another writer reaching the same bytes by another path (a loop
+    /// device, another host on a shared disk) is refused before its commit is overwritten.
+    disk_sb: Option<Box<Page>>,
     /// The device below every path (the store's, and the transfers outside the lock): it
     /// latches the first failed write or flush and refuses later ones.
     checked: Arc<Checked>,
@@ -140,6 +145,7 @@ impl Engine {
             scratch: Vec::new(),
             io_gate: Arc::new(RwLock::new(())),
             checked,
+            disk_sb: None,
             auto_commit_space_pages: (reserve / 3).max(8),
         }
     }
@@ -181,12 +187,12 @@ impl Engine {
             dev.read_at(&mut page[..], slot * PAGE_SIZE as u64)?;
             any_magic |= format::get_u32(&page[..], 0) == PageKind::Superblock as u32;
             match Superblock::decode(&page, slot, room) {
-                Ok(sb) => candidates.push(sb),
+                Ok(sb) => candidates.push((sb, page)),
                 Err(e) => errors.push(e),
             }
         }
-        candidates.sort_by_key(|sb| std::cmp::Reverse(sb.generation));
-        let Some(sb) = candidates.into_iter().next() else {
+        candidates.sort_by_key(|(sb, _)| std::cmp::Reverse(sb.generation));
+        let Some((sb, sb_page)) = candidates.into_iter().next() else {
             if !any_magic {
                 return Err(Error::NotAPool(
                     "no snapvol superblock in either slot".into(),
@@ -235,7 +241,9 @@ impl Engine {
             counts,
         )?;
         let store = Store::new(dev, sm, sb.generation + 1, sb.block_size as usize);
-        Ok(Engine::assemble(store, catalog, sb, checked))
+        let mut engine = Engine::assemble(store, catalog, sb, checked);
+        engine.disk_sb = Some(sb_page);
+        Ok(engine)
     }
 
     /// Throws away the open transaction and returns to the last commit.
@@ -372,6 +380,43 @@ impl Engine {
         r
     }
 
+    /// Fails with [`Error::ConcurrentWriter`] when the device's superblocks are no longer the
+    /// ones this engine last wrote (or opened): another writer committed to the pool through
+    /// another path. Costs two page reads per commit, against the commit's two flushes.
+    ///
+    /// The reads go through the device as every read does: on one host the page cache is
+    /// shared by every path to the bytes, so they see another process's commit; a disk shared
+    /// by several hosts needs the device opened with `O_DIRECT` for them to see one.
+    fn check_sole_writer(&self) -> Result<()> {
+        let Some(ours) = &self.disk_sb else {
+            return Ok(());
+        };
+        let dev = &self.store.dev;
+        let ours_gen = self.sb.generation;
+        for slot in 0..SUPERBLOCK_UNITS {
+            let mut page = new_page();
+            dev.read_at(&mut page[..], slot * PAGE_SIZE as u64)?;
+            let found = Superblock::decode(&page, slot, format::MAX_POOL_BYTES).ok();
+            let changed = if slot == Superblock::slot(ours_gen) {
+                page[..] != ours[..]
+            } else {
+                // The other slot holds an older commit of ours, or a torn or wiped page:
+                // only a newer valid commit there is someone else's.
+                found.as_ref().is_some_and(|sb| sb.generation > ours_gen)
+            };
+            if changed {
+                let (pid, host) = Superblock::writer(&page);
+                return Err(Error::ConcurrentWriter {
+                    ours: ours_gen,
+                    found: found.map(|sb| sb.generation),
+                    pid,
+                    host,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn commit_inner(&mut self) -> Result<()> {
         let dev = self.store.dev.clone();
         if !self.force_commit && self.dirty_pages() == 0 && self.store.sm.cooling_units() == 0 {
@@ -381,6 +426,8 @@ impl Engine {
             return Ok(());
         }
         let generation = self.store.generation;
+        // Before this commit's pages overwrite anything: nobody else committed meanwhile.
+        self.check_sole_writer()?;
         // Volume records changed by I/O go into the catalog tree first: that allocates
         // catalog pages, which the space map pages below then count.
         self.catalog.flush(&mut self.store.sm)?;
@@ -402,8 +449,13 @@ impl Engine {
             ..self.sb.clone()
         };
         let slot = Superblock::slot(generation);
-        dev.write_at(&sb.encode()[..], slot * PAGE_SIZE as u64)?;
+        let page = sb.encode();
+        // Again right before the commit point: the pages above went to units this engine
+        // owns, the superblock would replace another writer's commit.
+        self.check_sole_writer()?;
+        dev.write_at(&page[..], slot * PAGE_SIZE as u64)?;
         dev.flush()?;
+        self.disk_sb = Some(page);
         // Units freed two commits ago become allocatable (and are discarded) now: a read or
         // in-place write planned before they were freed may still be running.
         self.drain_io();

@@ -44,9 +44,24 @@ impl Superblock {
         put_u64(&mut p[..], 112, self.created_unix);
         put_u64(&mut p[..], 120, self.snapshots);
         put_u64(&mut p[..], 128, self.catalog_buffer);
+        // Who wrote it: for the message a second writer gets (see `Superblock::writer`).
+        let (pid, host) = this_writer();
+        put_u32(&mut p[..], 136, pid);
+        let host = &host.as_bytes()[..host.len().min(WRITER_HOST_LEN)];
+        p[140] = host.len() as u8;
+        p[141..141 + host.len()].copy_from_slice(host);
         let slot = Self::slot(self.generation);
         seal(&mut p, PageKind::Superblock, slot, self.generation);
         p
+    }
+
+    /// The process id and host name of the process that wrote superblock page `p` (zero and
+    /// empty for pages written before they were recorded). Informational only: nothing
+    /// depends on them but messages.
+    pub(crate) fn writer(p: &Page) -> (u32, String) {
+        let len = usize::from(p[140]).min(WRITER_HOST_LEN);
+        let host = String::from_utf8_lossy(&p[141..141 + len]).into_owned();
+        (get_u32(&p[..], 136), host)
     }
 
     /// Decodes the superblock in `slot`, validating everything it can without other pages.
@@ -123,6 +138,20 @@ impl Superblock {
         }
         Ok(sb)
     }
+}
+
+/// Bytes of the host name a superblock keeps.
+const WRITER_HOST_LEN: usize = 64;
+
+/// This process's id and the host's name (read once).
+fn this_writer() -> (u32, &'static str) {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let host = HOST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default()
+    });
+    (std::process::id(), host)
 }
 
 #[cfg(test)]
