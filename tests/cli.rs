@@ -1260,6 +1260,7 @@ fn every_command_has_an_example_and_every_argument_a_description() {
         &["receive"],
         &["bookmark"],
         &["nbd"],
+        &["serve"],
         &["demo"],
         &["pool", "create"],
         &["pool", "grow"],

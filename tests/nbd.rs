@@ -875,3 +875,136 @@ fn a_snapshot_of_a_deleted_volume_is_exported_by_id() {
     assert_eq!(c.reply(1, &mut got), 0);
     assert_eq!(got, vec![7u8; 8192]);
 }
+
+/// `snapvol` run as a user would, returning (status, stdout, stderr).
+fn snapvol_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(args)
+        .env_remove("SNAPVOL_POOL")
+        .env_remove("SNAPVOL_CONTROL")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_served_pool_takes_cli_commands_over_its_control_socket_while_a_client_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("p.img");
+    let p = pool.to_str().unwrap();
+    assert_eq!(snapvol_cli(&["pool", "create", p, "--size", "256M"]).0, 0);
+    assert_eq!(snapvol_cli(&["create", p, "vm", "--size", "16M"]).0, 0);
+    let sock = dir.path().join("nbd.sock");
+    let server = Server::start(&pool, &sock);
+    let ctl = dir.path().join("p.img.ctl");
+    for _ in 0..200 {
+        if ctl.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&ctl).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the control socket is the owner's only"
+    );
+
+    // A client writes block after block; `acked` counts the writes it has seen replied to.
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, sock) = (acked.clone(), stop.clone(), sock.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::greet(UnixStream::connect(&sock).unwrap());
+            c.go("vm").unwrap();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && i < 4096 {
+                c.request(1, 0, i, i * 4096, 4096, &[(i % 251) as u8 + 1; 4096]);
+                assert_eq!(c.reply(i, &mut []), 0);
+                i += 1;
+                acked.store(i, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < 50 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // The snapshot, taken while the client writes, holds every write acknowledged before it.
+    let before = acked.load(std::sync::atomic::Ordering::SeqCst);
+    let (code, out, err) = snapvol_cli(&["snapshot", p, "vm@live", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["snapshots"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(id.len(), 32);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    let len = (before * 4096).to_string();
+    let (code, bytes, err) = snapvol_cli(&["read", p, "vm@live", "--length", &len]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = bytes.into_bytes();
+    for i in 0..before as usize {
+        assert_eq!(
+            bytes[i * 4096],
+            (i % 251) as u8 + 1,
+            "block {i} acknowledged before the snapshot"
+        );
+    }
+
+    // The other catalog commands, through the server, as they would run alone.
+    assert_eq!(snapvol_cli(&["clone", p, "vm@live", "vm2"]).0, 0);
+    // A connection open across a rollback reads the rolled-back contents afterwards.
+    let mut open = Client::greet(UnixStream::connect(&sock).unwrap());
+    open.go("vm").unwrap();
+    open.request(1, 0, 1, 8 << 20, 4096, &[0xEE; 4096]);
+    assert_eq!(open.reply(1, &mut []), 0);
+    let (code, _, err) = snapvol_cli(&["rollback", p, "vm@live"]);
+    assert_eq!(code, 0, "{err}");
+    let mut back = vec![0u8; 4096];
+    open.request(0, 0, 2, 8 << 20, 4096, &[]);
+    assert_eq!(open.reply(2, &mut back), 0);
+    assert_eq!(
+        back,
+        vec![0u8; 4096],
+        "the write after the snapshot is rolled back"
+    );
+    drop(open);
+    // A clone made while serving is exported at once.
+    let mut c = Client::greet(UnixStream::connect(&sock).unwrap());
+    assert_eq!(c.go("vm2").unwrap().0, 16 << 20);
+    drop(c);
+    let (code, _, err) = snapvol_cli(&["destroy", p, "nosuch"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("snapvol: ") && err.contains("nosuch"),
+        "{err}"
+    );
+    let (code, _, err) = snapvol_cli(&["destroy", p, "vm2"]);
+    assert_eq!(code, 0, "{err}");
+    // Reading stdin is not forwarded: refused with a reason, not hung.
+    let (code, _, err) = snapvol_cli(&["import", p, "x", "-"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("stdin"), "{err}");
+    let listed = snapvol_cli(&["list", p, "--json"]);
+    assert_eq!(listed.0, 0, "{}", listed.2);
+
+    // SIGTERM: a clean stop that leaves no socket behind; the same listing without it.
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut server = server;
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!ctl.exists() && !sock.exists(), "sockets removed");
+    assert_eq!(snapvol_cli(&["list", p, "--json"]), listed);
+}

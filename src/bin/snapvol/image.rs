@@ -13,7 +13,7 @@ const CHUNK: usize = 1 << 20;
 
 /// A byte-count progress bar on a terminal, nothing otherwise.
 pub fn progress(len: u64, what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
+    if !std::io::stderr().is_terminal() || crate::output::forwarded() {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(len);
@@ -28,7 +28,7 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
 
 /// A byte counter on a terminal for streams of unknown length (send, receive).
 pub fn stream_progress(what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
+    if !std::io::stderr().is_terminal() || crate::output::forwarded() {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new_spinner();
@@ -42,7 +42,7 @@ pub fn stream_progress(what: &str) -> ProgressBar {
 
 /// A spinner with the elapsed time on a terminal, for work of unknown size.
 pub fn spinner(what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
+    if !std::io::stderr().is_terminal() || crate::output::forwarded() {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new_spinner();
@@ -132,8 +132,13 @@ pub fn export(src: &Source, out: &Path, granule: usize) -> Result<u64, String> {
     let name = out.display().to_string();
     let ioerr = |e: std::io::Error| format!("{name}: {e}");
     if is_stdio(out) {
-        let stdout = std::io::stdout();
-        return copy_out(src, len, &mut stdout.lock(), granule, "stdout");
+        return copy_out(
+            src,
+            len,
+            &mut crate::output::stdout_writer(),
+            granule,
+            "stdout",
+        );
     }
     let existing = std::fs::metadata(out).ok().map(|m| m.file_type());
     match existing {

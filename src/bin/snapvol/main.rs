@@ -1,6 +1,8 @@
 //! `snapvol`: drive pools, volumes and snapshots from a shell, as zfs, rbd or qemu-img do.
 
 mod backup;
+#[cfg(feature = "nbd")]
+mod control;
 mod demo;
 mod image;
 mod json;
@@ -10,7 +12,7 @@ mod units;
 
 use clap::{Parser, Subcommand};
 use json::Value;
-use output::say;
+use output::{report, say};
 use snapvol::device::{FileDevice, FileOptions};
 use snapvol::{Pool, PoolOptions};
 use std::io::Write;
@@ -278,19 +280,36 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Serve the pool's volumes (read-write, export name VOL) and snapshots (read-only,
-    /// VOL@SNAP) over NBD until killed; FLUSH from a client commits the pool.
-    /// Example: snapvol nbd pool.img --socket /run/snapvol.sock
+    /// Hold the pool and serve it: its volumes (read-write, export name VOL) and snapshots
+    /// (read-only, VOL@SNAP) over NBD, and every other snapvol command over a control socket,
+    /// until SIGTERM or SIGINT. While it runs, `snapvol snapshot pool.img vm@before` and the
+    /// other catalog commands are sent to it and run on the pool it holds. FLUSH from an NBD
+    /// client commits the pool.
+    /// Example: snapvol serve pool.img --nbd-socket /run/snapvol.sock
     #[cfg(feature = "nbd")]
-    Nbd {
+    #[command(visible_alias = "nbd")]
+    Serve {
         /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
         path: PathBuf,
-        /// TCP address to listen on (loopback unless you trust the network: no TLS).
-        #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
-        listen: String,
-        /// Listen on this Unix socket instead.
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        /// TCP address to serve NBD on (loopback unless you trust the network: no TLS).
+        #[arg(
+            long = "nbd-listen",
+            visible_alias = "listen",
+            value_name = "ADDR",
+            default_value = "127.0.0.1:10809",
+            conflicts_with = "nbd_socket"
+        )]
+        nbd_listen: String,
+        /// Serve NBD on this Unix socket instead.
+        #[arg(long = "nbd-socket", visible_alias = "socket", value_name = "PATH")]
+        nbd_socket: Option<PathBuf>,
+        /// The control socket (default: POOL.ctl beside a pool file, /run/snapvol/NAME.ctl
+        /// for a block device; SNAPVOL_CONTROL sets it for clients and server alike).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// NBD connections served at once; more are closed when accepted.
+        #[arg(long, default_value_t = 1024, value_name = "N")]
+        max_connections: usize,
     },
     /// Serve the pool as a CSI controller (Identity, Controller, GroupController and
     /// SnapshotMetadata services) over gRPC on a Unix socket until SIGTERM or SIGINT.
@@ -419,7 +438,27 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cli = Cli::parse_from(args);
+    #[cfg_attr(not(feature = "nbd"), allow(unused_mut))]
+    let mut cli = Cli::parse_from(args.clone());
+    // A pool held by `snapvol serve`: the command runs there, on the pool it holds.
+    #[cfg(feature = "nbd")]
+    if let Some(pool) = forwarded_pool(&mut cli.cmd) {
+        if let Some(code) = control::forward(pool, args.get(1..).unwrap_or_default()) {
+            return code;
+        }
+    } else if let Some(pool) = stdin_pool(&cli.cmd) {
+        let sock = control::socket_path(pool);
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            eprintln!(
+                "snapvol: {} is held by a running `snapvol serve` (control socket {}): a \
+                 command reading stdin is not sent to it; give the input as a file, or stop \
+                 the server",
+                pool.display(),
+                sock.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     DIRECT.store(cli.direct, std::sync::atomic::Ordering::Relaxed);
     let r = run(cli.cmd);
     output::flush();
@@ -436,7 +475,27 @@ fn opts() -> PoolOptions {
     PoolOptions::default().direct_io(DIRECT.load(std::sync::atomic::Ordering::Relaxed))
 }
 
+/// The pool `snapvol serve` holds in this process, and its path: commands forwarded to it
+/// run on this handle instead of opening the pool.
+#[cfg(feature = "nbd")]
+static SERVED: std::sync::OnceLock<(PathBuf, Pool)> = std::sync::OnceLock::new();
+
+/// The served pool, when `path` names it and this process serves it.
+fn served(path: &Path) -> Option<Pool> {
+    #[cfg(feature = "nbd")]
+    if let Some((p, pool)) = SERVED.get() {
+        if control::same_file(p, path) {
+            return Some(pool.clone());
+        }
+    }
+    let _ = path;
+    None
+}
+
 fn open(path: &Path) -> Result<Pool, String> {
+    if let Some(p) = served(path) {
+        return Ok(p);
+    }
     Pool::open_path(path, opts()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -444,6 +503,9 @@ fn open(path: &Path) -> Result<Pool, String> {
 /// write and flush nothing, share the pool with other such commands, and read a pool file
 /// that lost its unused tail.
 fn open_read_only(path: &Path) -> Result<Pool, String> {
+    if let Some(p) = served(path) {
+        return Ok(p);
+    }
     Pool::open_path(path, opts().read_only(true)).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -472,6 +534,260 @@ fn size_str(bytes: u64, out: Output) -> String {
         bytes.to_string()
     } else {
         human(bytes)
+    }
+}
+
+/// `snapvol serve` (see its help): holds the pool, serves NBD and the control socket, and
+/// on SIGTERM or SIGINT stops taking requests, lets forwarded commands finish, closes every
+/// NBD connection, commits, and removes its sockets.
+#[cfg(feature = "nbd")]
+fn serve(
+    path: &Path,
+    nbd_listen: &str,
+    nbd_socket: Option<PathBuf>,
+    control_path: Option<PathBuf>,
+    max_connections: usize,
+) -> CmdResult {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Registered first, so a signal that arrives while starting is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|err| format!("signal handlers: {err}"))?;
+    let pool = open(path)?;
+    let ctl_path = control_path.unwrap_or_else(|| control::socket_path(path));
+    let ctl = control::bind(&ctl_path)?;
+    let opts = snapvol::nbd::ServerOptions::default().max_connections(max_connections.max(1));
+    let started = match &nbd_socket {
+        Some(sock) => {
+            // A socket file left by a server that was killed refuses connections: replace
+            // it. One that answers belongs to a running server: keep it.
+            let stale = std::os::unix::net::UnixStream::connect(sock)
+                .is_err_and(|err| err.kind() == std::io::ErrorKind::ConnectionRefused);
+            if stale {
+                let _ = std::fs::remove_file(sock);
+            }
+            std::os::unix::net::UnixListener::bind(sock)
+                .and_then(|l| snapvol::nbd::Server::start_unix(&pool, l, opts))
+                .map(|s| (s, sock.display().to_string()))
+                .map_err(|err| format!("{}: {err}", sock.display()))
+        }
+        None => std::net::TcpListener::bind(nbd_listen)
+            .and_then(|l| {
+                let at = l.local_addr()?;
+                snapvol::nbd::Server::start_tcp(&pool, l, opts).map(|s| (s, at.to_string()))
+            })
+            .map_err(|err| format!("{nbd_listen}: {err}")),
+    };
+    let (server, at) = match started {
+        Ok(s) => s,
+        Err(msg) => {
+            let _ = std::fs::remove_file(&ctl_path);
+            return Err(msg);
+        }
+    };
+    let _ = SERVED.set((path.to_path_buf(), pool.clone()));
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (inflight, stopping) = (inflight.clone(), stopping.clone());
+        std::thread::Builder::new()
+            .name("snapvol-control".into())
+            .spawn(move || control_loop(&ctl, &inflight, &stopping))
+            .map_err(|err| format!("control thread: {err}"))?;
+    }
+    report!(
+        "snapvol: serving {} over NBD on {at}; control socket {}",
+        path.display(),
+        ctl_path.display()
+    );
+    let _ = signals.forever().next();
+    // No new commands; the ones running finish (a snapshot half-sent is not abandoned).
+    stopping.store(true, Ordering::SeqCst);
+    let _ = std::fs::remove_file(&ctl_path);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while inflight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let stopped = server.stop();
+    if let Some(sock) = &nbd_socket {
+        let _ = std::fs::remove_file(sock);
+    }
+    stopped.map_err(|err| format!("stopping the NBD server: {err}"))?;
+    report!("snapvol: stopped; every acknowledged write is committed");
+    done(pool)
+}
+
+/// Accepts control connections, each command on its own thread. A failed accept (out of
+/// file descriptors, a client gone at once) is waited out, never the end of the server.
+#[cfg(feature = "nbd")]
+fn control_loop(
+    l: &std::os::unix::net::UnixListener,
+    inflight: &Arc<std::sync::atomic::AtomicUsize>,
+    stopping: &Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    loop {
+        let stream = match l.accept() {
+            Ok((s, _)) => s,
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+        };
+        if stopping.load(Ordering::SeqCst) {
+            continue;
+        }
+        inflight.fetch_add(1, Ordering::SeqCst);
+        let n = inflight.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapvol-command".into())
+            .spawn(move || {
+                handle_control(stream);
+                n.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            inflight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Runs one forwarded command (see `control`).
+#[cfg(feature = "nbd")]
+fn handle_control(stream: std::os::unix::net::UnixStream) {
+    use output::Sink;
+    // A client that connects and sends nothing does not hold a thread for long.
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+    let req = stream
+        .try_clone()
+        .map_err(|err| err.to_string())
+        .and_then(|mut r| control::read_request(&mut r));
+    let _ = stream.set_read_timeout(None);
+    let terminal = req.as_ref().is_ok_and(|r| r.terminal);
+    let mut sink = control::SocketSink::new(stream, terminal);
+    let fail = |sink: &mut control::SocketSink, msg: String, code: u8| {
+        let _ = sink.err(format!("snapvol: {msg}\n").as_bytes());
+        sink.finish(code);
+    };
+    let req = match req {
+        Ok(r) => r,
+        Err(msg) => return fail(&mut sink, msg, 2),
+    };
+    let argv = std::iter::once(std::ffi::OsString::from("snapvol")).chain(req.args);
+    let mut cmd = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli.cmd,
+        Err(err) => {
+            let _ = sink.err(err.to_string().as_bytes());
+            return sink.finish(u8::try_from(err.exit_code()).unwrap_or(2));
+        }
+    };
+    absolutize(&mut cmd, &req.cwd);
+    let Some((held, _)) = SERVED.get() else {
+        return fail(&mut sink, "the server is still starting".into(), 1);
+    };
+    match forwarded_pool(&mut cmd) {
+        Some(p) if control::same_file(p, held) => {}
+        Some(p) => {
+            return fail(
+                &mut sink,
+                format!("this server holds {}, not {}", held.display(), p.display()),
+                1,
+            )
+        }
+        None => {
+            return fail(
+                &mut sink,
+                "this command is not run through a server's control socket (it reads \
+                 stdin, or serves): stop the server first, or give a file instead of stdin"
+                    .into(),
+                1,
+            )
+        }
+    }
+    let (code, mut sink) = output::with_sink(Box::new(sink), || {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cmd))) {
+            Ok(Ok(code)) => control::exit_status(code),
+            Ok(Err(msg)) => {
+                report!("snapvol: {msg}");
+                1
+            }
+            Err(_) => {
+                report!("snapvol: the command failed inside the server (a bug: please report it)");
+                1
+            }
+        }
+    });
+    sink.finish(code);
+}
+
+/// The pool of a command that runs through a server's control socket when the pool is
+/// served, and the other path it names, if any: every command on one pool except those
+/// reading stdin and those that serve.
+#[cfg(feature = "nbd")]
+fn forwarded_paths(cmd: &mut Cmd) -> Option<(&mut PathBuf, Option<&mut PathBuf>)> {
+    let stdin = |p: &Path| p.as_os_str() == "-";
+    match cmd {
+        Cmd::Pool(PoolCmd::Grow { path, .. })
+        | Cmd::Pool(PoolCmd::Info { path, .. })
+        | Cmd::Pool(PoolCmd::Check { path, .. })
+        | Cmd::Create { path, .. }
+        | Cmd::Resize { path, .. }
+        | Cmd::Rename { path, .. }
+        | Cmd::Destroy { path, .. }
+        | Cmd::List { path, .. }
+        | Cmd::Snapshot { path, .. }
+        | Cmd::Clone { path, .. }
+        | Cmd::Rollback { path, .. }
+        | Cmd::Diff { path, .. }
+        | Cmd::Bookmark { path, .. } => Some((path, None)),
+        Cmd::Export { path, file, .. } => Some((path, Some(file))),
+        Cmd::Read { path, output, .. } | Cmd::Send { path, output, .. } => {
+            Some((path, output.as_mut()))
+        }
+        Cmd::Import { path, file, .. } | Cmd::Write { path, file, .. } if !stdin(file) => {
+            Some((path, Some(file)))
+        }
+        Cmd::Receive {
+            path,
+            input: Some(f),
+            ..
+        } if !stdin(f) => Some((path, Some(f))),
+        _ => None,
+    }
+}
+
+/// See [`forwarded_paths`].
+#[cfg(feature = "nbd")]
+fn forwarded_pool(cmd: &mut Cmd) -> Option<&Path> {
+    forwarded_paths(cmd).map(|(p, _)| p.as_path())
+}
+
+/// Makes a forwarded command's paths absolute against the client's working directory
+/// (the server's is its own).
+#[cfg(feature = "nbd")]
+fn absolutize(cmd: &mut Cmd, cwd: &Path) {
+    let abs = |p: &mut PathBuf| {
+        if p.is_relative() && p.as_os_str() != "-" {
+            *p = cwd.join(&*p);
+        }
+    };
+    if let Some((pool, other)) = forwarded_paths(cmd) {
+        abs(pool);
+        if let Some(o) = other {
+            abs(o);
+        }
+    }
+}
+
+/// The pool of a command that reads stdin (not forwarded to a server).
+#[cfg(feature = "nbd")]
+fn stdin_pool(cmd: &Cmd) -> Option<&Path> {
+    match cmd {
+        Cmd::Import { path, .. } | Cmd::Write { path, .. } | Cmd::Receive { path, .. } => {
+            Some(path)
+        }
+        _ => None,
     }
 }
 
@@ -947,7 +1263,7 @@ fn run(cmd: Cmd) -> CmdResult {
                 human(data)
             );
             if file.as_os_str() == "-" {
-                eprintln!("{msg}");
+                report!("{msg}");
             } else {
                 say!("{msg}");
             }
@@ -1010,7 +1326,7 @@ fn run(cmd: Cmd) -> CmdResult {
                         return Err(format!("{}: {err}", f.display()));
                     }
                 }
-                None => read_stream(&src, offset, length, &mut std::io::stdout().lock())
+                None => read_stream(&src, offset, length, &mut output::stdout_writer())
                     .map_err(|err| format!("stdout: {err}"))?,
             }
             drop(src);
@@ -1148,14 +1464,13 @@ fn run(cmd: Cmd) -> CmdResult {
                     }
                 }
                 None => {
-                    let stdout = std::io::stdout();
-                    if std::io::IsTerminal::is_terminal(&stdout) {
+                    if output::stdout_is_terminal() {
                         return Err(
                             "refusing to write a binary stream to a terminal: use -o FILE or a pipe"
                                 .into(),
                         );
                     }
-                    let inner = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+                    let inner = std::io::BufWriter::with_capacity(1 << 20, output::stdout_writer());
                     let mut w = image::Counted {
                         inner,
                         pb: pb.clone(),
@@ -1180,10 +1495,10 @@ fn run(cmd: Cmd) -> CmdResult {
                 if output.is_some() {
                     say!("{report}");
                 } else {
-                    eprintln!("{report}");
+                    report!("{report}");
                 }
             } else {
-                eprintln!(
+                report!(
                     "sent {snapshot}{}: {} of data, {} zero ranges, {} stream",
                     from.map(|f| format!(" from {f}")).unwrap_or_default(),
                     human(stats.data_bytes),
@@ -1279,41 +1594,14 @@ fn run(cmd: Cmd) -> CmdResult {
             done(pool)
         }
         #[cfg(feature = "nbd")]
-        Cmd::Nbd {
+        #[cfg(feature = "nbd")]
+        Cmd::Serve {
             path,
-            listen,
-            socket,
-        } => {
-            let pool = open(&path)?;
-            let served = match socket {
-                Some(sock) => {
-                    // A socket file left by a server that was killed refuses connections:
-                    // replace it. One that answers belongs to a running server: keep it.
-                    let stale = std::os::unix::net::UnixStream::connect(&sock)
-                        .is_err_and(|err| err.kind() == std::io::ErrorKind::ConnectionRefused);
-                    if stale {
-                        let _ = std::fs::remove_file(&sock);
-                    }
-                    let l = std::os::unix::net::UnixListener::bind(&sock)
-                        .map_err(|err| format!("{}: {err}", sock.display()))?;
-                    eprintln!(
-                        "snapvol: serving {} over NBD on {}",
-                        path.display(),
-                        sock.display()
-                    );
-                    snapvol::nbd::serve_unix(&pool, l)
-                }
-                None => {
-                    let l = std::net::TcpListener::bind(&listen)
-                        .map_err(|err| format!("{listen}: {err}"))?;
-                    let at = l.local_addr().map_err(|err| err.to_string())?;
-                    eprintln!("snapvol: serving {} over NBD on {at}", path.display());
-                    snapvol::nbd::serve_tcp(&pool, l)
-                }
-            };
-            served.map_err(|err| format!("NBD server: {err}"))?;
-            done(pool)
-        }
+            nbd_listen,
+            nbd_socket,
+            control,
+            max_connections,
+        } => serve(&path, &nbd_listen, nbd_socket, control, max_connections),
         #[cfg(feature = "csi")]
         Cmd::Csi {
             path,
