@@ -136,6 +136,22 @@ pub enum Error {
         free: u64,
     },
 
+    /// The filesystem holding the pool file is full (the device said ENOSPC or EDQUOT): the
+    /// pool itself has room, its file cannot grow into it. Nothing committed was lost and
+    /// the pool is not poisoned: the write that failed did not happen (or, written in place,
+    /// left its own range undefined), and once the host has room again the same request
+    /// succeeds. `pool create --preallocate` reserves a pool file's space up front.
+    #[error(
+        "the host filesystem under the pool is full (a {op} at byte {offset} was refused): \
+         free space on it and retry; nothing committed was lost"
+    )]
+    HostFull {
+        /// What was refused ("write").
+        op: &'static str,
+        /// The byte of the device it was at.
+        offset: u64,
+    },
+
     /// A send stream is malformed, truncated, corrupt or of an unknown version or record type.
     /// The receiving pool is unchanged.
     #[error("invalid stream: {0}")]
@@ -370,7 +386,7 @@ impl Error {
             | Error::BookmarkNotFound(_)
             | Error::BackupNotFound(_) => ErrorKind::NotFound,
             Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
-            Error::NoSpace { .. } => ErrorKind::ResourceExhausted,
+            Error::NoSpace { .. } | Error::HostFull { .. } => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } | Error::Target { source, .. }
                 if source.kind() == io::ErrorKind::StorageFull =>
             {
@@ -413,7 +429,7 @@ impl From<Error> for io::Error {
             Error::Target { source, .. } => source.kind(),
             Error::BackupNotFound(_) => io::ErrorKind::NotFound,
             Error::RepositoryBusy(_) => io::ErrorKind::ResourceBusy,
-            Error::NoSpace { .. } => io::ErrorKind::StorageFull,
+            Error::NoSpace { .. } | Error::HostFull { .. } => io::ErrorKind::StorageFull,
             Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) | Error::BookmarkNotFound(_) => {
                 io::ErrorKind::NotFound
             }

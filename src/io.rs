@@ -408,22 +408,58 @@ impl Engine {
                 });
             }
         }
-        self.mutate(|e| e.apply_write(id, root, offset, data, plan))?;
+        self.apply_write(id, root, offset, data, plan)?;
         self.maybe_commit_after_io()?;
         Ok(WritePlan::Done)
     }
 
+    /// A write that redirects: new blocks are allocated and written first, and only once
+    /// every byte is on the device does the map change. So a write the device refuses
+    /// (the host filesystem full: `Error::HostFull`) gives its blocks back and leaves the
+    /// volume as it was, and the pool goes on without being poisoned; any other failure
+    /// poisons as a half-done change does.
     fn apply_write(
         &mut self,
         id: u128,
-        mut root: u64,
+        root: u64,
         offset: u64,
         data: &[u8],
         plan: Vec<(u64, Option<Found>, bool)>,
     ) -> Result<()> {
+        self.check_writable()?;
+        let mut fresh: Vec<u64> = Vec::with_capacity(plan.len());
+        // A panic here poisons like one in `mutate`: blocks taken must not leak into a commit.
+        let placed = self.guard_panic(|e| {
+            let pieces = e.place_write(offset, data, &plan, &mut fresh)?;
+            e.write_pieces(data, &pieces)
+        });
+        if let Err(e) = placed {
+            // Nothing points at the new blocks yet: they go back as they came.
+            let undone = fresh
+                .iter()
+                .try_for_each(|&u| self.store.dec_block(u).map(|_| ()));
+            if let Err(u) = undone {
+                self.poison(format!("giving back the blocks of a failed write: {u}"));
+            } else if !matches!(e, Error::HostFull { .. }) {
+                self.poison(e.to_string());
+            }
+            return Err(e);
+        }
+        self.mutate(|e| e.map_write(id, root, plan, &fresh))
+    }
+
+    /// Allocates the new blocks of a redirecting write (into `fresh`, in plan order) and
+    /// lays out its device writes.
+    fn place_write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        plan: &[(u64, Option<Found>, bool)],
+        fresh: &mut Vec<u64>,
+    ) -> Result<Vec<Piece>> {
         let bs = self.store.block_size as u64;
         let mut pieces = Vec::with_capacity(plan.len());
-        for (b, f, in_place) in plan {
+        for &(b, f, in_place) in plan {
             let (inner, src) = span(b, bs, offset, data.len());
             let whole = src.len() as u64 == bs;
             if let (true, Some(f)) = (in_place, &f) {
@@ -434,6 +470,7 @@ impl Engine {
                 continue;
             }
             let unit = self.store.alloc_block("write", Reserve::Keep)?;
+            fresh.push(unit);
             let at = Store::byte(unit);
             if whole {
                 pieces.push(Piece::Direct { at, src });
@@ -449,6 +486,26 @@ impl Engine {
                 block[o..o + src.len()].copy_from_slice(&data[src]);
                 pieces.push(Piece::Assembled { at, data: block });
             }
+        }
+        Ok(pieces)
+    }
+
+    /// Points the blocks of a written redirect at their new units (`fresh`, in plan order).
+    fn map_write(
+        &mut self,
+        id: u128,
+        mut root: u64,
+        plan: Vec<(u64, Option<Found>, bool)>,
+        fresh: &[u64],
+    ) -> Result<()> {
+        let mut units = fresh.iter();
+        for (b, f, in_place) in plan {
+            if in_place && f.is_some() {
+                continue;
+            }
+            let unit = *units
+                .next()
+                .ok_or_else(|| Error::Internal("a redirect without its block".into()))?;
             let m = MapValue {
                 unit,
                 birth: self.store.generation,
@@ -459,9 +516,7 @@ impl Engine {
                 self.store.dec_block(old.unit)?;
             }
         }
-        self.write_pieces(data, &pieces)?;
-        self.set_root(id, root)?;
-        Ok(())
+        self.set_root(id, root)
     }
 
     /// Issues the device writes, merging neighbours that are contiguous on both sides.

@@ -38,9 +38,21 @@ pub struct PoolOptions {
     /// shared lock (other read-only opens may share it; a read-write open may not), and a
     /// device shorter than the pool opens when nothing past its end is in use.
     pub read_only: bool,
+    /// Reserve the pool file's whole size on the host when creating it (used by
+    /// [`Pool::create_file`] only), so a thin pool on a filesystem that fills up never meets
+    /// `Error::HostFull`; the pool keeps its space reserved (freed blocks are not punched
+    /// out, growing reserves the new space too).
+    pub preallocate: bool,
 }
 
 impl PoolOptions {
+    /// Sets [`PoolOptions::preallocate`].
+    #[must_use]
+    pub fn preallocate(mut self, on: bool) -> Self {
+        self.preallocate = on;
+        self
+    }
+
     /// Sets [`PoolOptions::block_size`].
     #[must_use]
     pub fn block_size(mut self, bytes: u32) -> Self {
@@ -77,6 +89,7 @@ impl Default for PoolOptions {
             commit_interval: Some(Duration::from_secs(5)),
             direct_io: false,
             read_only: false,
+            preallocate: false,
         }
     }
 }
@@ -268,7 +281,24 @@ impl Pool {
             read_only: false,
         };
         let dev = Arc::new(FileDevice::create_with(path, size, fo)?);
-        match Pool::create(dev, opts) {
+        let preallocate = opts.preallocate;
+        let made = if preallocate {
+            dev.preallocate(0, size)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| Pool::create(dev, opts))
+        .and_then(|pool| {
+            if preallocate {
+                pool.with(|e| {
+                    e.sb.preallocated = true;
+                    e.force_commit = true;
+                    e.commit()
+                })?;
+            }
+            Ok(pool)
+        });
+        match made {
             Ok(pool) => Ok(pool),
             Err(e) => {
                 let _ = std::fs::remove_file(path);
@@ -430,7 +460,11 @@ impl Pool {
                 )));
             }
             e.catalog_op(Reserve::Keep, |e, _| {
+                let old = e.store.dev.len();
                 e.store.dev.grow(new_size)?;
+                if e.sb.preallocated && new_size > old {
+                    e.store.dev.preallocate(old, new_size - old)?;
+                }
                 let units = (new_size.min(e.store.dev.len())) / unit;
                 // The new size must be durable before a superblock counts on it. A failed
                 // flush poisons (the device latches it): what the device kept is unknown.

@@ -121,6 +121,7 @@ impl Engine {
             volumes: 0,
             snapshots: 0,
             created_unix: now_unix(),
+            preallocated: false,
         };
         let catalog = Catalog::open(dev.clone(), 0, 0, total_units, 1, Counts::default())?;
         let store = Store::new(dev, sm, 1, block_size as usize);
@@ -337,7 +338,7 @@ impl Engine {
     /// Runs `f`; if it panics, the engine is poisoned before the panic goes on, so no later
     /// commit (another thread's flush, the last handle's drop) can make a half-applied change
     /// durable. Reopening returns to the last commit.
-    fn guard_panic<T>(&mut self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
+    pub(crate) fn guard_panic<T>(&mut self, f: impl FnOnce(&mut Engine) -> Result<T>) -> Result<T> {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
             Ok(r) => r,
             Err(payload) => {
@@ -374,8 +375,13 @@ impl Engine {
             return Ok(());
         }
         let r = self.commit_inner();
-        if let Err(e) = &r {
-            self.poison(format!("commit failed: {e}"));
+        match &r {
+            // The commit's pages go to units no committed state references, and nothing was
+            // marked clean: the state stays dirty and the next commit writes it again (the
+            // space map's relocations are kept, `prepare_commit` skips them).
+            Err(Error::HostFull { .. }) => {}
+            Err(e) => self.poison(format!("commit failed: {e}")),
+            Ok(()) => {}
         }
         r
     }
@@ -461,7 +467,7 @@ impl Engine {
         self.drain_io();
         let released = self.store.commit_done();
         self.catalog.commit_done();
-        if dev.supports_discard() {
+        if dev.supports_discard() && !sb.preallocated {
             release_freed(&self.store, released);
         }
         self.force_commit = false;

@@ -433,3 +433,116 @@ fn close_then_reopen_never_finds_the_pool_in_use() {
         .unwrap();
     assert_eq!(u32::from_le_bytes(back), 199);
 }
+
+/// A small tmpfs mounted for the test (root only), unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+fn small_fs(dir: &std::path::Path, size: &str, test: &str) -> Option<SmallFs> {
+    if effective_uid() != 0 {
+        eprintln!("SKIPPED {test}: needs root to mount a small tmpfs");
+        return None;
+    }
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED {test}: mount -t tmpfs failed");
+        return None;
+    }
+    Some(SmallFs(dir.to_path_buf()))
+}
+
+/// Writes filler into `dir` until the filesystem is full; returns the filler's path.
+fn fill_up(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xAAu8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    path
+}
+
+#[test]
+fn a_full_host_filesystem_refuses_writes_until_it_has_room_and_loses_nothing() {
+    let test = "a_full_host_filesystem_refuses_writes_until_it_has_room_and_loses_nothing";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_fs) = small_fs(dir.path(), "16m", test) else {
+        return;
+    };
+    let file = dir.path().join("p.img");
+    let pool = Pool::create_file(
+        &file,
+        64 << 20,
+        PoolOptions::default().commit_interval(None),
+    )
+    .unwrap();
+    let vol = pool.create_volume("vm", 32 << 20).unwrap();
+    vol.write_at(&vec![0x11; 1 << 20], 0).unwrap();
+    vol.flush().unwrap();
+    let snap = pool.snapshot("vm", "s").unwrap();
+    let filler = fill_up(dir.path());
+
+    // The pool has room, its file cannot grow: a typed error naming the host, nothing more.
+    let big = vec![0x22; 4 << 20];
+    match vol.write_at(&big, 8 << 20) {
+        Err(snapvol::Error::HostFull { op, .. }) => assert_eq!(op, "write"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        snapvol::Error::HostFull {
+            op: "write",
+            offset: 0
+        }
+        .kind(),
+        snapvol::ErrorKind::ResourceExhausted
+    );
+    // Reads of committed data and of the snapshot go on.
+    let mut b = vec![0u8; 1 << 20];
+    vol.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, vec![0x11; 1 << 20]);
+    pool.snapshot_by_id(snap)
+        .unwrap()
+        .read_at(&mut b, 0)
+        .unwrap();
+    assert_eq!(b, vec![0x11; 1 << 20]);
+
+    // Room again: the same write goes through without reopening anything.
+    std::fs::remove_file(&filler).unwrap();
+    vol.write_at(&big, 8 << 20).unwrap();
+    vol.flush().unwrap();
+    drop(vol);
+    pool.close().unwrap();
+    let pool = Pool::open_path(&file, PoolOptions::default()).unwrap();
+    let mut b = vec![0u8; 4 << 20];
+    pool.volume("vm").unwrap().read_at(&mut b, 8 << 20).unwrap();
+    assert_eq!(b, big);
+    assert!(pool.check().unwrap().is_clean());
+    pool.close().unwrap();
+    std::fs::remove_file(&file).unwrap();
+
+    // A preallocated pool has its space already: the host filling up does not reach it.
+    let pre = dir.path().join("pre.img");
+    let opts = PoolOptions::default().preallocate(true);
+    let pool = Pool::create_file(&pre, 8 << 20, opts.clone()).unwrap();
+    let filler = fill_up(dir.path());
+    let vol = pool.create_volume("vm", 4 << 20).unwrap();
+    vol.write_at(&vec![0x33; 3 << 20], 0).unwrap();
+    vol.flush().unwrap();
+    drop(vol);
+    pool.close().unwrap();
+    // And a preallocation the host cannot hold is refused, leaving no file behind.
+    std::fs::remove_file(&filler).unwrap();
+    let huge = dir.path().join("huge.img");
+    match Pool::create_file(&huge, 64 << 20, opts) {
+        Err(snapvol::Error::HostFull { op, .. }) => assert_eq!(op, "preallocate"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert!(!huge.exists());
+}

@@ -1008,3 +1008,42 @@ fn a_served_pool_takes_cli_commands_over_its_control_socket_while_a_client_write
     assert!(!ctl.exists() && !sock.exists(), "sockets removed");
     assert_eq!(snapvol_cli(&["list", p, "--json"]), listed);
 }
+
+#[test]
+fn a_full_host_filesystem_is_enospc_to_the_client_and_serving_goes_on_after() {
+    use snapvol::device::{FaultDevice, FaultKind};
+    let fault = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(64 << 20))));
+    let pool = Pool::create(fault.clone(), PoolOptions::default().commit_interval(None)).unwrap();
+    let v = pool.create_volume("vm", 4 << 20).unwrap();
+    v.write_at(&[7u8; 8192], 0).unwrap();
+    v.flush().unwrap();
+    drop(v);
+    let (mut c, server) = Client::connect(&pool);
+    c.go("vm").unwrap();
+    // Every device write refused as a full filesystem refuses it (28 = ENOSPC).
+    fault.fail_nth_with(FaultKind::Write, 0, true, 28);
+    c.request(1, 0, 1, 1 << 20, 4096, &[9u8; 4096]);
+    assert_eq!(
+        c.reply(1, &mut []),
+        28,
+        "ENOSPC, which qemu's werror=enospc acts on"
+    );
+    // Reads of flushed data go on while the host is full.
+    let mut got = vec![0u8; 8192];
+    c.request(0, 0, 2, 0, 8192, &[]);
+    assert_eq!(c.reply(2, &mut got), 0);
+    assert_eq!(got, vec![7u8; 8192]);
+    // Room again: the same write and a flush succeed on the same connection.
+    fault.disarm();
+    c.request(1, 0, 3, 1 << 20, 4096, &[9u8; 4096]);
+    assert_eq!(c.reply(3, &mut []), 0);
+    c.request(3, 0, 4, 0, 0, &[]);
+    assert_eq!(c.reply(4, &mut []), 0);
+    let mut back = vec![0u8; 4096];
+    c.request(0, 0, 5, 1 << 20, 4096, &[]);
+    assert_eq!(c.reply(5, &mut back), 0);
+    assert_eq!(back, vec![9u8; 4096]);
+    drop(c);
+    server.join().unwrap().unwrap();
+    assert!(pool.check().unwrap().is_clean());
+}

@@ -4,6 +4,10 @@
 //! A failed write leaves the device's contents unknown (a torn page, a half-written block),
 //! and a failed flush leaves unknown what reached the media; nothing may then be built on
 //! top of that state, least of all a superblock. Reads still pass: they change nothing.
+//! One failure is not latched: a write the host filesystem refused for want of room
+//! (ENOSPC, EDQUOT) is `Error::HostFull`, since none of it entered the page cache to be lost
+//! later; the engine only writes where nothing committed lives before its commit point, so
+//! it gives the refused operation back and goes on (see `Engine::apply_write`).
 //! (redb's checked backend latches I/O errors the same way.)
 
 use super::BlockDevice;
@@ -71,6 +75,19 @@ impl BlockDevice for Checked {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.refuse_if_failed()?;
         let r = self.inner.write_at(buf, offset);
+        if let Err(Error::Io { source, .. }) = &r {
+            // A write the filesystem refused for want of room is not latched: no data of it
+            // entered the page cache to be lost later (unlike a failed flush), so nothing
+            // unknown is left behind but the refused range itself, and the engine only
+            // writes where nothing committed lives or where the caller accepts that (see
+            // `Error::HostFull`).
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+                return Err(Error::HostFull {
+                    op: "write",
+                    offset,
+                });
+            }
+        }
         self.latch(
             || format!("write of {} bytes at byte {offset}", buf.len()),
             r,
@@ -96,6 +113,12 @@ impl BlockDevice for Checked {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.refuse_if_failed()?;
         self.inner.discard(offset, len)
+    }
+
+    /// Not latched: a failed reservation changes no byte.
+    fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.refuse_if_failed()?;
+        self.inner.preallocate(offset, len)
     }
 
     /// Not latched: a failed grow leaves the device as it was (the new size becomes durable

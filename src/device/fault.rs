@@ -29,6 +29,8 @@ pub struct FaultDevice {
 #[derive(Default)]
 struct Plan {
     armed: Option<(FaultKind, u64, bool)>,
+    /// The OS error an injected failure carries (`None`: a plain I/O error).
+    errno: Option<i32>,
     seen: [u64; 4],
     fired: u64,
 }
@@ -46,7 +48,15 @@ impl FaultDevice {
     pub fn fail_nth(&self, kind: FaultKind, n: u64, sticky: bool) {
         let mut p = self.plan.lock();
         p.armed = Some((kind, n, sticky));
+        p.errno = None;
         p.seen = [0; 4];
+    }
+
+    /// As [`FaultDevice::fail_nth`], the failure carrying OS error `errno` (for example
+    /// `libc::ENOSPC`, a host filesystem that is full).
+    pub fn fail_nth_with(&self, kind: FaultKind, n: u64, sticky: bool, errno: i32) {
+        self.fail_nth(kind, n, sticky);
+        self.plan.lock().errno = Some(errno);
     }
 
     /// Stops failing.
@@ -79,7 +89,10 @@ impl FaultDevice {
                         FaultKind::Discard => "discard",
                     },
                     offset,
-                    std::io::Error::other("injected fault"),
+                    match p.errno {
+                        Some(errno) => std::io::Error::from_raw_os_error(errno),
+                        None => std::io::Error::other("injected fault"),
+                    },
                 ));
             }
         }

@@ -346,6 +346,35 @@ impl BlockDevice for FileDevice {
         true
     }
 
+    /// A regular file's blocks are allocated on the host; a block device's space is its own
+    /// already.
+    fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
+        if self.block_device || len == 0 {
+            return Ok(());
+        }
+        let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(Error::InvalidArgument(format!(
+                "{len} bytes at {offset}: too large to preallocate"
+            )));
+        };
+        // SAFETY: fallocate takes plain integers; the fd stays open while `self` lives.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, n) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => Err(Error::HostFull {
+                op: "preallocate",
+                offset,
+            }),
+            Some(libc::EOPNOTSUPP) => Err(Error::InvalidArgument(
+                "the filesystem holding the pool file cannot preallocate (fallocate)".into(),
+            )),
+            _ => Err(Error::io("preallocate", offset, err)),
+        }
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_range("discard", offset, len as usize, self.size())?;
         if len == 0 {

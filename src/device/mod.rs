@@ -48,6 +48,15 @@ pub trait BlockDevice: Send + Sync {
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
         Ok(())
     }
+    /// Reserves the host's space for `len` bytes at `offset` (`fallocate`), so writes there
+    /// cannot fail for want of room on a thin filesystem. A device without the capability
+    /// refuses with a typed error.
+    fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(crate::Error::InvalidArgument(
+            "this device cannot reserve space (only pool files can be preallocated)".into(),
+        ))
+    }
     /// Makes the device at least `new_len` bytes long; the new bytes read as zeros. A device
     /// without the capability refuses with a typed error.
     fn grow(&self, new_len: u64) -> Result<()> {

@@ -22,6 +22,9 @@ pub(crate) struct Superblock {
     pub volumes: u64,
     pub snapshots: u64,
     pub created_unix: u64,
+    /// The pool file's space is reserved on the host (`pool create --preallocate`): freed
+    /// units are not punched out of it, and growing reserves the new space too.
+    pub preallocated: bool,
 }
 
 impl Superblock {
@@ -50,6 +53,7 @@ impl Superblock {
         let host = &host.as_bytes()[..host.len().min(WRITER_HOST_LEN)];
         p[140] = host.len() as u8;
         p[141..141 + host.len()].copy_from_slice(host);
+        p[205] = u8::from(self.preallocated);
         let slot = Self::slot(self.generation);
         seal(&mut p, PageKind::Superblock, slot, self.generation);
         p
@@ -97,6 +101,7 @@ impl Superblock {
             snapshots: get_u64(&p[..], 120),
             catalog_buffer: get_u64(&p[..], 128),
             created_unix: get_u64(&p[..], 112),
+            preallocated: p[205] & 1 != 0,
         };
         let units_on_device = device_len / PAGE_SIZE as u64;
         if sb.total_units > units_on_device && sb.total_units <= super::MAX_UNITS {
@@ -173,6 +178,7 @@ mod tests {
             volumes: 3,
             snapshots: 9,
             created_unix: 1_700_000_000,
+            preallocated: true,
         };
         let p = sb.encode();
         assert_eq!(Superblock::decode(&p, 1, 1000 * 4096).unwrap(), sb);

@@ -13,7 +13,9 @@ use std::io::{self, Read, Write};
 /// The NBD error for a failed operation.
 fn errno(e: &Error) -> u32 {
     match e {
-        Error::NoSpace { .. } => ENOSPC,
+        // qemu's werror=enospc pauses the guest on this one (and only this one), to resume
+        // it once there is room: a full host filesystem must not look like a broken disk.
+        Error::NoSpace { .. } | Error::HostFull { .. } => ENOSPC,
         Error::ReadOnly(_) => EPERM,
         Error::InvalidArgument(_) | Error::OutOfRange { .. } => EINVAL,
         _ => EIO,

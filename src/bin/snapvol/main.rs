@@ -391,6 +391,10 @@ enum PoolCmd {
         /// table (everything on it is lost).
         #[arg(long)]
         force: bool,
+        /// Reserve the pool file's whole size on the host filesystem now (fallocate), so
+        /// writes never find the host full; the pool keeps it reserved.
+        #[arg(long)]
+        preallocate: bool,
         /// Print {id, path, size, block_size}.
         #[arg(long)]
         json: bool,
@@ -804,9 +808,10 @@ fn run(cmd: Cmd) -> CmdResult {
             size,
             block_size,
             force,
+            preallocate,
             json,
         }) => {
-            let mut o = opts();
+            let mut o = opts().preallocate(preallocate);
             if let Some(bs) = block_size {
                 o.block_size =
                     u32::try_from(bs).map_err(|_| format!("block size {bs} is too large"))?;
