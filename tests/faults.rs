@@ -219,31 +219,21 @@ fn run_with_host_full(n: u64) -> bool {
     let mut got = vec![0u8; 1 << 20];
     vol.read_at(&mut got, 0).unwrap();
     assert_eq!(got, model, "ENOSPC at write {n}");
-    match vol.flush() {
-        Err(Error::HostFull { .. }) => {
-            refused += 1;
-            vol.flush().unwrap();
-        }
-        r => r.unwrap(),
-    }
-    drop(vol);
-    // The refused write may be one of a commit's (check and close commit first): the
+    // The refused write may be one of a commit's (flush and check commit first): the
     // commit is refused as a whole, and done again by the retry.
-    let report = match pool.check() {
+    let mut again = |f: &mut dyn FnMut() -> Result<(), Error>| match f() {
         Err(Error::HostFull { .. }) => {
             refused += 1;
-            pool.check().unwrap()
+            f().unwrap();
         }
         r => r.unwrap(),
     };
-    assert!(report.is_clean(), "ENOSPC at write {n}");
-    match pool.flush() {
-        Err(Error::HostFull { .. }) => {
-            refused += 1;
-            pool.flush().unwrap();
-        }
-        r => r.unwrap(),
-    }
+    again(&mut || vol.flush());
+    drop(vol);
+    let mut clean = false;
+    again(&mut || pool.check().map(|r| clean = r.is_clean()));
+    assert!(clean, "ENOSPC at write {n}");
+    again(&mut || pool.flush());
     drop(pool);
     let fired = fault.fired() > 0;
     assert_eq!(
