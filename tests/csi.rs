@@ -66,6 +66,24 @@ fn python_grpc_client_runs_the_csi_checklist_and_the_seed_workflows() {
         .unwrap();
     wait_for(&csi_sock);
     wait_for(&nbd_sock);
+    // The same process takes CLI commands over its control socket: one holder of the pool
+    // for CSI, NBD and operators.
+    let ctl = dir.path().join("pool.img.ctl");
+    wait_for(&ctl);
+    let cli = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(["pool", "info"])
+        .arg(&pool_path)
+        .arg("--json")
+        .env_remove("SNAPVOL_CONTROL")
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    assert_eq!(info["volumes"], 0, "{info}");
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/csi/csi_test.py");
     let out = Command::new("python3")
@@ -97,7 +115,7 @@ fn python_grpc_client_runs_the_csi_checklist_and_the_seed_workflows() {
         "snapvol csi exited with {status} on SIGTERM"
     );
     assert!(
-        !csi_sock.exists() && !nbd_sock.exists(),
+        !csi_sock.exists() && !nbd_sock.exists() && !ctl.exists(),
         "a socket was left behind"
     );
 

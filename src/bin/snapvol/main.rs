@@ -552,7 +552,6 @@ fn serve(
     control_path: Option<PathBuf>,
     max_connections: usize,
 ) -> CmdResult {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     // Registered first, so a signal that arrives while starting is not lost.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -560,8 +559,7 @@ fn serve(
     ])
     .map_err(|err| format!("signal handlers: {err}"))?;
     let pool = open(path)?;
-    let ctl_path = control_path.unwrap_or_else(|| control::socket_path(path));
-    let ctl = control::bind(&ctl_path)?;
+    let ctl = Control::start(path, &pool, control_path)?;
     let opts = snapvol::nbd::ServerOptions::default().max_connections(max_connections.max(1));
     let started = match &nbd_socket {
         Some(sock) => {
@@ -587,33 +585,17 @@ fn serve(
     let (server, at) = match started {
         Ok(s) => s,
         Err(msg) => {
-            let _ = std::fs::remove_file(&ctl_path);
+            ctl.stop();
             return Err(msg);
         }
     };
-    let _ = SERVED.set((path.to_path_buf(), pool.clone()));
-    let inflight = Arc::new(AtomicUsize::new(0));
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let (inflight, stopping) = (inflight.clone(), stopping.clone());
-        std::thread::Builder::new()
-            .name("snapvol-control".into())
-            .spawn(move || control_loop(&ctl, &inflight, &stopping))
-            .map_err(|err| format!("control thread: {err}"))?;
-    }
     report!(
         "snapvol: serving {} over NBD on {at}; control socket {}",
         path.display(),
-        ctl_path.display()
+        ctl.path.display()
     );
     let _ = signals.forever().next();
-    // No new commands; the ones running finish (a snapshot half-sent is not abandoned).
-    stopping.store(true, Ordering::SeqCst);
-    let _ = std::fs::remove_file(&ctl_path);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while inflight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    ctl.stop();
     let stopped = server.stop();
     if let Some(sock) = &nbd_socket {
         let _ = std::fs::remove_file(sock);
@@ -621,6 +603,51 @@ fn serve(
     stopped.map_err(|err| format!("stopping the NBD server: {err}"))?;
     report!("snapvol: stopped; every acknowledged write is committed");
     done(pool)
+}
+
+/// A running control socket (see `control`).
+#[cfg(feature = "nbd")]
+struct Control {
+    path: PathBuf,
+    inflight: Arc<std::sync::atomic::AtomicUsize>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[cfg(feature = "nbd")]
+impl Control {
+    /// Binds the control socket of the pool at `pool_path` (at `at`, or its default place)
+    /// and runs commands sent to it on `pool` from a thread of its own.
+    fn start(pool_path: &Path, pool: &Pool, at: Option<PathBuf>) -> Result<Control, String> {
+        let path = at.unwrap_or_else(|| control::socket_path(pool_path));
+        let l = control::bind(&path)?;
+        let _ = SERVED.set((pool_path.to_path_buf(), pool.clone()));
+        let c = Control {
+            path,
+            inflight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            stopping: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let (inflight, stopping) = (c.inflight.clone(), c.stopping.clone());
+        if let Err(err) = std::thread::Builder::new()
+            .name("snapvol-control".into())
+            .spawn(move || control_loop(&l, &inflight, &stopping))
+        {
+            let _ = std::fs::remove_file(&c.path);
+            return Err(format!("control thread: {err}"));
+        }
+        Ok(c)
+    }
+
+    /// Takes no new commands and lets the running ones finish (up to a minute: a send
+    /// half-done is not abandoned), then removes the socket.
+    fn stop(&self) {
+        use std::sync::atomic::Ordering;
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.path);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.inflight.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 /// Accepts control connections, each command on its own thread. A failed accept (out of
@@ -1636,6 +1663,16 @@ fn run(cmd: Cmd) -> CmdResult {
                 opts = opts.backup_target(name, t).map_err(|e| e.to_string())?;
             }
             let pool = open(&path)?;
+            // One process holds the pool for CSI, NBD and the CLI (its control socket).
+            #[cfg(feature = "nbd")]
+            let ctl = match Control::start(&path, &pool, None) {
+                Ok(c) => Some(c),
+                Err(msg) => {
+                    // CSI does not need it: the driver serves on without.
+                    report!("snapvol: no control socket for the CLI: {msg}");
+                    None
+                }
+            };
             #[cfg(feature = "nbd")]
             let nbd = match nbd_socket {
                 Some(sock) => {
@@ -1661,6 +1698,10 @@ fn run(cmd: Cmd) -> CmdResult {
                 sock.display()
             );
             let served = server.wait().map_err(|e| format!("CSI server: {e}"));
+            #[cfg(feature = "nbd")]
+            if let Some(c) = ctl {
+                c.stop();
+            }
             #[cfg(feature = "nbd")]
             if let Some((nbd, sock)) = nbd {
                 nbd.stop().map_err(|e| format!("NBD server: {e}"))?;
