@@ -1047,3 +1047,29 @@ fn a_full_host_filesystem_is_enospc_to_the_client_and_serving_goes_on_after() {
     server.join().unwrap().unwrap();
     assert!(pool.check().unwrap().is_clean());
 }
+
+#[test]
+fn a_connection_to_a_volume_deleted_while_served_gets_an_error_and_is_closed() {
+    let pool = memory_pool();
+    pool.create_volume("gone", 1 << 20).unwrap();
+    let (mut c, server) = Client::connect(&pool);
+    c.go("gone").unwrap();
+    let (mut other, other_server) = Client::connect(&pool);
+    other.go("vm").unwrap();
+    pool.delete_volume("gone").unwrap();
+    let mut buf = vec![0u8; 4096];
+    c.request(0, 0, 1, 0, 4096, &[]);
+    assert_eq!(
+        c.reply(1, &mut buf),
+        5,
+        "EIO for the request that found it gone"
+    );
+    assert!(closed(&mut c), "then the connection ends");
+    server.join().unwrap().unwrap();
+    // Other exports are not concerned.
+    other.request(0, 0, 2, 0, 4096, &[]);
+    assert_eq!(other.reply(2, &mut buf), 0);
+    assert_eq!(buf, vec![7u8; 4096]);
+    drop(other);
+    other_server.join().unwrap().unwrap();
+}

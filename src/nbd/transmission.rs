@@ -243,8 +243,20 @@ pub(crate) fn serve<R: Read, W: Write>(chosen: &Chosen, r: &mut R, w: &mut W) ->
     let served = (|| {
         while let Some(job) = next_job(chosen, r)? {
             let outcome = execute(chosen, &job);
+            // A request that failed because its volume or snapshot was deleted meanwhile
+            // (`snapvol destroy` while serving) gets its error, and the connection ends:
+            // every later request would fail the same way, and a client that sees the
+            // connection close stops (qemu reports the disk gone) instead of retrying.
+            let gone = matches!(outcome, Outcome::Done(e) if e != 0)
+                && chosen
+                    .export
+                    .len()
+                    .is_err_and(|e| e.kind() == crate::error::ErrorKind::NotFound);
             answer(w, chosen, &job.r, outcome)?;
             w.flush()?;
+            if gone {
+                break;
+            }
         }
         Ok(())
     })();
