@@ -15,6 +15,7 @@ use crate::space::Reserve;
 use crate::store::Store;
 use crate::txn::Engine;
 use parking_lot::{Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -36,6 +37,11 @@ struct Shared {
     /// holds the pool only for a moment at a time and is not counted.
     handles: std::sync::atomic::AtomicUsize,
     committer: Option<Committer>,
+    /// The engine's count of completed volume writes (`Engine::writes_done`), reachable
+    /// without the engine lock.
+    writes_done: Arc<std::sync::atomic::AtomicU64>,
+    /// Signalled when a device flush run outside the engine lock ends (group commit).
+    flushed: parking_lot::Condvar,
 }
 
 /// The background commit thread and the means to stop it.
@@ -97,11 +103,14 @@ impl Handle {
     pub(crate) fn start(mut engine: Engine, commit_interval: Option<Duration>) -> Handle {
         engine.commit_interval = commit_interval;
         let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
+        let writes_done = engine.writes_done.clone();
         let shared = Arc::new(Shared {
             io_gate: engine.io_gate.clone(),
             dev: engine.store.dev.clone(),
             engine: Mutex::new(engine),
             handles: std::sync::atomic::AtomicUsize::new(1),
+            writes_done,
+            flushed: parking_lot::Condvar::new(),
             committer: commit_interval.map(|_| Committer {
                 stop: stop.clone(),
                 thread: Mutex::new(None),
@@ -162,18 +171,64 @@ impl Handle {
     pub(crate) fn write(&self, id: u128, offset: u64, data: &[u8]) -> Result<()> {
         let mut e = self.shared.engine.lock();
         let WritePlan::InPlace(runs) = e.plan_write(id, offset, data)? else {
+            // Done under the lock, and counted there.
             return Ok(());
         };
         let _gate = self.shared.io_gate.read();
         drop(e);
         // A failed write poisons the pool until it is reopened: the device wrapper latches
         // it, as it does every failed write and flush.
-        write_runs(&*self.shared.dev, &runs, data)
+        write_runs(&*self.shared.dev, &runs, data)?;
+        self.shared.writes_done.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
-    /// Makes every completed write durable (one commit).
+    /// Makes every completed write durable (one commit), with group commit: one device
+    /// flush at a time, and flushers that arrive while it runs wait for it and are then
+    /// served together by the next one, so N threads flushing at once cost about two
+    /// device flushes, not N.
+    ///
+    /// `want` counts the writes completed before this flush was called. A flush that
+    /// reads the count (`upto`) under the engine lock and then flushes the device makes
+    /// durable every write completed before that device flush, so afterwards the first
+    /// `upto` writes are durable (`durable_writes`). A flush with `want <= durable_writes`
+    /// and no dirty pages (catalog changes commit on their own; a redirected write's map
+    /// change is made before it is counted) has nothing left to do. When nothing is dirty
+    /// the commit is only the device barrier, and that runs outside the engine lock, so
+    /// reads and writes go on meanwhile; with dirty pages the commit runs under the lock.
     pub(crate) fn flush(&self) -> Result<()> {
-        self.with(|e| e.commit())
+        let want = self.shared.writes_done.load(Ordering::Acquire);
+        let mut e = self.shared.engine.lock();
+        loop {
+            if want <= e.durable_writes && !e.has_uncommitted() {
+                return e.check_usable();
+            }
+            if !e.flush_in_flight {
+                break;
+            }
+            self.shared.flushed.wait(&mut e);
+        }
+        let upto = self.shared.writes_done.load(Ordering::Acquire);
+        // Units cooling after a free are released by a full commit, as before; a flush
+        // with nothing new to make durable (above) leaves them to the next one.
+        if e.has_uncommitted() || e.store.sm.cooling_units() > 0 || e.checked_is_read_only() {
+            e.commit()?;
+            e.durable_writes = e.durable_writes.max(upto);
+            return Ok(());
+        }
+        e.check_usable()?;
+        e.flush_in_flight = true;
+        let dev = self.shared.dev.clone();
+        drop(e);
+        let r = dev.flush();
+        let mut e = self.shared.engine.lock();
+        e.flush_in_flight = false;
+        if r.is_ok() {
+            e.durable_writes = e.durable_writes.max(upto);
+            e.last_commit = std::time::Instant::now();
+        }
+        self.shared.flushed.notify_all();
+        r
     }
 }
 
@@ -343,7 +398,11 @@ impl Engine {
     ) -> Result<()> {
         match self.write_planned(id, offset, data, redirect_all)? {
             WritePlan::Done => Ok(()),
-            WritePlan::InPlace(runs) => self.mutate(|e| write_runs(&*e.store.dev, &runs, data)),
+            WritePlan::InPlace(runs) => self.mutate(|e| {
+                write_runs(&*e.store.dev, &runs, data)?;
+                e.writes_done.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }),
         }
     }
 
@@ -431,7 +490,9 @@ impl Engine {
         // A panic here poisons like one in `mutate`: blocks taken must not leak into a commit.
         let placed = self.guard_panic(|e| {
             let pieces = e.place_write(offset, data, &plan, &mut fresh)?;
-            e.write_pieces(data, &pieces)
+            e.write_pieces(data, &pieces)?;
+            e.writes_done.fetch_add(1, Ordering::AcqRel);
+            Ok(())
         });
         if let Err(e) = placed {
             // Nothing points at the new blocks yet: they go back as they came.

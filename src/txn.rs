@@ -48,6 +48,14 @@ pub(crate) struct Engine {
     pub(crate) force_commit: bool,
     /// Inside a catalog operation: no automatic commit may expose half of it.
     in_catalog_op: bool,
+    /// Volume writes completed so far, counted once their device writes returned: under
+    /// the engine lock for redirects and writes made by catalog operations, after it for
+    /// in-place writes (`Handle::write`). For group commit (`Handle::flush`).
+    pub(crate) writes_done: Arc<std::sync::atomic::AtomicU64>,
+    /// How many of them the last flush's commit made durable.
+    pub(crate) durable_writes: u64,
+    /// A flush's device barrier is running outside the engine lock (`Handle::flush`).
+    pub(crate) flush_in_flight: bool,
     /// Reused lookup buffer for reads (saves an allocation per I/O).
     pub(crate) scratch: Vec<crate::map::Found>,
     /// Held shared by volume I/O running outside the engine lock (reads, in-place writes);
@@ -147,6 +155,9 @@ impl Engine {
             io_gate: Arc::new(RwLock::new(())),
             checked,
             disk_sb: None,
+            writes_done: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            durable_writes: 0,
+            flush_in_flight: false,
             auto_commit_space_pages: (reserve / 3).max(8),
         }
     }
@@ -253,6 +264,10 @@ impl Engine {
         // Handles hold the gate: it outlives the transaction state; so do the options.
         fresh.io_gate = self.io_gate.clone();
         fresh.commit_interval = self.commit_interval;
+        // The count is the pool's, shared with the handles: it goes on across a reload.
+        fresh.writes_done = self.writes_done.clone();
+        fresh.durable_writes = self.durable_writes;
+        fresh.flush_in_flight = self.flush_in_flight;
         *self = fresh;
         Ok(())
     }
@@ -421,6 +436,18 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Whether the pool was opened read-only (a flush then has nothing to do but say so).
+    pub(crate) fn checked_is_read_only(&self) -> bool {
+        self.checked.is_read_only()
+    }
+
+    /// Whether anything changed since the last commit is not durable yet: dirty pages or a
+    /// forced superblock. (Units cooling after a free are not: the next commit releases them
+    /// whenever it comes, and nothing a flush promises depends on it.)
+    pub(crate) fn has_uncommitted(&self) -> bool {
+        self.force_commit || self.dirty_pages() > 0
     }
 
     fn commit_inner(&mut self) -> Result<()> {

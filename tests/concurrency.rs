@@ -269,3 +269,45 @@ fn snapshot_waits_for_in_flight_in_place_writes() {
         "the snapshot holds half a write"
     );
 }
+
+/// Group commit's rule, deterministically: a flush with nothing completed since the last
+/// flush's commit touches no device; a flush after any kind of write (in place outside the
+/// engine lock, zero-filled in place under it by a partial discard or write_zeroes,
+/// redirected) flushes the device.
+#[test]
+fn a_flush_skips_the_device_only_when_every_write_it_covers_is_durable() {
+    let dev = Arc::new(snapvol::device::CountingDevice::new(Arc::new(
+        MemoryDevice::new(64 << 20),
+    )));
+    let pool = Pool::create(dev.clone(), PoolOptions::default().commit_interval(None)).unwrap();
+    let v = pool.create_volume("v", 1 << 20).unwrap();
+    v.write_at(&[1u8; 65536], 0).unwrap();
+    v.flush().unwrap();
+    let n = || dev.flushes();
+    let before = n();
+    v.flush().unwrap();
+    pool.flush().unwrap();
+    assert_eq!(n(), before, "nothing new: no device flush");
+    let steps: [(&str, &dyn Fn()); 4] = [
+        ("in place", &|| v.write_at(&[2u8; 4096], 0).unwrap()),
+        ("partial discard", &|| v.discard(100, 200).unwrap()),
+        ("partial write_zeroes", &|| {
+            v.write_zeroes(5000, 100).unwrap()
+        }),
+        ("redirected", &|| {
+            v.write_at(&[3u8; 4096], 512 << 10).unwrap()
+        }),
+    ];
+    for (what, step) in steps {
+        step();
+        let before = n();
+        v.flush().unwrap();
+        assert!(
+            n() > before,
+            "a flush after a {what} write reaches the device"
+        );
+        let before = n();
+        v.flush().unwrap();
+        assert_eq!(n(), before, "and the flush after that does not ({what})");
+    }
+}

@@ -1073,3 +1073,38 @@ fn a_connection_to_a_volume_deleted_while_served_gets_an_error_and_is_closed() {
     drop(other);
     other_server.join().unwrap().unwrap();
 }
+
+#[test]
+fn an_idle_timeout_closes_a_silent_client_and_spares_a_busy_one() {
+    let pool = memory_pool();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let opts = ServerOptions::default().idle_timeout(Some(std::time::Duration::from_millis(300)));
+    let server = snapvol::nbd::Server::start_unix(&pool, l, opts).unwrap();
+    let mut idle = Client::greet(UnixStream::connect(&sock).unwrap());
+    idle.go("vm").unwrap();
+    let mut busy = Client::greet(UnixStream::connect(&sock).unwrap());
+    busy.go("vm").unwrap();
+    let mut buf = vec![0u8; 4096];
+    for h in 0..8 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        busy.request(0, 0, h, 0, 4096, &[]);
+        assert_eq!(
+            busy.reply(h, &mut buf),
+            0,
+            "a client that keeps talking is served"
+        );
+    }
+    assert!(
+        closed(&mut idle),
+        "a client silent for longer than the timeout is closed"
+    );
+    let t = std::time::Instant::now();
+    while server.connections() != 1 && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(server.connections(), 1, "the idle one's thread is gone");
+    drop(busy);
+    server.stop().unwrap();
+}

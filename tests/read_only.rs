@@ -2,34 +2,9 @@
 //! `Error::ReadOnly`, read-only opens share a pool file while a read-write open excludes
 //! them, and a device shorter than the pool opens when nothing past its end is in use.
 
-use snapvol::device::{BlockDevice, MemoryDevice};
+use snapvol::device::{CountingDevice, MemoryDevice};
 use snapvol::{Error, Pool, PoolOptions};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// A memory device that counts writes and flushes.
-struct Counting {
-    inner: MemoryDevice,
-    writes: AtomicU64,
-    flushes: AtomicU64,
-}
-
-impl BlockDevice for Counting {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> snapvol::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> snapvol::Result<()> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> snapvol::Result<()> {
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.inner.flush()
-    }
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-}
 
 fn ro() -> PoolOptions {
     PoolOptions::default().read_only(true)
@@ -37,11 +12,7 @@ fn ro() -> PoolOptions {
 
 #[test]
 fn a_read_only_pool_reads_everything_and_writes_nothing() {
-    let dev = Arc::new(Counting {
-        inner: MemoryDevice::new(64 << 20),
-        writes: AtomicU64::new(0),
-        flushes: AtomicU64::new(0),
-    });
+    let dev = Arc::new(CountingDevice::new(Arc::new(MemoryDevice::new(64 << 20))));
     {
         let pool = Pool::create(dev.clone(), PoolOptions::default()).unwrap();
         let v = pool.create_volume("db", 1 << 20).unwrap();
@@ -49,10 +20,7 @@ fn a_read_only_pool_reads_everything_and_writes_nothing() {
         pool.snapshot("db", "s").unwrap();
         pool.close().unwrap();
     }
-    let (w, f) = (
-        dev.writes.load(Ordering::Relaxed),
-        dev.flushes.load(Ordering::Relaxed),
-    );
+    let (w, f) = (dev.writes(), dev.flushes());
     let pool = Pool::open(dev.clone(), ro()).unwrap();
     let v = pool.volume("db").unwrap();
     let mut b = vec![0u8; 8192];
@@ -75,12 +43,8 @@ fn a_read_only_pool_reads_everything_and_writes_nothing() {
     pool.flush().unwrap();
     drop(v);
     pool.close().unwrap();
-    assert_eq!(
-        dev.writes.load(Ordering::Relaxed),
-        w,
-        "no write reached the device"
-    );
-    assert_eq!(dev.flushes.load(Ordering::Relaxed), f, "no flush either");
+    assert_eq!(dev.writes(), w, "no write reached the device");
+    assert_eq!(dev.flushes(), f, "no flush either");
     // The refusals left nothing behind: a read-write open sees the pool as it was.
     let pool = Pool::open(dev, PoolOptions::default()).unwrap();
     assert_eq!(pool.snapshots().unwrap().len(), 1);

@@ -4,6 +4,8 @@
 
 mod checked;
 #[cfg(any(test, feature = "testing"))]
+mod counting;
+#[cfg(any(test, feature = "testing"))]
 mod crash;
 #[cfg(any(test, feature = "testing"))]
 mod fault;
@@ -12,6 +14,8 @@ mod memory;
 mod probe;
 
 pub(crate) use checked::Checked;
+#[cfg(any(test, feature = "testing"))]
+pub use counting::CountingDevice;
 #[cfg(any(test, feature = "testing"))]
 pub use crash::{CrashDevice, CrashPoint, History};
 #[cfg(any(test, feature = "testing"))]

@@ -56,9 +56,12 @@ pub struct ServerOptions {
     /// Connections served at once; one more is closed as soon as it is accepted.
     pub max_connections: usize,
     /// How long a client may take over the handshake (from connecting to choosing an
-    /// export) before it is closed. Once serving, an idle client is never timed out:
-    /// qemu and nbd-client keep idle connections open by design.
+    /// export) before it is closed.
     pub handshake_timeout: Duration,
+    /// Once serving, how long a client may send nothing before it is closed (`None`, the
+    /// default: never, since qemu and nbd-client keep idle connections open by design; set
+    /// it for clients that connect per job and may vanish without closing).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for ServerOptions {
@@ -66,6 +69,7 @@ impl Default for ServerOptions {
         ServerOptions {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(30),
+            idle_timeout: None,
         }
     }
 }
@@ -75,6 +79,13 @@ impl ServerOptions {
     #[must_use]
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n;
+        self
+    }
+
+    /// Sets [`ServerOptions::idle_timeout`].
+    #[must_use]
+    pub fn idle_timeout(mut self, t: Option<Duration>) -> Self {
+        self.idle_timeout = t;
         self
     }
 
@@ -262,9 +273,10 @@ fn serve_one<S: Read + Write>(pool: &Pool, stream: S, shared: &Shared, id: u64) 
     let Some(chosen) = handshake::negotiate(&exports, &mut reader, &mut writer)? else {
         return Ok(());
     };
-    // The handshake is over: no timeout while serving.
+    // The handshake is over: from now on only the idle timeout, if one is set. A read
+    // that times out ends this connection (its thread returns the error).
     if let Some(l) = shared.live.lock().get(&id) {
-        l.conn.set_read_timeout(None)?;
+        l.conn.set_read_timeout(shared.opts.idle_timeout)?;
     }
     transmission::serve(&chosen, &mut reader, &mut writer)
 }

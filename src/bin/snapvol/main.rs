@@ -310,6 +310,10 @@ enum Cmd {
         /// NBD connections served at once; more are closed when accepted.
         #[arg(long, default_value_t = 1024, value_name = "N")]
         max_connections: usize,
+        /// Close an NBD connection that sends nothing for this many seconds (default:
+        /// never; qemu keeps idle connections open by design).
+        #[arg(long, value_name = "SECS")]
+        idle_timeout: Option<u64>,
     },
     /// Serve the pool as a CSI controller (Identity, Controller, GroupController and
     /// SnapshotMetadata services) over gRPC on a Unix socket until SIGTERM or SIGINT.
@@ -550,7 +554,7 @@ fn serve(
     nbd_listen: &str,
     nbd_socket: Option<PathBuf>,
     control_path: Option<PathBuf>,
-    max_connections: usize,
+    opts: snapvol::nbd::ServerOptions,
 ) -> CmdResult {
     // Registered first, so a signal that arrives while starting is not lost.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -560,7 +564,6 @@ fn serve(
     .map_err(|err| format!("signal handlers: {err}"))?;
     let pool = open(path)?;
     let ctl = Control::start(path, &pool, control_path)?;
-    let opts = snapvol::nbd::ServerOptions::default().max_connections(max_connections.max(1));
     let started = match &nbd_socket {
         Some(sock) => {
             // A socket file left by a server that was killed refuses connections: replace
@@ -1633,7 +1636,16 @@ fn run(cmd: Cmd) -> CmdResult {
             nbd_socket,
             control,
             max_connections,
-        } => serve(&path, &nbd_listen, nbd_socket, control, max_connections),
+            idle_timeout,
+        } => serve(
+            &path,
+            &nbd_listen,
+            nbd_socket,
+            control,
+            snapvol::nbd::ServerOptions::default()
+                .max_connections(max_connections.max(1))
+                .idle_timeout(idle_timeout.map(std::time::Duration::from_secs)),
+        ),
         #[cfg(feature = "csi")]
         Cmd::Csi {
             path,
