@@ -71,6 +71,29 @@ impl Pool {
         input: &mut dyn Read,
         size: Option<u64>,
     ) -> Result<ImportStats> {
+        self.import_with(name, size, |vol| self.fill(vol, input, size))
+    }
+
+    /// As [`Pool::import`] from a regular file, reading only its data: the holes the
+    /// filesystem reports (`SEEK_DATA`/`SEEK_HOLE`) are skipped without being read, so a
+    /// sparse 64 GiB image holding 1 GiB costs 1 GiB of reading, not 64 (a filesystem that
+    /// cannot tell is read whole). The volume's size is the file's length.
+    pub fn import_file(&self, name: &str, file: &std::fs::File) -> Result<ImportStats> {
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("import stat", 0, e))?
+            .len();
+        self.import_with(name, Some(len), |vol| self.fill_extents(vol, file, len))
+    }
+
+    /// The import around `fill`, which copies the image into the hidden volume it is
+    /// given and returns (image length, bytes written).
+    fn import_with(
+        &self,
+        name: &str,
+        size: Option<u64>,
+        fill: impl FnOnce(&Volume) -> Result<(u64, u64)>,
+    ) -> Result<ImportStats> {
         crate::catalog::validate_name(name)?;
         if let Some(s) = size {
             crate::format::check_volume_size(s)?;
@@ -86,7 +109,7 @@ impl Pool {
         // the end; nothing past the data is ever mapped, so that costs nothing.
         let hidden = self.with(|e| e.add_hidden(0, size.unwrap_or(MAX_VOLUME_BYTES)))?;
         let vol = self.volume_handle(hidden);
-        let result = self.fill(&vol, input, size).and_then(|(len, data_bytes)| {
+        let result = fill(&vol).and_then(|(len, data_bytes)| {
             if size.is_none() {
                 self.resize_hidden(hidden, len)?;
             }
@@ -102,6 +125,37 @@ impl Pool {
             self.abandon_hidden(hidden);
         }
         result
+    }
+
+    /// Copies the data extents of `file` (`len` bytes) into the hidden volume; returns
+    /// (image length, bytes written).
+    fn fill_extents(&self, vol: &Volume, file: &std::fs::File, len: u64) -> Result<(u64, u64)> {
+        use std::os::unix::fs::FileExt;
+        let granule = u64::from(self.block_size());
+        let mut buf = vec![0u8; STEP];
+        let (mut pos, mut data) = (0u64, 0u64);
+        while pos < len {
+            let Some((start, end)) = crate::device::data_extent(file, pos, len)
+                .map_err(|e| Error::io("import seek", pos, e))?
+            else {
+                break;
+            };
+            // From the start of its block, so blocks are written whole where they can be.
+            let mut off = (start - start % granule).max(pos);
+            while off < end {
+                let want = (end - off).min(STEP as u64) as usize;
+                file.read_exact_at(&mut buf[..want], off)
+                    .map_err(|e| Error::io("import read", off, e))?;
+                for r in data_runs(&buf[..want], granule as usize) {
+                    vol.write_at(&buf[r.clone()], off + r.start as u64)?;
+                    data += r.len() as u64;
+                }
+                off += want as u64;
+            }
+            pos = end;
+        }
+        vol.flush()?;
+        Ok((len, data))
     }
 
     /// Copies the input into the hidden volume; returns (image length, bytes written).

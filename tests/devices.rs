@@ -546,3 +546,54 @@ fn a_full_host_filesystem_refuses_writes_until_it_has_room_and_loses_nothing() {
     }
     assert!(!huge.exists());
 }
+
+#[test]
+fn importing_a_sparse_file_reads_its_data_and_skips_its_holes() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let f = std::fs::File::create(&img).unwrap();
+    // 4 GiB and a ragged tail, data at the start, in the middle (unaligned), at the end,
+    // and a run of written zeros (allocated on the host, still nothing to store).
+    let len = (4u64 << 30) + 1000;
+    f.set_len(len).unwrap();
+    let pieces: [(u64, Vec<u8>); 3] = [
+        (0, vec![0x5A; 8192]),
+        (
+            (3 << 30) + 12345,
+            (0..70_000u32).map(|i| (i % 251) as u8 + 1).collect(),
+        ),
+        (len - 700, vec![0xC3; 700]),
+    ];
+    for (at, bytes) in &pieces {
+        f.write_all_at(bytes, *at).unwrap();
+    }
+    f.write_all_at(&vec![0u8; 1 << 20], 1 << 30).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let pool =
+        Pool::create_file(dir.path().join("p.img"), 256 << 20, PoolOptions::default()).unwrap();
+    let st = pool
+        .import_file("disk", &std::fs::File::open(&img).unwrap())
+        .unwrap();
+    assert_eq!(st.size, len);
+    // Only the blocks holding data were written: 8 KiB, the 18 blocks the middle piece
+    // touches, and the last, partial block.
+    assert_eq!(st.data_bytes, 8192 + 18 * 4096 + (len % 4096).max(700));
+    let vol = pool.volume("disk").unwrap();
+    for (at, bytes) in &pieces {
+        let mut got = vec![0u8; bytes.len()];
+        vol.read_at(&mut got, *at).unwrap();
+        assert_eq!(&got, bytes, "data at {at}");
+    }
+    let mut zeros = vec![1u8; 1 << 20];
+    vol.read_at(&mut zeros, 1 << 30).unwrap();
+    assert!(zeros.iter().all(|&b| b == 0));
+    // Importing under a taken name is refused, and nothing else appears.
+    assert!(matches!(
+        pool.import_file("disk", &std::fs::File::open(&img).unwrap()),
+        Err(snapvol::Error::AlreadyExists { .. })
+    ));
+    assert_eq!(pool.volumes().unwrap().len(), 1);
+    assert!(pool.check().unwrap().is_clean());
+}

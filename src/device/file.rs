@@ -441,6 +441,46 @@ fn lock(file: &File, path: &Path, shared: bool) -> Result<()> {
     }
 }
 
+/// The next extent of data in `file` at or after byte `from` and before `len`, as the
+/// filesystem reports it (`SEEK_DATA`, then `SEEK_HOLE`): `None` when only holes remain. A
+/// filesystem that cannot tell has one extent, the rest of the file. The file's offset
+/// moves; callers read with `pread` (`FileExt::read_at`).
+pub fn data_extent(file: &File, from: u64, len: u64) -> std::io::Result<Option<(u64, u64)>> {
+    if from >= len {
+        return Ok(None);
+    }
+    let fd = file.as_raw_fd();
+    let seek = |whence: libc::c_int, at: u64| -> std::io::Result<Option<u64>> {
+        let at =
+            libc::off_t::try_from(at).map_err(|_| std::io::Error::other("offset too large"))?;
+        // SAFETY: lseek takes plain integers and changes only the offset of a descriptor
+        // that stays open for the call.
+        let r = unsafe { libc::lseek(fd, at, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // Nothing but holes from `at` on.
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let start = match seek(libc::SEEK_DATA, from) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Some((from, len))),
+        Err(e) => return Err(e),
+    };
+    if start >= len {
+        return Ok(None);
+    }
+    let end = seek(libc::SEEK_HOLE, start)?.unwrap_or(len).min(len);
+    // A hole right at a data offset cannot be; if a filesystem said so, read on to the end
+    // rather than ask again forever.
+    Ok(Some((start, if end > start { end } else { len })))
+}
+
 /// When the block device `meta` describes is a loop device, opens its backing file and takes
 /// the pool lock on it too, so a pool file held by one process cannot be opened by another
 /// through `losetup` (each would commit over the other). The backing file is found in sysfs

@@ -20,7 +20,7 @@ pub use counting::CountingDevice;
 pub use crash::{CrashDevice, CrashPoint, History};
 #[cfg(any(test, feature = "testing"))]
 pub use fault::{FaultDevice, FaultKind};
-pub use file::{FileDevice, FileOptions};
+pub use file::{data_extent, FileDevice, FileOptions};
 pub use memory::MemoryDevice;
 pub use probe::existing_format;
 

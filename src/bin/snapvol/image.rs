@@ -240,6 +240,18 @@ pub fn import(
     input: &Path,
     size: Option<u64>,
 ) -> Result<snapvol::ImportStats, String> {
+    if !is_stdio(input) {
+        // A regular file is read by its data extents: its holes cost nothing.
+        let file = File::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", input.display()))?;
+        if meta.file_type().is_file() && size.is_none_or(|s| s == meta.len()) {
+            return pool
+                .import_file(name, &file)
+                .map_err(|e| format!("{}: {e}", input.display()));
+        }
+    }
     let (reader, len) = open_input(input)?;
     let size = size.or(len);
     let pb = match size {
