@@ -709,3 +709,116 @@ fn two_clusters_restore_a_snapshot_through_s3_by_its_handle_alone() {
     assert!(pool.check().unwrap().is_clean());
     pool.close().unwrap();
 }
+
+/// A restore by handle may take minutes; it does not hold up the other creates of the
+/// cluster restoring (before, it ran under the lock every create takes).
+#[test]
+fn a_restore_in_flight_does_not_hold_up_other_creates() {
+    use snapvol::backup::{DirTarget, FaultTarget, Target, TargetFault};
+    use snapvol::csi::proto::*;
+    use snapvol::csi::CsiOptions;
+    // Multi-threaded: the clients' connections run on it while this thread waits.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let offsite: Arc<dyn Target> = Arc::new(DirTarget::new(store.path().join("offsite")).unwrap());
+    let mut a = Cluster::new(
+        &rt,
+        CsiOptions::default()
+            .backup_target("offsite", offsite)
+            .unwrap(),
+    );
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 249) as u8).collect();
+    let v = a.pool.create_volume("pvc", 8 << 20).unwrap();
+    v.write_at(&data, 1 << 20).unwrap();
+    v.flush().unwrap();
+    let req = CreateSnapshotRequest {
+        source_volume_id: format!("vol-{}", v.info().unwrap().id),
+        name: "snap".into(),
+        parameters: backup_class("offsite"),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let handle = loop {
+        let s = rt
+            .block_on(a.ctl.create_snapshot(req.clone()))
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        if s.ready_to_use {
+            break s.snapshot_id;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the push never finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    // Another cluster, whose target holds its first read until released.
+    let held = Arc::new(FaultTarget::new(Arc::new(
+        DirTarget::new(store.path().join("offsite")).unwrap(),
+    )));
+    let b = Cluster::new(
+        &rt,
+        CsiOptions::default()
+            .backup_target("offsite", held.clone())
+            .unwrap(),
+    );
+    held.arm(TargetFault::HoldGet(1));
+    let restoring = {
+        let mut ctl = b.ctl.clone();
+        let req = volume_from_snapshot("restored", &handle, 8 << 20);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(ctl.create_volume(req)).map(|r| r.into_inner())
+        })
+    };
+    let start = Instant::now();
+    while !held.holding() {
+        if restoring.is_finished() {
+            panic!(
+                "the restore ended without reading: {:?}",
+                restoring.join().unwrap()
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the restore never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Meanwhile an empty volume is created at once.
+    let mut other = volume_from_snapshot("other", "", 1 << 20);
+    other.volume_content_source = None;
+    let mut ctl = b.ctl.clone();
+    let made = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), ctl.create_volume(other)).await
+    });
+    assert!(
+        made.expect("CreateVolume waited for the restore").is_ok(),
+        "CreateVolume failed"
+    );
+    assert!(held.holding(), "the restore is still in flight");
+    held.disarm();
+    let restored = restoring.join().unwrap().unwrap().volume.unwrap();
+    let id: snapvol::VolumeId = restored
+        .volume_id
+        .trim_start_matches("vol-")
+        .parse()
+        .unwrap();
+    let mut back = vec![0u8; data.len()];
+    b.pool
+        .volume_by_id(id)
+        .unwrap()
+        .read_at(&mut back, 1 << 20)
+        .unwrap();
+    assert_eq!(back, data);
+}

@@ -25,6 +25,9 @@ pub enum TargetFault {
     /// The Nth put waits until the fault is disarmed, then goes through: a push caught in
     /// flight, for what a concurrent delete or stop does meanwhile.
     HoldPut(u64),
+    /// The Nth get waits until the fault is disarmed, then goes through: a restore caught
+    /// in flight, for what other requests do meanwhile.
+    HoldGet(u64),
 }
 
 #[derive(Default)]
@@ -35,7 +38,7 @@ struct State {
     lists: u64,
     deletes: u64,
     fired: u64,
-    /// A put is waiting in [`TargetFault::HoldPut`].
+    /// A put or get is waiting in [`TargetFault::HoldPut`] or [`TargetFault::HoldGet`].
     holding: bool,
 }
 
@@ -130,6 +133,16 @@ impl Target for FaultTarget {
             let mut s = self.state.lock();
             s.gets += 1;
             let n = s.gets;
+            if let Some(TargetFault::HoldGet(k)) = s.fault {
+                if k == n {
+                    s.fired += 1;
+                    s.holding = true;
+                    while s.fault == Some(TargetFault::HoldGet(k)) {
+                        self.released.wait(&mut s);
+                    }
+                    s.holding = false;
+                }
+            }
             let f = s.fault.filter(|f| {
                 matches!(f, TargetFault::FailGet(k) | TargetFault::TruncateGet(k)
                     | TargetFault::CorruptGet(k) if *k == n)

@@ -73,6 +73,8 @@ enum Push {
 pub(crate) struct Backups {
     repos: Mutex<HashMap<String, Repository>>,
     pushes: Arc<Mutex<HashMap<SnapshotId, Push>>>,
+    /// One gate per snapshot id being restored (see [`restore_once`]).
+    restoring: Mutex<HashMap<SnapshotId, Arc<Mutex<()>>>>,
 }
 
 impl Backups {
@@ -206,6 +208,32 @@ pub(crate) fn complete(d: &Driver, name: &str, id: SnapshotId) -> Result<bool, S
 /// The backup of `id` on target `name`, as its manifest describes it.
 pub(crate) fn info(d: &Driver, name: &str, id: SnapshotId) -> Result<BackupInfo, Status> {
     repo(d, name)?.info(id).or_status()
+}
+
+/// Restores backup `id` from target `name` unless the pool holds snapshot `id` already.
+/// Concurrent calls for one id wait for each other (the second then finds it restored);
+/// calls for other ids run in parallel.
+pub(crate) fn restore_once(d: &Driver, name: &str, id: SnapshotId) -> Result<(), Status> {
+    let held = |d: &Driver| !matches!(d.pool.snapshot_info(id), Err(Error::SnapshotNotFound(_)));
+    if held(d) {
+        return Ok(());
+    }
+    let gate = d.backups.restoring.lock().entry(id).or_default().clone();
+    let r = {
+        let _one_per_id = gate.lock();
+        if held(d) {
+            Ok(())
+        } else {
+            restore(d, name, id)
+        }
+    };
+    // Forgotten once no other call waits on it (checked under the map's lock, where new
+    // waiters take it).
+    let mut gates = d.backups.restoring.lock();
+    if Arc::strong_count(&gate) == 2 {
+        gates.remove(&id);
+    }
+    r
 }
 
 /// Restores backup `id` from target `name` into the pool, where it becomes the snapshot of

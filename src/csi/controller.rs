@@ -281,6 +281,14 @@ fn create_volume(d: &Driver, req: CreateVolumeRequest) -> Result<Volume, Status>
     let range = range(req.capacity_range.as_ref())?;
     let block = u64::from(d.pool.block_size());
     let source = req.volume_content_source.and_then(|s| s.r#type);
+    // A backed-up snapshot this pool does not hold (another cluster's) is restored first,
+    // under its own id, outside the create lock: a restore may take minutes, and other
+    // creates go on meanwhile (restores of one id wait for each other).
+    if let Some(volume_content_source::Type::Snapshot(s)) = &source {
+        if let Some((id, Some(target))) = parse_snapshot_target(&s.snapshot_id) {
+            backups::restore_once(d, target, id)?;
+        }
+    }
     let _one_at_a_time = d.create.lock();
     let existing = volume_named(d, &req.name)?;
     let conflict =
@@ -289,8 +297,8 @@ fn create_volume(d: &Driver, req: CreateVolumeRequest) -> Result<Volume, Status>
         None => (None, 0),
         Some(volume_content_source::Type::Snapshot(s)) => {
             let src = match parse_snapshot_target(&s.snapshot_id) {
-                // A backed-up snapshot this pool does not hold (another cluster's): restored
-                // first, under its own id, so it is then a local snapshot like any other.
+                // Restored above; deleted again since (a race with DeleteSnapshot): restored
+                // once more, so it is then a local snapshot like any other.
                 Some((id, Some(target)))
                     if matches!(d.pool.snapshot_info(id), Err(Error::SnapshotNotFound(_))) =>
                 {
