@@ -198,6 +198,24 @@ fn connect(rt: &tokio::runtime::Runtime, sock: &Path) -> tonic::transport::Chann
     })
 }
 
+/// A runtime whose workers run the clients' connections while the test's thread waits.
+fn threaded_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits until a call to `t` is held by its armed fault (panics with `what` after 60 s).
+fn wait_until_holding(t: &snapvol::backup::FaultTarget, what: &str) {
+    let start = Instant::now();
+    while !t.holding() {
+        assert!(start.elapsed() < Duration::from_secs(60), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// One pool served over CSI, with a client.
 struct Cluster {
     pool: Pool,
@@ -520,14 +538,7 @@ fn a_backup_class_pushes_snapshots_and_another_pool_restores_them_by_handle() {
         .into_inner()
         .snapshot
         .unwrap();
-    let start = Instant::now();
-    while !flaky.holding() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the push never reached the store"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until_holding(&flaky, "the push never reached the store");
     let delete_monthly = |a: &mut Cluster| {
         rt.block_on(a.ctl.delete_snapshot(DeleteSnapshotRequest {
             snapshot_id: monthly.snapshot_id.clone(),
@@ -717,12 +728,7 @@ fn a_restore_in_flight_does_not_hold_up_other_creates() {
     use snapvol::backup::{DirTarget, FaultTarget, Target, TargetFault};
     use snapvol::csi::proto::*;
     use snapvol::csi::CsiOptions;
-    // Multi-threaded: the clients' connections run on it while this thread waits.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = threaded_runtime();
     let store = tempfile::tempdir().unwrap();
     let offsite: Arc<dyn Target> = Arc::new(DirTarget::new(store.path().join("offsite")).unwrap());
     let mut a = Cluster::new(
@@ -821,4 +827,68 @@ fn a_restore_in_flight_does_not_hold_up_other_creates() {
         .read_at(&mut back, 1 << 20)
         .unwrap();
     assert_eq!(back, data);
+}
+
+/// A stop waits for a backup push in flight only as long as its grace period, then leaves
+/// it to finish on its own thread: the push is not lost, and the stop is not held up by it.
+#[test]
+fn a_stop_does_not_wait_past_its_grace_for_a_push_in_flight() {
+    use snapvol::backup::{DirTarget, FaultTarget, Repository, Target, TargetFault};
+    use snapvol::csi::proto::*;
+    use snapvol::csi::CsiOptions;
+    let rt = threaded_runtime();
+    let store = tempfile::tempdir().unwrap();
+    let held = Arc::new(FaultTarget::new(Arc::new(
+        DirTarget::new(store.path().join("offsite")).unwrap(),
+    )));
+    // The repository exists, so the first put held is the push's.
+    Repository::create(held.clone(), &snapvol::backup::RepoOptions::default()).unwrap();
+    let opts = CsiOptions::default()
+        .backup_target("offsite", held.clone())
+        .unwrap()
+        .stop_grace(Duration::from_millis(300));
+    let mut a = Cluster::new(&rt, opts);
+    let v = a.pool.create_volume("pvc", 4 << 20).unwrap();
+    v.write_at(&[0x42; 65536], 0).unwrap();
+    v.flush().unwrap();
+    held.arm(TargetFault::HoldPut(1));
+    let s = rt
+        .block_on(a.ctl.create_snapshot(CreateSnapshotRequest {
+            source_volume_id: format!("vol-{}", v.info().unwrap().id),
+            name: "snap".into(),
+            parameters: backup_class("offsite"),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(!s.ready_to_use);
+    wait_until_holding(&held, "the push never started");
+    let server = a.server.take().unwrap();
+    let stopping = std::thread::spawn(move || server.stop());
+    let start = Instant::now();
+    while !stopping.is_finished() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let waited = !stopping.is_finished();
+    // Released, the push finishes on its own: the backup is complete.
+    held.disarm();
+    assert!(
+        !waited,
+        "the stop waited for the push past its grace period"
+    );
+    stopping.join().unwrap().unwrap();
+    let id: snapvol::SnapshotId = s.snapshot_id["snap-".len()..s.snapshot_id.find('@').unwrap()]
+        .parse()
+        .unwrap();
+    let repo = Repository::open(held.clone() as Arc<dyn Target>).unwrap();
+    let start = Instant::now();
+    while repo.info(id).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the push never finished"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

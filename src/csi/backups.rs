@@ -78,8 +78,13 @@ pub(crate) struct Backups {
 }
 
 impl Backups {
-    /// Waits for every push in flight (the server is stopping).
-    pub(crate) fn join(&self) {
+    /// Waits up to `grace` for the pushes in flight (the server is stopping); returns how
+    /// many were still running then. Those are left to finish on their own threads (each
+    /// holds a pool handle): a push cannot be cut short safely, but it need not be either,
+    /// since one ended by the process exiting resumes on the CO's next CreateSnapshot and
+    /// uploads only what is missing. So a long push cannot keep a stop waiting past the
+    /// grace period the CO allows before it kills the driver.
+    pub(crate) fn join(&self, grace: std::time::Duration) -> usize {
         let running: Vec<_> = self
             .pushes
             .lock()
@@ -89,9 +94,19 @@ impl Backups {
                 Push::Failed(_) => None,
             })
             .collect();
+        let deadline = std::time::Instant::now() + grace;
+        let mut left = 0;
         for t in running {
-            let _ = t.join();
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                left += 1;
+            }
         }
+        left
     }
 }
 

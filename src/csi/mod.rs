@@ -372,8 +372,8 @@ fn serve(
     // Blocking calls still running (a commit) get the same grace to finish.
     rt.shutdown_timeout(grace);
     // Backup pushes run on threads of their own and cannot be cut short: a stop waits for
-    // them (one interrupted by a kill resumes on the CO's next CreateSnapshot).
-    held.backups.join();
+    // them as long again, then leaves them running (see `Backups::join`).
+    held.backups.join(grace);
     served
 }
 
