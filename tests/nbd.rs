@@ -947,9 +947,19 @@ fn a_served_pool_takes_cli_commands_over_its_control_socket_while_a_client_write
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().unwrap();
     let len = (before * 4096).to_string();
-    let (code, bytes, err) = snapvol_cli(&["read", p, "vm@live", "--length", &len]);
-    assert_eq!(code, 0, "{err}");
-    let bytes = bytes.into_bytes();
+    // Raw bytes: stdout is the snapshot's data, not text.
+    let out = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(["read", p, "vm@live", "--length", &len])
+        .env_remove("SNAPVOL_CONTROL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = out.stdout;
+    assert_eq!(bytes.len() as u64, before * 4096);
     for i in 0..before as usize {
         assert_eq!(
             bytes[i * 4096],
@@ -957,6 +967,27 @@ fn a_served_pool_takes_cli_commands_over_its_control_socket_while_a_client_write
             "block {i} acknowledged before the snapshot"
         );
     }
+
+    // A backup of the live snapshot, pushed through the server, to a directory named
+    // relative to the client's working directory.
+    let out = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(["backup", "push", p, "vm@live", "--to", "repo", "--json"])
+        .current_dir(dir.path())
+        .env_remove("SNAPVOL_POOL")
+        .env_remove("SNAPVOL_CONTROL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pushed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pushed["id"], id.as_str());
+    assert!(
+        dir.path().join("repo").join("config").exists(),
+        "the client's ./repo"
+    );
 
     // The other catalog commands, through the server, as they would run alone.
     assert_eq!(snapvol_cli(&["clone", p, "vm@live", "vm2"]).0, 0);

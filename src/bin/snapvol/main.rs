@@ -775,6 +775,10 @@ fn forwarded_paths(cmd: &mut Cmd) -> Option<(&mut PathBuf, Option<&mut PathBuf>)
         | Cmd::Rollback { path, .. }
         | Cmd::Diff { path, .. }
         | Cmd::Bookmark { path, .. } => Some((path, None)),
+        Cmd::Backup {
+            cmd: backup::BackupCmd::Push { path, .. } | backup::BackupCmd::Restore { path, .. },
+            ..
+        } => Some((path, None)),
         Cmd::Export { path, file, .. } => Some((path, Some(file))),
         Cmd::Read { path, output, .. } | Cmd::Send { path, output, .. } => {
             Some((path, output.as_mut()))
@@ -810,6 +814,16 @@ fn absolutize(cmd: &mut Cmd, cwd: &Path) {
         abs(pool);
         if let Some(o) = other {
             abs(o);
+        }
+    }
+    // A backup target given as a relative directory is the client's too.
+    if let Cmd::Backup {
+        cmd: backup::BackupCmd::Push { to: t, .. } | backup::BackupCmd::Restore { target: t, .. },
+        ..
+    } = cmd
+    {
+        if !t.contains("://") && Path::new(t.as_str()).is_relative() {
+            *t = cwd.join(t.as_str()).display().to_string();
         }
     }
 }
