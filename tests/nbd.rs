@@ -876,19 +876,28 @@ fn a_snapshot_of_a_deleted_volume_is_exported_by_id() {
     assert_eq!(got, vec![7u8; 8192]);
 }
 
-/// `snapvol` run as a user would, returning (status, stdout, stderr).
-fn snapvol_cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_snapvol"))
-        .args(args)
+/// `snapvol` run as a user would (in `cwd`, if given), returning (status, stdout bytes,
+/// stderr).
+fn snapvol_raw(args: &[&str], cwd: Option<&Path>) -> (i32, Vec<u8>, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_snapvol"));
+    c.args(args)
         .env_remove("SNAPVOL_POOL")
-        .env_remove("SNAPVOL_CONTROL")
-        .output()
-        .unwrap();
+        .env_remove("SNAPVOL_CONTROL");
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    let out = c.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.stdout,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// [`snapvol_raw`] with text output.
+fn snapvol_cli(args: &[&str]) -> (i32, String, String) {
+    let (code, out, err) = snapvol_raw(args, None);
+    (code, String::from_utf8_lossy(&out).into_owned(), err)
 }
 
 #[test]
@@ -948,17 +957,8 @@ fn a_served_pool_takes_cli_commands_over_its_control_socket_while_a_client_write
     writer.join().unwrap();
     let len = (before * 4096).to_string();
     // Raw bytes: stdout is the snapshot's data, not text.
-    let out = Command::new(env!("CARGO_BIN_EXE_snapvol"))
-        .args(["read", p, "vm@live", "--length", &len])
-        .env_remove("SNAPVOL_CONTROL")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bytes = out.stdout;
+    let (code, bytes, err) = snapvol_raw(&["read", p, "vm@live", "--length", &len], None);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(bytes.len() as u64, before * 4096);
     for i in 0..before as usize {
         assert_eq!(
@@ -970,19 +970,12 @@ fn a_served_pool_takes_cli_commands_over_its_control_socket_while_a_client_write
 
     // A backup of the live snapshot, pushed through the server, to a directory named
     // relative to the client's working directory.
-    let out = Command::new(env!("CARGO_BIN_EXE_snapvol"))
-        .args(["backup", "push", p, "vm@live", "--to", "repo", "--json"])
-        .current_dir(dir.path())
-        .env_remove("SNAPVOL_POOL")
-        .env_remove("SNAPVOL_CONTROL")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (code, out, err) = snapvol_raw(
+        &["backup", "push", p, "vm@live", "--to", "repo", "--json"],
+        Some(dir.path()),
     );
-    let pushed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(code, 0, "{err}");
+    let pushed: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(pushed["id"], id.as_str());
     assert!(
         dir.path().join("repo").join("config").exists(),
