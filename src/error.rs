@@ -110,6 +110,25 @@ pub enum Error {
         detail: String,
     },
 
+    /// A data block read back does not match the checksum its block map keeps (a pool with
+    /// data checksums): the media or something writing behind the pool's back changed it.
+    /// Nothing of the block was returned; other blocks still read.
+    #[error("data checksum mismatch in pool {pool}: {target} at byte {offset} (physical block at device byte {physical}) should have CRC32 {expected:08x} but reads as {found:08x}; the block was not returned")]
+    DataCorrupt {
+        /// The pool's id.
+        pool: crate::PoolId,
+        /// The volume or snapshot read (`vol` or `vol@snap`), or what else read the block.
+        target: String,
+        /// Byte offset of the block in the volume or snapshot.
+        offset: u64,
+        /// Byte offset of the block on the pool's device.
+        physical: u64,
+        /// The checksum the block map keeps.
+        expected: u32,
+        /// The checksum of what was read.
+        found: u32,
+    },
+
     /// The device does not hold a snapvol pool (no valid superblock found).
     #[error("not a snapvol pool: {0}")]
     NotAPool(String),
@@ -410,7 +429,9 @@ impl Error {
             | Error::ConcurrentWriter { .. }
             | Error::Poisoned(_)
             | Error::RepositoryBusy(_) => ErrorKind::Unavailable,
-            Error::Corrupt { .. } | Error::BackupCorrupt { .. } => ErrorKind::DataLoss,
+            Error::Corrupt { .. } | Error::BackupCorrupt { .. } | Error::DataCorrupt { .. } => {
+                ErrorKind::DataLoss
+            }
             Error::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -421,6 +442,7 @@ impl From<Error> for io::Error {
         let kind = match &e {
             Error::Io { source, .. } => source.kind(),
             Error::Corrupt { .. }
+            | Error::DataCorrupt { .. }
             | Error::NotAPool(_)
             | Error::UnsupportedVersion { .. }
             | Error::BadStream(_)

@@ -10,7 +10,7 @@
 
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
-use crate::map::{Found, MapValue};
+use crate::map::{block_sum, Found, MapValue};
 use crate::space::Reserve;
 use crate::store::Store;
 use crate::txn::Engine;
@@ -133,12 +133,27 @@ impl Handle {
 
     /// Reads through a plan made under the engine lock; the device reads run outside it,
     /// holding the I/O gate so nothing they address is reused meanwhile.
+    ///
+    /// In a pool with data checksums every block read is verified. A block that does not
+    /// match is read again with the engine lock held before it is called corrupt: every
+    /// write of a checksummed pool changes data under that lock, so a read outside it may
+    /// have met a write in progress to the same block (legal, its result unspecified), but
+    /// one under it sees the block and its checksum as one.
     pub(crate) fn read(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut e = self.shared.engine.lock();
-        let runs = e.plan_read(t, offset, buf.len())?;
-        let _gate = self.shared.io_gate.read();
+        let plan = e.plan_read(t, offset, buf.len())?;
+        let gate = self.shared.io_gate.read();
         drop(e);
-        read_runs(&*self.shared.dev, &runs, buf)
+        if run_read(&*self.shared.dev, &plan, buf, None)?.is_none() {
+            return Ok(());
+        }
+        drop(gate);
+        let mut e = self.shared.engine.lock();
+        let plan = e.plan_read(t, offset, buf.len())?;
+        match run_read(&*self.shared.dev, &plan, buf, None)? {
+            None => Ok(()),
+            Some(bad) => Err(e.data_corrupt(t, &bad)),
+        }
     }
 
     /// Reads only what is mapped: bytes of `buf` that no block backs are left as they are
@@ -152,18 +167,23 @@ impl Handle {
         buf: &mut [u8],
         filled: &mut Vec<std::ops::Range<usize>>,
     ) -> Result<()> {
+        let start = filled.len();
         let mut e = self.shared.engine.lock();
-        let runs = e.plan_read(t, offset, buf.len())?;
-        let _gate = self.shared.io_gate.read();
+        let plan = e.plan_read(t, offset, buf.len())?;
+        let gate = self.shared.io_gate.read();
         drop(e);
-        for r in &runs {
-            self.shared.dev.read_at(&mut buf[r.src.clone()], r.at)?;
-            match filled.last_mut() {
-                Some(f) if f.end == r.src.start => f.end = r.src.end,
-                _ => filled.push(r.src.clone()),
-            }
+        if run_read(&*self.shared.dev, &plan, buf, Some(filled))?.is_none() {
+            return Ok(());
         }
-        Ok(())
+        // As in `read`: again under the lock before a mismatch counts.
+        drop(gate);
+        filled.truncate(start);
+        let mut e = self.shared.engine.lock();
+        let plan = e.plan_read(t, offset, buf.len())?;
+        match run_read(&*self.shared.dev, &plan, buf, Some(filled))? {
+            None => Ok(()),
+            Some(bad) => Err(e.data_corrupt(t, &bad)),
+        }
     }
 
     /// Writes; a write wholly into owned blocks runs outside the engine lock like a read.
@@ -269,16 +289,100 @@ fn push_run(runs: &mut Vec<Run>, at: u64, src: std::ops::Range<usize>) {
     }
 }
 
-/// Runs a planned read into `buf`, zero-filling what no run covers.
-pub(crate) fn read_runs(dev: &dyn BlockDevice, runs: &[Run], buf: &mut [u8]) -> Result<()> {
-    let mut covered = 0;
-    for r in runs {
-        buf[covered..r.src.start].fill(0);
-        dev.read_at(&mut buf[r.src.clone()], r.at)?;
-        covered = r.src.end;
+/// The device reads a read needs (see `Engine::plan_read`).
+#[derive(Default)]
+pub(crate) struct ReadPlan {
+    /// Transfers straight into the caller's buffer.
+    runs: Vec<Run>,
+    /// With data checksums: the blocks the runs read whole, to verify in the buffer.
+    checks: Vec<BlockRead>,
+    /// With data checksums: blocks the request covers in part, read whole on their own.
+    partial: Vec<BlockRead>,
+    /// The pool's block size.
+    block_size: usize,
+}
+
+/// A mapped block of a read, in a pool with data checksums: bytes `src` of the buffer are
+/// bytes `inner..` of the block.
+struct BlockRead {
+    key: u64,
+    value: MapValue,
+    inner: u64,
+    src: std::ops::Range<usize>,
+}
+
+impl BlockRead {
+    /// The mismatch, if the block's contents `data` do not match its checksum.
+    fn verify(&self, data: &[u8]) -> Option<Mismatch> {
+        let found = block_sum(data);
+        (found != self.value.sum).then_some(Mismatch {
+            key: self.key,
+            value: self.value,
+            found,
+        })
     }
-    buf[covered..].fill(0);
-    Ok(())
+}
+
+/// A block whose contents do not match its checksum.
+pub(crate) struct Mismatch {
+    key: u64,
+    value: MapValue,
+    found: u32,
+}
+
+/// Runs a planned read into `buf`: bytes no block backs are zero-filled, or, with
+/// `filled`, left as they are and the ranges that were read appended to it (in order,
+/// adjacent ones merged). The first block that fails its checksum is returned.
+pub(crate) fn run_read(
+    dev: &dyn BlockDevice,
+    plan: &ReadPlan,
+    buf: &mut [u8],
+    mut filled: Option<&mut Vec<std::ops::Range<usize>>>,
+) -> Result<Option<Mismatch>> {
+    for r in &plan.runs {
+        dev.read_at(&mut buf[r.src.clone()], r.at)?;
+    }
+    for c in &plan.checks {
+        if let Some(bad) = c.verify(&buf[c.src.clone()]) {
+            return Ok(Some(bad));
+        }
+    }
+    if !plan.partial.is_empty() {
+        let mut block = vec![0u8; plan.block_size];
+        for p in &plan.partial {
+            dev.read_at(&mut block, Store::byte(p.value.unit))?;
+            if let Some(bad) = p.verify(&block) {
+                return Ok(Some(bad));
+            }
+            let o = p.inner as usize;
+            buf[p.src.clone()].copy_from_slice(&block[o..o + p.src.len()]);
+        }
+    }
+    // What was read, in buffer order (at most one partial block each side of the runs),
+    // adjacent ranges merged: zero-fill around it, or report it.
+    let mut covered = 0;
+    let mut emit = |r: std::ops::Range<usize>| match filled.as_deref_mut() {
+        Some(f) => match f.last_mut() {
+            Some(l) if l.end == r.start => l.end = r.end,
+            _ => f.push(r),
+        },
+        None => {
+            buf[covered..r.start].fill(0);
+            covered = r.end;
+        }
+    };
+    let mut partial = plan.partial.iter().peekable();
+    for r in &plan.runs {
+        while let Some(p) = partial.next_if(|p| p.src.start < r.src.start) {
+            emit(p.src.clone());
+        }
+        emit(r.src.clone());
+    }
+    partial.for_each(|p| emit(p.src.clone()));
+    if filled.is_none() {
+        buf[covered..].fill(0);
+    }
+    Ok(None)
 }
 
 /// Runs planned in-place writes of `data`.
@@ -351,13 +455,20 @@ impl Engine {
 
     /// Plans a read of `len` bytes at `offset`: the device reads to make, one per run of
     /// physically contiguous blocks, in buffer order. Bytes no run covers read as zeros.
-    pub(crate) fn plan_read(&mut self, t: Target, offset: u64, len: usize) -> Result<Vec<Run>> {
+    /// With data checksums, the blocks the runs read whole are listed for verifying, and a
+    /// block the request covers only in part is read whole on its own (its checksum is
+    /// over all of it).
+    pub(crate) fn plan_read(&mut self, t: Target, offset: u64, len: usize) -> Result<ReadPlan> {
         self.check_usable()?;
         let (root, _) = self.check_range(t, offset, len)?;
-        let mut runs: Vec<Run> = Vec::new();
+        let mut plan = ReadPlan {
+            block_size: self.store.block_size,
+            ..ReadPlan::default()
+        };
         if len == 0 {
-            return Ok(runs);
+            return Ok(plan);
         }
+        let checksums = self.store.checksums;
         let bs = self.store.block_size as u64;
         let first = offset / bs;
         let end = (offset + len as u64).div_ceil(bs);
@@ -368,10 +479,71 @@ impl Engine {
             .lookup_range_for_read(root, first, end, &mut found);
         for f in found.drain(..) {
             let (inner, src) = span(f.key, bs, offset, len);
-            push_run(&mut runs, Store::byte(f.value.unit) + inner, src);
+            if !checksums {
+                push_run(&mut plan.runs, Store::byte(f.value.unit) + inner, src);
+            } else if src.len() as u64 == bs {
+                plan.checks.push(BlockRead {
+                    key: f.key,
+                    value: f.value,
+                    inner,
+                    src: src.clone(),
+                });
+                push_run(&mut plan.runs, Store::byte(f.value.unit), src);
+            } else {
+                plan.partial.push(BlockRead {
+                    key: f.key,
+                    value: f.value,
+                    inner,
+                    src,
+                });
+            }
         }
         self.scratch = found;
-        r.map(|_| runs)
+        r.map(|_| plan)
+    }
+
+    /// The device byte where the block holding byte `offset` of `t` starts (None: a hole).
+    pub(crate) fn physical_block(&mut self, t: Target, offset: u64) -> Result<Option<u64>> {
+        let (root, _) = self.check_range(t, offset, 1)?;
+        let b = offset / self.store.block_size as u64;
+        let mut found = Vec::new();
+        self.store.lookup_range(root, b, b + 1, &mut found)?;
+        Ok(found.first().map(|f| Store::byte(f.value.unit)))
+    }
+
+    /// The error for a block of `t` that failed its checksum.
+    pub(crate) fn data_corrupt(&mut self, t: Target, bad: &Mismatch) -> Error {
+        let target = match self.target(t) {
+            Ok((_, _, name)) => name,
+            Err(_) => format!("{t:?} (gone since)"),
+        };
+        Error::DataCorrupt {
+            pool: crate::PoolId::from_u128(self.sb.pool_id),
+            target,
+            offset: bad.key.saturating_mul(self.store.block_size as u64),
+            physical: Store::byte(bad.value.unit),
+            expected: bad.value.sum,
+            found: bad.found,
+        }
+    }
+
+    /// Reads block `f` of `t` whole into `block`, verifying it in a pool with data checksums
+    /// (what a partial write carries into its new block must not launder a bad one).
+    fn read_block_verified(&mut self, t: Target, f: &Found, block: &mut [u8]) -> Result<()> {
+        self.store.dev.read_at(block, Store::byte(f.value.unit))?;
+        if !self.store.checksums {
+            return Ok(());
+        }
+        let read = BlockRead {
+            key: f.key,
+            value: f.value,
+            inner: 0,
+            src: 0..block.len(),
+        };
+        match read.verify(block) {
+            Some(bad) => Err(self.data_corrupt(t, &bad)),
+            None => Ok(()),
+        }
     }
 
     /// Writes `data` at `offset` of volume `id` (see the module docs for where it lands).
@@ -432,13 +604,22 @@ impl Engine {
         let mut plan: Vec<(u64, Option<Found>, bool)> = Vec::with_capacity((end - first) as usize);
         let mut fi = found.into_iter().peekable();
         let mut redirects = 0u64;
+        // With data checksums a block goes in place only if the open transaction wrote it:
+        // then no commit points at it, and whatever a crash leaves in it is never read.
+        // A block an earlier commit points at keeps the contents its committed checksum
+        // describes until that commit is gone (see docs/format.md, "Data checksums").
+        let born_after = if self.store.checksums {
+            frozen.max(self.store.generation - 1)
+        } else {
+            frozen
+        };
         for b in first..end {
             let f = fi.next_if(|f| f.key == b);
             let in_place = match &f {
                 Some(_) if redirect_all => false,
                 Some(f) => {
                     !f.path_shared
-                        && f.value.birth > frozen
+                        && f.value.birth > born_after
                         && self.store.sm.get(f.value.unit)? == 1
                 }
                 None => false,
@@ -446,8 +627,9 @@ impl Engine {
             redirects += u64::from(!in_place);
             plan.push((b, f, in_place));
         }
-        if redirects == 0 {
-            // Every block is mapped and owned (an unmapped one counts as a redirect).
+        if redirects == 0 && !self.store.checksums {
+            // Every block is mapped and owned (an unmapped one counts as a redirect). With
+            // data checksums the map takes the blocks' new checksums, under the lock.
             let mut runs: Vec<Run> = Vec::with_capacity(1);
             for f in plan.iter().filter_map(|p| p.1) {
                 let (inner, src) = span(f.key, bs, offset, data.len());
@@ -487,9 +669,12 @@ impl Engine {
     ) -> Result<()> {
         self.check_writable()?;
         let mut fresh: Vec<u64> = Vec::with_capacity(plan.len());
+        let mut sums: Vec<u32> = Vec::new();
+        let mut wrote = false;
         // A panic here poisons like one in `mutate`: blocks taken must not leak into a commit.
         let placed = self.guard_panic(|e| {
-            let pieces = e.place_write(offset, data, &plan, &mut fresh)?;
+            let pieces = e.place_write(id, offset, data, &plan, &mut fresh, &mut sums)?;
+            wrote = true;
             e.write_pieces(data, &pieces)?;
             e.writes_done.fetch_add(1, Ordering::AcqRel);
             Ok(())
@@ -499,35 +684,59 @@ impl Engine {
             let undone = fresh
                 .iter()
                 .try_for_each(|&u| self.store.dec_block(u).map(|_| ()));
+            // A block written in place may now hold what its checksum does not describe.
+            let stale_sums = wrote && self.store.checksums && plan.iter().any(|p| p.2);
             if let Err(u) = undone {
                 self.poison(format!("giving back the blocks of a failed write: {u}"));
-            } else if !matches!(e, Error::HostFull { .. }) {
+            } else if !(matches!(e, Error::HostFull { .. })
+                // A bad old block found before anything was written changed nothing.
+                || matches!(e, Error::DataCorrupt { .. }) && !wrote)
+                || stale_sums
+            {
                 self.poison(e.to_string());
             }
             return Err(e);
         }
-        self.mutate(|e| e.map_write(id, root, plan, &fresh))
+        self.mutate(|e| e.map_write(id, root, plan, &fresh, &sums))
     }
 
     /// Allocates the new blocks of a redirecting write (into `fresh`, in plan order) and
-    /// lays out its device writes.
+    /// lays out its device writes. With data checksums, `sums` gets every planned block's
+    /// new checksum, in plan order; a block written in part then needs its other bytes
+    /// too, so it is assembled whole in memory, in place as well as redirected.
     fn place_write(
         &mut self,
+        id: u128,
         offset: u64,
         data: &[u8],
         plan: &[(u64, Option<Found>, bool)],
         fresh: &mut Vec<u64>,
+        sums: &mut Vec<u32>,
     ) -> Result<Vec<Piece>> {
         let bs = self.store.block_size as u64;
+        let checksums = self.store.checksums;
         let mut pieces = Vec::with_capacity(plan.len());
         for &(b, f, in_place) in plan {
             let (inner, src) = span(b, bs, offset, data.len());
             let whole = src.len() as u64 == bs;
+            if checksums && whole {
+                sums.push(block_sum(&data[src.clone()]));
+            }
             if let (true, Some(f)) = (in_place, &f) {
-                pieces.push(Piece::Direct {
-                    at: Store::byte(f.value.unit) + inner,
-                    src,
-                });
+                let at = Store::byte(f.value.unit);
+                if checksums && !whole {
+                    let mut block = vec![0u8; bs as usize];
+                    self.read_block_verified(Target::Volume(id), f, &mut block)?;
+                    let o = inner as usize;
+                    block[o..o + src.len()].copy_from_slice(&data[src]);
+                    sums.push(block_sum(&block));
+                    pieces.push(Piece::Assembled { at, data: block });
+                } else {
+                    pieces.push(Piece::Direct {
+                        at: at + inner,
+                        src,
+                    });
+                }
                 continue;
             }
             let unit = self.store.alloc_block("write", Reserve::Keep)?;
@@ -539,29 +748,46 @@ impl Engine {
                 // A partial write into a new block carries the rest of the old one along.
                 let mut block = vec![0u8; bs as usize];
                 if let Some(f) = &f {
-                    self.store
-                        .dev
-                        .read_at(&mut block, Store::byte(f.value.unit))?;
+                    self.read_block_verified(Target::Volume(id), f, &mut block)?;
                 }
                 let o = inner as usize;
                 block[o..o + src.len()].copy_from_slice(&data[src]);
+                if checksums {
+                    sums.push(block_sum(&block));
+                }
                 pieces.push(Piece::Assembled { at, data: block });
             }
         }
         Ok(pieces)
     }
 
-    /// Points the blocks of a written redirect at their new units (`fresh`, in plan order).
+    /// Points the blocks of a written redirect at their new units (`fresh`, in plan order)
+    /// and, with data checksums, every written block at its new checksum (`sums`, one per
+    /// block of the plan).
     fn map_write(
         &mut self,
         id: u128,
         mut root: u64,
         plan: Vec<(u64, Option<Found>, bool)>,
         fresh: &[u64],
+        sums: &[u32],
     ) -> Result<()> {
         let mut units = fresh.iter();
+        let mut sums = sums.iter();
+        let checksums = self.store.checksums;
         for (b, f, in_place) in plan {
-            if in_place && f.is_some() {
+            let sum = match checksums {
+                true => *sums.next().ok_or_else(|| {
+                    Error::Internal("a written block without its checksum".into())
+                })?,
+                false => 0,
+            };
+            if let (true, Some(f)) = (in_place, f) {
+                if checksums && f.value.sum != sum {
+                    // The same unit, born in this transaction: only its checksum changes.
+                    let m = MapValue { sum, ..f.value };
+                    root = self.store.insert(root, b, m, Reserve::Keep)?.0;
+                }
                 continue;
             }
             let unit = *units
@@ -570,6 +796,7 @@ impl Engine {
             let m = MapValue {
                 unit,
                 birth: self.store.generation,
+                sum,
             };
             let (r, old) = self.store.insert(root, b, m, Reserve::Keep)?;
             root = r;

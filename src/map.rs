@@ -11,15 +11,25 @@ use crate::pdata::codec::{Codec, Reader, Writer};
 use crate::pdata::node::{Node, Schema, SearchKey};
 use crate::space::SpaceMap;
 
-/// Where a virtual block lives, and since when. (Room is left in the design for a data
-/// checksum here: a block and its checksum would be committed together.)
+/// Where a virtual block lives, since when, and what it holds: in a pool with data
+/// checksums, the CRC32 of the block's contents, kept beside the pointer (as ZFS keeps it
+/// in the block pointer) so a block and its checksum are committed together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct MapValue {
-    /// First unit of the data block.
+    /// First unit of the data block (below 2^48).
     pub unit: u64,
-    /// Generation of the transaction that wrote the block.
+    /// Generation of the transaction that wrote the block (below 2^48).
     pub birth: u64,
+    /// CRC32 of the whole block (0 and unused in a pool without data checksums).
+    pub sum: u32,
 }
+
+/// Bits of a unit number and of a generation in a map value's two words; the checksum
+/// takes the 16 bits above each. A pool holds at most 2^34 units and a generation passes
+/// 2^48 after 2^48 commits, so neither is ever cut; and a pool without data checksums has
+/// zeros there, which is how values were laid out before checksums existed.
+pub(crate) const VALUE_BITS: u32 = 48;
+const VALUE_MASK: u64 = (1 << VALUE_BITS) - 1;
 
 impl Codec for MapValue {
     const FIXED: Option<usize> = Some(16);
@@ -27,16 +37,25 @@ impl Codec for MapValue {
         16
     }
     fn encode(&self, w: &mut Writer) {
-        w.u64(self.unit);
-        w.u64(self.birth);
+        let (hi, lo) = (u64::from(self.sum >> 16), u64::from(self.sum & 0xffff));
+        w.u64(self.unit & VALUE_MASK | hi << VALUE_BITS);
+        w.u64(self.birth & VALUE_MASK | lo << VALUE_BITS);
     }
     #[inline]
     fn decode(r: &mut Reader<'_>) -> Result<MapValue> {
+        let (a, b) = (r.u64()?, r.u64()?);
         Ok(MapValue {
-            unit: r.u64()?,
-            birth: r.u64()?,
+            unit: a & VALUE_MASK,
+            birth: b & VALUE_MASK,
+            sum: ((a >> VALUE_BITS) << 16 | b >> VALUE_BITS) as u32,
         })
     }
+}
+
+/// The checksum a block's contents get in a pool with data checksums.
+#[inline]
+pub(crate) fn block_sum(data: &[u8]) -> u32 {
+    crc32fast::hash(data)
 }
 
 /// Block numbers. Block maps are mostly dense runs of consecutive keys, so a guess

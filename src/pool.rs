@@ -43,9 +43,20 @@ pub struct PoolOptions {
     /// `Error::HostFull`; the pool keeps its space reserved (freed blocks are not punched
     /// out, growing reserves the new space too).
     pub preallocate: bool,
+    /// Keep a CRC32 of every data block in the block map and verify it on every read (used
+    /// by `create` only; the pool records it). A block that does not match is never
+    /// returned: the read fails with [`crate::Error::DataCorrupt`]. Costs: see BENCHMARKS.md.
+    pub data_checksums: bool,
 }
 
 impl PoolOptions {
+    /// Sets [`PoolOptions::data_checksums`].
+    #[must_use]
+    pub fn data_checksums(mut self, on: bool) -> Self {
+        self.data_checksums = on;
+        self
+    }
+
     /// Sets [`PoolOptions::preallocate`].
     #[must_use]
     pub fn preallocate(mut self, on: bool) -> Self {
@@ -90,6 +101,7 @@ impl Default for PoolOptions {
             direct_io: false,
             read_only: false,
             preallocate: false,
+            data_checksums: false,
         }
     }
 }
@@ -232,6 +244,8 @@ pub struct PoolStats {
     pub snapshots: usize,
     /// Generation of the last commit.
     pub generation: u64,
+    /// Data blocks carry checksums that reads verify ([`PoolOptions::data_checksums`]).
+    pub data_checksums: bool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -245,7 +259,7 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     /// Formats `dev` as a new, empty pool.
     pub fn create(dev: Arc<dyn BlockDevice>, opts: PoolOptions) -> Result<Pool> {
-        let engine = Engine::create(dev, opts.block_size)?;
+        let engine = Engine::create(dev, opts.block_size, opts.data_checksums)?;
         Ok(Pool {
             h: Handle::start(engine, opts.commit_interval),
         })
@@ -344,6 +358,7 @@ impl Pool {
             volumes: e.catalog.counts().volumes as usize,
             snapshots: e.catalog.counts().snapshots as usize,
             generation: e.sb.generation,
+            data_checksums: e.sb.data_checksums,
         }
     }
 

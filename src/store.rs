@@ -24,6 +24,8 @@ pub(crate) struct Store {
     pub(crate) generation: u64,
     pub(crate) block_size: usize,
     pub(crate) block_units: u64,
+    /// Data checksums are on: every map value carries its block's CRC32 (see `crate::io`).
+    pub(crate) checksums: bool,
 }
 
 impl Store {
@@ -42,6 +44,7 @@ impl Store {
             generation,
             block_size,
             block_units,
+            checksums: false,
         }
     }
 
@@ -206,7 +209,16 @@ mod tests {
         let unit = s.alloc_block("t", Reserve::Keep).unwrap();
         let birth = s.generation;
         let (r, old) = s
-            .insert(root, key, MapValue { unit, birth }, Reserve::Keep)
+            .insert(
+                root,
+                key,
+                MapValue {
+                    unit,
+                    birth,
+                    sum: 0,
+                },
+                Reserve::Keep,
+            )
             .unwrap();
         if let Some(m) = old {
             s.dec_block(m.unit).unwrap();

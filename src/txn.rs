@@ -104,7 +104,11 @@ impl Engine {
     }
 
     /// Formats `dev` as an empty pool.
-    pub(crate) fn create(dev: Arc<dyn BlockDevice>, block_size: u32) -> Result<Engine> {
+    pub(crate) fn create(
+        dev: Arc<dyn BlockDevice>,
+        block_size: u32,
+        data_checksums: bool,
+    ) -> Result<Engine> {
         Engine::validate_create(dev.len(), block_size)?;
         let checked = Arc::new(Checked::new(dev));
         let dev: Arc<dyn BlockDevice> = checked.clone();
@@ -130,9 +134,11 @@ impl Engine {
             snapshots: 0,
             created_unix: now_unix(),
             preallocated: false,
+            data_checksums,
         };
         let catalog = Catalog::open(dev.clone(), 0, 0, total_units, 1, Counts::default())?;
-        let store = Store::new(dev, sm, 1, block_size as usize);
+        let mut store = Store::new(dev, sm, 1, block_size as usize);
+        store.checksums = data_checksums;
         let mut engine = Engine::assemble(store, catalog, sb, checked);
         // The first commit writes the space map and the superblocks.
         engine.force_commit = true;
@@ -252,7 +258,8 @@ impl Engine {
             sb.generation + 1,
             counts,
         )?;
-        let store = Store::new(dev, sm, sb.generation + 1, sb.block_size as usize);
+        let mut store = Store::new(dev, sm, sb.generation + 1, sb.block_size as usize);
+        store.checksums = sb.data_checksums;
         let mut engine = Engine::assemble(store, catalog, sb, checked);
         engine.disk_sb = Some(sb_page);
         Ok(engine)
@@ -459,6 +466,12 @@ impl Engine {
             return Ok(());
         }
         let generation = self.store.generation;
+        if generation >> crate::map::VALUE_BITS != 0 {
+            // Map values keep 48 bits of a birth; 2^48 commits is centuries of them.
+            return Err(Error::Internal(format!(
+                "generation {generation} is past what a block map records (2^48)"
+            )));
+        }
         // Before this commit's pages overwrite anything: nobody else committed meanwhile.
         self.check_sole_writer()?;
         // Volume records changed by I/O go into the catalog tree first: that allocates

@@ -58,6 +58,14 @@ impl Volume {
         self.h.write(self.id, offset, data)
     }
 
+    /// Where the data block holding byte `offset` lives on the pool's device: its first
+    /// byte there, or `None` for a hole (the bytes read as zeros). For tools that check or
+    /// repair media, and for what [`crate::Pool::scrub`] reports.
+    pub fn physical_block(&self, offset: u64) -> Result<Option<u64>> {
+        self.h
+            .with(|e| e.physical_block(Target::Volume(self.id), offset))
+    }
+
     /// Makes a range read as zeros and returns its whole blocks to the pool.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.h.with(|e| e.discard(self.id, offset, len))
@@ -115,6 +123,13 @@ impl Snapshot {
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.h.read(Target::Snapshot(self.id), offset, buf)
+    }
+
+    /// Where the data block holding byte `offset` lives on the pool's device (see
+    /// [`Volume::physical_block`]).
+    pub fn physical_block(&self, offset: u64) -> Result<Option<u64>> {
+        self.h
+            .with(|e| e.physical_block(Target::Snapshot(self.id), offset))
     }
 
     /// Reads the mapped parts of `buf.len()` bytes at `offset`, leaving the bytes of holes

@@ -1,5 +1,6 @@
 //! Random sequences of every operation against a plain in-memory model: after each sequence
-//! `check()` is clean and every volume and snapshot equals the model byte for byte.
+//! `check()` is clean and every volume and snapshot equals the model byte for byte, on pools
+//! with data checksums and without.
 
 mod common;
 
@@ -15,9 +16,10 @@ fn opts(block_size: u32) -> PoolOptions {
         .commit_interval(None)
 }
 
-fn run(block_size: u32, ops: &[Op]) {
+fn run(block_size: u32, checksums: bool, ops: &[Op]) {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(96 << 20));
-    let mut pool = Pool::create(dev.clone(), opts(block_size)).unwrap();
+    let mut pool = Pool::create(dev.clone(), opts(block_size).data_checksums(checksums)).unwrap();
+    assert_eq!(pool.stats().data_checksums, checksums);
     let mut model = Model::default();
     let reopen = |p: Pool| {
         drop(p);
@@ -44,12 +46,22 @@ proptest! {
 
     #[test]
     fn model_4k_blocks(ops in prop::collection::vec(op_strategy(), 1..80)) {
-        run(4096, &ops);
+        run(4096, false, &ops);
     }
 
     #[test]
     fn model_64k_blocks(ops in prop::collection::vec(op_strategy(), 1..40)) {
-        run(65536, &ops);
+        run(65536, false, &ops);
+    }
+
+    #[test]
+    fn model_4k_blocks_data_checksums(ops in prop::collection::vec(op_strategy(), 1..80)) {
+        run(4096, true, &ops);
+    }
+
+    #[test]
+    fn model_64k_blocks_data_checksums(ops in prop::collection::vec(op_strategy(), 1..40)) {
+        run(65536, true, &ops);
     }
 }
 

@@ -12,8 +12,13 @@ use crate::error::{Error, Result};
 
 /// Size of a metadata page and of the space map's allocation unit.
 pub const PAGE_SIZE: usize = 4096;
-/// The on-disk format version this build reads and writes (2: the catalog is a B+tree).
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest on-disk format version this build reads and writes. Version 2: the catalog
+/// is a B+tree. Version 3 is version 2 with data checksums in the block map values; a pool
+/// without data checksums is still written as version 2, so older builds go on opening it,
+/// and refuse (by version) a pool whose map values they would misread.
+pub const FORMAT_VERSION: u32 = 3;
+/// The version of a pool without data checksums (see [`FORMAT_VERSION`]).
+pub(crate) const FORMAT_VERSION_PLAIN: u32 = 2;
 /// Bytes of the common page header.
 pub(crate) const HEADER_LEN: usize = 32;
 /// Units holding the superblocks (slot = generation % 2).

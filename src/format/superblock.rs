@@ -25,6 +25,9 @@ pub(crate) struct Superblock {
     /// The pool file's space is reserved on the host (`pool create --preallocate`): freed
     /// units are not punched out of it, and growing reserves the new space too.
     pub preallocated: bool,
+    /// Every block map value carries its block's CRC32 and reads verify it (format
+    /// version 3; chosen at creation, never changed).
+    pub data_checksums: bool,
 }
 
 impl Superblock {
@@ -34,7 +37,12 @@ impl Superblock {
 
     pub(crate) fn encode(&self) -> Box<Page> {
         let mut p = new_page();
-        put_u32(&mut p[..], 32, FORMAT_VERSION);
+        let version = if self.data_checksums {
+            FORMAT_VERSION
+        } else {
+            FORMAT_VERSION_PLAIN
+        };
+        put_u32(&mut p[..], 32, version);
         put_u32(&mut p[..], 36, PAGE_SIZE as u32);
         put_u32(&mut p[..], 40, self.block_size);
         p[48..64].copy_from_slice(&self.pool_id.to_le_bytes());
@@ -73,7 +81,7 @@ impl Superblock {
         let (_, generation) = verify(p, &[PageKind::Superblock], slot)?;
         let version = get_u32(&p[..], 32);
         // There is no migration: a pool of any other version is refused, naming both.
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_PLAIN {
             return Err(Error::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
@@ -102,7 +110,12 @@ impl Superblock {
             catalog_buffer: get_u64(&p[..], 128),
             created_unix: get_u64(&p[..], 112),
             preallocated: p[205] & 1 != 0,
+            data_checksums: version == FORMAT_VERSION,
         };
+        if sb.generation >> crate::map::VALUE_BITS != 0 {
+            // Map values keep 48 bits of a birth generation.
+            return Err(bad(format!("generation {} is past 2^48", sb.generation)));
+        }
         let units_on_device = device_len / PAGE_SIZE as u64;
         if sb.total_units > units_on_device && sb.total_units <= super::MAX_UNITS {
             // A pool file cut short (a copy that stopped early, a truncate): say how much is
@@ -179,6 +192,7 @@ mod tests {
             snapshots: 9,
             created_unix: 1_700_000_000,
             preallocated: true,
+            data_checksums: false,
         };
         let p = sb.encode();
         assert_eq!(Superblock::decode(&p, 1, 1000 * 4096).unwrap(), sb);
@@ -190,5 +204,17 @@ mod tests {
             Superblock::decode(&p, 1, 999 * 4096).is_err(),
             "device too small"
         );
+        let summed = Superblock {
+            data_checksums: true,
+            ..sb.clone()
+        };
+        let p = summed.encode();
+        assert_eq!(
+            get_u32(&p[..], 32),
+            FORMAT_VERSION,
+            "checksums are version 3"
+        );
+        assert_eq!(Superblock::decode(&p, 1, 1000 * 4096).unwrap(), summed);
+        assert_eq!(get_u32(&sb.encode()[..], 32), FORMAT_VERSION_PLAIN);
     }
 }

@@ -399,7 +399,11 @@ enum PoolCmd {
         /// writes never find the host full; the pool keeps it reserved.
         #[arg(long)]
         preallocate: bool,
-        /// Print {id, path, size, block_size}.
+        /// Keep a checksum of every data block and verify it on every read: a damaged block
+        /// is reported (and `pool scrub` finds it), never returned as data.
+        #[arg(long)]
+        data_checksums: bool,
+        /// Print {id, path, size, block_size, data_checksums}.
         #[arg(long)]
         json: bool,
     },
@@ -853,9 +857,12 @@ fn run(cmd: Cmd) -> CmdResult {
             block_size,
             force,
             preallocate,
+            data_checksums,
             json,
         }) => {
-            let mut o = opts().preallocate(preallocate);
+            let mut o = opts()
+                .preallocate(preallocate)
+                .data_checksums(data_checksums);
             if let Some(bs) = block_size {
                 o.block_size =
                     u32::try_from(bs).map_err(|_| format!("block size {bs} is too large"))?;
@@ -904,15 +911,21 @@ fn run(cmd: Cmd) -> CmdResult {
                         ("path", Value::Str(path.display().to_string())),
                         ("size", Value::Num(st.size)),
                         ("block_size", Value::Num(u64::from(st.block_size))),
+                        ("data_checksums", Value::Bool(st.data_checksums)),
                     ])
                     .render()
                 );
             } else {
                 say!(
-                    "created pool {} ({}, block size {})",
+                    "created pool {} ({}, block size {}{})",
                     path.display(),
                     human(st.size),
-                    human(u64::from(st.block_size))
+                    human(u64::from(st.block_size)),
+                    if st.data_checksums {
+                        ", data checksums"
+                    } else {
+                        ""
+                    }
                 );
             }
             done(pool)
@@ -944,6 +957,7 @@ fn run(cmd: Cmd) -> CmdResult {
                         ("volumes", Value::Num(st.volumes as u64)),
                         ("snapshots", Value::Num(st.snapshots as u64)),
                         ("generation", Value::Num(st.generation)),
+                        ("data_checksums", Value::Bool(st.data_checksums)),
                     ])
                     .render()
                 );
@@ -958,6 +972,14 @@ fn run(cmd: Cmd) -> CmdResult {
                 say!("volumes     {}", st.volumes);
                 say!("snapshots   {}", st.snapshots);
                 say!("generation  {}", st.generation);
+                say!(
+                    "checksums   {}",
+                    if st.data_checksums {
+                        "data and metadata"
+                    } else {
+                        "metadata only"
+                    }
+                );
             }
             done(pool)
         }
