@@ -122,6 +122,16 @@ impl Handle {
         Handle { shared }
     }
 
+    /// The I/O gate, held for reading: no unit is reused until it is let go.
+    pub(crate) fn io_gate(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.shared.io_gate.read()
+    }
+
+    /// The pool's device, for transfers outside the engine lock.
+    pub(crate) fn device(&self) -> &dyn BlockDevice {
+        &*self.shared.dev
+    }
+
     /// The engine, locked.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Engine> {
         self.shared.engine.lock()
@@ -427,7 +437,7 @@ impl Engine {
     }
 
     /// Map root and size of an I/O target (without copying its names: every I/O asks).
-    fn root_and_size(&mut self, t: Target) -> Result<Option<(u64, u64)>> {
+    pub(crate) fn root_and_size_of(&mut self, t: Target) -> Result<Option<(u64, u64)>> {
         let (c, sm) = self.cat();
         Ok(match t {
             Target::Volume(id) => c.volume_ref(sm, id)?.map(|v| (v.root, v.size)),
@@ -436,7 +446,7 @@ impl Engine {
     }
 
     fn check_range(&mut self, t: Target, offset: u64, len: usize) -> Result<(u64, u64)> {
-        let Some((root, size)) = self.root_and_size(t)? else {
+        let Some((root, size)) = self.root_and_size_of(t)? else {
             return Err(self
                 .target(t)
                 .err()

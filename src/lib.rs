@@ -51,6 +51,7 @@ pub mod nbd;
 mod operations;
 mod pdata;
 mod pool;
+mod scrub;
 mod space;
 mod store;
 mod stream;
@@ -71,6 +72,9 @@ pub use image::ImportStats;
 pub use listing::Page;
 pub use names::ObjectName;
 pub use pool::{BookmarkInfo, Pool, PoolOptions, PoolStats, SnapshotInfo, Usage, VolumeInfo};
+pub use scrub::{
+    BadBlock, BlockProblem, BlockRef, ScrubCursor, ScrubProgress, ScrubReport, SEEN_CAP,
+};
 pub use stream::{ReceiveStats, SendStats};
 pub use volume::{Snapshot, Volume, VolumeIo};
 

@@ -2,8 +2,9 @@
 //! read from, and a pool without damage never reports any (in-place writes of the open
 //! transaction, partial writes, snapshots and clones, reopen).
 
-use snapvol::{Error, Pool, PoolOptions};
+use snapvol::{BlockProblem, Error, Pool, PoolOptions, ScrubCursor};
 use std::fs::OpenOptions;
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -111,12 +112,79 @@ fn a_flipped_byte_is_never_returned() {
         matches!(sent, Err(Error::DataCorrupt { .. })),
         "send: {sent:?}"
     );
+    // Scrub reports exactly that block, with every map that points at it, and reads each
+    // shared block once (three blocks, referenced by three maps).
+    let report = pool.scrub(None, |_| ControlFlow::Continue(())).unwrap();
+    assert!(!report.is_clean() && report.checksums);
+    assert_eq!((report.blocks, report.shared_skipped), (3, 6));
+    assert_eq!(report.bad_count, 1);
+    let bad = &report.bad[0];
+    assert_eq!(bad.physical, at);
+    assert!(matches!(bad.problem, BlockProblem::Mismatch { .. }));
+    let mut names: Vec<(&str, u64)> = bad
+        .references
+        .iter()
+        .map(|r| (r.name.as_str(), r.offset))
+        .collect();
+    names.sort();
+    assert_eq!(names, [("c", 4096), ("v", 4096), ("v@s", 4096)]);
     // Overwriting the whole block replaces it (in the volume; the snapshot keeps its copy).
     v.write_at(&block(9), 4096).unwrap();
     v.read_at(&mut one, 4096).unwrap();
     assert_eq!(one, block(9));
     expect_corrupt(s.read_at(&mut one, 4096), "v@s", at);
+    let report = pool.scrub(None, |_| ControlFlow::Continue(())).unwrap();
+    let mut names: Vec<&str> = report.bad[0]
+        .references
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["c", "v@s"], "the volume no longer points at it");
     pool.close().unwrap();
+}
+
+/// A scrub stopped by its callback says where it stood; one resumed there finishes, and
+/// between them every block was verified. A clean pool scrubs clean.
+#[test]
+fn scrub_stops_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.img");
+    let pool = Pool::create_file(&path, 128 << 20, opts()).unwrap();
+    let blocks = 5000u64;
+    for name in ["a", "b"] {
+        let v = pool.create_volume(name, blocks * 4096).unwrap();
+        let data: Vec<u8> = (0..blocks * 4096).map(|i| (i % 251) as u8).collect();
+        v.write_at(&data, 0).unwrap();
+    }
+    pool.flush().unwrap();
+    let mut calls = 0;
+    let first = pool
+        .scrub(None, |p| {
+            calls += 1;
+            assert!(p.blocks > 0 && p.maps_total == 2);
+            ControlFlow::Break(())
+        })
+        .unwrap();
+    assert_eq!(calls, 1);
+    let cursor = first.resume.expect("stopped early");
+    assert!(!first.is_clean() && first.bad_count == 0);
+    assert!(first.blocks < 2 * blocks);
+    let parsed: ScrubCursor = cursor.to_string().parse().unwrap();
+    assert_eq!(parsed, cursor);
+    assert!(matches!(
+        "v:12:3".parse::<ScrubCursor>(),
+        Err(Error::BadToken(_))
+    ));
+    let rest = pool
+        .scrub(Some(&parsed), |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert!(rest.is_clean());
+    assert_eq!(first.blocks + rest.blocks, 2 * blocks);
+    let all = pool.scrub(None, |_| ControlFlow::Continue(())).unwrap();
+    assert!(all.is_clean());
+    assert_eq!(all.blocks, 2 * blocks);
+    assert_eq!(all.bytes, 2 * blocks * 4096);
 }
 
 /// Writes of every shape (partial, unaligned, spanning blocks, into blocks of the open

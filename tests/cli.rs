@@ -407,6 +407,90 @@ fn check_exits_1_on_a_damaged_pool() {
     );
 }
 
+/// With data checksums: `read` and `export` of a flipped data byte fail naming the block,
+/// `pool scrub` reports it with its references and exits 1, a clean pool scrubs to 0, and
+/// `pool info` says checksums are on.
+#[test]
+fn data_checksums_from_the_command_line() {
+    let t = Env::new();
+    let p = t.pool();
+    let created = t.json(&[
+        "pool",
+        "create",
+        &p,
+        "--size",
+        "64M",
+        "--data-checksums",
+        "--json",
+    ]);
+    assert_eq!(created["data_checksums"], true);
+    assert_eq!(
+        t.json(&["pool", "info", &p, "--json"])["data_checksums"],
+        true
+    );
+    t.ok(&["create", &p, "vol", "--size", "1M"]);
+    let data = t.path("d");
+    std::fs::write(&data, pattern(64 << 10, 9)).unwrap();
+    t.ok(&["write", &p, "vol", data.to_str().unwrap()]);
+    t.ok(&["snapshot", &p, "vol@s"]);
+    let clean = t.json(&["pool", "scrub", &p, "--json"]);
+    assert_eq!(clean["clean"], true);
+    assert_eq!(clean["blocks"], 16);
+    assert_eq!(
+        clean["shared_skipped"], 16,
+        "the snapshot's blocks are the volume's"
+    );
+    let at = {
+        let pool = snapvol::Pool::open_path(&p, snapvol::PoolOptions::default()).unwrap();
+        let at = pool
+            .volume("vol")
+            .unwrap()
+            .physical_block(5 * 4096)
+            .unwrap();
+        pool.close().unwrap();
+        at.unwrap()
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&p)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at + 7).unwrap();
+        f.write_all_at(&[b[0] ^ 1], at + 7).unwrap();
+    }
+    let err = t.fails(&["read", &p, "vol", "--offset", "20480", "--length", "4096"]);
+    assert_msg(&err, "data checksum mismatch");
+    assert_msg(&err, &format!("device byte {at}"));
+    let out = t.path("out.img");
+    assert_msg(
+        &t.fails(&["export", &p, "vol@s", out.to_str().unwrap()]),
+        "vol@s at byte 20480",
+    );
+    let run = t.run(&["pool", "scrub", &p, "--json"]);
+    assert_eq!(run.status.code(), Some(1), "damage: exit status 1");
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["bad_count"], 1);
+    assert_eq!(report["bad"][0]["physical"], at);
+    let mut refs: Vec<String> = report["bad"][0]["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}@{}", r["name"].as_str().unwrap(), r["offset"]))
+        .collect();
+    refs.sort();
+    assert_eq!(refs, ["vol@20480", "vol@s@20480"]);
+    let text = t.run(&["pool", "scrub", &p]);
+    assert_eq!(text.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("vol@s at byte 20480"));
+    assert_msg(
+        &t.fails(&["pool", "scrub", &p, "--resume", "nonsense"]),
+        "not a scrub position",
+    );
+}
+
 fn damage(path: &Path, magic: &[u8; 4]) {
     let mut img = std::fs::read(path).unwrap();
     for u in 0..img.len() / 4096 {

@@ -1132,3 +1132,32 @@ fn an_idle_timeout_closes_a_silent_client_and_spares_a_busy_one() {
     drop(busy);
     server.stop().unwrap();
 }
+
+/// With data checksums, a request that reads a damaged block gets EIO and no bytes, and the
+/// connection goes on: the next request, for an undamaged block, is answered.
+#[test]
+fn a_damaged_block_is_eio_and_the_connection_goes_on() {
+    let dev = Arc::new(MemoryDevice::new(64 << 20));
+    let pool = Pool::create(
+        dev.clone(),
+        PoolOptions::default()
+            .commit_interval(None)
+            .data_checksums(true),
+    )
+    .unwrap();
+    let v = pool.create_volume("vm", 1 << 20).unwrap();
+    v.write_at(&[7u8; 8192], 0).unwrap();
+    pool.flush().unwrap();
+    let at = v.physical_block(4096).unwrap().unwrap();
+    snapvol::device::BlockDevice::write_at(&*dev, &[0x55], at + 9).unwrap();
+    let (mut c, server) = Client::connect(&pool);
+    c.go("vm").unwrap();
+    let mut buf = vec![0u8; 4096];
+    c.request(0, 0, 1, 4096, 512, &[]);
+    assert_eq!(c.reply(1, &mut buf[..512]), 5, "EIO for the damaged block");
+    c.request(0, 0, 2, 0, 4096, &[]);
+    assert_eq!(c.reply(2, &mut buf), 0, "the neighbour still reads");
+    assert_eq!(buf, vec![7u8; 4096]);
+    drop(c);
+    server.join().unwrap().unwrap();
+}

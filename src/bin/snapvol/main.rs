@@ -424,6 +424,22 @@ enum PoolCmd {
         #[command(flatten)]
         out: Output,
     },
+    /// Read every data block once and verify it against its checksum (a pool created with
+    /// --data-checksums; without them only unreadable blocks are found). Runs beside I/O;
+    /// Ctrl-C stops it and prints where to resume. Exit status 1 when damage is found, 2
+    /// when stopped before the end with none found so far.
+    /// Example: snapvol pool scrub pool.img
+    Scrub {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
+        path: PathBuf,
+        /// Go on from where an interrupted scrub stopped (the position it printed).
+        #[arg(long, value_name = "POSITION")]
+        resume: Option<String>,
+        /// Print {clean, complete, checksums, blocks, bytes, shared_skipped, bad_count,
+        /// bad: [{physical, problem, references: [{name, offset}]}], resume}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify every page and reference count; exit status 3 when problems are found (1 when
     /// the check itself fails).
     /// Example: snapvol pool check pool.img
@@ -769,6 +785,7 @@ fn forwarded_paths(cmd: &mut Cmd) -> Option<(&mut PathBuf, Option<&mut PathBuf>)
         Cmd::Pool(PoolCmd::Grow { path, .. })
         | Cmd::Pool(PoolCmd::Info { path, .. })
         | Cmd::Pool(PoolCmd::Check { path, .. })
+        | Cmd::Pool(PoolCmd::Scrub { path, .. })
         | Cmd::Create { path, .. }
         | Cmd::Resize { path, .. }
         | Cmd::Rename { path, .. }
@@ -983,6 +1000,7 @@ fn run(cmd: Cmd) -> CmdResult {
             }
             done(pool)
         }
+        Cmd::Pool(PoolCmd::Scrub { path, resume, json }) => scrub(&path, resume, json),
         Cmd::Pool(PoolCmd::Check { path, json }) => {
             let pool = open_read_only(&path)?;
             // The check does not know its total in advance: a spinner with the time taken,
@@ -1388,17 +1406,17 @@ fn run(cmd: Cmd) -> CmdResult {
                 Some(f) => {
                     let created = !f.exists();
                     let r = std::fs::File::create(f)
-                        .map_err(|err| err.to_string())
+                        .map_err(|err| Failed::Sink(err.to_string()))
                         .and_then(|mut w| read_stream(&src, offset, length, &mut w));
                     if let Err(err) = r {
                         if created {
                             let _ = std::fs::remove_file(f);
                         }
-                        return Err(format!("{}: {err}", f.display()));
+                        return Err(err.name(&source, &f.display().to_string()));
                     }
                 }
                 None => read_stream(&src, offset, length, &mut output::stdout_writer())
-                    .map_err(|err| format!("stdout: {err}"))?,
+                    .map_err(|err| err.name(&source, "stdout"))?,
             }
             drop(src);
             done(pool)
@@ -1803,22 +1821,38 @@ enum Destroy {
 const STEP: usize = 1 << 20;
 
 /// Copies `length` bytes at `offset` of a volume or snapshot to `w`, a step at a time.
+/// Which side of a copy failed, so the message names the right one.
+enum Failed {
+    Source(String),
+    Sink(String),
+}
+
+impl Failed {
+    fn name(self, source: &str, sink: &str) -> String {
+        match self {
+            Failed::Source(e) => format!("{source}: {e}"),
+            Failed::Sink(e) => format!("{sink}: {e}"),
+        }
+    }
+}
+
 fn read_stream(
     src: &image::Source,
     offset: u64,
     length: u64,
     w: &mut dyn Write,
-) -> Result<(), String> {
+) -> Result<(), Failed> {
     let mut buf = vec![0u8; STEP.min(usize::try_from(length).unwrap_or(STEP))];
     let mut done = 0u64;
     while done < length {
         let n = (length - done).min(buf.len() as u64) as usize;
         src.read_at(&mut buf[..n], offset + done)
-            .map_err(|e| e.to_string())?;
-        w.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+            .map_err(|e| Failed::Source(e.to_string()))?;
+        w.write_all(&buf[..n])
+            .map_err(|e| Failed::Sink(e.to_string()))?;
         done += n as u64;
     }
-    w.flush().map_err(|e| e.to_string())
+    w.flush().map_err(|e| Failed::Sink(e.to_string()))
 }
 
 /// Writes everything `input` holds into `v` from `offset`, a step at a time; returns the
@@ -2175,6 +2209,134 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// `snapvol pool scrub`.
+fn scrub(path: &Path, resume: Option<String>, json: bool) -> CmdResult {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let from = resume
+        .map(|r| r.parse::<snapvol::ScrubCursor>())
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let pool = open_read_only(path)?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // Only a scrub run by this process takes Ctrl-C; one forwarded to a server is not
+    // this process's to stop.
+    if !output::forwarded() {
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+        }
+    }
+    let pb = image::progress(pool.stats().used, "scrub");
+    let report = pool
+        .scrub(from.as_ref(), |p| {
+            pb.set_position(p.bytes);
+            if stop.load(Ordering::Relaxed) {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        })
+        .map_err(|err| format!("{}: {err}", path.display()))?;
+    pb.finish_and_clear();
+    let problem = |p: &snapvol::BlockProblem| match p {
+        snapvol::BlockProblem::Mismatch { expected, found } => {
+            format!("checksum {found:08x}, expected {expected:08x}")
+        }
+        snapvol::BlockProblem::Unreadable(why) => format!("unreadable: {why}"),
+        other => format!("{other:?}"),
+    };
+    if json {
+        let bad = report
+            .bad
+            .iter()
+            .map(|b| {
+                Value::Obj(vec![
+                    ("physical", Value::Num(b.physical)),
+                    ("problem", Value::Str(problem(&b.problem))),
+                    (
+                        "references",
+                        Value::Arr(
+                            b.references
+                                .iter()
+                                .map(|r| {
+                                    Value::Obj(vec![
+                                        ("name", Value::Str(r.name.clone())),
+                                        ("offset", Value::Num(r.offset)),
+                                    ])
+                                })
+                                .collect(),
+                        ),
+                    ),
+                ])
+            })
+            .collect();
+        say!(
+            "{}",
+            Value::Obj(vec![
+                ("clean", Value::Bool(report.is_clean())),
+                ("complete", Value::Bool(report.resume.is_none())),
+                ("checksums", Value::Bool(report.checksums)),
+                ("blocks", Value::Num(report.blocks)),
+                ("bytes", Value::Num(report.bytes)),
+                ("shared_skipped", Value::Num(report.shared_skipped)),
+                ("bad_count", Value::Num(report.bad_count)),
+                ("bad", Value::Arr(bad)),
+                (
+                    "resume",
+                    report
+                        .resume
+                        .map_or(Value::Null, |c| Value::Str(c.to_string()))
+                ),
+            ])
+            .render()
+        );
+    } else {
+        if !report.checksums {
+            report!(
+                "snapvol: {} has no data checksums: the scrub finds only blocks the device cannot read",
+                path.display()
+            );
+        }
+        say!(
+            "{}: {} blocks ({}) verified, {} references to shared blocks not read again, {} bad",
+            path.display(),
+            report.blocks,
+            human(report.bytes),
+            report.shared_skipped,
+            report.bad_count
+        );
+        for b in &report.bad {
+            let refs: Vec<String> = b
+                .references
+                .iter()
+                .map(|r| format!("{} at byte {}", r.name, r.offset))
+                .collect();
+            say!(
+                "  bad block at device byte {}: {}; in {}",
+                b.physical,
+                problem(&b.problem),
+                if refs.is_empty() {
+                    "nothing now (rewritten since)".to_string()
+                } else {
+                    refs.join(", ")
+                }
+            );
+        }
+        if let Some(c) = &report.resume {
+            say!(
+                "stopped before the end; go on with: snapvol pool scrub {} --resume {c}",
+                path.display()
+            );
+        }
+    }
+    let (damaged, stopped) = (report.bad_count > 0, report.resume.is_some());
+    pool.close().map_err(|e| e.to_string())?;
+    Ok(match (damaged, stopped) {
+        (true, _) => ExitCode::from(1),
+        (false, true) => ExitCode::from(2),
+        (false, false) => ExitCode::SUCCESS,
+    })
 }
 
 #[cfg(test)]
