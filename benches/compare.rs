@@ -17,36 +17,9 @@ use std::time::Instant;
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn rounds() -> usize {
-    std::env::var("SNAPVOL_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// Times `n` calls of `op`, in microseconds per call.
-fn time(n: u64, mut op: impl FnMut(u64)) -> f64 {
-    let t = Instant::now();
-    for i in 0..n {
-        op(i);
-    }
-    t.elapsed().as_secs_f64() * 1e6 / n as f64
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::{median, rounds, time, Rng};
 
 fn best(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::INFINITY, f64::min)

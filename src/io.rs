@@ -694,8 +694,13 @@ impl Engine {
             let undone = fresh
                 .iter()
                 .try_for_each(|&u| self.store.dec_block(u).map(|_| ()));
-            // A block written in place may now hold what its checksum does not describe.
-            let stale_sums = wrote && self.store.checksums && plan.iter().any(|p| p.2);
+            // A block written in place may now hold what its checksum does not describe: its
+            // checksum follows what the device holds now (the write failed, so the block's
+            // contents are undefined, as a failed write's are on a disk).
+            let stale_sums = wrote
+                && self.store.checksums
+                && plan.iter().any(|p| p.2)
+                && self.mutate(|e| e.resum_in_place(id, root, &plan)).is_err();
             if let Err(u) = undone {
                 self.poison(format!("giving back the blocks of a failed write: {u}"));
             } else if !(matches!(e, Error::HostFull { .. })
@@ -708,6 +713,31 @@ impl Engine {
             return Err(e);
         }
         self.mutate(|e| e.map_write(id, root, plan, &fresh, &sums))
+    }
+
+    /// Gives the blocks of `plan` that went in place the checksum of what the device holds
+    /// for them now (after a failed write, in a pool with data checksums).
+    fn resum_in_place(
+        &mut self,
+        id: u128,
+        mut root: u64,
+        plan: &[(u64, Option<Found>, bool)],
+    ) -> Result<()> {
+        let mut block = vec![0u8; self.store.block_size];
+        for &(b, f, in_place) in plan {
+            let (true, Some(f)) = (in_place, f) else {
+                continue;
+            };
+            self.store
+                .dev
+                .read_at(&mut block, Store::byte(f.value.unit))?;
+            let m = MapValue {
+                sum: block_sum(&block),
+                ..f.value
+            };
+            root = self.store.insert(root, b, m, Reserve::Keep)?.0;
+        }
+        self.set_root(id, root)
     }
 
     /// Allocates the new blocks of a redirecting write (into `fresh`, in plan order) and

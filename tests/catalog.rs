@@ -277,7 +277,7 @@ fn another_format_version_is_refused_by_name() {
             e,
             Error::UnsupportedVersion {
                 found: 1,
-                supported: 2
+                supported: snapvol::FORMAT_VERSION
             }
         ),
         "{e:?}"

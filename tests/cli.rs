@@ -414,16 +414,30 @@ fn check_exits_1_on_a_damaged_pool() {
 fn data_checksums_from_the_command_line() {
     let t = Env::new();
     let p = t.pool();
-    let created = t.json(&[
+    let created = t.json(&["pool", "create", &p, "--size", "64M", "--json"]);
+    assert_eq!(created["data_checksums"], true, "on by default");
+    let plain = t.path("plain.img").display().to_string();
+    let off = t.json(&[
         "pool",
         "create",
-        &p,
+        &plain,
         "--size",
         "64M",
         "--data-checksums",
+        "off",
         "--json",
     ]);
-    assert_eq!(created["data_checksums"], true);
+    assert_eq!(off["data_checksums"], false);
+    let bad = t.fails(&[
+        "pool",
+        "create",
+        &plain,
+        "--size",
+        "64M",
+        "--data-checksums",
+        "maybe",
+    ]);
+    assert!(bad.contains("say on or off"), "{bad}");
     assert_eq!(
         t.json(&["pool", "info", &p, "--json"])["data_checksums"],
         true

@@ -400,8 +400,9 @@ enum PoolCmd {
         #[arg(long)]
         preallocate: bool,
         /// Keep a checksum of every data block and verify it on every read: a damaged block
-        /// is reported (and `pool scrub` finds it), never returned as data.
-        #[arg(long)]
+        /// is reported (and `pool scrub` finds it), never returned as data. "off" saves the
+        /// redirect of overwrites of committed blocks, and gives a pool older builds read.
+        #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
         data_checksums: bool,
         /// Print {id, path, size, block_size, data_checksums}.
         #[arg(long)]
@@ -2209,6 +2210,15 @@ fn list(pool: &Pool, out: Output, opts: &ListOpts) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// "on" or "off".
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?}: say on or off")),
+    }
 }
 
 /// `snapvol pool scrub`.

@@ -1,0 +1,37 @@
+//! What the side-by-side benches share: a cheap random generator, the round count, the
+//! median, and per-call timing.
+
+use std::time::Instant;
+
+/// xorshift64: fast, deterministic offsets.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Rounds per scenario (SNAPVOL_BENCH_ROUNDS, default 8).
+pub fn rounds() -> usize {
+    std::env::var("SNAPVOL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Times `n` calls of `op`, in microseconds per call.
+pub fn time(n: u64, mut op: impl FnMut(u64)) -> f64 {
+    let t = Instant::now();
+    for i in 0..n {
+        op(i);
+    }
+    t.elapsed().as_secs_f64() * 1e6 / n as f64
+}
