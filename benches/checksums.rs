@@ -83,6 +83,23 @@ fn main() {
         let mut buf = vec![0u8; MIB as usize];
         time(SIZE / MIB, |i| s.vol.read_at(&mut buf, i * MIB).unwrap())
     });
+    // From the disk: the page cache dropped before each side's pass (root only).
+    if std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok() {
+        compare(
+            "1 MiB sequential reads (cold, caches dropped)",
+            &sides,
+            |s, _| {
+                let _ = std::process::Command::new("sync").status();
+                std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+                let mut buf = vec![0u8; MIB as usize];
+                time(SIZE / MIB, |i| s.vol.read_at(&mut buf, i * MIB).unwrap())
+            },
+        );
+    } else {
+        println!(
+            "1 MiB sequential reads (cold): SKIPPED, /proc/sys/vm/drop_caches is not writable"
+        );
+    }
     // Owned blocks a commit already points at: with checksums the first write of each per
     // transaction redirects (a new block and a map change); a flush ends every round.
     compare("4 KiB random writes, owned (+ flush)", &sides, |s, r| {

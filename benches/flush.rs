@@ -5,6 +5,10 @@
 //!
 //!     cargo bench --features testing --bench flush
 //!
+//! Each thread count runs on a pool without data checksums (the writes go in place, so a
+//! flush is a device barrier) and on one with them (each write after a commit redirects,
+//! so a flush is a commit with dirty pages).
+//!
 //! No criterion: the figure is a throughput of several threads, measured over a fixed time.
 
 use snapvol::device::{CountingDevice, FileDevice};
@@ -21,12 +25,21 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    for threads in [1usize, 2, 4, 8] {
+    for (threads, checksums) in [1usize, 2, 4, 8]
+        .into_iter()
+        .flat_map(|t| [(t, false), (t, true)])
+    {
         let dir = tempfile::tempdir_in(&base).unwrap();
         let dev = Arc::new(CountingDevice::new(Arc::new(
             FileDevice::create(dir.path().join("pool"), 1 << 30).unwrap(),
         )));
-        let pool = Pool::create(dev.clone(), PoolOptions::default().commit_interval(None)).unwrap();
+        let pool = Pool::create(
+            dev.clone(),
+            PoolOptions::default()
+                .commit_interval(None)
+                .data_checksums(checksums),
+        )
+        .unwrap();
         let vol = pool.create_volume("v", 256 << 20).unwrap();
         // Every region written once and committed: the timed writes go in place, as a
         // guest's rewrites of its own blocks do.
@@ -62,7 +75,8 @@ fn main() {
         let n = done.load(Ordering::Relaxed);
         let dev_flushes = dev.flushes() - before;
         println!(
-            "{threads} threads: {:.0} flushes/s, {:.2} device flushes per flush",
+            "{threads} threads, data checksums {}: {:.0} flushes/s, {:.2} device flushes per flush",
+            if checksums { "on " } else { "off" },
             n as f64 / elapsed,
             dev_flushes as f64 / n as f64
         );

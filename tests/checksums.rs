@@ -128,6 +128,28 @@ fn a_flipped_byte_is_never_returned() {
         .collect();
     names.sort();
     assert_eq!(names, [("c", 4096), ("v", 4096), ("v@s", 4096)]);
+    // A backup push refuses it too, and leaves no manifest: the repository has no backup.
+    let repo_dir = dir.path().join("repo");
+    let repo = snapvol::backup::Repository::open_or_create(
+        std::sync::Arc::new(snapvol::backup::DirTarget::new(&repo_dir).unwrap()),
+        &Default::default(),
+    )
+    .unwrap();
+    let pushed = repo.push(&pool, s.id(), snapvol::backup::BaseChoice::Auto);
+    assert!(
+        matches!(pushed, Err(Error::DataCorrupt { .. })),
+        "push: {pushed:?}"
+    );
+    let other = Pool::create(
+        std::sync::Arc::new(snapvol::device::MemoryDevice::new(32 << 20)),
+        opts(),
+    )
+    .unwrap();
+    let restored = repo.restore(s.id(), &other, &Default::default());
+    assert!(
+        matches!(restored, Err(Error::BackupNotFound(_))),
+        "restore: {restored:?}"
+    );
     // Overwriting the whole block replaces it (in the volume; the snapshot keeps its copy).
     v.write_at(&block(9), 4096).unwrap();
     v.read_at(&mut one, 4096).unwrap();

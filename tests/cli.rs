@@ -414,20 +414,20 @@ fn check_exits_1_on_a_damaged_pool() {
 fn data_checksums_from_the_command_line() {
     let t = Env::new();
     let p = t.pool();
-    let created = t.json(&["pool", "create", &p, "--size", "64M", "--json"]);
-    assert_eq!(created["data_checksums"], true, "on by default");
-    let plain = t.path("plain.img").display().to_string();
-    let off = t.json(&[
+    let created = t.json(&[
         "pool",
         "create",
-        &plain,
+        &p,
         "--size",
         "64M",
         "--data-checksums",
-        "off",
+        "on",
         "--json",
     ]);
-    assert_eq!(off["data_checksums"], false);
+    assert_eq!(created["data_checksums"], true);
+    let plain = t.path("plain.img").display().to_string();
+    let off = t.json(&["pool", "create", &plain, "--size", "64M", "--json"]);
+    assert_eq!(off["data_checksums"], false, "off by default");
     let bad = t.fails(&[
         "pool",
         "create",

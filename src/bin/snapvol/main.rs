@@ -400,9 +400,9 @@ enum PoolCmd {
         #[arg(long)]
         preallocate: bool,
         /// Keep a checksum of every data block and verify it on every read: a damaged block
-        /// is reported (and `pool scrub` finds it), never returned as data. "off" saves the
-        /// redirect of overwrites of committed blocks, and gives a pool older builds read.
-        #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+        /// is reported (and `pool scrub` finds it), never returned as data. Costs: each
+        /// overwrite of a committed block is redirected (see BENCHMARKS.md), so off by default.
+        #[arg(long, value_name = "on|off", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
         data_checksums: bool,
         /// Print {id, path, size, block_size, data_checksums}.
         #[arg(long)]
