@@ -150,20 +150,41 @@ impl Handle {
     /// have met a write in progress to the same block (legal, its result unspecified), but
     /// one under it sees the block and its checksum as one.
     pub(crate) fn read(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_verified(t, offset, buf).map(drop)
+    }
+
+    /// The read of [`Handle::read`], returning the plan it was read by.
+    fn read_verified(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<ReadPlan> {
         let mut e = self.shared.engine.lock();
         let plan = e.plan_read(t, offset, buf.len())?;
         let gate = self.shared.io_gate.read();
         drop(e);
         if run_read(&*self.shared.dev, &plan, buf, None)?.is_none() {
-            return Ok(());
+            return Ok(plan);
         }
         drop(gate);
         let mut e = self.shared.engine.lock();
         let plan = e.plan_read(t, offset, buf.len())?;
         match run_read(&*self.shared.dev, &plan, buf, None)? {
-            None => Ok(()),
+            None => Ok(plan),
             Some(bad) => Err(e.data_corrupt(t, &bad)),
         }
+    }
+
+    /// As [`Handle::read`], returning the CRC-32 of what was read. In a pool with data
+    /// checksums it is built from the committed checksums of the whole blocks read (joined
+    /// with `shift`, the map for appending one block), hashing only the rest (holes, parts
+    /// of blocks): it says what the media held, not what the buffer holds by the time it is
+    /// sent on, so a stream record carries the pool's own checksums end to end.
+    pub(crate) fn read_crc(
+        &self,
+        t: Target,
+        offset: u64,
+        buf: &mut [u8],
+        shift: &crate::checksum::Shift,
+    ) -> Result<u32> {
+        let plan = self.read_verified(t, offset, buf)?;
+        Ok(plan.crc(buf, shift))
     }
 
     /// Reads only what is mapped: bytes of `buf` that no block backs are left as they are
@@ -319,6 +340,25 @@ struct BlockRead {
     value: MapValue,
     inner: u64,
     src: std::ops::Range<usize>,
+}
+
+impl ReadPlan {
+    /// The CRC-32 of `buf` as this plan read it (see `Handle::read_crc`): the verified
+    /// blocks' own checksums, joined, and the other bytes hashed.
+    fn crc(&self, buf: &[u8], shift: &crate::checksum::Shift) -> u32 {
+        if self.checks.is_empty() {
+            return crc32fast::hash(buf);
+        }
+        let (mut crc, mut at) = (0u32, 0usize);
+        for c in &self.checks {
+            if c.src.start > at {
+                crc = crate::checksum::extend(crc, &buf[at..c.src.start]);
+            }
+            crc = shift.apply(crc) ^ c.value.sum;
+            at = c.src.end;
+        }
+        crate::checksum::extend(crc, &buf[at..])
+    }
 }
 
 impl BlockRead {

@@ -34,6 +34,7 @@
 pub mod backup;
 mod catalog;
 mod check;
+mod checksum;
 #[cfg(feature = "csi")]
 pub mod csi;
 pub mod device;

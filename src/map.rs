@@ -52,11 +52,7 @@ impl Codec for MapValue {
     }
 }
 
-/// The checksum a block's contents get in a pool with data checksums.
-#[inline]
-pub(crate) fn block_sum(data: &[u8]) -> u32 {
-    crc32fast::hash(data)
-}
+pub(crate) use crate::checksum::block_sum;
 
 /// Block numbers. Block maps are mostly dense runs of consecutive keys, so a guess
 /// interpolated between the first and last key usually lands on the answer: one or two

@@ -132,6 +132,18 @@ impl Snapshot {
             .with(|e| e.physical_block(Target::Snapshot(self.id), offset))
     }
 
+    /// Reads `buf.len()` bytes at `offset` and returns their CRC-32, built from the pool's
+    /// block checksums where it has them (see `Handle::read_crc`).
+    pub(crate) fn read_at_crc(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        shift: &crate::checksum::Shift,
+    ) -> Result<u32> {
+        self.h
+            .read_crc(Target::Snapshot(self.id), offset, buf, shift)
+    }
+
     /// Reads the mapped parts of `buf.len()` bytes at `offset`, leaving the bytes of holes
     /// untouched, and appends the ranges of `buf` that were read to `filled` (see
     /// `Handle::read_data`).

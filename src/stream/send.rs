@@ -144,6 +144,7 @@ struct Read {
 /// by the writer once written) and checksums it while it is still in this core's cache.
 fn read_jobs(
     handle: &crate::volume::Snapshot,
+    shift: &crate::checksum::Shift,
     jobs: std::sync::mpsc::Receiver<(u64, usize)>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
     done: std::sync::mpsc::SyncSender<Result<Read>>,
@@ -152,12 +153,9 @@ fn read_jobs(
         let Ok(mut buf) = spare.recv() else {
             return;
         };
-        let read = handle.read_at(&mut buf[..len], off).map(|()| Read {
-            off,
-            crc: crc32fast::hash(&buf[..len]),
-            buf,
-            len,
-        });
+        let read = handle
+            .read_at_crc(&mut buf[..len], off, shift)
+            .map(|crc| Read { off, crc, buf, len });
         let failed = read.is_err();
         if done.send(read).is_err() || failed {
             return;
@@ -263,6 +261,8 @@ impl Pool {
             ends.push((job_rx, spare_rx, done_tx));
         }
         let handle = &handle;
+        // A record's CRC is joined from the pool's block checksums (see `read_at_crc`).
+        let shift = &crate::checksum::Shift::new(u64::from(self.block_size()));
         let mut pieces = Pieces {
             pool: self,
             target: snapshot,
@@ -272,7 +272,7 @@ impl Pool {
         };
         std::thread::scope(|scope| -> Result<()> {
             for (jobs, spare, done) in ends {
-                scope.spawn(move || read_jobs(handle, jobs, spare, done));
+                scope.spawn(move || read_jobs(handle, shift, jobs, spare, done));
             }
             // The channel ends are moved here so any return drops them: every helper then
             // stops at its next wait instead of blocking the scope.
@@ -309,8 +309,7 @@ impl Pool {
                 match slot {
                     Slot::Zero { off, len } => zero_record(&mut tee, &mut stats, off, len)?,
                     Slot::Own { off, len } => {
-                        handle.read_at(&mut own[..len], off)?;
-                        let crc = crc32fast::hash(&own[..len]);
+                        let crc = handle.read_at_crc(&mut own[..len], off, shift)?;
                         data_record(&mut tee, &mut stats, off, &own[..len], crc)?;
                     }
                     Slot::Helper(h) => {
