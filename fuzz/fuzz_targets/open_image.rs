@@ -1,5 +1,5 @@
 //! Opens, checks and reads a pool image whose metadata pages were mutated. The input picks one
-//! of several real seed images (built once, deterministically) and a list of byte edits
+//! of several real seed images (built once, deterministically; one with data checksums) and a list of byte edits
 //! aimed at its metadata pages: the engine must never panic, and whatever it reads from a
 //! volume or snapshot that it does not refuse must be the original data.
 #![no_main]
@@ -24,7 +24,12 @@ fn opts() -> PoolOptions {
 
 fn build(shape: u8) -> Seed {
     let mem = Arc::new(MemoryDevice::new(8 << 20));
-    let pool = Pool::create(mem.clone(), PoolOptions::default().block_size(if shape == 2 { 16384 } else { 4096 }).commit_interval(None)).unwrap();
+    // Shape 3 is shape 1 on a pool with data checksums (format version 3).
+    let opts = PoolOptions::default()
+        .block_size(if shape == 2 { 16384 } else { 4096 })
+        .commit_interval(None)
+        .data_checksums(shape == 3);
+    let pool = Pool::create(mem.clone(), opts).unwrap();
     let a = pool.create_volume("a", 3 << 20).unwrap();
     let n = if shape == 0 { 40 } else { 600 };
     for i in 0..n {
@@ -65,12 +70,12 @@ fn build(shape: u8) -> Seed {
 
 fn seeds() -> &'static [Seed] {
     static SEEDS: OnceLock<Vec<Seed>> = OnceLock::new();
-    SEEDS.get_or_init(|| (0..3).map(build).collect())
+    SEEDS.get_or_init(|| (0..4).map(build).collect())
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, edits)) = data.split_first() else { return };
-    let seed = &seeds()[pick as usize % 3];
+    let seed = &seeds()[pick as usize % 4];
     let mut image = seed.image.clone();
     // Each edit: page index (u16), byte offset in the page (u16), value (u8).
     for e in edits.chunks_exact(5) {
