@@ -150,22 +150,33 @@ impl Handle {
     /// have met a write in progress to the same block (legal, its result unspecified), but
     /// one under it sees the block and its checksum as one.
     pub(crate) fn read(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_verified(t, offset, buf).map(drop)
+        self.read_verified(t, offset, buf, None).map(drop)
     }
 
-    /// The read of [`Handle::read`], returning the plan it was read by.
-    fn read_verified(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<ReadPlan> {
+    /// The read of [`Handle::read`] (with `filled`, of [`Handle::read_data`]), returning
+    /// the plan it was read by.
+    fn read_verified(
+        &self,
+        t: Target,
+        offset: u64,
+        buf: &mut [u8],
+        mut filled: Option<&mut Vec<std::ops::Range<usize>>>,
+    ) -> Result<ReadPlan> {
+        let start = filled.as_ref().map_or(0, |f| f.len());
         let mut e = self.shared.engine.lock();
         let plan = e.plan_read(t, offset, buf.len())?;
         let gate = self.shared.io_gate.read();
         drop(e);
-        if run_read(&*self.shared.dev, &plan, buf, None)?.is_none() {
+        if run_read(&*self.shared.dev, &plan, buf, filled.as_deref_mut())?.is_none() {
             return Ok(plan);
         }
         drop(gate);
+        if let Some(f) = filled.as_deref_mut() {
+            f.truncate(start);
+        }
         let mut e = self.shared.engine.lock();
         let plan = e.plan_read(t, offset, buf.len())?;
-        match run_read(&*self.shared.dev, &plan, buf, None)? {
+        match run_read(&*self.shared.dev, &plan, buf, filled)? {
             None => Ok(plan),
             Some(bad) => Err(e.data_corrupt(t, &bad)),
         }
@@ -183,7 +194,7 @@ impl Handle {
         buf: &mut [u8],
         shift: &crate::checksum::Shift,
     ) -> Result<u32> {
-        let plan = self.read_verified(t, offset, buf)?;
+        let plan = self.read_verified(t, offset, buf, None)?;
         Ok(plan.crc(buf, shift))
     }
 
@@ -198,23 +209,7 @@ impl Handle {
         buf: &mut [u8],
         filled: &mut Vec<std::ops::Range<usize>>,
     ) -> Result<()> {
-        let start = filled.len();
-        let mut e = self.shared.engine.lock();
-        let plan = e.plan_read(t, offset, buf.len())?;
-        let gate = self.shared.io_gate.read();
-        drop(e);
-        if run_read(&*self.shared.dev, &plan, buf, Some(filled))?.is_none() {
-            return Ok(());
-        }
-        // As in `read`: again under the lock before a mismatch counts.
-        drop(gate);
-        filled.truncate(start);
-        let mut e = self.shared.engine.lock();
-        let plan = e.plan_read(t, offset, buf.len())?;
-        match run_read(&*self.shared.dev, &plan, buf, Some(filled))? {
-            None => Ok(()),
-            Some(bad) => Err(e.data_corrupt(t, &bad)),
-        }
+        self.read_verified(t, offset, buf, Some(filled)).map(drop)
     }
 
     /// Writes; a write wholly into owned blocks runs outside the engine lock like a read.
@@ -364,12 +359,7 @@ impl ReadPlan {
 impl BlockRead {
     /// The mismatch, if the block's contents `data` do not match its checksum.
     fn verify(&self, data: &[u8]) -> Option<Mismatch> {
-        let found = block_sum(data);
-        (found != self.value.sum).then_some(Mismatch {
-            key: self.key,
-            value: self.value,
-            found,
-        })
+        Mismatch::find(self.key, self.value, data)
     }
 }
 
@@ -378,6 +368,14 @@ pub(crate) struct Mismatch {
     key: u64,
     value: MapValue,
     found: u32,
+}
+
+impl Mismatch {
+    /// The mismatch, if `data`, block `key` as `value` maps it, does not match its checksum.
+    fn find(key: u64, value: MapValue, data: &[u8]) -> Option<Mismatch> {
+        let found = block_sum(data);
+        (found != value.sum).then_some(Mismatch { key, value, found })
+    }
 }
 
 /// Runs a planned read into `buf`: bytes no block backs are zero-filled, or, with
@@ -557,7 +555,8 @@ impl Engine {
         let (root, _) = self.check_range(t, offset, 1)?;
         let b = offset / self.store.block_size as u64;
         let mut found = Vec::new();
-        self.store.lookup_range(root, b, b + 1, &mut found)?;
+        self.store
+            .lookup_range_for_read(root, b, b + 1, &mut found)?;
         Ok(found.first().map(|f| Store::byte(f.value.unit)))
     }
 
@@ -584,13 +583,7 @@ impl Engine {
         if !self.store.checksums {
             return Ok(());
         }
-        let read = BlockRead {
-            key: f.key,
-            value: f.value,
-            inner: 0,
-            src: 0..block.len(),
-        };
-        match read.verify(block) {
+        match Mismatch::find(f.key, f.value, block) {
             Some(bad) => Err(self.data_corrupt(t, &bad)),
             None => Ok(()),
         }
@@ -805,10 +798,7 @@ impl Engine {
             if let (true, Some(f)) = (in_place, &f) {
                 let at = Store::byte(f.value.unit);
                 if checksums && !whole {
-                    let mut block = vec![0u8; bs as usize];
-                    self.read_block_verified(Target::Volume(id), f, &mut block)?;
-                    let o = inner as usize;
-                    block[o..o + src.len()].copy_from_slice(&data[src]);
+                    let block = self.whole_block(id, Some(f), inner, &data[src])?;
                     sums.push(block_sum(&block));
                     pieces.push(Piece::Assembled { at, data: block });
                 } else {
@@ -826,12 +816,7 @@ impl Engine {
                 pieces.push(Piece::Direct { at, src });
             } else {
                 // A partial write into a new block carries the rest of the old one along.
-                let mut block = vec![0u8; bs as usize];
-                if let Some(f) = &f {
-                    self.read_block_verified(Target::Volume(id), f, &mut block)?;
-                }
-                let o = inner as usize;
-                block[o..o + src.len()].copy_from_slice(&data[src]);
+                let block = self.whole_block(id, f.as_ref(), inner, &data[src])?;
                 if checksums {
                     sums.push(block_sum(&block));
                 }
@@ -839,6 +824,24 @@ impl Engine {
             }
         }
         Ok(pieces)
+    }
+
+    /// A whole block in memory: `part` at byte `inner` of what block `old` holds (verified;
+    /// zeros for a block not mapped yet).
+    fn whole_block(
+        &mut self,
+        id: u128,
+        old: Option<&Found>,
+        inner: u64,
+        part: &[u8],
+    ) -> Result<Vec<u8>> {
+        let mut block = vec![0u8; self.store.block_size];
+        if let Some(f) = old {
+            self.read_block_verified(Target::Volume(id), f, &mut block)?;
+        }
+        let o = inner as usize;
+        block[o..o + part.len()].copy_from_slice(part);
+        Ok(block)
     }
 
     /// Points the blocks of a written redirect at their new units (`fresh`, in plan order)

@@ -170,12 +170,6 @@ impl ScrubReport {
     }
 }
 
-/// One mapped block of a batch.
-struct Item {
-    found: Found,
-    unit_order: usize,
-}
-
 impl Pool {
     /// Reads every block the pool's volumes and snapshots point at once and verifies it
     /// (see the module docs of `scrub` for how it runs alongside I/O). Starts at `from`
@@ -242,22 +236,18 @@ impl Pool {
                     }
                     Ok(end != u64::MAX)
                 })?;
-                let items: Vec<Item> = batch
-                    .drain(..)
-                    .filter(|f| {
-                        let again = f.path_shared && seen.contains(&f.value.unit);
-                        report.shared_skipped += u64::from(again);
-                        !again
-                    })
-                    .enumerate()
-                    .map(|(unit_order, found)| Item { found, unit_order })
-                    .collect();
-                for it in &items {
-                    if it.found.path_shared && seen.len() < SEEN_CAP {
-                        seen.insert(it.found.value.unit);
+                batch.retain(|f| {
+                    let again = f.path_shared && seen.contains(&f.value.unit);
+                    report.shared_skipped += u64::from(again);
+                    !again
+                });
+                for f in &batch {
+                    if f.path_shared && seen.len() < SEEN_CAP {
+                        seen.insert(f.value.unit);
                     }
                 }
-                let bad = self.verify_batch(t, &items, &mut buf, bs, checksums)?;
+                let items = &mut batch;
+                let bad = self.verify_batch(t, items, &mut buf, bs, checksums)?;
                 report.blocks += items.len() as u64;
                 report.bytes += (items.len() * bs) as u64;
                 for (unit, problem) in bad {
@@ -296,36 +286,32 @@ impl Pool {
     fn verify_batch(
         &self,
         t: CursorTarget,
-        items: &[Item],
+        items: &mut [Found],
         buf: &mut [u8],
         bs: usize,
         checksums: bool,
     ) -> Result<Vec<(u64, BlockProblem)>> {
-        let mut order: Vec<&Item> = items.iter().collect();
-        order.sort_by_key(|it| it.found.value.unit);
-        let mut suspects: Vec<&Item> = Vec::new();
+        items.sort_by_key(|f| f.value.unit);
+        let units = (bs / crate::format::PAGE_SIZE) as u64;
+        let mut suspects: Vec<&Found> = Vec::new();
         {
             let _gate = self.h.io_gate();
             let dev = self.h.device();
             let mut i = 0;
-            while i < order.len() {
+            while i < items.len() {
                 // A run of physically contiguous blocks, read at once.
                 let mut j = i + 1;
-                let units = (bs / crate::format::PAGE_SIZE) as u64;
-                while j < order.len()
-                    && order[j].found.value.unit == order[j - 1].found.value.unit + units
-                {
+                while j < items.len() && items[j].value.unit == items[j - 1].value.unit + units {
                     j += 1;
                 }
                 let run = &mut buf[..(j - i) * bs];
-                let at = Store::byte(order[i].found.value.unit);
-                if dev.read_at(run, at).is_err() {
+                if dev.read_at(run, Store::byte(items[i].value.unit)).is_err() {
                     // Each block on its own, to tell which cannot be read.
-                    suspects.extend(&order[i..j]);
+                    suspects.extend(&items[i..j]);
                 } else if checksums {
-                    for (k, it) in order[i..j].iter().enumerate() {
-                        if block_sum(&run[k * bs..(k + 1) * bs]) != it.found.value.sum {
-                            suspects.push(it);
+                    for (k, f) in items[i..j].iter().enumerate() {
+                        if block_sum(&run[k * bs..(k + 1) * bs]) != f.value.sum {
+                            suspects.push(f);
                         }
                     }
                 }
@@ -333,10 +319,9 @@ impl Pool {
             }
         }
         let mut bad = Vec::new();
-        suspects.sort_by_key(|it| it.unit_order);
-        for it in suspects {
-            if let Some(p) = self.confirm(t, &it.found, &mut buf[..bs], checksums)? {
-                bad.push((it.found.value.unit, p));
+        for f in suspects {
+            if let Some(p) = self.confirm(t, f, &mut buf[..bs], checksums)? {
+                bad.push((f.value.unit, p));
             }
         }
         Ok(bad)
