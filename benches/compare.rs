@@ -11,7 +11,6 @@
 use snapvol::{Pool, PoolOptions, Volume};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::time::Instant;
 
 const GIB: u64 = 1 << 30;
@@ -19,7 +18,7 @@ const MIB: u64 = 1 << 20;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{median, rounds, time, Rng};
+use support::{median, rounds, run_scenarios, time, Rng};
 
 fn best(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::INFINITY, f64::min)
@@ -486,33 +485,12 @@ fn stream(dir: &tempfile::TempDir) {
 }
 
 fn main() {
-    // Ignore the arguments cargo bench passes (--bench and filters).
-    let base = std::env::var("SNAPVOL_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| std::env::temp_dir());
-    println!(
-        "directory: {} ({} rounds per scenario)",
-        base.display(),
-        rounds()
-    );
-    let only: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let want = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
-    type Scenario = (&'static str, fn(&tempfile::TempDir));
-    let scenarios: [Scenario; 6] = [
+    run_scenarios(&[
         ("random-writes", random_writes),
         ("sequential", sequential),
         ("read-depth", read_depth),
         ("parallel", parallel),
         ("write-flush", write_flush),
         ("stream", stream),
-    ];
-    for (name, f) in scenarios {
-        if want(name) {
-            let dir = tempfile::tempdir_in(&base).unwrap();
-            f(&dir);
-        }
-    }
+    ]);
 }

@@ -8,11 +8,12 @@
 //! change, outside the engine lock. Any other write goes to a newly allocated block and the
 //! map is updated; the old block, possibly part of a snapshot, is never touched.
 
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, Checked};
 use crate::error::{Error, Result};
 use crate::map::{block_sum, Found, MapValue};
 use crate::space::Reserve;
 use crate::store::Store;
+use crate::translation::{Entry, RunAnswer, Translations, RUN_BLOCKS, RUN_SHIFT};
 use crate::txn::Engine;
 use parking_lot::{Mutex, MutexGuard};
 use std::sync::atomic::Ordering;
@@ -28,8 +29,17 @@ pub(crate) struct Handle {
 
 struct Shared {
     engine: Mutex<Engine>,
-    /// The engine's I/O gate (see `Engine::drain_io`), reachable without the engine lock.
-    io_gate: Arc<parking_lot::RwLock<()>>,
+    /// The engine's I/O gate (see `Engine::drain_io`) and the translation cache it guards,
+    /// reachable without the engine lock.
+    io_gate: Arc<parking_lot::RwLock<Translations>>,
+    /// The device wrapper, whose latched failure refuses I/O outside the engine lock as
+    /// `Engine::check_usable` refuses it inside.
+    checked: Arc<Checked>,
+    /// The pool's block size and whether it keeps data checksums (fixed at creation).
+    block_size: u64,
+    checksums: bool,
+    /// Units per block.
+    block_units: u64,
     /// The engine's device (it never changes, not even on reload), for transfers outside
     /// the engine lock.
     dev: Arc<dyn BlockDevice>,
@@ -100,13 +110,22 @@ impl Drop for Shared {
 impl Handle {
     /// Starts serving `engine`: the shared state, and the background committer when the
     /// options ask for one.
-    pub(crate) fn start(mut engine: Engine, commit_interval: Option<Duration>) -> Handle {
+    pub(crate) fn start(
+        mut engine: Engine,
+        commit_interval: Option<Duration>,
+        translation_slots: usize,
+    ) -> Handle {
         engine.commit_interval = commit_interval;
+        *engine.io_gate.write() = Translations::new(translation_slots);
         let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
         let writes_done = engine.writes_done.clone();
         let shared = Arc::new(Shared {
             io_gate: engine.io_gate.clone(),
             dev: engine.store.dev.clone(),
+            checked: engine.checked(),
+            block_size: engine.store.block_size as u64,
+            checksums: engine.store.checksums,
+            block_units: engine.store.block_units,
             engine: Mutex::new(engine),
             handles: std::sync::atomic::AtomicUsize::new(1),
             writes_done,
@@ -123,7 +142,7 @@ impl Handle {
     }
 
     /// The I/O gate, held for reading: no unit is reused until it is let go.
-    pub(crate) fn io_gate(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+    pub(crate) fn io_gate(&self) -> parking_lot::RwLockReadGuard<'_, Translations> {
         self.shared.io_gate.read()
     }
 
@@ -149,8 +168,160 @@ impl Handle {
     /// write of a checksummed pool changes data under that lock, so a read outside it may
     /// have met a write in progress to the same block (legal, its result unspecified), but
     /// one under it sees the block and its checksum as one.
+    ///
+    /// A read whose blocks the translation cache knows skips the engine lock altogether
+    /// (see [`Handle::read_fast`]).
     pub(crate) fn read(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if let Some(r) = self.read_fast(t, offset, buf) {
+            return r;
+        }
         self.read_verified(t, offset, buf, None).map(drop)
+    }
+
+    /// The block numbers `first..=last` a request of `len` bytes at `offset` spans, if it
+    /// is one the fast paths take: not empty, not past `u64`, at most [`FAST_BLOCKS`].
+    fn fast_span(&self, offset: u64, len: usize) -> Option<(u64, u64)> {
+        if len == 0 {
+            return None;
+        }
+        let end = offset.checked_add(len as u64)?;
+        let bs = self.shared.block_size;
+        // end > offset, so last >= first.
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        (last - first < FAST_BLOCKS).then_some((first, last))
+    }
+
+    /// The translation cache, if I/O may skip the engine lock now: held for reading (the
+    /// I/O gate), with its epoch. Not once the pool is poisoned or its device failed.
+    fn fast_gate(&self) -> Option<(parking_lot::RwLockReadGuard<'_, Translations>, u64)> {
+        let gate = self.shared.io_gate.read();
+        if !gate.usable() || self.shared.checked.failure().is_some() {
+            return None;
+        }
+        let epoch = gate.epoch();
+        Some((gate, epoch))
+    }
+
+    /// A read planned from the translation cache, without the engine lock: None (nothing
+    /// read that counts) unless every block it spans has a current answer, the request
+    /// lies inside the target (the cache keeps only blocks wholly inside it) and, with data
+    /// checksums, every mapped block is read whole and verifies; a block that does not is
+    /// left to the locked path, which reads it again under the lock before calling it bad.
+    fn read_fast(&self, t: Target, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        let (first, last) = self.fast_span(offset, buf.len())?;
+        let (gate, epoch) = self.fast_gate()?;
+        let (bs, len, checksums) = (self.shared.block_size, buf.len(), self.shared.checksums);
+        // Every answer first, so a miss costs no device read.
+        for b in first..=last {
+            if !checksums {
+                self.cached_unit(&gate, t, b, epoch)?;
+            } else if gate.get(t, b, epoch)?.unit.is_some()
+                && span(b, bs, offset, len).1.len() as u64 != bs
+            {
+                return None;
+            }
+        }
+        let mut b = first;
+        while b <= last {
+            let (inner, src) = span(b, bs, offset, len);
+            let Some(unit) = self.cached_unit(&gate, t, b, epoch)? else {
+                buf[src].fill(0);
+                b += 1;
+                continue;
+            };
+            // A run: this block and those after it that follow it on the device.
+            let (run, at, start) = (b, Store::byte(unit), src.start);
+            let mut stop = src.end;
+            b += 1;
+            while b <= last {
+                let next = self.cached_unit(&gate, t, b, epoch)?.map(Store::byte);
+                if next != Some(at + (b - run) * bs) {
+                    break;
+                }
+                stop = span(b, bs, offset, len).1.end;
+                b += 1;
+            }
+            if let Err(err) = self.shared.dev.read_at(&mut buf[start..stop], at + inner) {
+                return Some(Err(err));
+            }
+            if checksums {
+                // Whole blocks (checked above): block `k` is bytes `start + (k-run)*bs..`.
+                for k in run..b {
+                    let e = gate.get(t, k, epoch)?;
+                    let from = start + ((k - run) * bs) as usize;
+                    let same = e.unit.map(Store::byte) == Some(at + (k - run) * bs);
+                    if !same || block_sum(&buf[from..from + bs as usize]) != e.sum {
+                        return None;
+                    }
+                }
+            }
+        }
+        drop(gate);
+        Some(Ok(()))
+    }
+
+    /// Where block `b` of `t` is, as the cache says: None a miss, Some(None) a hole. In a
+    /// pool without data checksums its run's answer comes first (see `RunAnswer`).
+    fn cached_unit(
+        &self,
+        gate: &Translations,
+        t: Target,
+        b: u64,
+        epoch: u64,
+    ) -> Option<Option<u64>> {
+        if !self.shared.checksums {
+            match gate.get_run(t, b >> RUN_SHIFT, epoch) {
+                Some(RunAnswer::Contiguous(u)) => {
+                    return Some(Some(u + (b & (RUN_BLOCKS - 1)) * self.shared.block_units))
+                }
+                Some(RunAnswer::Hole) => return Some(None),
+                Some(RunAnswer::Mixed) | None => {}
+            }
+        }
+        gate.get(t, b, epoch).map(|e| e.unit)
+    }
+
+    /// An in-place write planned from the translation cache, without the engine lock: None
+    /// (nothing written) unless every block it spans is one the volume may write in place
+    /// (an answer the locked path recorded, see `translation::Entry::owned`). Pools with
+    /// data checksums always take the locked path: their map takes each write's checksums.
+    fn write_fast(&self, id: u128, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        if self.shared.checksums {
+            return None;
+        }
+        let (first, last) = self.fast_span(offset, data.len())?;
+        let (gate, epoch) = self.fast_gate()?;
+        let (t, bs, len) = (Target::Volume(id), self.shared.block_size, data.len());
+        for b in first..=last {
+            let e = gate.get(t, b, epoch)?;
+            if !e.owned || e.unit.is_none() {
+                return None;
+            }
+        }
+        let mut b = first;
+        while b <= last {
+            let (inner, src) = span(b, bs, offset, len);
+            let at = Store::byte(gate.get(t, b, epoch)?.unit?);
+            let (run, start) = (b, src.start);
+            let mut stop = src.end;
+            b += 1;
+            while b <= last {
+                let next = gate.get(t, b, epoch)?;
+                if !next.owned || next.unit.map(Store::byte) != Some(at + (b - run) * bs) {
+                    break;
+                }
+                stop = span(b, bs, offset, len).1.end;
+                b += 1;
+            }
+            // A failed write poisons the pool until it is reopened (the device wrapper
+            // latches it), as on the locked path; what ran before it stays written.
+            if let Err(err) = self.shared.dev.write_at(&data[start..stop], at + inner) {
+                return Some(Err(err));
+            }
+        }
+        drop(gate);
+        self.shared.writes_done.fetch_add(1, Ordering::AcqRel);
+        Some(Ok(()))
     }
 
     /// The read of [`Handle::read`] (with `filled`, of [`Handle::read_data`]), returning
@@ -214,7 +385,13 @@ impl Handle {
 
     /// Writes; a write wholly into owned blocks runs outside the engine lock like a read.
     /// Anything else (redirects, map changes) completes under the lock.
+    ///
+    /// A write into blocks the translation cache knows the volume owns skips the engine
+    /// lock altogether (see [`Handle::write_fast`]).
     pub(crate) fn write(&self, id: u128, offset: u64, data: &[u8]) -> Result<()> {
+        if let Some(r) = self.write_fast(id, offset, data) {
+            return r;
+        }
         let mut e = self.shared.engine.lock();
         let WritePlan::InPlace(runs) = e.plan_write(id, offset, data)? else {
             // Done under the lock, and counted there.
@@ -285,6 +462,10 @@ impl Engine {
         drop(self.io_gate.write());
     }
 }
+
+/// Most blocks one request may span to be served from the translation cache; larger ones
+/// plan under the engine lock, whose cost they amortize anyway.
+const FAST_BLOCKS: u64 = 1024;
 
 /// What an I/O addresses: a writable volume or a read-only snapshot, by id.
 #[derive(Clone, Copy, Debug)]
@@ -508,7 +689,7 @@ impl Engine {
     /// over all of it).
     pub(crate) fn plan_read(&mut self, t: Target, offset: u64, len: usize) -> Result<ReadPlan> {
         self.check_usable()?;
-        let (root, _) = self.check_range(t, offset, len)?;
+        let (root, size) = self.check_range(t, offset, len)?;
         let mut plan = ReadPlan {
             block_size: self.store.block_size,
             ..ReadPlan::default()
@@ -525,6 +706,12 @@ impl Engine {
         let r = self
             .store
             .lookup_range_for_read(root, first, end, &mut found);
+        if r.is_ok() {
+            self.remember_read(t, size, first, end, &found);
+        }
+        if r.is_ok() && !checksums {
+            self.probe_runs(t, root, size, first, end)?;
+        }
         for f in found.drain(..) {
             let (inner, src) = span(f.key, bs, offset, len);
             if !checksums {
@@ -670,6 +857,7 @@ impl Engine {
             redirects += u64::from(!in_place);
             plan.push((b, f, in_place));
         }
+        self.remember_owned(id, &plan)?;
         if redirects == 0 && !self.store.checksums {
             // Every block is mapped and owned (an unmapped one counts as a redirect). With
             // data checksums the map takes the blocks' new checksums, under the lock.
@@ -757,6 +945,7 @@ impl Engine {
         plan: &[(u64, Option<Found>, bool)],
     ) -> Result<()> {
         let mut block = vec![0u8; self.store.block_size];
+        let size = self.target_size(Target::Volume(id))?;
         for &(b, f, in_place) in plan {
             let (true, Some(f)) = (in_place, f) else {
                 continue;
@@ -769,6 +958,7 @@ impl Engine {
                 ..f.value
             };
             root = self.store.insert(root, b, m, Reserve::Keep)?.0;
+            self.remember(Target::Volume(id), size, b, Some(m), false);
         }
         self.set_root(id, root)
     }
@@ -858,6 +1048,7 @@ impl Engine {
         let mut units = fresh.iter();
         let mut sums = sums.iter();
         let checksums = self.store.checksums;
+        let size = self.target_size(Target::Volume(id))?;
         for (b, f, in_place) in plan {
             let sum = match checksums {
                 true => *sums.next().ok_or_else(|| {
@@ -870,6 +1061,7 @@ impl Engine {
                     // The same unit, born in this transaction: only its checksum changes.
                     let m = MapValue { sum, ..f.value };
                     root = self.store.insert(root, b, m, Reserve::Keep)?.0;
+                    self.remember(Target::Volume(id), size, b, Some(m), false);
                 }
                 continue;
             }
@@ -883,6 +1075,9 @@ impl Engine {
             };
             let (r, old) = self.store.insert(root, b, m, Reserve::Keep)?;
             root = r;
+            // A redirected block is owned at once in a pool without checksums: count 1, its
+            // path just shadowed, born in the open transaction, after any snapshot.
+            self.remember(Target::Volume(id), size, b, Some(m), !checksums);
             if let Some(old) = old {
                 self.store.dec_block(old.unit)?;
             }
@@ -970,10 +1165,12 @@ impl Engine {
             return Ok(());
         }
         // Unmapping frees blocks, so it may use the reserve: it must work on a full pool.
+        let size = self.target_size(Target::Volume(id))?;
         self.mutate(|e| {
             let mut root = root;
             for f in found {
                 let (r, old) = e.store.remove(root, f.key, Reserve::Use)?;
+                e.remember(Target::Volume(id), size, f.key, None, false);
                 root = r;
                 if let Some(old) = old {
                     e.store.dec_block(old.unit)?;
@@ -982,6 +1179,120 @@ impl Engine {
             e.set_root(id, root)?;
             Ok(())
         })
+    }
+
+    /// The size of `t` (0 for one that is gone: nothing is remembered for it).
+    fn target_size(&mut self, t: Target) -> Result<u64> {
+        Ok(self.root_and_size_of(t)?.map_or(0, |(_, size)| size))
+    }
+
+    /// Tells the translation cache what block `key` of `t` (of `size` bytes) maps to now
+    /// that a write or a discard changed it.
+    /// A block not wholly inside the target is never kept: a request all of whose blocks
+    /// the cache answers then lies inside the target, so the fast paths need no size.
+    fn remember(&self, t: Target, size: u64, key: u64, value: Option<MapValue>, owned: bool) {
+        let bs = self.store.block_size as u64;
+        if key >= size / bs {
+            return;
+        }
+        let gate = self.io_gate.read();
+        gate.put(
+            t,
+            key,
+            Entry {
+                unit: value.map(|v| v.unit),
+                sum: value.map_or(0, |v| v.sum),
+                owned,
+            },
+        );
+        // The block's run no longer has one answer (if it ever had one).
+        gate.put_run(t, key >> RUN_SHIFT, RunAnswer::Mixed);
+    }
+
+    /// Keeps what a read's lookup of blocks `first..end` of `t` found (`found`, in key
+    /// order; blocks between are holes). A block the cache already knows as owned, at the
+    /// same unit, stays owned: a read does not learn ownership, and does not take it away.
+    fn remember_read(&self, t: Target, size: u64, first: u64, end: u64, found: &[Found]) {
+        let gate = self.io_gate.read();
+        if !gate.usable() {
+            return;
+        }
+        let bs = self.store.block_size as u64;
+        let epoch = gate.epoch();
+        let mut fi = found.iter().peekable();
+        for b in first..end.min(size / bs) {
+            let f = fi.next_if(|f| f.key == b);
+            let unit = f.map(|f| f.value.unit);
+            let owned = gate
+                .get(t, b, epoch)
+                .is_some_and(|e| e.owned && e.unit == unit);
+            gate.put(
+                t,
+                b,
+                Entry {
+                    unit,
+                    sum: f.map_or(0, |f| f.value.sum),
+                    owned,
+                },
+            );
+        }
+    }
+
+    /// Gives each run of blocks `first..end` of `t` that lies wholly inside the target and
+    /// has no current answer its [`RunAnswer`], from one lookup of the run's blocks. A run
+    /// found mixed stays so until the epoch changes, so a fragmented volume is probed once
+    /// per run, not on every read.
+    fn probe_runs(&mut self, t: Target, root: u64, size: u64, first: u64, end: u64) -> Result<()> {
+        let whole_runs = (size / self.store.block_size as u64) >> RUN_SHIFT;
+        let epoch = self.io_gate.read().epoch();
+        let mut found = Vec::new();
+        for run in first >> RUN_SHIFT..end.div_ceil(RUN_BLOCKS).min(whole_runs) {
+            if self.io_gate.read().get_run(t, run, epoch).is_some() {
+                continue;
+            }
+            found.clear();
+            let lo = run << RUN_SHIFT;
+            self.store
+                .lookup_range_for_read(root, lo, lo + RUN_BLOCKS, &mut found)?;
+            let units = self.store.block_units;
+            let answer = match found.first() {
+                None => RunAnswer::Hole,
+                Some(f0)
+                    if found.len() as u64 == RUN_BLOCKS
+                        && found
+                            .iter()
+                            .enumerate()
+                            .all(|(k, f)| f.value.unit == f0.value.unit + k as u64 * units) =>
+                {
+                    RunAnswer::Contiguous(f0.value.unit)
+                }
+                Some(_) => RunAnswer::Mixed,
+            };
+            self.io_gate.read().put_run(t, run, answer);
+        }
+        Ok(())
+    }
+
+    /// Records the blocks a write found it may write in place (pools without data
+    /// checksums: theirs go under the lock), so the next write to them skips the lock.
+    fn remember_owned(&mut self, id: u128, plan: &[(u64, Option<Found>, bool)]) -> Result<()> {
+        if self.store.checksums || !self.io_gate.read().usable() {
+            return Ok(());
+        }
+        let size = self.target_size(Target::Volume(id))?;
+        let bs = self.store.block_size as u64;
+        let gate = self.io_gate.read();
+        for &(b, f, in_place) in plan {
+            if let (true, Some(f), true) = (in_place, f, b < size / bs) {
+                let e = Entry {
+                    unit: Some(f.value.unit),
+                    sum: f.value.sum,
+                    owned: true,
+                };
+                gate.put(Target::Volume(id), b, e);
+            }
+        }
+        Ok(())
     }
 
     fn maybe_commit_after_io(&mut self) -> Result<()> {

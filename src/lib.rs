@@ -56,6 +56,7 @@ mod scrub;
 mod space;
 mod store;
 mod stream;
+mod translation;
 mod txn;
 mod unit_hash;
 mod volume;

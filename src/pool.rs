@@ -52,6 +52,12 @@ pub struct PoolOptions {
     /// sequential reads pay 14–17% for the CRC (BENCHMARKS.md). Off writes the pool in
     /// format version 2, which older builds read.
     pub data_checksums: bool,
+    /// Most answers of the block map the translation cache keeps, where reads and in-place
+    /// writes find them without the engine lock (64 bytes each; 0: none, every I/O plans
+    /// under the lock). The cache starts small and grows with the blocks the pool holds.
+    /// The default, 262,144, covers 1 GiB of 4 KiB blocks in 16 MiB (BENCHMARKS.md, "The
+    /// data path").
+    pub translation_slots: usize,
 }
 
 impl PoolOptions {
@@ -59,6 +65,13 @@ impl PoolOptions {
     #[must_use]
     pub fn data_checksums(mut self, on: bool) -> Self {
         self.data_checksums = on;
+        self
+    }
+
+    /// Sets [`PoolOptions::translation_slots`].
+    #[must_use]
+    pub fn translation_slots(mut self, slots: usize) -> Self {
+        self.translation_slots = slots;
         self
     }
 
@@ -107,6 +120,7 @@ impl Default for PoolOptions {
             read_only: false,
             preallocate: false,
             data_checksums: false,
+            translation_slots: 1 << 18,
         }
     }
 }
@@ -266,7 +280,7 @@ impl Pool {
     pub fn create(dev: Arc<dyn BlockDevice>, opts: PoolOptions) -> Result<Pool> {
         let engine = Engine::create(dev, opts.block_size, opts.data_checksums)?;
         Ok(Pool {
-            h: Handle::start(engine, opts.commit_interval),
+            h: Handle::start(engine, opts.commit_interval, opts.translation_slots),
         })
     }
 
@@ -277,12 +291,12 @@ impl Pool {
             // No committer: there is nothing to commit. Hidden volumes (interrupted
             // receives) stay; they are not listed and a read-write open removes them.
             return Ok(Pool {
-                h: Handle::start(engine, None),
+                h: Handle::start(engine, None, opts.translation_slots),
             });
         }
         let engine = Engine::open(dev)?;
         let pool = Pool {
-            h: Handle::start(engine, opts.commit_interval),
+            h: Handle::start(engine, opts.commit_interval, opts.translation_slots),
         };
         // A receive interrupted by a crash leaves a hidden volume: remove it.
         pool.with(|e| e.drop_hidden())?;

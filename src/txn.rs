@@ -20,6 +20,7 @@ use crate::format::{self, new_page, Page, PageKind, Superblock, PAGE_SIZE, SUPER
 use crate::ids::{new_id, now_unix};
 use crate::space::{Reserve, SpaceMap};
 use crate::store::Store;
+use crate::translation::Translations;
 use parking_lot::RwLock;
 use std::sync::Arc;
 use std::time::Instant;
@@ -61,8 +62,9 @@ pub(crate) struct Engine {
     /// Held shared by volume I/O running outside the engine lock (reads, in-place writes);
     /// taken exclusively to wait for that I/O to finish before units it may address can be
     /// reused or discarded, and before blocks it may write become shared (see
-    /// [`Engine::drain_io`]).
-    pub(crate) io_gate: Arc<RwLock<()>>,
+    /// [`Engine::drain_io`]). It guards the translation cache, which is replaced (grown)
+    /// only while the gate is drained.
+    pub(crate) io_gate: Arc<RwLock<Translations>>,
     /// The superblock page this engine last wrote or opened, as it is on the device (none
     /// before a new pool's first commit). Every commit first checks the device still holds
     /// it and nothing newer: another writer reaching the same bytes by another path (a loop
@@ -158,7 +160,7 @@ impl Engine {
             poisoned: None,
             in_catalog_op: false,
             scratch: Vec::new(),
-            io_gate: Arc::new(RwLock::new(())),
+            io_gate: Arc::new(RwLock::new(Translations::new(0))),
             checked,
             disk_sb: None,
             writes_done: Arc::new(std::sync::atomic::AtomicU64::new(0)),
@@ -270,6 +272,8 @@ impl Engine {
         let mut fresh = Engine::open_checked(self.checked.clone())?;
         // Handles hold the gate: it outlives the transaction state; so do the options.
         fresh.io_gate = self.io_gate.clone();
+        // The fresh engine's maps are the last commit's: no answer of the old one holds.
+        fresh.io_gate.read().invalidate();
         fresh.commit_interval = self.commit_interval;
         // The count is the pool's, shared with the handles: it goes on across a reload.
         fresh.writes_done = self.writes_done.clone();
@@ -313,6 +317,8 @@ impl Engine {
         if self.poisoned.is_none() {
             self.poisoned = Some(why);
         }
+        // I/O that skips the engine lock must now take it, to be refused.
+        self.io_gate.read().disable();
     }
 
     /// Runs a change that may leave memory half-updated if it fails midway: any error
@@ -321,7 +327,8 @@ impl Engine {
         self.check_writable()?;
         let r = self.guard_panic(f);
         if let Err(e) = &r {
-            self.poisoned = Some(e.to_string());
+            self.poisoned = None;
+            self.poison(e.to_string());
         }
         r
     }
@@ -336,12 +343,18 @@ impl Engine {
         f: impl FnOnce(&mut Engine, Reserve) -> Result<T>,
     ) -> Result<T> {
         self.check_writable()?;
-        // A snapshot or clone must not share a block an in-place write is still changing.
+        // A snapshot or clone must not share a block an in-place write is still changing:
+        // answers of the translation cache are dropped first, so no such write starts
+        // after the drain (see `crate::translation`).
+        self.io_gate.read().invalidate();
         self.drain_io();
         self.commit()?;
         self.in_catalog_op = true;
         let r = self.guard_panic(|e| f(e, reserve));
         self.in_catalog_op = false;
+        // What the operation's own writes put in the cache is dropped too (a resize's
+        // redirected tail, say): answers start afresh from the changed catalog.
+        self.io_gate.read().invalidate();
         let r = r.and_then(|v| self.commit().map(|_| v));
         // Operations that free space commit once more so what they freed is usable at once
         // (freed units wait for the commit after the one that freed them).
@@ -445,6 +458,11 @@ impl Engine {
         Ok(())
     }
 
+    /// The device wrapper, whose latched failure I/O outside the engine lock checks.
+    pub(crate) fn checked(&self) -> Arc<Checked> {
+        self.checked.clone()
+    }
+
     /// Whether the pool was opened read-only (a flush then has nothing to do but say so).
     pub(crate) fn checked_is_read_only(&self) -> bool {
         self.checked.is_read_only()
@@ -503,8 +521,15 @@ impl Engine {
         dev.flush()?;
         self.disk_sb = Some(page);
         // Units freed two commits ago become allocatable (and are discarded) now: a read or
-        // in-place write planned before they were freed may still be running.
-        self.drain_io();
+        // in-place write planned before they were freed may still be running. With the gate
+        // drained, the translation cache grows if the pool has outgrown it.
+        {
+            let mut gate = self.io_gate.write();
+            let blocks = self.store.sm.used_units() / self.store.block_units.max(1);
+            if let Some(grown) = gate.wanted(blocks) {
+                *gate = grown;
+            }
+        }
         let released = self.store.commit_done();
         self.catalog.commit_done();
         if dev.supports_discard() && !sb.preallocated {

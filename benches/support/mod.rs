@@ -35,3 +35,29 @@ pub fn time(n: u64, mut op: impl FnMut(u64)) -> f64 {
     }
     t.elapsed().as_secs_f64() * 1e6 / n as f64
 }
+
+/// A named part of a bench, run in a fresh temporary directory.
+#[allow(dead_code)] // Not every bench is cut into scenarios.
+pub type Scenario = (&'static str, fn(&tempfile::TempDir));
+
+/// Runs the scenarios whose names contain one of the command line's words (all of them
+/// without any; the flags cargo bench passes are ignored), each in a fresh directory under
+/// SNAPVOL_BENCH_DIR (default the temp dir).
+#[allow(dead_code)] // Not every bench is cut into scenarios.
+pub fn run_scenarios(scenarios: &[Scenario]) {
+    let base = std::env::var("SNAPVOL_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
+    println!("directory: {} ({} rounds)", base.display(), rounds());
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
+    for (name, f) in scenarios {
+        if want(name) {
+            let dir = tempfile::tempdir_in(&base).unwrap();
+            f(&dir);
+        }
+    }
+}

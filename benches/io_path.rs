@@ -1,0 +1,292 @@
+//! The data path's own cost, side by side with the plain file (issue 17's targets):
+//! cached 4 KiB random reads from one and two threads, owned and shared 4 KiB writes, and
+//! 4 KiB first writes from one and four threads.
+//!
+//! `cargo bench --bench io_path [SCENARIO...]` (SNAPVOL_BENCH_DIR picks the filesystem,
+//! default the temp dir; SNAPVOL_BENCH_ROUNDS the rounds, default 8). Scenarios: `reads`,
+//! `writes`, `first-writes`.
+//!
+//! Instruction counts: with SNAPVOL_COUNT_OPS=N each scenario sets up as usual, then runs
+//! only N volume operations of each kind inside `counted`, for
+//! `valgrind --tool=callgrind --toggle-collect='*counted*'`; instructions per operation are
+//! the difference of two such runs (N and 2N) divided by N.
+
+use snapvol::{Pool, PoolOptions, Volume};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+#[path = "support/mod.rs"]
+mod support;
+use support::{median, rounds, run_scenarios, time, Rng};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+
+/// Runs `op` `n` times with its own name in the stack, for callgrind's toggle.
+#[inline(never)]
+fn counted(n: u64, op: &mut dyn FnMut(u64)) {
+    for i in 0..n {
+        op(i);
+    }
+}
+
+fn count_ops() -> Option<u64> {
+    std::env::var("SNAPVOL_COUNT_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
+fn plain_file(dir: &tempfile::TempDir, size: u64) -> File {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("plain"))
+        .unwrap();
+    f.set_len(size).unwrap();
+    let chunk = vec![0x5Au8; 4 * MIB as usize];
+    for off in (0..size).step_by(chunk.len()) {
+        f.write_all_at(&chunk, off).unwrap();
+    }
+    f.sync_data().unwrap();
+    f
+}
+
+fn pool(dir: &tempfile::TempDir, bytes: u64) -> Pool {
+    Pool::create_file(dir.path().join("pool"), bytes, PoolOptions::default()).unwrap()
+}
+
+/// A pool without the translation cache: every I/O plans under the engine lock, as before
+/// the cache (the side-by-side baseline for it).
+fn locked_pool(dir: &tempfile::TempDir, bytes: u64) -> Pool {
+    let opts = PoolOptions::default().translation_slots(0);
+    Pool::create_file(dir.path().join("locked"), bytes, opts).unwrap()
+}
+
+fn filled(pool: &Pool, name: &str, size: u64) -> Volume {
+    let vol = pool.create_volume(name, size).unwrap();
+    let chunk = vec![0x5Au8; 4 * MIB as usize];
+    for off in (0..size).step_by(chunk.len()) {
+        vol.write_at(&chunk, off).unwrap();
+    }
+    vol.flush().unwrap();
+    vol
+}
+
+/// Wall time per operation of `n` operations split over `threads` threads, each drawing
+/// its own random block numbers below `blocks`.
+fn threaded(n: u64, threads: u64, blocks: u64, op: &(dyn Fn(u64, &mut [u8]) + Sync)) -> f64 {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for th in 0..threads {
+            s.spawn(move || {
+                let mut rng = Rng(0xC0FFEE + th);
+                let mut buf = vec![0x42u8; BLOCK as usize];
+                for _ in 0..n / threads {
+                    op((rng.next() % blocks) * BLOCK, &mut buf);
+                }
+            });
+        }
+    });
+    start.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+fn line(label: &str, base: f64, us: f64) {
+    println!("  {label:<36} {us:>8.3} us/op   ratio {:.2}x", base / us);
+}
+
+/// Cached 4 KiB random reads: pread against a volume, one thread and two.
+fn reads(dir: &tempfile::TempDir) {
+    let size = GIB;
+    let blocks = size / BLOCK;
+    let pool = pool(dir, 4 * GIB);
+    let vol = filled(&pool, "r", size);
+    let locked = locked_pool(dir, 4 * GIB);
+    let lvol = filled(&locked, "r", size);
+    // Every block read once: the page cache and the pool's caches hold the whole volume.
+    let warm = |read: &dyn Fn(u64, &mut [u8])| {
+        let mut buf = vec![0u8; BLOCK as usize];
+        for b in 0..blocks {
+            read(b * BLOCK, &mut buf);
+        }
+    };
+    warm(&|at, b| vol.read_at(b, at).unwrap());
+    warm(&|at, b| lvol.read_at(b, at).unwrap());
+    if let Some(n) = count_ops() {
+        let mut buf = vec![0u8; BLOCK as usize];
+        for v in [&vol, &lvol] {
+            let mut rng = Rng(7);
+            counted(n, &mut |_| {
+                v.read_at(&mut buf, (rng.next() % blocks) * BLOCK).unwrap()
+            });
+        }
+        return;
+    }
+    let plain = plain_file(dir, size);
+    let n = 200_000;
+    let plain_read = |at: u64, b: &mut [u8]| plain.read_exact_at(b, at).unwrap();
+    let vol_read = |at: u64, b: &mut [u8]| vol.read_at(b, at).unwrap();
+    let locked_read = |at: u64, b: &mut [u8]| lvol.read_at(b, at).unwrap();
+    warm(&plain_read);
+    let (mut p1, mut v1, mut l1, mut p2, mut v2, mut l2) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..rounds() {
+        p1.push(threaded(n, 1, blocks, &plain_read));
+        v1.push(threaded(n, 1, blocks, &vol_read));
+        l1.push(threaded(n, 1, blocks, &locked_read));
+        p2.push(threaded(n, 2, blocks, &plain_read));
+        v2.push(threaded(n, 2, blocks, &vol_read));
+        l2.push(threaded(n, 2, blocks, &locked_read));
+    }
+    let [p1, v1, l1, p2, v2, l2] = [p1, v1, l1, p2, v2, l2].map(median);
+    println!(
+        "4 KiB random reads of cached data (1 GiB), medians of {}:",
+        rounds()
+    );
+    line("pread, 1 thread", p1, p1);
+    line("volume, 1 thread (vs pread)", p1, v1);
+    line("volume, no cache, 1 thread (vs pread)", p1, l1);
+    line("pread, 2 threads", p2, p2);
+    line("volume, 2 threads (vs pread, 2)", p2, v2);
+    line("volume, no cache, 2 threads", p2, l2);
+    println!(
+        "  scaling 1 -> 2 threads: pread {:.2}x, volume {:.2}x, no cache {:.2}x",
+        p1 / p2,
+        v1 / v2,
+        l1 / l2
+    );
+}
+
+/// 4 KiB random writes into owned blocks and into blocks shared with a snapshot, against
+/// pwrite into a file written once.
+fn writes(dir: &tempfile::TempDir) {
+    let size = GIB;
+    let blocks = size / BLOCK;
+    let pool = pool(dir, 8 * GIB);
+    let vol = filled(&pool, "w", size);
+    let locked = locked_pool(dir, 8 * GIB);
+    let lvol = filled(&locked, "w", size);
+    let buf = vec![0xA5u8; BLOCK as usize];
+    let n = 50_000;
+    if let Some(n) = count_ops() {
+        // Owned overwrites (each block written once first, so the cache knows it owned),
+        // then writes into blocks shared with a snapshot.
+        for (p, v) in [(&pool, &vol), (&locked, &lvol)] {
+            let offsets: Vec<u64> = {
+                let mut rng = Rng(9);
+                (0..n).map(|_| (rng.next() % blocks) * BLOCK).collect()
+            };
+            for &o in &offsets {
+                v.write_at(&buf, o).unwrap();
+            }
+            counted(n, &mut |i| v.write_at(&buf, offsets[i as usize]).unwrap());
+            p.snapshot("w", "count").unwrap();
+            counted(n, &mut |i| v.write_at(&buf, offsets[i as usize]).unwrap());
+        }
+        return;
+    }
+    let plain = plain_file(dir, size);
+    let (mut p, mut o, mut s, mut lo) = (vec![], vec![], vec![], vec![]);
+    for r in 0..rounds() {
+        let mut rng = Rng(0x51 + r as u64);
+        p.push(time(n, |_| {
+            plain
+                .write_all_at(&buf, (rng.next() % blocks) * BLOCK)
+                .unwrap()
+        }));
+        // Owned: the same offsets twice, the first pass making every one owned again after
+        // the previous round's snapshot.
+        let mut rng = Rng(0x52 + r as u64);
+        let offsets: Vec<u64> = (0..n).map(|_| (rng.next() % blocks) * BLOCK).collect();
+        pool.snapshot("w", &format!("s{r}")).unwrap();
+        s.push(time(n, |i| {
+            vol.write_at(&buf, offsets[i as usize]).unwrap()
+        }));
+        o.push(time(n, |i| {
+            vol.write_at(&buf, offsets[i as usize]).unwrap()
+        }));
+        pool.delete_snapshot("w", &format!("s{r}")).unwrap();
+        vol.flush().unwrap();
+        locked.snapshot("w", &format!("s{r}")).unwrap();
+        time(n, |i| lvol.write_at(&buf, offsets[i as usize]).unwrap());
+        lo.push(time(n, |i| {
+            lvol.write_at(&buf, offsets[i as usize]).unwrap()
+        }));
+        locked.delete_snapshot("w", &format!("s{r}")).unwrap();
+        lvol.flush().unwrap();
+    }
+    let [p, o, s, lo] = [p, o, s, lo].map(median);
+    println!("4 KiB random writes (1 GiB), medians of {}:", rounds());
+    line("pwrite", p, p);
+    line("volume, owned blocks (vs pwrite)", p, o);
+    line("volume, no cache, owned (vs pwrite)", p, lo);
+    line("volume, shared blocks (vs pwrite)", p, s);
+}
+
+/// 4 KiB first writes (each into a block not mapped yet) from one thread and from four.
+fn first_writes(dir: &tempfile::TempDir) {
+    let size = 4 * GIB;
+    let blocks = size / BLOCK;
+    let pool = pool(dir, 8 * GIB);
+    let n = 100_000u64;
+    let buf = vec![0x3Cu8; BLOCK as usize];
+    if let Some(n) = count_ops() {
+        let vol = pool.create_volume("c", size).unwrap();
+        let mut rng = Rng(11);
+        counted(n, &mut |_| {
+            vol.write_at(&buf, (rng.next() % blocks) * BLOCK).unwrap()
+        });
+        return;
+    }
+    // Each thread writes its own stride of distinct blocks, so every write is a first write.
+    let run = |vol: &Volume, threads: u64| {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for th in 0..threads {
+                let buf = &buf;
+                s.spawn(move || {
+                    for i in 0..n / threads {
+                        let b = (i * threads + th).wrapping_mul(0x9E37_79B9) % blocks;
+                        // Distinct for i*threads+th below blocks: 0x9E3779B9 is odd and
+                        // blocks a power of two, so the multiplication permutes them.
+                        vol.write_at(buf, b * BLOCK).unwrap();
+                    }
+                });
+            }
+        });
+        start.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+    let (mut one, mut four) = (vec![], vec![]);
+    for r in 0..rounds() {
+        let a = pool.create_volume(&format!("a{r}"), size).unwrap();
+        one.push(run(&a, 1));
+        drop(a);
+        pool.delete_volume(&format!("a{r}")).unwrap();
+        let b = pool.create_volume(&format!("b{r}"), size).unwrap();
+        four.push(run(&b, 4));
+        drop(b);
+        pool.delete_volume(&format!("b{r}")).unwrap();
+        pool.flush().unwrap();
+    }
+    let (one, four) = (median(one), median(four));
+    println!(
+        "4 KiB first writes (4 GiB volume), medians of {}:",
+        rounds()
+    );
+    println!("  1 thread   {one:>8.3} us/op");
+    println!(
+        "  4 threads  {four:>8.3} us/op   throughput {:.2}x one thread",
+        one / four
+    );
+}
+
+fn main() {
+    run_scenarios(&[
+        ("reads", reads),
+        ("writes", writes),
+        ("first-writes", first_writes),
+    ]);
+}
