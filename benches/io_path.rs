@@ -4,10 +4,12 @@
 //!
 //! `cargo bench --bench io_path [SCENARIO...]` (SNAPVOL_BENCH_DIR picks the filesystem,
 //! default the temp dir; SNAPVOL_BENCH_ROUNDS the rounds, default 8). Scenarios: `reads`,
-//! `writes`, `first-writes`.
+//! `overwrites`, `first-writes`.
 //!
 //! Instruction counts: with SNAPVOL_COUNT_OPS=N each scenario sets up as usual, then runs
-//! only N volume operations of each kind inside `counted`, for
+//! only N volume operations of each kind inside `counted` (on the pool without the
+//! translation cache with SNAPVOL_COUNT_LOCKED=1; of the writes, only those into shared
+//! blocks with SNAPVOL_COUNT_SHARED=1), for
 //! `valgrind --tool=callgrind --toggle-collect='*counted*'`; instructions per operation are
 //! the difference of two such runs (N and 2N) divided by N.
 
@@ -30,6 +32,12 @@ fn counted(n: u64, op: &mut dyn FnMut(u64)) {
     for i in 0..n {
         op(i);
     }
+}
+
+/// In count mode, whether to count the pool without the translation cache
+/// (SNAPVOL_COUNT_LOCKED=1) instead of the one with it.
+fn count_locked() -> bool {
+    std::env::var_os("SNAPVOL_COUNT_LOCKED").is_some()
 }
 
 fn count_ops() -> Option<u64> {
@@ -117,7 +125,8 @@ fn reads(dir: &tempfile::TempDir) {
     warm(&|at, b| lvol.read_at(b, at).unwrap());
     if let Some(n) = count_ops() {
         let mut buf = vec![0u8; BLOCK as usize];
-        for v in [&vol, &lvol] {
+        let v = if count_locked() { &lvol } else { &vol };
+        {
             let mut rng = Rng(7);
             counted(n, &mut |_| {
                 v.read_at(&mut buf, (rng.next() % blocks) * BLOCK).unwrap()
@@ -162,7 +171,7 @@ fn reads(dir: &tempfile::TempDir) {
 
 /// 4 KiB random writes into owned blocks and into blocks shared with a snapshot, against
 /// pwrite into a file written once.
-fn writes(dir: &tempfile::TempDir) {
+fn overwrites(dir: &tempfile::TempDir) {
     let size = GIB;
     let blocks = size / BLOCK;
     let pool = pool(dir, 8 * GIB);
@@ -174,7 +183,11 @@ fn writes(dir: &tempfile::TempDir) {
     if let Some(n) = count_ops() {
         // Owned overwrites (each block written once first, so the cache knows it owned),
         // then writes into blocks shared with a snapshot.
-        for (p, v) in [(&pool, &vol), (&locked, &lvol)] {
+        let (p, v) = match count_locked() {
+            true => (&locked, &lvol),
+            false => (&pool, &vol),
+        };
+        {
             let offsets: Vec<u64> = {
                 let mut rng = Rng(9);
                 (0..n).map(|_| (rng.next() % blocks) * BLOCK).collect()
@@ -182,9 +195,16 @@ fn writes(dir: &tempfile::TempDir) {
             for &o in &offsets {
                 v.write_at(&buf, o).unwrap();
             }
-            counted(n, &mut |i| v.write_at(&buf, offsets[i as usize]).unwrap());
+            // SNAPVOL_COUNT_SHARED=1 counts only the shared writes.
+            let shared = std::env::var_os("SNAPVOL_COUNT_SHARED").is_some();
+            let mut write = |i: u64| v.write_at(&buf, offsets[i as usize]).unwrap();
+            if !shared {
+                counted(n, &mut write);
+            }
             p.snapshot("w", "count").unwrap();
-            counted(n, &mut |i| v.write_at(&buf, offsets[i as usize]).unwrap());
+            if shared {
+                counted(n, &mut write);
+            }
         }
         return;
     }
@@ -286,7 +306,7 @@ fn first_writes(dir: &tempfile::TempDir) {
 fn main() {
     run_scenarios(&[
         ("reads", reads),
-        ("writes", writes),
+        ("overwrites", overwrites),
         ("first-writes", first_writes),
     ]);
 }

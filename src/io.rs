@@ -818,7 +818,7 @@ impl Engine {
         redirect_all: bool,
     ) -> Result<WritePlan> {
         self.check_writable()?;
-        let (root, _) = self.check_range(Target::Volume(id), offset, data.len())?;
+        let (root, size) = self.check_range(Target::Volume(id), offset, data.len())?;
         if data.is_empty() {
             return Ok(WritePlan::Done);
         }
@@ -857,7 +857,7 @@ impl Engine {
             redirects += u64::from(!in_place);
             plan.push((b, f, in_place));
         }
-        self.remember_owned(id, &plan)?;
+        self.remember_owned(id, size, &plan);
         if redirects == 0 && !self.store.checksums {
             // Every block is mapped and owned (an unmapped one counts as a redirect). With
             // data checksums the map takes the blocks' new checksums, under the lock.
@@ -880,7 +880,7 @@ impl Engine {
                 });
             }
         }
-        self.apply_write(id, root, offset, data, plan)?;
+        self.apply_write(id, (root, size), offset, data, plan)?;
         self.maybe_commit_after_io()?;
         Ok(WritePlan::Done)
     }
@@ -893,7 +893,7 @@ impl Engine {
     fn apply_write(
         &mut self,
         id: u128,
-        root: u64,
+        (root, size): (u64, u64),
         offset: u64,
         data: &[u8],
         plan: Vec<(u64, Option<Found>, bool)>,
@@ -921,7 +921,9 @@ impl Engine {
             let stale_sums = wrote
                 && self.store.checksums
                 && plan.iter().any(|p| p.2)
-                && self.mutate(|e| e.resum_in_place(id, root, &plan)).is_err();
+                && self
+                    .mutate(|e| e.resum_in_place(id, (root, size), &plan))
+                    .is_err();
             if let Err(u) = undone {
                 self.poison(format!("giving back the blocks of a failed write: {u}"));
             } else if !(matches!(e, Error::HostFull { .. })
@@ -933,7 +935,7 @@ impl Engine {
             }
             return Err(e);
         }
-        self.mutate(|e| e.map_write(id, root, plan, &fresh, &sums))
+        self.mutate(|e| e.map_write(id, (root, size), plan, &fresh, &sums))
     }
 
     /// Gives the blocks of `plan` that went in place the checksum of what the device holds
@@ -941,11 +943,10 @@ impl Engine {
     fn resum_in_place(
         &mut self,
         id: u128,
-        mut root: u64,
+        (mut root, size): (u64, u64),
         plan: &[(u64, Option<Found>, bool)],
     ) -> Result<()> {
         let mut block = vec![0u8; self.store.block_size];
-        let size = self.target_size(Target::Volume(id))?;
         for &(b, f, in_place) in plan {
             let (true, Some(f)) = (in_place, f) else {
                 continue;
@@ -1040,7 +1041,7 @@ impl Engine {
     fn map_write(
         &mut self,
         id: u128,
-        mut root: u64,
+        (mut root, size): (u64, u64),
         plan: Vec<(u64, Option<Found>, bool)>,
         fresh: &[u64],
         sums: &[u32],
@@ -1048,7 +1049,6 @@ impl Engine {
         let mut units = fresh.iter();
         let mut sums = sums.iter();
         let checksums = self.store.checksums;
-        let size = self.target_size(Target::Volume(id))?;
         for (b, f, in_place) in plan {
             let sum = match checksums {
                 true => *sums.next().ok_or_else(|| {
@@ -1158,14 +1158,13 @@ impl Engine {
 
     /// Removes the mappings of blocks `first..end` of volume `id`.
     pub(crate) fn unmap(&mut self, id: u128, first: u64, end: u64) -> Result<()> {
-        let (root, _, _) = self.target(Target::Volume(id))?;
+        let (root, size, _) = self.target(Target::Volume(id))?;
         let mut found = Vec::new();
         self.store.lookup_range(root, first, end, &mut found)?;
         if found.is_empty() {
             return Ok(());
         }
         // Unmapping frees blocks, so it may use the reserve: it must work on a full pool.
-        let size = self.target_size(Target::Volume(id))?;
         self.mutate(|e| {
             let mut root = root;
             for f in found {
@@ -1179,11 +1178,6 @@ impl Engine {
             e.set_root(id, root)?;
             Ok(())
         })
-    }
-
-    /// The size of `t` (0 for one that is gone: nothing is remembered for it).
-    fn target_size(&mut self, t: Target) -> Result<u64> {
-        Ok(self.root_and_size_of(t)?.map_or(0, |(_, size)| size))
     }
 
     /// Tells the translation cache what block `key` of `t` (of `size` bytes) maps to now
@@ -1244,7 +1238,13 @@ impl Engine {
     /// per run, not on every read.
     fn probe_runs(&mut self, t: Target, root: u64, size: u64, first: u64, end: u64) -> Result<()> {
         let whole_runs = (size / self.store.block_size as u64) >> RUN_SHIFT;
-        let epoch = self.io_gate.read().epoch();
+        let epoch = {
+            let gate = self.io_gate.read();
+            if !gate.usable() {
+                return Ok(());
+            }
+            gate.epoch()
+        };
         let mut found = Vec::new();
         for run in first >> RUN_SHIFT..end.div_ceil(RUN_BLOCKS).min(whole_runs) {
             if self.io_gate.read().get_run(t, run, epoch).is_some() {
@@ -1275,11 +1275,10 @@ impl Engine {
 
     /// Records the blocks a write found it may write in place (pools without data
     /// checksums: theirs go under the lock), so the next write to them skips the lock.
-    fn remember_owned(&mut self, id: u128, plan: &[(u64, Option<Found>, bool)]) -> Result<()> {
+    fn remember_owned(&self, id: u128, size: u64, plan: &[(u64, Option<Found>, bool)]) {
         if self.store.checksums || !self.io_gate.read().usable() {
-            return Ok(());
+            return;
         }
-        let size = self.target_size(Target::Volume(id))?;
         let bs = self.store.block_size as u64;
         let gate = self.io_gate.read();
         for &(b, f, in_place) in plan {
@@ -1292,7 +1291,6 @@ impl Engine {
                 gate.put(Target::Volume(id), b, e);
             }
         }
-        Ok(())
     }
 
     fn maybe_commit_after_io(&mut self) -> Result<()> {

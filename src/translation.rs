@@ -190,6 +190,8 @@ pub(crate) struct Translations {
     usable: AtomicBool,
     /// Most block slots the cache may grow to (0: no cache at all).
     limit: usize,
+    /// Block answers written since the table was made (the engine's only: one writer).
+    fills: AtomicU64,
 }
 
 impl Translations {
@@ -210,6 +212,7 @@ impl Translations {
             epoch: AtomicU64::new(epoch),
             usable: AtomicBool::new(limit > 0),
             limit,
+            fills: AtomicU64::new(0),
         }
     }
 
@@ -221,8 +224,13 @@ impl Translations {
 
     /// The cache to grow to for a pool holding `blocks` data blocks, if it is larger than
     /// this one: the next power of two, within the limit. A cache of the pool's size keeps
-    /// every block of a volume that fills the pool.
+    /// every block of a volume that fills the pool. Only once the engine has written as
+    /// many answers as the table has slots: a pool opened for a moment (a CLI command, a
+    /// check) keeps its first small table instead of zeroing megabytes it never uses.
     pub(crate) fn wanted(&self, blocks: u64) -> Option<Translations> {
+        if self.fills.load(Ordering::Relaxed) < self.blocks.slots.len() as u64 {
+            return None;
+        }
         let want = usize::try_from(blocks.max(1).next_power_of_two())
             .unwrap_or(usize::MAX)
             .min(self.limit);
@@ -263,6 +271,9 @@ impl Translations {
         let meta = u64::from(e.sum) | owned;
         let epoch = self.epoch.load(Ordering::Relaxed);
         self.blocks.put(t, key, e.unit.unwrap_or(HOLE), meta, epoch);
+        // One writer: a load and a store, not a locked add.
+        let fills = self.fills.load(Ordering::Relaxed);
+        self.fills.store(fills.saturating_add(1), Ordering::Relaxed);
     }
 
     /// What the cache says of run `run` (blocks `run << RUN_SHIFT..`) of `t`, if it has a
@@ -368,9 +379,16 @@ mod tests {
         let t = Translations::new(1 << 14);
         assert_eq!(t.slots(), INITIAL_SLOTS);
         assert!(t.wanted(100).is_none());
+        assert!(t.wanted(5000).is_none(), "grew before it was used");
+        for b in 0..INITIAL_SLOTS as u64 {
+            t.put(Target::Volume(3), b, mapped(b));
+        }
         let g = t.wanted(5000).expect("grows");
         assert_eq!(g.slots(), 8192);
         assert!(g.epoch() > t.epoch());
+        for b in 0..8192 {
+            g.put(Target::Volume(3), b, mapped(b));
+        }
         assert_eq!(g.wanted(1 << 40).expect("grows").slots(), 1 << 14);
         let off = Translations::new(0);
         off.put(Target::Volume(1), 0, mapped(9));
