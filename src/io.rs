@@ -710,7 +710,7 @@ impl Engine {
             self.remember_read(t, size, first, end, &found);
         }
         if r.is_ok() && !checksums {
-            self.probe_runs(t, root, size, first, end)?;
+            self.probe_runs(t, root, size, first, end);
         }
         for f in found.drain(..) {
             let (inner, src) = span(f.key, bs, offset, len);
@@ -1235,13 +1235,15 @@ impl Engine {
     /// Gives each run of blocks `first..end` of `t` that lies wholly inside the target and
     /// has no current answer its [`RunAnswer`], from one lookup of the run's blocks. A run
     /// found mixed stays so until the epoch changes, so a fragmented volume is probed once
-    /// per run, not on every read.
-    fn probe_runs(&mut self, t: Target, root: u64, size: u64, first: u64, end: u64) -> Result<()> {
+    /// per run, not on every read. A run whose lookup fails (a damaged node beside the
+    /// ones this read needs) is left without an answer: the read itself does not fail for
+    /// blocks it does not cover.
+    fn probe_runs(&mut self, t: Target, root: u64, size: u64, first: u64, end: u64) {
         let whole_runs = (size / self.store.block_size as u64) >> RUN_SHIFT;
         let epoch = {
             let gate = self.io_gate.read();
             if !gate.usable() {
-                return Ok(());
+                return;
             }
             gate.epoch()
         };
@@ -1252,8 +1254,13 @@ impl Engine {
             }
             found.clear();
             let lo = run << RUN_SHIFT;
-            self.store
-                .lookup_range_for_read(root, lo, lo + RUN_BLOCKS, &mut found)?;
+            if self
+                .store
+                .lookup_range_for_read(root, lo, lo + RUN_BLOCKS, &mut found)
+                .is_err()
+            {
+                continue;
+            }
             let units = self.store.block_units;
             let answer = match found.first() {
                 None => RunAnswer::Hole,
@@ -1270,7 +1277,6 @@ impl Engine {
             };
             self.io_gate.read().put_run(t, run, answer);
         }
-        Ok(())
     }
 
     /// Records the blocks a write found it may write in place (pools without data
