@@ -4,7 +4,7 @@
 //!
 //! `cargo bench --bench io_path [SCENARIO...]` (SNAPVOL_BENCH_DIR picks the filesystem,
 //! default the temp dir; SNAPVOL_BENCH_ROUNDS the rounds, default 8). Scenarios: `reads`,
-//! `overwrites`, `first-writes`.
+//! `overwrites`, `first-writes`, `reads-during-commits`.
 //!
 //! Instruction counts: with SNAPVOL_COUNT_OPS=N each scenario sets up as usual, then runs
 //! only N volume operations of each kind inside `counted` (on the pool without the
@@ -303,10 +303,67 @@ fn first_writes(dir: &tempfile::TempDir) {
     );
 }
 
+/// Latency of cached 4 KiB reads of one volume while another thread commits over and over
+/// (a first write into another volume, then a flush: dirty map pages, two device flushes):
+/// with the cache the reads do not wait for the commit's engine lock; without it they do.
+fn reads_during_commits(dir: &tempfile::TempDir) {
+    let size = 256 * MIB;
+    let blocks = size / BLOCK;
+    for (label, pool) in [
+        ("with the cache", pool(dir, 4 * GIB)),
+        ("without (locked path)", locked_pool(dir, 4 * GIB)),
+    ] {
+        let hot = filled(&pool, "hot", size);
+        let mut buf = vec![0u8; BLOCK as usize];
+        for b in 0..blocks {
+            hot.read_at(&mut buf, b * BLOCK).unwrap();
+        }
+        let cold = pool.create_volume("cold", 2 * GIB).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (lat, commits) = std::thread::scope(|s| {
+            let writer = s.spawn(|| {
+                let data = vec![0x77u8; BLOCK as usize];
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Spread over the volume: each commit has map pages of its own to write.
+                    cold.write_at(&data, (n * 4099 % (2 * GIB / BLOCK)) * BLOCK)
+                        .unwrap();
+                    cold.flush().unwrap();
+                    n += 1;
+                }
+                n
+            });
+            let mut rng = Rng(0xD1);
+            let mut lat = Vec::with_capacity(1 << 20);
+            let start = Instant::now();
+            while start.elapsed().as_secs_f64() < 3.0 {
+                let t = Instant::now();
+                hot.read_at(&mut buf, (rng.next() % blocks) * BLOCK)
+                    .unwrap();
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            (lat, writer.join().unwrap())
+        });
+        let mut lat = lat;
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let q = |f: f64| lat[((lat.len() - 1) as f64 * f) as usize];
+        println!(
+            "cached 4 KiB reads during {commits} commits in 3 s, {label}: {} reads, median {:.2} us, p99 {:.1} us, p99.9 {:.1} us, max {:.0} us",
+            lat.len(),
+            q(0.5),
+            q(0.99),
+            q(0.999),
+            lat[lat.len() - 1]
+        );
+    }
+}
+
 fn main() {
     run_scenarios(&[
         ("reads", reads),
         ("overwrites", overwrites),
         ("first-writes", first_writes),
+        ("reads-during-commits", reads_during_commits),
     ]);
 }

@@ -23,7 +23,7 @@
 //!   exactly as the planned in-place writes of the locked path are.
 //! - A stale answer that a reader took before a change is still safe to act on: the reader
 //!   holds the I/O gate, and a unit is reused only after a commit drains the gate (invariant
-//!   6), so it reads what the block held a moment ago, as if it had run first.
+//!   2), so it reads what the block held a moment ago, as if it had run first.
 //! - A poisoned pool disables the table (every lookup misses, so the locked path reports the
 //!   poison); a reload of the engine bumps the epoch.
 //!

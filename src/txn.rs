@@ -522,11 +522,15 @@ impl Engine {
         self.disk_sb = Some(page);
         // Units freed two commits ago become allocatable (and are discarded) now: a read or
         // in-place write planned before they were freed may still be running. With the gate
-        // drained, the translation cache grows if the pool has outgrown it.
-        {
+        // drained, the translation cache grows if the pool has outgrown it. A commit that
+        // releases nothing and grows nothing does not drain: reads and in-place writes that
+        // skip the engine lock then never wait for it (a drain parks every new one until
+        // the ones in flight end, which costs each of them a futex round trip).
+        let blocks = self.store.sm.used_units() / self.store.block_units.max(1);
+        let grown = self.io_gate.read().wanted(blocks);
+        if self.store.sm.cooling_units() > 0 || grown.is_some() {
             let mut gate = self.io_gate.write();
-            let blocks = self.store.sm.used_units() / self.store.block_units.max(1);
-            if let Some(grown) = gate.wanted(blocks) {
+            if let Some(grown) = grown {
                 *gate = grown;
             }
         }
