@@ -18,7 +18,7 @@ const MIB: u64 = 1 << 20;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{median, rounds, run_scenarios, time, Rng};
+use support::{median, plain_file, rounds, run_scenarios, time, Rng};
 
 fn best(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::INFINITY, f64::min)
@@ -82,14 +82,7 @@ fn fill_plain(f: &File, bytes: u64) {
 }
 
 fn setup(dir: &tempfile::TempDir, size: u64, pool_size: u64) -> (File, Pool) {
-    let plain = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("plain"))
-        .unwrap();
-    plain.set_len(size).unwrap();
+    let plain = plain_file(dir, size);
     let pool =
         Pool::create_file(dir.path().join("pool"), pool_size, PoolOptions::default()).unwrap();
     (plain, pool)

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{median, rounds, run_scenarios, time, Rng};
+use support::{median, plain_file, rounds, run_scenarios, time, Rng};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -46,21 +46,30 @@ fn count_ops() -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn plain_file(dir: &tempfile::TempDir, size: u64) -> File {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("plain"))
-        .unwrap();
-    f.set_len(size).unwrap();
+/// The plain file, written whole as the volumes are.
+fn filled_plain(dir: &tempfile::TempDir, size: u64) -> File {
+    let f = plain_file(dir, size);
     let chunk = vec![0x5Au8; 4 * MIB as usize];
     for off in (0..size).step_by(chunk.len()) {
         f.write_all_at(&chunk, off).unwrap();
     }
     f.sync_data().unwrap();
     f
+}
+
+/// A pool with the translation cache and one without, each holding a filled volume `name`
+/// of `size` bytes.
+fn both_filled(
+    dir: &tempfile::TempDir,
+    bytes: u64,
+    name: &str,
+    size: u64,
+) -> (Pool, Volume, Pool, Volume) {
+    let pool = pool(dir, bytes);
+    let vol = filled(&pool, name, size);
+    let locked = locked_pool(dir, bytes);
+    let lvol = filled(&locked, name, size);
+    (pool, vol, locked, lvol)
 }
 
 fn pool(dir: &tempfile::TempDir, bytes: u64) -> Pool {
@@ -110,10 +119,7 @@ fn line(label: &str, base: f64, us: f64) {
 fn reads(dir: &tempfile::TempDir) {
     let size = GIB;
     let blocks = size / BLOCK;
-    let pool = pool(dir, 4 * GIB);
-    let vol = filled(&pool, "r", size);
-    let locked = locked_pool(dir, 4 * GIB);
-    let lvol = filled(&locked, "r", size);
+    let (_pool, vol, _locked, lvol) = both_filled(dir, 4 * GIB, "r", size);
     // Every block read once: the page cache and the pool's caches hold the whole volume.
     let warm = |read: &dyn Fn(u64, &mut [u8])| {
         let mut buf = vec![0u8; BLOCK as usize];
@@ -134,7 +140,7 @@ fn reads(dir: &tempfile::TempDir) {
         }
         return;
     }
-    let plain = plain_file(dir, size);
+    let plain = filled_plain(dir, size);
     let n = 200_000;
     let plain_read = |at: u64, b: &mut [u8]| plain.read_exact_at(b, at).unwrap();
     let vol_read = |at: u64, b: &mut [u8]| vol.read_at(b, at).unwrap();
@@ -174,10 +180,7 @@ fn reads(dir: &tempfile::TempDir) {
 fn overwrites(dir: &tempfile::TempDir) {
     let size = GIB;
     let blocks = size / BLOCK;
-    let pool = pool(dir, 8 * GIB);
-    let vol = filled(&pool, "w", size);
-    let locked = locked_pool(dir, 8 * GIB);
-    let lvol = filled(&locked, "w", size);
+    let (pool, vol, locked, lvol) = both_filled(dir, 8 * GIB, "w", size);
     let buf = vec![0xA5u8; BLOCK as usize];
     let n = 50_000;
     if let Some(n) = count_ops() {
@@ -208,7 +211,7 @@ fn overwrites(dir: &tempfile::TempDir) {
         }
         return;
     }
-    let plain = plain_file(dir, size);
+    let plain = filled_plain(dir, size);
     let (mut p, mut o, mut s, mut lo) = (vec![], vec![], vec![], vec![]);
     for r in 0..rounds() {
         let mut rng = Rng(0x51 + r as u64);

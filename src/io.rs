@@ -38,8 +38,6 @@ struct Shared {
     /// The pool's block size and whether it keeps data checksums (fixed at creation).
     block_size: u64,
     checksums: bool,
-    /// Units per block.
-    block_units: u64,
     /// The engine's device (it never changes, not even on reload), for transfers outside
     /// the engine lock.
     dev: Arc<dyn BlockDevice>,
@@ -125,7 +123,6 @@ impl Handle {
             checked: engine.checked(),
             block_size: engine.store.block_size as u64,
             checksums: engine.store.checksums,
-            block_units: engine.store.block_units,
             engine: Mutex::new(engine),
             handles: std::sync::atomic::AtomicUsize::new(1),
             writes_done,
@@ -272,7 +269,8 @@ impl Handle {
         if !self.shared.checksums {
             match gate.get_run(t, b >> RUN_SHIFT, epoch) {
                 Some(RunAnswer::Contiguous(u)) => {
-                    return Some(Some(u + (b & (RUN_BLOCKS - 1)) * self.shared.block_units))
+                    let units = self.shared.block_size / crate::format::PAGE_SIZE as u64;
+                    return Some(Some(u + (b & (RUN_BLOCKS - 1)) * units));
                 }
                 Some(RunAnswer::Hole) => return Some(None),
                 Some(RunAnswer::Mixed) | None => {}

@@ -61,3 +61,17 @@ pub fn run_scenarios(scenarios: &[Scenario]) {
         }
     }
 }
+
+/// A plain file of `size` bytes (sparse), `plain` in `dir`: the baseline side of a bench.
+#[allow(dead_code)] // Not every bench compares with a plain file.
+pub fn plain_file(dir: &tempfile::TempDir, size: u64) -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("plain"))
+        .unwrap();
+    f.set_len(size).unwrap();
+    f
+}
