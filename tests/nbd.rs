@@ -7,9 +7,12 @@ use snapvol::nbd::ServerOptions;
 use snapvol::{Pool, PoolOptions};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
+
+#[path = "support/served.rs"]
+mod served;
+use served::{missing, snapvol_cli, snapvol_raw, tool, Server};
 
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
@@ -62,6 +65,22 @@ impl Client {
         let mut data = vec![0u8; u32_at(&h, 16) as usize];
         self.0.read_exact(&mut data).unwrap();
         (u32_at(&h, 12), data)
+    }
+
+    /// NBD_OPT_LIST: the export names offered.
+    fn list(&mut self) -> Vec<String> {
+        self.option(3, &[]);
+        let mut names = Vec::new();
+        loop {
+            match self.option_reply(3) {
+                (2, d) => {
+                    let n = u32_at(&d, 0) as usize;
+                    names.push(String::from_utf8(d[4..4 + n].to_vec()).unwrap());
+                }
+                (1, _) => return names,
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     /// NBD_OPT_GO; returns the export's size and flags, or the error reply type.
@@ -236,72 +255,6 @@ fn a_snapshot_export_refuses_every_change() {
     assert_eq!(got, vec![7u8; 8192]);
     drop(c);
     server.join().unwrap().unwrap();
-}
-
-/// `snapvol nbd` serving a pool file on a Unix socket.
-struct Server {
-    child: Child,
-    socket: std::path::PathBuf,
-}
-
-impl Server {
-    fn start(pool: &Path, socket: &Path) -> Server {
-        let child = Command::new(env!("CARGO_BIN_EXE_snapvol"))
-            .args([
-                "nbd",
-                pool.to_str().unwrap(),
-                "--socket",
-                socket.to_str().unwrap(),
-            ])
-            .spawn()
-            .unwrap();
-        for _ in 0..200 {
-            if UnixStream::connect(socket).is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        Server {
-            child,
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.socket.display())
-    }
-
-    /// SIGKILL: nothing gets a chance to commit.
-    fn kill(self) {}
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // Also on a failed assertion, so no server outlives the test.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The first of `tools` that is not installed, if any: a test that needs it says SKIPPED.
-fn missing(tools: &[&str]) -> Option<String> {
-    tools
-        .iter()
-        .find(|t| {
-            Command::new(t)
-                .arg("--version")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_err()
-        })
-        .map(|t| t.to_string())
-}
-
-fn tool(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -769,7 +722,19 @@ fn a_server_closes_one_export_and_stops() {
         server.close_export("nope"),
         Err(snapvol::Error::VolumeNotFound(_))
     ));
-    server.reopen_export("vm");
+    // The mark is queried and lifted through a handle of its own.
+    let control = server.exports();
+    assert!(control.is_closed("vm").unwrap());
+    assert!(
+        !control.reopen("other").unwrap(),
+        "an open export was not closed"
+    );
+    assert!(matches!(
+        control.reopen("vm@nope"),
+        Err(snapvol::Error::SnapshotNotFound(_))
+    ));
+    assert!(server.reopen_export("vm").unwrap());
+    assert!(!control.is_closed("vm").unwrap());
     let mut back = connect();
     back.go("vm").unwrap();
     let mut got = vec![0u8; 4096];
@@ -874,30 +839,6 @@ fn a_snapshot_of_a_deleted_volume_is_exported_by_id() {
     c.request(0, 0, 1, 0, 8192, &[]);
     assert_eq!(c.reply(1, &mut got), 0);
     assert_eq!(got, vec![7u8; 8192]);
-}
-
-/// `snapvol` run as a user would (in `cwd`, if given), returning (status, stdout bytes,
-/// stderr).
-fn snapvol_raw(args: &[&str], cwd: Option<&Path>) -> (i32, Vec<u8>, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_snapvol"));
-    c.args(args)
-        .env_remove("SNAPVOL_POOL")
-        .env_remove("SNAPVOL_CONTROL");
-    if let Some(d) = cwd {
-        c.current_dir(d);
-    }
-    let out = c.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// [`snapvol_raw`] with text output.
-fn snapvol_cli(args: &[&str]) -> (i32, String, String) {
-    let (code, out, err) = snapvol_raw(args, None);
-    (code, String::from_utf8_lossy(&out).into_owned(), err)
 }
 
 #[test]
@@ -1031,6 +972,84 @@ fn a_served_pool_takes_cli_commands_over_its_control_socket_while_a_client_write
     assert!(status.success(), "{status:?}");
     assert!(!ctl.exists() && !sock.exists(), "sockets removed");
     assert_eq!(snapvol_cli(&["list", p, "--json"]), listed);
+}
+
+/// `serve --no-export`, `unexport` and `reexport`: a volume kept off NBD is neither listed
+/// nor served (its open connections are cut, their writes kept), the mark is the running
+/// server's, and the commands say so when no server holds the pool.
+#[test]
+fn a_volume_marked_not_exported_is_neither_listed_nor_served_until_reexported() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("p.img");
+    let p = pool.to_str().unwrap();
+    assert_eq!(snapvol_cli(&["pool", "create", p, "--size", "64M"]).0, 0);
+    for v in ["vm", "scratch"] {
+        assert_eq!(snapvol_cli(&["create", p, v, "--size", "4M"]).0, 0);
+    }
+    assert_eq!(snapvol_cli(&["snapshot", p, "vm@s"]).0, 0);
+    // Without a server the marks do not exist: a clear refusal, nothing changed.
+    let (code, _, err) = snapvol_cli(&["unexport", p, "vm"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no `snapvol serve` holds this pool"), "{err}");
+
+    let sock = dir.path().join("nbd.sock");
+    let server = Server::start_with(&pool, &sock, &["--no-export", "scratch"]);
+    let ctl = dir.path().join("p.img.ctl");
+    for _ in 0..200 {
+        if ctl.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let connect = || Client::greet(UnixStream::connect(&sock).unwrap());
+    assert_eq!(connect().list(), ["vm", "vm@s"]);
+    assert_eq!(connect().go("scratch"), Err(0x8000_0006));
+
+    // A connection open on vm is cut by `unexport`; what it wrote stays.
+    let mut open = connect();
+    open.go("vm").unwrap();
+    open.request(1, 0, 1, 0, 4096, &[3u8; 4096]);
+    assert_eq!(open.reply(1, &mut []), 0);
+    let (code, _, err) = snapvol_cli(&["unexport", p, "vm"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 connection closed"), "{err}");
+    assert!(closed(&mut open));
+    assert_eq!(
+        connect().list(),
+        ["vm@s"],
+        "the snapshot is an export of its own"
+    );
+    let (code, _, err) = snapvol_cli(&["unexport", p, "nosuch"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nosuch"), "{err}");
+
+    let (code, _, err) = snapvol_cli(&["reexport", p, "scratch"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = snapvol_cli(&["reexport", p, "vm"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = snapvol_cli(&["reexport", p, "vm"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("exported already"), "{err}");
+    assert_eq!(connect().list(), ["scratch", "vm", "vm@s"]);
+    let mut back = connect();
+    back.go("vm").unwrap();
+    let mut got = vec![0u8; 4096];
+    back.request(0, 0, 2, 0, 4096, &[]);
+    assert_eq!(back.reply(2, &mut got), 0);
+    assert_eq!(got, vec![3u8; 4096]);
+    drop(back);
+    drop(server);
+
+    // An unknown name on the command line stops the server before it serves.
+    let out = Command::new(env!("CARGO_BIN_EXE_snapvol"))
+        .args(["serve", p, "--nbd-socket", sock.to_str().unwrap()])
+        .args(["--no-export", "nosuch"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--no-export nosuch"), "{err}");
+    assert!(!ctl.exists(), "no control socket left");
 }
 
 #[test]

@@ -25,7 +25,7 @@ mod transmission;
 mod wire;
 
 use crate::pool::Pool;
-pub use server::{Server, ServerOptions};
+pub use server::{ExportControl, Server, ServerOptions};
 use std::io::{self, Read, Write};
 
 /// Serves one client on `stream` until it disconnects: the handshake, then its requests.

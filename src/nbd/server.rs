@@ -331,27 +331,24 @@ impl Server {
     /// Closes every connection serving export `name` (`VOL` or `VOL@SNAP`, by whatever
     /// name the clients used) and refuses new ones to it until [`Server::reopen_export`];
     /// returns how many were closed. Writes they completed stay; nothing is committed here.
+    /// The same as [`ExportControl::close`] on [`Server::exports`].
     pub fn close_export(&self, name: &str) -> Result<usize> {
-        let key = super::export::Export::open(&self.pool, name)
-            .ok_or_else(|| match name.split_once('@') {
-                Some(_) => crate::Error::SnapshotNotFound(name.into()),
-                None => crate::Error::VolumeNotFound(name.into()),
-            })?
-            .key();
-        let live = self.shared.live.lock();
-        self.shared.closed.lock().insert(key);
-        let mut n = 0;
-        for l in live.values().filter(|l| l.export == Some(key)) {
-            l.conn.shutdown();
-            n += 1;
-        }
-        Ok(n)
+        self.exports().close(name)
     }
 
-    /// Lets clients connect to export `name` again after [`Server::close_export`].
-    pub fn reopen_export(&self, name: &str) {
-        if let Some(e) = super::export::Export::open(&self.pool, name) {
-            self.shared.closed.lock().remove(&e.key());
+    /// Lets clients connect to export `name` again after [`Server::close_export`]. The
+    /// same as [`ExportControl::reopen`].
+    pub fn reopen_export(&self, name: &str) -> Result<bool> {
+        self.exports().reopen(name)
+    }
+
+    /// A handle that closes and reopens this server's exports from anywhere (another
+    /// thread, a control command) while the server runs; it does nothing once the server
+    /// has stopped.
+    pub fn exports(&self) -> ExportControl {
+        ExportControl {
+            pool: self.pool.clone(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -386,6 +383,65 @@ impl Server {
                 "the NBD accept thread panicked".into(),
             )),
         }
+    }
+}
+
+/// Marks a running server's exports closed or open again (see [`Server::exports`]). A closed
+/// export is neither listed nor served: it is the way to keep a volume (or one snapshot) of a
+/// served pool off the network. The mark is the server's, not the pool's: it lasts until
+/// reopened or until the server stops, and it follows the volume or snapshot by id, so a
+/// rename keeps it and a new volume created under the old name is offered.
+#[derive(Clone)]
+pub struct ExportControl {
+    pool: Pool,
+    shared: Arc<Shared>,
+}
+
+impl ExportControl {
+    /// Closes every connection serving export `name` (`VOL` or `VOL@SNAP`) and refuses new
+    /// ones to it; returns how many connections were closed. A volume's snapshots are
+    /// exports of their own and stay open. `VolumeNotFound` / `SnapshotNotFound` when the
+    /// pool has no such export.
+    pub fn close(&self, name: &str) -> Result<usize> {
+        let key = self.key(name)?;
+        let live = self.shared.live.lock();
+        self.shared.closed.lock().insert(key);
+        let mut n = 0;
+        for l in live.values().filter(|l| l.export == Some(key)) {
+            l.conn.shutdown();
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Offers export `name` again; `Ok(false)` when it was not closed. The same not-found
+    /// errors as [`ExportControl::close`].
+    pub fn reopen(&self, name: &str) -> Result<bool> {
+        let key = self.key(name)?;
+        Ok(self.shared.closed.lock().remove(&key))
+    }
+
+    /// Whether export `name` is closed.
+    pub fn is_closed(&self, name: &str) -> Result<bool> {
+        let key = self.key(name)?;
+        Ok(self.shared.closed.lock().contains(&key))
+    }
+
+    fn key(&self, name: &str) -> Result<super::export::ExportKey> {
+        Ok(super::export::Export::open(&self.pool, name)
+            .ok_or_else(|| match name.split_once('@') {
+                Some(_) => crate::Error::SnapshotNotFound(name.into()),
+                None => crate::Error::VolumeNotFound(name.into()),
+            })?
+            .key())
+    }
+}
+
+impl std::fmt::Debug for ExportControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportControl")
+            .field("closed", &self.shared.closed.lock().len())
+            .finish_non_exhaustive()
     }
 }
 

@@ -314,6 +314,32 @@ enum Cmd {
         /// never; qemu keeps idle connections open by design).
         #[arg(long, value_name = "SECS")]
         idle_timeout: Option<u64>,
+        /// Do not offer this volume (VOL) or snapshot (VOL@SNAP) over NBD; repeat for more.
+        /// `snapvol reexport` offers it again while the server runs.
+        #[arg(long = "no-export", value_name = "NAME")]
+        no_export: Vec<String>,
+    },
+    /// Stop offering a volume (VOL) or snapshot (VOL@SNAP) of a served pool over NBD: its
+    /// connections are closed (writes they completed stay) and it is neither listed nor
+    /// served until `snapvol reexport` or the server's restart. Only for a pool a running
+    /// `snapvol serve` holds.
+    /// Example: snapvol unexport pool.img scratch
+    #[cfg(feature = "nbd")]
+    Unexport {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
+        path: PathBuf,
+        /// The export: VOL or VOL@SNAP.
+        name: String,
+    },
+    /// Offer a volume or snapshot that `snapvol unexport` (or `serve --no-export`) closed
+    /// over NBD again.
+    /// Example: snapvol reexport pool.img scratch
+    #[cfg(feature = "nbd")]
+    Reexport {
+        /// The pool: a pool file or block device (or give it once with --pool or SNAPVOL_POOL).
+        path: PathBuf,
+        /// The export: VOL or VOL@SNAP.
+        name: String,
     },
     /// Serve the pool as a CSI controller (Identity, Controller, GroupController and
     /// SnapshotMetadata services) over gRPC on a Unix socket until SIGTERM or SIGINT.
@@ -509,6 +535,26 @@ fn opts() -> PoolOptions {
 #[cfg(feature = "nbd")]
 static SERVED: std::sync::OnceLock<(PathBuf, Pool)> = std::sync::OnceLock::new();
 
+/// The export marks of the NBD server `snapvol serve` runs in this process (for `unexport`
+/// and `reexport`, which only mean something to a running server).
+#[cfg(feature = "nbd")]
+static SERVED_EXPORTS: std::sync::OnceLock<snapvol::nbd::ExportControl> =
+    std::sync::OnceLock::new();
+
+/// The export marks of the server holding the pool at `path`: `unexport` and `reexport` run
+/// only there (forwarded over its control socket).
+#[cfg(feature = "nbd")]
+fn served_exports(path: &Path) -> Result<snapvol::nbd::ExportControl, String> {
+    match (served(path), SERVED_EXPORTS.get()) {
+        (Some(_), Some(e)) => Ok(e.clone()),
+        _ => Err(format!(
+            "{}: no `snapvol serve` holds this pool: exports exist only while a server runs \
+             (its --no-export NAME keeps a volume off from the start)",
+            path.display()
+        )),
+    }
+}
+
 /// The served pool, when `path` names it and this process serves it.
 fn served(path: &Path) -> Option<Pool> {
     #[cfg(feature = "nbd")]
@@ -576,6 +622,7 @@ fn serve(
     nbd_socket: Option<PathBuf>,
     control_path: Option<PathBuf>,
     opts: snapvol::nbd::ServerOptions,
+    no_export: &[String],
 ) -> CmdResult {
     // Registered first, so a signal that arrives while starting is not lost.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -613,6 +660,21 @@ fn serve(
             return Err(msg);
         }
     };
+    // Closed before the first client can have chosen them: the accept thread runs, but a
+    // client's handshake takes longer than these lookups, and a closed export's claim is
+    // refused even mid-handshake.
+    let exports = server.exports();
+    for name in no_export {
+        if let Err(err) = exports.close(name) {
+            ctl.stop();
+            let _ = server.stop();
+            if let Some(sock) = &nbd_socket {
+                let _ = std::fs::remove_file(sock);
+            }
+            return Err(format!("--no-export {name}: {err}"));
+        }
+    }
+    let _ = SERVED_EXPORTS.set(exports);
     report!(
         "snapvol: serving {} over NBD on {at}; control socket {}",
         path.display(),
@@ -796,6 +858,8 @@ fn forwarded_paths(cmd: &mut Cmd) -> Option<(&mut PathBuf, Option<&mut PathBuf>)
         | Cmd::Clone { path, .. }
         | Cmd::Rollback { path, .. }
         | Cmd::Diff { path, .. }
+        | Cmd::Unexport { path, .. }
+        | Cmd::Reexport { path, .. }
         | Cmd::Bookmark { path, .. } => Some((path, None)),
         Cmd::Backup {
             cmd: backup::BackupCmd::Push { path, .. } | backup::BackupCmd::Restore { path, .. },
@@ -1692,6 +1756,7 @@ fn run(cmd: Cmd) -> CmdResult {
             control,
             max_connections,
             idle_timeout,
+            no_export,
         } => serve(
             &path,
             &nbd_listen,
@@ -1700,7 +1765,33 @@ fn run(cmd: Cmd) -> CmdResult {
             snapvol::nbd::ServerOptions::default()
                 .max_connections(max_connections.max(1))
                 .idle_timeout(idle_timeout.map(std::time::Duration::from_secs)),
+            &no_export,
         ),
+        #[cfg(feature = "nbd")]
+        Cmd::Unexport { path, name } => {
+            let exports = served_exports(&path)?;
+            let closed = exports
+                .close(&name)
+                .map_err(|err| format!("{}: {err}", path.display()))?;
+            report!(
+                "unexported {name} ({closed} connection{} closed); `snapvol reexport` offers it again",
+                if closed == 1 { "" } else { "s" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "nbd")]
+        Cmd::Reexport { path, name } => {
+            let exports = served_exports(&path)?;
+            let was = exports
+                .reopen(&name)
+                .map_err(|err| format!("{}: {err}", path.display()))?;
+            if was {
+                report!("exported {name} again");
+            } else {
+                report!("{name} was exported already");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         #[cfg(feature = "csi")]
         Cmd::Csi {
             path,
