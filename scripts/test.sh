@@ -2,7 +2,8 @@
 # The README's test command: installs the outside tools the tests use when they are missing
 # (qemu-img/qemu-io/qemu-nbd and nbdinfo for the NBD tests, losetup for raw block devices, moto
 # for the S3 backup target, grpcio and grpcio-tools for the CSI client tests, strace for the
-# tests that count a command's system calls), then runs every test. A test whose tool still
+# tests that count a command's system calls, fio, nbdfuse and e2fsprogs for the NBD client
+# tests), then runs every test. A test whose tool still
 # cannot be had says SKIPPED.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,17 @@ if ! command -v nbdinfo >/dev/null 2>&1; then
 fi
 if ! command -v strace >/dev/null 2>&1; then
   apt_install strace
+fi
+# fio (its nbd engine verifies writes through the server), nbdfuse and e2fsprogs (ext4 on a
+# served volume through a loop device) for tests/nbd_clients.rs.
+if ! command -v fio >/dev/null 2>&1; then
+  apt_install fio
+fi
+if ! command -v nbdfuse >/dev/null 2>&1; then
+  apt_install nbdfuse
+fi
+if ! command -v debugfs >/dev/null 2>&1 || ! command -v mkfs.ext4 >/dev/null 2>&1; then
+  apt_install e2fsprogs
 fi
 if ! command -v moto_server >/dev/null 2>&1; then
   python3 -m pip install -q 'moto[server]' >/dev/null 2>&1 ||
