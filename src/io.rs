@@ -115,6 +115,14 @@ impl Handle {
     ) -> Handle {
         engine.commit_interval = commit_interval;
         *engine.io_gate.write() = Translations::new(translation_slots);
+        // The committer also beats the multihost heartbeat; read-only pools write none.
+        let beat = engine
+            .heartbeat()
+            .filter(|_| !engine.checked_is_read_only());
+        let tick = match (commit_interval, beat) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let stop = Arc::new((Mutex::new(false), parking_lot::Condvar::new()));
         let writes_done = engine.writes_done.clone();
         let shared = Arc::new(Shared {
@@ -127,12 +135,12 @@ impl Handle {
             handles: std::sync::atomic::AtomicUsize::new(1),
             writes_done,
             flushed: parking_lot::Condvar::new(),
-            committer: commit_interval.map(|_| Committer {
+            committer: tick.map(|_| Committer {
                 stop: stop.clone(),
                 thread: Mutex::new(None),
             }),
         });
-        if let (Some(interval), Some(c)) = (commit_interval, &shared.committer) {
+        if let (Some(interval), Some(c)) = (tick, &shared.committer) {
             *c.thread.lock() = spawn_committer(Arc::downgrade(&shared), stop, interval);
         }
         Handle { shared }

@@ -58,6 +58,15 @@ pub struct PoolOptions {
     /// The default, 262,144, covers 1 GiB of 4 KiB blocks in 16 MiB (BENCHMARKS.md, "The
     /// data path").
     pub translation_slots: usize,
+    /// Multiple-host protection, ZFS's `multihost` (used by `create` only; the pool records
+    /// it): the writer commits at least once per interval (a heartbeat: one superblock
+    /// write and two flushes when idle), and every read-write open first watches the
+    /// superblocks for three intervals and fails with [`crate::Error::ConcurrentWriter`] if
+    /// one changes, so a second host sharing the disk is refused before it writes anything.
+    /// 100 ms to 60 s; `None` (the default) for a pool only one host can reach, where the
+    /// file lock and `O_EXCL` already keep a second writer out. Across hosts the reads must
+    /// reach the disk: open with [`PoolOptions::direct_io`].
+    pub multihost: Option<Duration>,
 }
 
 impl PoolOptions {
@@ -72,6 +81,13 @@ impl PoolOptions {
     #[must_use]
     pub fn translation_slots(mut self, slots: usize) -> Self {
         self.translation_slots = slots;
+        self
+    }
+
+    /// Sets [`PoolOptions::multihost`].
+    #[must_use]
+    pub fn multihost(mut self, heartbeat: Option<Duration>) -> Self {
+        self.multihost = heartbeat;
         self
     }
 
@@ -121,6 +137,7 @@ impl Default for PoolOptions {
             preallocate: false,
             data_checksums: false,
             translation_slots: 1 << 18,
+            multihost: None,
         }
     }
 }
@@ -265,6 +282,8 @@ pub struct PoolStats {
     pub generation: u64,
     /// Data blocks carry checksums that reads verify ([`PoolOptions::data_checksums`]).
     pub data_checksums: bool,
+    /// The multihost heartbeat interval the pool records ([`PoolOptions::multihost`]).
+    pub multihost: Option<Duration>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -275,10 +294,29 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// [`PoolOptions::multihost`] as the superblock records it (0 = off), validated.
+fn heartbeat_ms(multihost: Option<Duration>) -> Result<u32> {
+    use crate::format::{MAX_HEARTBEAT_MS, MIN_HEARTBEAT_MS};
+    let Some(d) = multihost else { return Ok(0) };
+    match u32::try_from(d.as_millis()) {
+        Ok(ms) if (MIN_HEARTBEAT_MS..=MAX_HEARTBEAT_MS).contains(&ms) => Ok(ms),
+        _ => Err(Error::InvalidArgument(format!(
+            "multihost heartbeat {d:?}: expected {MIN_HEARTBEAT_MS} ms to {} s",
+            MAX_HEARTBEAT_MS / 1000
+        ))),
+    }
+}
+
 impl Pool {
     /// Formats `dev` as a new, empty pool.
     pub fn create(dev: Arc<dyn BlockDevice>, opts: PoolOptions) -> Result<Pool> {
-        let engine = Engine::create(dev, opts.block_size, opts.data_checksums)?;
+        let beat = heartbeat_ms(opts.multihost)?;
+        let mut engine = Engine::create(dev, opts.block_size, opts.data_checksums)?;
+        if beat > 0 {
+            engine.sb.heartbeat_ms = beat;
+            engine.force_commit = true;
+            engine.commit()?;
+        }
         Ok(Pool {
             h: Handle::start(engine, opts.commit_interval, opts.translation_slots),
         })
@@ -295,6 +333,13 @@ impl Pool {
             });
         }
         let engine = Engine::open(dev)?;
+        // A pool that may be shared by hosts: watch for another writer's heartbeat before
+        // writing anything (three intervals: its committer beats at least once per interval
+        // and a quarter).
+        if let Some(beat) = engine.heartbeat() {
+            std::thread::sleep(beat * 3);
+            engine.check_sole_writer()?;
+        }
         let pool = Pool {
             h: Handle::start(engine, opts.commit_interval, opts.translation_slots),
         };
@@ -378,6 +423,7 @@ impl Pool {
             snapshots: e.catalog.counts().snapshots as usize,
             generation: e.sb.generation,
             data_checksums: e.sb.data_checksums,
+            multihost: e.heartbeat(),
         }
     }
 

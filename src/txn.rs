@@ -39,6 +39,9 @@ pub(crate) struct Engine {
     /// The last committed superblock.
     pub(crate) sb: Superblock,
     pub(crate) last_commit: Instant,
+    /// When this engine last wrote a superblock (the multihost heartbeat's clock: a flush
+    /// with nothing to commit moves `last_commit` but writes none).
+    pub(crate) last_superblock: Instant,
     /// `PoolOptions::commit_interval`: commit dirty state this old on the next I/O or tick.
     pub(crate) commit_interval: Option<std::time::Duration>,
     poisoned: Option<String>,
@@ -137,6 +140,7 @@ impl Engine {
             created_unix: now_unix(),
             preallocated: false,
             data_checksums,
+            heartbeat_ms: 0,
         };
         let catalog = Catalog::open(dev.clone(), 0, 0, total_units, 1, Counts::default())?;
         let mut store = Store::new(dev, sm, 1, block_size as usize);
@@ -156,6 +160,7 @@ impl Engine {
             force_commit: false,
             sb,
             last_commit: Instant::now(),
+            last_superblock: Instant::now(),
             commit_interval: None,
             poisoned: None,
             in_catalog_op: false,
@@ -398,8 +403,23 @@ impl Engine {
             || (self.dirty_pages() > 0 && too_old)
         {
             self.commit()?;
+        } else if self
+            .heartbeat()
+            .is_some_and(|beat| self.last_superblock.elapsed() >= beat)
+            && !self.checked.is_read_only()
+        {
+            // The multihost heartbeat: a superblock even with nothing to commit, so an
+            // opener on another host sees this pool is held.
+            self.force_commit = true;
+            self.commit()?;
         }
         Ok(())
+    }
+
+    /// The interval of the pool's multihost heartbeat, if it has one.
+    pub(crate) fn heartbeat(&self) -> Option<std::time::Duration> {
+        (self.sb.heartbeat_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.sb.heartbeat_ms.into()))
     }
 
     /// Makes everything done so far durable (see the module docs for the protocol).
@@ -428,7 +448,7 @@ impl Engine {
     /// The reads go through the device as every read does: on one host the page cache is
     /// shared by every path to the bytes, so they see another process's commit; a disk shared
     /// by several hosts needs the device opened with `O_DIRECT` for them to see one.
-    fn check_sole_writer(&self) -> Result<()> {
+    pub(crate) fn check_sole_writer(&self) -> Result<()> {
         let Some(ours) = &self.disk_sb else {
             return Ok(());
         };
@@ -520,6 +540,7 @@ impl Engine {
         dev.write_at(&page[..], slot * PAGE_SIZE as u64)?;
         dev.flush()?;
         self.disk_sb = Some(page);
+        self.last_superblock = Instant::now();
         // Units freed two commits ago become allocatable (and are discarded) now: a read or
         // in-place write planned before they were freed may still be running. With the gate
         // drained, the translation cache grows if the pool has outgrown it. A commit that

@@ -1509,3 +1509,41 @@ fn output_is_buffered_and_a_closed_pipe_ends_quietly() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `pool create --multihost MS`: the pool records it (`pool info` shows it), a read-write
+/// command waits three intervals before it touches the pool, and a bad interval is refused
+/// before any file is made.
+#[test]
+fn multihost_from_the_command_line() {
+    let t = Env::new();
+    let p = t.pool();
+    t.ok(&["pool", "create", &p, "--size", "64M", "--multihost", "100"]);
+    let info = t.json(&["pool", "info", &p, "--json"]);
+    assert_eq!(info["multihost_ms"], 100);
+    assert!(t
+        .ok(&["pool", "info", &p])
+        .contains("heartbeat every 100 ms"));
+    let started = std::time::Instant::now();
+    t.ok(&["create", &p, "vm", "--size", "1M"]);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    let plain = t.path("plain.img");
+    let plain_s = plain.display().to_string();
+    let info = t.json(&["pool", "create", &plain_s, "--size", "64M", "--json"]);
+    assert!(info.get("id").is_some());
+    assert_eq!(
+        t.json(&["pool", "info", &plain_s, "--json"])["multihost_ms"],
+        serde_json::Value::Null
+    );
+    let bad = t.path("bad.img");
+    let err = t.fails(&[
+        "pool",
+        "create",
+        &bad.display().to_string(),
+        "--size",
+        "64M",
+        "--multihost",
+        "5",
+    ]);
+    assert_msg(&err, "multihost heartbeat");
+    assert!(!bad.exists(), "nothing created");
+}

@@ -6,7 +6,7 @@
 
 mod superblock;
 
-pub(crate) use superblock::Superblock;
+pub(crate) use superblock::{Superblock, MAX_HEARTBEAT_MS, MIN_HEARTBEAT_MS};
 
 use crate::error::{Error, Result};
 

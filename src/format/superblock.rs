@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// The longest heartbeat interval a pool may record (a minute): an open waits three of them.
+pub(crate) const MAX_HEARTBEAT_MS: u32 = 60_000;
+/// The shortest (a heartbeat is a commit: two device flushes).
+pub(crate) const MIN_HEARTBEAT_MS: u32 = 100;
+
 /// Everything needed to find the rest of the pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Superblock {
@@ -28,6 +33,10 @@ pub(crate) struct Superblock {
     /// Every block map value carries its block's CRC32 and reads verify it (format
     /// version 3; chosen at creation, never changed).
     pub data_checksums: bool,
+    /// Milliseconds between the writer's heartbeat commits (0 = no heartbeat): a read-write
+    /// open waits for several of them and refuses the pool if one arrives (another writer,
+    /// on another host sharing the disk, holds it). Chosen at creation.
+    pub heartbeat_ms: u32,
 }
 
 impl Superblock {
@@ -62,6 +71,7 @@ impl Superblock {
         p[140] = host.len() as u8;
         p[141..141 + host.len()].copy_from_slice(host);
         p[205] = u8::from(self.preallocated);
+        put_u32(&mut p[..], 206, self.heartbeat_ms);
         let slot = Self::slot(self.generation);
         seal(&mut p, PageKind::Superblock, slot, self.generation);
         p
@@ -111,7 +121,11 @@ impl Superblock {
             created_unix: get_u64(&p[..], 112),
             preallocated: p[205] & 1 != 0,
             data_checksums: version == FORMAT_VERSION,
+            heartbeat_ms: get_u32(&p[..], 206),
         };
+        if sb.heartbeat_ms > MAX_HEARTBEAT_MS {
+            return Err(bad(format!("heartbeat interval {} ms", sb.heartbeat_ms)));
+        }
         if sb.generation >> crate::map::VALUE_BITS != 0 {
             // Map values keep 48 bits of a birth generation.
             return Err(bad(format!("generation {} is past 2^48", sb.generation)));
@@ -193,6 +207,7 @@ mod tests {
             created_unix: 1_700_000_000,
             preallocated: true,
             data_checksums: false,
+            heartbeat_ms: 1500,
         };
         let p = sb.encode();
         assert_eq!(Superblock::decode(&p, 1, 1000 * 4096).unwrap(), sb);

@@ -430,6 +430,12 @@ enum PoolCmd {
         /// overwrite of a committed block is redirected (see BENCHMARKS.md), so off by default.
         #[arg(long, value_name = "on|off", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
         data_checksums: bool,
+        /// Guard a pool on a disk several hosts can reach (ZFS's multihost): its writer
+        /// commits a heartbeat every MS milliseconds (100 to 60000), and every read-write
+        /// open first watches for three of them and refuses the pool if another host's
+        /// arrives, so each such open waits 3 × MS. Use with --direct on shared disks.
+        #[arg(long, value_name = "MS")]
+        multihost: Option<u64>,
         /// Print {id, path, size, block_size, data_checksums}.
         #[arg(long)]
         json: bool,
@@ -940,11 +946,13 @@ fn run(cmd: Cmd) -> CmdResult {
             force,
             preallocate,
             data_checksums,
+            multihost,
             json,
         }) => {
             let mut o = opts()
                 .preallocate(preallocate)
-                .data_checksums(data_checksums);
+                .data_checksums(data_checksums)
+                .multihost(multihost.map(std::time::Duration::from_millis));
             if let Some(bs) = block_size {
                 o.block_size =
                     u32::try_from(bs).map_err(|_| format!("block size {bs} is too large"))?;
@@ -1040,6 +1048,11 @@ fn run(cmd: Cmd) -> CmdResult {
                         ("snapshots", Value::Num(st.snapshots as u64)),
                         ("generation", Value::Num(st.generation)),
                         ("data_checksums", Value::Bool(st.data_checksums)),
+                        (
+                            "multihost_ms",
+                            st.multihost
+                                .map_or(Value::Null, |d| Value::Num(d.as_millis() as u64)),
+                        ),
                     ])
                     .render()
                 );
@@ -1062,6 +1075,9 @@ fn run(cmd: Cmd) -> CmdResult {
                         "metadata only"
                     }
                 );
+                if let Some(d) = st.multihost {
+                    say!("multihost   heartbeat every {} ms", d.as_millis());
+                }
             }
             done(pool)
         }
@@ -1843,6 +1859,8 @@ fn run(cmd: Cmd) -> CmdResult {
                     let opts = snapvol::nbd::ServerOptions::default();
                     let server = snapvol::nbd::Server::start_unix(&pool, l, opts)
                         .map_err(|err| format!("NBD server: {err}"))?;
+                    // `unexport` / `reexport` reach this server too.
+                    let _ = SERVED_EXPORTS.set(server.exports());
                     Some((server, sock))
                 }
                 None => None,
