@@ -1052,6 +1052,74 @@ fn a_volume_marked_not_exported_is_neither_listed_nor_served_until_reexported() 
     assert!(!ctl.exists(), "no control socket left");
 }
 
+/// More idle connections than the server has file descriptors for (`snapvol serve` under a
+/// limit of 40): its accepts fail with EMFILE, which it waits out instead of exiting; the
+/// client connected before the flood is served throughout, a client after the flood is
+/// served once the idle ones are gone, and SIGTERM still stops it cleanly.
+#[test]
+fn a_flood_of_idle_connections_past_the_fd_limit_does_not_end_the_server() {
+    if missing(&["prlimit"]).is_some() {
+        eprintln!("SKIPPED a_flood_of_idle_connections_past_the_fd_limit_does_not_end_the_server: prlimit is not installed (apt-get install util-linux)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("p.img");
+    let p = pool.to_str().unwrap();
+    assert_eq!(snapvol_cli(&["pool", "create", p, "--size", "64M"]).0, 0);
+    assert_eq!(snapvol_cli(&["create", p, "vm", "--size", "4M"]).0, 0);
+    let sock = dir.path().join("nbd.sock");
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=40:40", env!("CARGO_BIN_EXE_snapvol"), "serve", p])
+        .args([
+            "--nbd-socket",
+            sock.to_str().unwrap(),
+            "--max-connections",
+            "1000",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..300 {
+        if UnixStream::connect(&sock).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut active = Client::greet(UnixStream::connect(&sock).unwrap());
+    active.go("vm").unwrap();
+    // Fewer than the listen backlog, so each connect returns; most are never accepted.
+    let idle: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for i in 0..20u64 {
+        active.request(1, 0, i, i * 4096, 4096, &[i as u8 + 1; 4096]);
+        assert_eq!(active.reply(i, &mut []), 0, "the active client is served");
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the server is up");
+    drop(idle);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // A server whose accept loop died would never greet: fail, do not hang.
+    let s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut late = Client::greet(s);
+    late.go("vm").unwrap();
+    let mut got = vec![0u8; 4096];
+    late.request(0, 0, 1, 19 * 4096, 4096, &[]);
+    assert_eq!(late.reply(1, &mut got), 0);
+    assert_eq!(got, vec![20u8; 4096]);
+    drop((active, late));
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists(), "socket removed");
+}
+
 #[test]
 fn a_full_host_filesystem_is_enospc_to_the_client_and_serving_goes_on_after() {
     use snapvol::device::{FaultDevice, FaultKind};
