@@ -771,6 +771,29 @@ fn a_server_closes_one_export_and_stops() {
     );
 }
 
+/// `ServerOptions::closed_exports`: closed before the first connection is accepted, and a
+/// name the pool does not have fails the start with NotFound.
+#[test]
+fn a_server_starts_with_exports_closed() {
+    let pool = memory_pool();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let opts = ServerOptions::default().closed_export("vm@s");
+    let server = snapvol::nbd::Server::start_unix(&pool, listener, opts).unwrap();
+    let mut c = Client::greet(UnixStream::connect(&path).unwrap());
+    assert_eq!(c.list(), ["vm"]);
+    assert_eq!(c.go("vm@s"), Err(0x8000_0006));
+    assert!(server.exports().is_closed("vm@s").unwrap());
+    drop(c);
+    server.stop().unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("b.sock")).unwrap();
+    let opts = ServerOptions::default().closed_export("nosuch");
+    let err = snapvol::nbd::Server::start_unix(&pool, listener, opts).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+    assert!(err.to_string().contains("nosuch"), "{err}");
+}
+
 /// A server keeps its limits: a connection over `max_connections` is closed at once, and a
 /// client that does not finish the handshake in time is closed and its thread freed, while
 /// a client that finished it may stay idle.
@@ -1048,7 +1071,10 @@ fn a_volume_marked_not_exported_is_neither_listed_nor_served_until_reexported() 
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--no-export nosuch"), "{err}");
+    assert!(
+        err.contains("closed export") && err.contains("nosuch"),
+        "{err}"
+    );
     assert!(!ctl.exists(), "no control socket left");
 }
 

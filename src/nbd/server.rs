@@ -62,6 +62,10 @@ pub struct ServerOptions {
     /// default: never, since qemu and nbd-client keep idle connections open by design; set
     /// it for clients that connect per job and may vanish without closing).
     pub idle_timeout: Option<Duration>,
+    /// Exports (`VOL` or `VOL@SNAP`) closed from the start, before the first connection is
+    /// accepted, as [`ExportControl::close`] would close them; a name the pool does not
+    /// have makes the server's start fail (`io::ErrorKind::NotFound`).
+    pub closed_exports: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -70,6 +74,7 @@ impl Default for ServerOptions {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(30),
             idle_timeout: None,
+            closed_exports: Vec::new(),
         }
     }
 }
@@ -86,6 +91,13 @@ impl ServerOptions {
     #[must_use]
     pub fn idle_timeout(mut self, t: Option<Duration>) -> Self {
         self.idle_timeout = t;
+        self
+    }
+
+    /// Adds an export to [`ServerOptions::closed_exports`].
+    #[must_use]
+    pub fn closed_export(mut self, name: impl Into<String>) -> Self {
+        self.closed_exports.push(name.into());
         self
     }
 
@@ -310,6 +322,16 @@ impl Server {
 
     fn start<L: Listener>(pool: &Pool, listener: L, opts: ServerOptions) -> io::Result<Server> {
         let shared = Shared::new(opts);
+        // Before the accept thread exists, so no client can choose one of them first.
+        let control = ExportControl {
+            pool: pool.clone(),
+            shared: shared.clone(),
+        };
+        for name in &shared.opts.closed_exports {
+            control.close(name).map_err(|e| {
+                io::Error::new(io::ErrorKind::NotFound, format!("closed export: {e}"))
+            })?;
+        }
         let listener = Arc::new(listener);
         let (p, sh, l) = (pool.clone(), shared.clone(), listener.clone());
         let accept = std::thread::Builder::new()

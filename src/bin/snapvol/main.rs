@@ -628,7 +628,6 @@ fn serve(
     nbd_socket: Option<PathBuf>,
     control_path: Option<PathBuf>,
     opts: snapvol::nbd::ServerOptions,
-    no_export: &[String],
 ) -> CmdResult {
     // Registered first, so a signal that arrives while starting is not lost.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -666,21 +665,7 @@ fn serve(
             return Err(msg);
         }
     };
-    // Closed before the first client can have chosen them: the accept thread runs, but a
-    // client's handshake takes longer than these lookups, and a closed export's claim is
-    // refused even mid-handshake.
-    let exports = server.exports();
-    for name in no_export {
-        if let Err(err) = exports.close(name) {
-            ctl.stop();
-            let _ = server.stop();
-            if let Some(sock) = &nbd_socket {
-                let _ = std::fs::remove_file(sock);
-            }
-            return Err(format!("--no-export {name}: {err}"));
-        }
-    }
-    let _ = SERVED_EXPORTS.set(exports);
+    let _ = SERVED_EXPORTS.set(server.exports());
     report!(
         "snapvol: serving {} over NBD on {at}; control socket {}",
         path.display(),
@@ -1778,10 +1763,12 @@ fn run(cmd: Cmd) -> CmdResult {
             &nbd_listen,
             nbd_socket,
             control,
-            snapvol::nbd::ServerOptions::default()
-                .max_connections(max_connections.max(1))
-                .idle_timeout(idle_timeout.map(std::time::Duration::from_secs)),
-            &no_export,
+            no_export.into_iter().fold(
+                snapvol::nbd::ServerOptions::default()
+                    .max_connections(max_connections.max(1))
+                    .idle_timeout(idle_timeout.map(std::time::Duration::from_secs)),
+                |o, name| o.closed_export(name),
+            ),
         ),
         #[cfg(feature = "nbd")]
         Cmd::Unexport { path, name } => {
